@@ -1,0 +1,172 @@
+"""Caption sources: txt sidecars, json / yaml mappings, csv and jsonl tables, each read into {stem: caption}."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
+
+import yaml
+
+from hcpdiff.errors import DataError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# Column names accepted in csv headers and jsonl objects: DiffSynth writes file_name/text, others image/prompt.
+FILE_COLUMNS = ("file_name", "image")
+TEXT_COLUMNS = ("text", "prompt")
+_TABLE_SUFFIXES = (".json", ".yaml", ".yml", ".csv", ".jsonl")
+_ACCEPTED_HEADERS = "'file_name,text' or 'image,prompt'"
+
+
+def load_captions(caption_file: str | os.PathLike | None, img_root: str | os.PathLike, where: str) -> dict[str, str]:
+    """Read a caption source into {image file stem: caption}; None gives {}."""
+    if caption_file is None:
+        return {}
+    caption_path = _resolve(caption_file, img_root, where)
+    if caption_path.is_dir():
+        return _load_folder(caption_path)
+    return _load_table(caption_path)
+
+
+def _resolve(caption_file: str | os.PathLike, img_root: str | os.PathLike, where: str) -> Path:
+    caption_path = Path(caption_file)
+    if caption_path.exists():
+        return caption_path
+    # A bare name such as `captions.json` usually means the file beside the images.
+    beside_images = Path(img_root) / caption_path
+    if not caption_path.is_absolute() and beside_images.exists():
+        return beside_images
+    raise DataError(f"{where}: caption file or folder '{caption_file}' does not exist.")
+
+
+def _load_folder(folder: Path) -> dict[str, str]:
+    tables = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _TABLE_SUFFIXES)
+    sidecars = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".txt")
+    if len(tables) == 1:
+        return _load_table(tables[0])
+    if len(tables) > 1 and not sidecars:
+        names = ", ".join(p.name for p in tables)
+        raise DataError(f"Caption folder '{folder}' holds several caption files ({names}); name one as caption_file.")
+    return {image_stem(p.stem): _read_text(p).strip() for p in sidecars}
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"Caption file '{path}' is not valid UTF-8 (byte {exc.start}).") from exc
+    except OSError as exc:
+        raise DataError(f"Caption file '{path}' cannot be read: {exc.strerror or exc}.") from exc
+
+
+def _load_table(path: Path) -> dict[str, str]:
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return _from_mapping(_parse_json(path), path)
+    if suffix in (".yaml", ".yml"):
+        return _from_mapping(_parse_yaml(path), path)
+    if suffix == ".csv":
+        return _collect(_csv_rows(path), path)
+    if suffix == ".jsonl":
+        return _collect(_jsonl_rows(path), path)
+    raise DataError(
+        f"Caption file '{path}' has an unsupported type '{suffix}'; use a folder of .txt files, .json, .yaml, .csv or .jsonl."
+    )
+
+
+def _parse_json(path: Path) -> object:
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"Caption file '{path}' is not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}.") from exc
+
+
+def _parse_yaml(path: Path) -> object:
+    try:
+        return yaml.safe_load(_read_text(path))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at_line = f" at line {mark.line + 1}" if mark is not None else ""
+        raise DataError(f"Caption file '{path}' is not valid YAML{at_line}: {getattr(exc, 'problem', None) or exc}.") from exc
+
+
+def _from_mapping(parsed: object, path: Path) -> dict[str, str]:
+    if parsed is None:
+        return {}
+    if not isinstance(parsed, dict):
+        raise DataError(f"Caption file '{path}' must hold a mapping of image name -> caption, not a {type(parsed).__name__}.")
+    return _collect(((str(name), caption, f"key '{name}'") for name, caption in parsed.items()), path)
+
+
+def _csv_rows(path: Path) -> Iterable[tuple[str, object, str]]:
+    text = _read_text(path)
+    reader = csv.reader(text.splitlines())
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"Caption file '{path}' is empty; expected a header {_ACCEPTED_HEADERS}.")
+        file_col, text_col = _find_columns([cell.strip() for cell in header], path, ",".join(header))
+        rows = []
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) <= max(file_col, text_col):
+                raise DataError(
+                    f"Caption file '{path}' line {reader.line_num} has {len(row)} column(s); the header has {len(header)}."
+                )
+            rows.append((row[file_col], row[text_col], f"line {reader.line_num}"))
+        return rows
+    except csv.Error as exc:
+        raise DataError(f"Caption file '{path}' is not valid CSV at line {reader.line_num}: {exc}.") from exc
+
+
+def _find_columns(header: list[str], path: Path, header_text: str) -> tuple[int, int]:
+    lowered = [cell.lower() for cell in header]
+    file_col = next((lowered.index(c) for c in FILE_COLUMNS if c in lowered), None)
+    text_col = next((lowered.index(c) for c in TEXT_COLUMNS if c in lowered), None)
+    if file_col is None or text_col is None:
+        raise DataError(f"Caption file '{path}' has the header '{header_text}'; accepted headers are {_ACCEPTED_HEADERS}.")
+    return file_col, text_col
+
+
+def _jsonl_rows(path: Path) -> Iterable[tuple[str, object, str]]:
+    rows = []
+    for line_number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"Caption file '{path}' line {line_number} is not valid JSON: {exc.msg}.") from exc
+        if not isinstance(record, dict):
+            raise DataError(f"Caption file '{path}' line {line_number} must be a JSON object with {_ACCEPTED_HEADERS} keys.")
+        file_col, text_col = _find_columns(list(record), path, ",".join(record))
+        keys = list(record)
+        rows.append((str(record[keys[file_col]]), record[keys[text_col]], f"line {line_number}"))
+    return rows
+
+
+def _collect(entries: Iterable[tuple[str, object, str]], path: Path) -> dict[str, str]:
+    captions: dict[str, str] = {}
+    for name, caption, place in entries:
+        if caption is None:
+            continue
+        if isinstance(caption, bool) or not isinstance(caption, (str, int, float)):
+            raise DataError(f"Caption file '{path}' {place}: the caption must be text, not a {type(caption).__name__}.")
+        stem = image_stem(name)
+        caption_text = str(caption).strip()
+        if stem in captions and captions[stem] != caption_text:
+            raise DataError(f"Caption file '{path}' {place}: image '{stem}' already has a different caption.")
+        captions[stem] = caption_text
+    return captions
+
+
+def image_stem(name: str) -> str:
+    """The key an image is looked up by: its file name without folders or image extension."""
+    base = PurePosixPath(name.strip().replace("\\", "/")).name
+    # Only image extensions are dropped, so a stem such as `v1.5` keeps its dot.
+    if Path(base).suffix.lower() in IMAGE_EXTENSIONS:
+        return base[: -len(Path(base).suffix)]
+    return base

@@ -1,0 +1,99 @@
+"""The training dataset: one item per image (times repeat), resized to its bucket, with a prompt."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from hcpdiff.data.buckets import Bucket
+from hcpdiff.data.images import IMAGE_READ_ERRORS, load_image, resize_and_crop, to_tensor
+from hcpdiff.data.prompts import PromptBuilder
+from hcpdiff.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DataItem:
+    """One training image: its file, its bucket key, its caption (None when it has none) and its source."""
+
+    path: str
+    key: str
+    caption: str | None
+    source_index: int
+
+
+class ImageCaptionDataset(Dataset):
+    """Items -> {"pixel_values": FloatTensor [3, H, W] in [-1, 1], "prompt": str}, H x W being the item's bucket size."""
+
+    def __init__(
+        self,
+        items: Sequence[DataItem],
+        bucket: Bucket,
+        prompt_builders: Sequence[PromptBuilder],
+        bg_colors: Sequence[tuple[int, int, int]] | None = None,
+        seed: int = 0,
+    ) -> None:
+        if not items:
+            raise DataError("The dataset has no images.")
+        self.items = list(items)
+        self.bucket = bucket
+        self.prompt_builders = list(prompt_builders)
+        self.bg_colors = list(bg_colors) if bg_colors is not None else [(255, 255, 255)] * len(self.prompt_builders)
+        self.seed = seed
+        self.bucket_ids: list[int] = [bucket.bucket_of[item.key] for item in self.items]
+        self._indices_of_bucket: dict[int, list[int]] = defaultdict(list)
+        for index, bucket_id in enumerate(self.bucket_ids):
+            self._indices_of_bucket[bucket_id].append(index)
+        # Per-process memory of broken files, so each is warned about once and not retried.
+        self._broken_paths: set[str] = set()
+        # How often each index was fetched in this process: with one fetch per epoch this is the epoch, and it
+        # needs no set_epoch call, which persistent DataLoader workers (copies of the dataset) would never see.
+        self._fetch_count: dict[int, int] = defaultdict(int)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
+        # Template choice follows (seed, index, n-th fetch): reproducible, and different from epoch to epoch.
+        rng = random.Random(f"{self.seed}:{index}:{self._fetch_count[index]}")
+        self._fetch_count[index] += 1
+        bucket_size = self.bucket.sizes[self.bucket_ids[index]]
+        item, image = self._load_or_substitute(index, rng)
+        pixel_values = to_tensor(resize_and_crop(image, bucket_size))
+        prompt = self.prompt_builders[item.source_index].build(item.caption, rng)
+        return {"pixel_values": pixel_values, "prompt": prompt}
+
+    def _load_or_substitute(self, index: int, rng: random.Random) -> tuple[DataItem, Image.Image]:
+        """The item's image, or, if its file does not decode, another image of the same bucket."""
+        item = self.items[index]
+        if item.path not in self._broken_paths:
+            image = self._try_load(item)
+            if image is not None:
+                return item, image
+        candidates = list(self._indices_of_bucket[self.bucket_ids[index]])
+        rng.shuffle(candidates)
+        for candidate in candidates:
+            substitute = self.items[candidate]
+            if substitute.path in self._broken_paths:
+                continue
+            image = self._try_load(substitute)
+            if image is not None:
+                return substitute, image
+        width, height = self.bucket.sizes[self.bucket_ids[index]]
+        raise DataError(f"No image of bucket {width}x{height} can be decoded (first broken file: '{item.path}').")
+
+    def _try_load(self, item: DataItem) -> Image.Image | None:
+        try:
+            return load_image(item.path, self.bg_colors[item.source_index])
+        except IMAGE_READ_ERRORS as exc:
+            self._broken_paths.add(item.path)
+            logger.warning("Image '%s' cannot be decoded (%s); another image of its bucket is used instead.", item.path, exc)
+            return None
