@@ -119,6 +119,37 @@ class FixedBucket(Bucket):
         super().__init__([(width, height)], {key: 0 for key in image_sizes})
 
 
+class MaxPixelsBucket(Bucket):
+    """Each image keeps its aspect ratio, scaled down only when above `max_pixels`; sides snapped down to the step."""
+
+    def __init__(
+        self,
+        max_pixels: int,
+        step_size: int = 64,
+        *,
+        image_sizes: Mapping[str, tuple[int, int]],
+    ) -> None:
+        """Images of the same resulting (width, height) share a bucket, so batches stay single-size."""
+        _check_step_and_images(step_size, image_sizes)
+        if not max_pixels >= step_size * step_size:
+            raise DataError(
+                f"MaxPixelsBucket max_pixels must be at least step_size^2 = {step_size * step_size}, got {max_pixels}."
+            )
+        size_of = {key: _capped_size(size_wh, max_pixels, step_size) for key, size_wh in image_sizes.items()}
+        sizes = sorted(set(size_of.values()), key=lambda s: (s[0] / s[1], s[0]))
+        index_of = {size: index for index, size in enumerate(sizes)}
+        super().__init__(sizes, {key: index_of[size] for key, size in size_of.items()})
+
+
+def _capped_size(size_wh: tuple[int, int], max_pixels: float, step_size: int) -> tuple[int, int]:
+    width, height = size_wh
+    scale = min(1.0, math.sqrt(max_pixels / (width * height)))
+    return (
+        max(step_size, math.floor(width * scale / step_size) * step_size),
+        max(step_size, math.floor(height * scale / step_size) * step_size),
+    )
+
+
 def _check_step_and_images(step_size: int, image_sizes: Mapping[str, tuple[int, int]]) -> None:
     if int(step_size) < 1:
         raise DataError(f"Bucket step_size must be a positive number of pixels, got {step_size}.")

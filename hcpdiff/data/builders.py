@@ -11,11 +11,12 @@ from typing import Any
 from hcpdiff.config import instantiate as config_instantiate
 from hcpdiff.config import read_fields
 from hcpdiff.data.buckets import Bucket
-from hcpdiff.data.captions import IMAGE_EXTENSIONS, image_stem, load_captions
+from hcpdiff.data.captions import IMAGE_EXTENSIONS, Columns, image_key, image_stem, load_caption_entries
 from hcpdiff.data.dataset import DataItem, ImageCaptionDataset
 from hcpdiff.data.images import IMAGE_READ_ERRORS, read_image_size
 from hcpdiff.data.prompts import PromptBuilder, load_templates
 from hcpdiff.data.sampler import BucketBatchSampler
+from hcpdiff.data.transforms import CaptionTransform, ImageTransform
 from hcpdiff.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,26 @@ class SourceSpec:
     word_names: dict = field(default_factory=dict)  # placeholder -> word, e.g. {pt1: pt-cat1}
     repeat: int = 1  # each image appears this many times per epoch
     bg_color: list[int] = field(default_factory=lambda: [255, 255, 255])  # fills transparent pixels
+    tag_shuffle: bool = False  # shuffle the caption's comma-separated tags each time it is drawn
+    keep_tokens: int = 0  # the first N tags stay in place (never shuffled or dropped)
+    tag_dropout: float = 0.0  # drop each (not kept) tag with this probability
+    caption_dropout: float = 0.0  # drop the whole caption with this probability (the template alone remains)
+    image_column: str | None = None  # metadata column / key naming the image file; null: file_name or image
+    caption_column: str | None = None  # metadata column / key holding the caption; null: text or prompt
+    random_flip: bool = False  # mirror images left-right with probability 0.5
+    crop: str = "center"  # center | random: where the bucket-sized window is cut after resizing
+
+
+@dataclass
+class SourceReport:
+    """What scanning one source found (for logs and `inspect_data`)."""
+
+    name: str
+    img_root: str
+    num_images: int
+    num_captioned: int
+    missing_captions: list[str]  # image names with no caption (only when a caption_file is set)
+    unreadable: list[str]  # image names whose header cannot be read
 
 
 @dataclass
@@ -53,6 +74,8 @@ class BuiltDataset:
     loss_weight: float
     bucket: Bucket
     num_images: int  # distinct image files, before repeat
+    sources: list[SourceReport] = field(default_factory=list)
+    num_upscaled: int = 0  # images smaller than their bucket size (they are upscaled)
 
     def describe(self) -> list[str]:
         """Lines for the start-of-training report."""
@@ -83,27 +106,47 @@ def build_dataset(
     image_sizes: dict[str, tuple[int, int]] = {}
     prompt_builders: list[PromptBuilder] = []
     bg_colors: list[tuple[int, int, int]] = []
+    reports: list[SourceReport] = []
     for source_index, (name, source) in enumerate(source_specs.items()):
         where = f"{key_path}.source.{name}"
-        sizes = _scan_source(source, where)
-        captions = load_captions(source.caption_file, source.img_root, where=f"{where}.caption_file")
-        _warn_missing_captions(source, sizes, captions)
+        columns = Columns(source.image_column, source.caption_column)
+        entries = load_caption_entries(source.caption_file, source.img_root, f"{where}.caption_file", columns)
+        sizes, unreadable = _scan_source(source, where, entries)
+        captions_by_key = {image_key(entry): caption for entry, caption in entries.items()}
+        captions_by_stem = {image_stem(entry): caption for entry, caption in entries.items()}
+        missing: list[str] = []
         for path, size_wh in sizes.items():
-            key = f"{name}/{Path(path).name}"
+            relative = Path(path).relative_to(source.img_root).as_posix()
+            key = f"{name}/{relative}"
             image_sizes[key] = size_wh
-            caption = captions.get(image_stem(Path(path).name))
+            caption = captions_by_key.get(image_key(relative))
+            if caption is None and "/" not in relative:
+                caption = captions_by_stem.get(image_stem(relative))
+            if caption is None:
+                missing.append(relative)
             item = DataItem(path=path, key=key, caption=caption, source_index=source_index)
             items.extend([item] * source.repeat)
+        if source.caption_file is None:
+            missing = []
+        _warn_missing_captions(source, len(sizes), missing)
+        reports.append(SourceReport(name, source.img_root, len(sizes), len(sizes) - len(missing), missing, unreadable))
         templates = load_templates(source.prompt_template, where=f"{where}.prompt_template")
         prompt_builders.append(PromptBuilder(templates, source.word_names))
         bg_colors.append(tuple(source.bg_color))
 
     bucket = _build_bucket(spec.bucket, f"{key_path}.bucket", image_sizes, pixel_step, instantiate)
-    dataset = ImageCaptionDataset(items, bucket, prompt_builders, bg_colors, seed=seed)
+    num_upscaled = _warn_upscaled(image_sizes, bucket, key_path)
+    dataset = ImageCaptionDataset(
+        items, bucket, prompt_builders, bg_colors, seed=seed,
+        caption_transforms=[_caption_transform(s) for s in source_specs.values()],
+        image_transforms=[ImageTransform(s.random_flip, s.crop) for s in source_specs.values()],
+    )
     sampler = BucketBatchSampler(
         dataset.bucket_ids, spec.batch_size, seed=seed, shuffle=True, num_replicas=num_replicas, rank=rank
     )
-    built = BuiltDataset(dataset, sampler, spec.batch_size, float(spec.loss_weight), bucket, len(image_sizes))
+    built = BuiltDataset(
+        dataset, sampler, spec.batch_size, float(spec.loss_weight), bucket, len(image_sizes), reports, num_upscaled
+    )
     for line in built.describe():
         logger.info("%s: %s", key_path, line)
     return built
@@ -122,25 +165,38 @@ def _read_sources(sources: Any, key_path: str) -> dict[str, SourceSpec]:
             raise ConfigError(f"{where}.repeat must be at least 1, got {spec.repeat}.")
         if len(spec.bg_color) != 3 or not all(0 <= c <= 255 for c in spec.bg_color):
             raise ConfigError(f"{where}.bg_color must be three ints in 0..255 (an RGB color), got {spec.bg_color}.")
+        _caption_transform(spec).check(where)
+        ImageTransform(spec.random_flip, spec.crop).check(where)
         specs[str(name)] = spec
     return specs
 
 
-def _scan_source(source: SourceSpec, where: str) -> dict[str, tuple[int, int]]:
-    """{image path: (w, h)} of the readable images directly in img_root, sorted by name."""
+def _caption_transform(spec: SourceSpec) -> CaptionTransform:
+    return CaptionTransform(spec.tag_shuffle, spec.keep_tokens, float(spec.tag_dropout), float(spec.caption_dropout))
+
+
+def _scan_source(
+    source: SourceSpec, where: str, entries: Mapping[str, str]
+) -> tuple[dict[str, tuple[int, int]], list[str]]:
+    """{image path: (w, h)} of the readable images in img_root (plus those in subfolders the captions name), and
+    the names of unreadable ones."""
     img_root = Path(source.img_root)
     if not img_root.exists():
         raise DataError(f"{where}.img_root: folder '{source.img_root}' does not exist.")
     if not img_root.is_dir():
         raise DataError(f"{where}.img_root: '{source.img_root}' is not a folder.")
-    image_paths = sorted(p for p in img_root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    image_paths = {p for p in img_root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS}
+    # Metadata tables (DiffSynth's metadata.csv) may name images in subfolders by relative path.
+    for entry in entries:
+        if "/" in entry and Path(entry).suffix.lower() in IMAGE_EXTENSIONS and (img_root / entry).is_file():
+            image_paths.add(img_root / entry)
     sizes: dict[str, tuple[int, int]] = {}
     unreadable: list[str] = []
-    for path in image_paths:
+    for path in sorted(image_paths):
         try:
             sizes[str(path)] = read_image_size(path)
         except IMAGE_READ_ERRORS:
-            unreadable.append(path.name)
+            unreadable.append(path.relative_to(img_root).as_posix())
     if unreadable:
         logger.warning(
             "%d image(s) in %s cannot be read and are skipped (%s).",
@@ -150,18 +206,26 @@ def _scan_source(source: SourceSpec, where: str) -> dict[str, tuple[int, int]]:
         raise DataError(
             f"{where}.img_root: folder '{source.img_root}' holds no readable images ({', '.join(IMAGE_EXTENSIONS)})."
         )
-    return sizes
+    return sizes, unreadable
 
 
-def _warn_missing_captions(source: SourceSpec, sizes: Mapping[str, tuple[int, int]], captions: Mapping[str, str]) -> None:
-    if source.caption_file is None:
-        return
-    missing = [Path(path).name for path in sizes if image_stem(Path(path).name) not in captions]
+def _warn_missing_captions(source: SourceSpec, num_images: int, missing: list[str]) -> None:
     if missing:
         logger.warning(
             "%d of %d images in %s have no caption in %s (%s); they train on the template alone.",
-            len(missing), len(sizes), source.img_root, source.caption_file, _first_names(missing),
+            len(missing), num_images, source.img_root, source.caption_file, _first_names(missing),
         )
+
+
+def _warn_upscaled(image_sizes: Mapping[str, tuple[int, int]], bucket: Bucket, key_path: str) -> int:
+    """Count (and warn once about) images smaller than their bucket size, which are upscaled."""
+    small = [key for key, (w, h) in image_sizes.items() if w < bucket.size_of(key)[0] or h < bucket.size_of(key)[1]]
+    if small:
+        logger.warning(
+            "%s: %d of %d images are smaller than their bucket size and will be upscaled (%s).",
+            key_path, len(small), len(image_sizes), _first_names(small),
+        )
+    return len(small)
 
 
 def _first_names(names: list[str], shown: int = 3) -> str:

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from hcpdiff.data.buckets import Bucket
 from hcpdiff.data.images import IMAGE_READ_ERRORS, load_image, resize_and_crop, to_tensor
 from hcpdiff.data.prompts import PromptBuilder
+from hcpdiff.data.transforms import CaptionTransform, ImageTransform
 from hcpdiff.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ class ImageCaptionDataset(Dataset):
         prompt_builders: Sequence[PromptBuilder],
         bg_colors: Sequence[tuple[int, int, int]] | None = None,
         seed: int = 0,
+        caption_transforms: Sequence[CaptionTransform] | None = None,
+        image_transforms: Sequence[ImageTransform] | None = None,
     ) -> None:
         if not items:
             raise DataError("The dataset has no images.")
@@ -48,6 +51,9 @@ class ImageCaptionDataset(Dataset):
         self.prompt_builders = list(prompt_builders)
         self.bg_colors = list(bg_colors) if bg_colors is not None else [(255, 255, 255)] * len(self.prompt_builders)
         self.seed = seed
+        num_sources = len(self.prompt_builders)
+        self.caption_transforms = list(caption_transforms or [CaptionTransform()] * num_sources)
+        self.image_transforms = list(image_transforms or [ImageTransform()] * num_sources)
         self.bucket_ids: list[int] = [bucket.bucket_of[item.key] for item in self.items]
         self._indices_of_bucket: dict[int, list[int]] = defaultdict(list)
         for index, bucket_id in enumerate(self.bucket_ids):
@@ -63,13 +69,28 @@ class ImageCaptionDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         # Template choice follows (seed, index, n-th fetch): reproducible, and different from epoch to epoch.
-        rng = random.Random(f"{self.seed}:{index}:{self._fetch_count[index]}")
+        draw = self._fetch_count[index]
+        rng = random.Random(f"{self.seed}:{index}:{draw}")
         self._fetch_count[index] += 1
         bucket_size = self.bucket.sizes[self.bucket_ids[index]]
         item, image = self._load_or_substitute(index, rng)
-        pixel_values = to_tensor(resize_and_crop(image, bucket_size))
-        prompt = self.prompt_builders[item.source_index].build(item.caption, rng)
-        return {"pixel_values": pixel_values, "prompt": prompt}
+        # Flip and crop draw from their own stream, so turning them on leaves prompts unchanged.
+        image_rng = random.Random(f"{self.seed}:{index}:{draw}:image")
+        image_transform = self.image_transforms[item.source_index]
+        image = resize_and_crop(image, bucket_size, image_transform.crop, image_rng)
+        if image_transform.random_flip and image_rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return {"pixel_values": to_tensor(image), "prompt": self._prompt(item, index, draw, rng)}
+
+    def sample_prompt(self, index: int, draw: int = 0) -> str:
+        """The prompt item `index` gets on its `draw`-th fetch (no image decoded; substitutes ignored)."""
+        rng = random.Random(f"{self.seed}:{index}:{draw}")
+        return self._prompt(self.items[index], index, draw, rng)
+
+    def _prompt(self, item: DataItem, index: int, draw: int, template_rng: random.Random) -> str:
+        caption_rng = random.Random(f"{self.seed}:{index}:{draw}:caption")
+        caption = self.caption_transforms[item.source_index].apply(item.caption, caption_rng)
+        return self.prompt_builders[item.source_index].build(caption, template_rng)
 
     def _load_or_substitute(self, index: int, rng: random.Random) -> tuple[DataItem, Image.Image]:
         """The item's image, or, if its file does not decode, another image of the same bucket."""

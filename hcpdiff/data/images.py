@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 
 import numpy as np
 import torch
@@ -42,8 +43,10 @@ def load_image(path: str | os.PathLike, bg_color: tuple[int, int, int] = (255, 2
     return img.convert("RGB")
 
 
-def resize_and_crop(img: Image.Image, size_wh: tuple[int, int]) -> Image.Image:
-    """Resize to cover `size_wh` (keeping the aspect ratio), then crop the center to exactly that size."""
+def resize_and_crop(
+    img: Image.Image, size_wh: tuple[int, int], crop: str = "center", rng: random.Random | None = None
+) -> Image.Image:
+    """Resize to cover `size_wh` (keeping the aspect ratio), then crop the center (or a random window) to it."""
     bucket_width, bucket_height = size_wh
     width, height = img.size
     if (width, height) == (bucket_width, bucket_height):
@@ -51,8 +54,11 @@ def resize_and_crop(img: Image.Image, size_wh: tuple[int, int]) -> Image.Image:
     scale = max(bucket_width / width, bucket_height / height)
     resized_wh = (max(bucket_width, round(width * scale)), max(bucket_height, round(height * scale)))
     resized = img.resize(resized_wh, Image.Resampling.LANCZOS, reducing_gap=3.0)
-    left = (resized_wh[0] - bucket_width) // 2
-    top = (resized_wh[1] - bucket_height) // 2
+    spare_x, spare_y = resized_wh[0] - bucket_width, resized_wh[1] - bucket_height
+    if crop == "random" and rng is not None:
+        left, top = rng.randint(0, spare_x), rng.randint(0, spare_y)
+    else:
+        left, top = spare_x // 2, spare_y // 2
     return resized.crop((left, top, left + bucket_width, top + bucket_height))
 
 
