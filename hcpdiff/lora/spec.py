@@ -1,0 +1,28 @@
+"""One LoRA group as the config describes it, and the group once attached to a model."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+
+@dataclass
+class LoraGroupSpec:
+    """One entry of `lora_unet` / `lora_text_encoder`."""
+
+    lr: float  # learning rate of this group's optimizer param group
+    layers: list[str]  # `re:REGEX` full-matches a dotted name; a plain string is one exact name ('' = whole model)
+    rank: int | float = 4  # int >= 1, or a float in (0, 1]: that fraction of each layer's output width
+    alpha: float | None = None  # LoRA scale is alpha / rank; None means alpha = rank (scale 1)
+    dropout: float = 0.0  # dropout on the LoRA branch input while training
+
+
+@dataclass
+class AttachedGroup:
+    """A group after attach_lora: its peft adapter name, matched layers and trainable parameters."""
+
+    name: str  # peft adapter name, f"{part}_g{index}"
+    lr: float  # from the spec
+    layers: list[str]  # dotted names of the adapted layers in the plain model
+    params: list[nn.Parameter] = field(repr=False)  # lora_A / lora_B weights: one optimizer param group
+    spec: LoraGroupSpec  # the config entry it came from (written to checkpoint metadata)

@@ -1,0 +1,172 @@
+"""The native LoRA checkpoint: adapter weights and alphas keyed by plain layer names, in safetensors."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from peft.tuners.lora import LoraLayer
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from hcpdiff.errors import ModelError
+from hcpdiff.lora.spec import AttachedGroup
+
+FORMAT = "hcpdiff.lora"
+FORMAT_VERSION = "1"
+KEY_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".alpha")
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
+    """The peft LoRA layers of a model by dotted name (peft keeps the plain layer's name)."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+
+
+def only_adapter(layer: LoraLayer, name: str) -> str:
+    """The single adapter a layer carries (attach_lora gives each layer exactly one)."""
+    adapters = list(layer.lora_A.keys())
+    if len(adapters) != 1:
+        raise ModelError(f"layer '{name}' carries {len(adapters)} LoRA adapters ({adapters}); expected exactly one.")
+    return adapters[0]
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Native keys `<layer>.lora_A.weight`, `<layer>.lora_B.weight`, `<layer>.alpha` from the attached adapters."""
+    state: dict[str, torch.Tensor] = {}
+    for name, layer in lora_layers(model).items():
+        adapter = only_adapter(layer, name)
+        state[f"{name}.lora_A.weight"] = layer.lora_A[adapter].weight.detach().clone()
+        state[f"{name}.lora_B.weight"] = layer.lora_B[adapter].weight.detach().clone()
+        state[f"{name}.alpha"] = torch.tensor(float(layer.lora_alpha[adapter]), dtype=torch.float32)
+    return state
+
+
+def lora_metadata(part: str, base_model: str, groups: list[AttachedGroup], step: int) -> dict[str, str]:
+    """Checkpoint metadata (all strings): part, base model, step and the groups' settings."""
+    group_info = [
+        {
+            "name": group.name,
+            "rank": group.spec.rank,
+            "alpha": group.spec.alpha,
+            "dropout": group.spec.dropout,
+            "lr": group.lr,
+            "patterns": list(group.spec.layers),
+        }
+        for group in groups
+    ]
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "part": part,
+        "base_model": base_model,
+        "groups": json.dumps(group_info),
+        "step": str(step),
+    }
+
+
+def save_lora(path: str | Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a native LoRA file atomically (temp file in the same folder, fsync, rename)."""
+    path = Path(path)
+    bad = [key for key, value in metadata.items() if not isinstance(value, str)]
+    if bad:
+        raise TypeError(f"safetensors metadata values must be strings; not so for {bad}")
+    tensors = {key: tensor.detach().to("cpu").contiguous() for key, tensor in state.items()}
+    full_metadata = {**metadata, "format": FORMAT, "format_version": FORMAT_VERSION}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp_path = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(temp_path), metadata=full_metadata)
+        with open(temp_path, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(temp_path, path)
+    finally:
+        temp_path.unlink(missing_ok=True)
+
+
+def foreign_format_hint(keys: list[str]) -> str:
+    """A sentence saying which other LoRA format the keys look like, or '' when unknown."""
+    if any(key.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for key in keys):
+        return " It looks like a webui/kohya LoRA; convert it with hcpdiff.tools.lora_convert --from_webui."
+    if any(key.startswith(("unet.", "text_encoder.")) and ".lora" in key for key in keys):
+        return " It looks like a diffusers LoRA; convert it with hcpdiff.tools.lora_convert --from_diffusers."
+    if any("___" in key for key in keys):
+        return " It looks like an HCP-Diffusion v1 LoRA, which is not supported."
+    return ""
+
+
+def load_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a native LoRA file into (state, metadata); anything else is a ModelError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"LoRA file '{path}' does not exist.")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as opened:
+            metadata = opened.metadata() or {}
+            state = {key: opened.get_tensor(key) for key in opened.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ModelError(f"LoRA file '{path}' is not a safetensors file ({err}).") from err
+    if metadata.get("format") != FORMAT:
+        raise ModelError(
+            f"LoRA file '{path}' is not an hcpdiff LoRA (no format={FORMAT} metadata)."
+            + foreign_format_hint(list(state))
+        )
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ModelError(
+            f"LoRA file '{path}' has format_version {metadata.get('format_version')!r}; "
+            f"this hcpdiff reads version {FORMAT_VERSION}."
+        )
+    return state, metadata
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """(`<layer>`, suffix) of a native key; a key of no known kind is a ModelError."""
+    for suffix in KEY_SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], suffix
+    raise ModelError(
+        f"LoRA key '{key}' is not a native key (<layer>.lora_A.weight, <layer>.lora_B.weight or <layer>.alpha)."
+    )
+
+
+def layer_states(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Group native keys by layer: {layer: {suffix: tensor}}; every layer must have A, B and alpha."""
+    by_layer: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        layer, suffix = split_key(key)
+        by_layer.setdefault(layer, {})[suffix] = tensor
+    for layer, parts in by_layer.items():
+        missing = [suffix for suffix in KEY_SUFFIXES if suffix not in parts]
+        if missing:
+            raise ModelError(f"LoRA weights of layer '{layer}' lack {', '.join(layer + s for s in missing)}.")
+    return by_layer
+
+
+def load_lora_into(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy native weights and alphas into the adapters attach_lora put on `model`; layers must match one to one."""
+    layers = lora_layers(model)
+    by_layer = layer_states(state)
+    unknown = [name for name in by_layer if name not in layers]
+    if unknown:
+        raise ModelError(
+            f"LoRA weights for layer '{unknown[0]}' have no attached adapter ({len(unknown)} such layers)."
+        )
+    absent = [name for name in layers if name not in by_layer]
+    if absent:
+        raise ModelError(f"LoRA weights lack the attached layer '{absent[0]}' ({len(absent)} such layers).")
+    with torch.no_grad():
+        for name, parts in by_layer.items():
+            layer = layers[name]
+            adapter = only_adapter(layer, name)
+            targets = {".lora_A.weight": layer.lora_A[adapter].weight, ".lora_B.weight": layer.lora_B[adapter].weight}
+            for suffix, target in targets.items():
+                if parts[suffix].shape != target.shape:
+                    raise ModelError(
+                        f"LoRA weight '{name}{suffix}' has shape {tuple(parts[suffix].shape)}, "
+                        f"the attached adapter expects {tuple(target.shape)}."
+                    )
+                target.copy_(parts[suffix])
+            alpha = float(parts[".alpha"])
+            layer.lora_alpha[adapter] = alpha
+            layer.scaling[adapter] = alpha / layer.r[adapter]  # peft's scale (no rslora here)

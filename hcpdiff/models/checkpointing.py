@@ -1,0 +1,25 @@
+"""Gradient checkpointing that still lets LoRA inside a frozen model receive gradients."""
+from __future__ import annotations
+
+from torch import nn
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Turn on non-reentrant checkpointing for a diffusers or transformers model.
+
+    Reentrant checkpointing gives no gradient to adapters whose block inputs do not require grad
+    (a frozen text encoder's embeddings), so their LoRA weights would never move.
+    """
+    from diffusers import ModelMixin
+    from transformers import PreTrainedModel
+
+    if isinstance(model, ModelMixin):
+        model.enable_gradient_checkpointing()  # diffusers uses use_reentrant=False by default
+    elif isinstance(model, PreTrainedModel):
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise TypeError(f"gradient checkpointing needs a diffusers or transformers model, got {type(model).__name__}")

@@ -1,0 +1,147 @@
+"""Write a tiny random-weight Stable Diffusion 1.x pipeline in diffusers format, for tests and demos."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+TEXT_WIDTH = 32
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP byte -> printable character table (no longer importable from transformers 5)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def byte_level_vocab() -> dict[str, int]:
+    """CLIP's vocabulary layout without merges: 256 byte characters, the same with `</w>`, then bos and eos."""
+    symbols = list(byte_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + [BOS_TOKEN, EOS_TOKEN]
+    return {token: index for index, token in enumerate(tokens)}
+
+
+def build_tokenizer() -> CLIPTokenizer:
+    """A CLIP tokenizer built offline from the byte-level vocabulary (every word splits into bytes)."""
+    return CLIPTokenizer(vocab=byte_level_vocab(), merges=[], model_max_length=77)
+
+
+def build_text_encoder(vocab_size: int, bos_id: int, eos_id: int) -> CLIPTextModel:
+    """A 2-layer, 32-wide CLIP text encoder."""
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TEXT_WIDTH,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        projection_dim=TEXT_WIDTH,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+    )
+    return CLIPTextModel(config)
+
+
+def build_unet() -> UNet2DConditionModel:
+    """A 2-level U-Net (32/64 channels) with cross-attention in the lower level, as SD1.x lays it out."""
+    return UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_WIDTH,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def build_vae() -> AutoencoderKL:
+    """A 4-block VAE so it downsamples 8x like the real one (see FACTS: fewer blocks break pixel-step math)."""
+    blocks = 4
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=256,
+    )
+
+
+def build_scheduler() -> PNDMScheduler:
+    """The scheduler SD1.5 ships with (PNDM, scaled-linear betas 0.00085 -> 0.012, 1000 steps)."""
+    return PNDMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+        prediction_type="epsilon",
+    )
+
+
+def write_slow_tokenizer_files(tokenizer: CLIPTokenizer, folder: Path) -> None:
+    """Write vocab.json and merges.txt beside tokenizer.json, for readers that expect the slow-tokenizer files."""
+    (folder / "vocab.json").write_text(json.dumps(tokenizer.get_vocab(), ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+
+
+def make_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
+    """Build the tiny pipeline with weights drawn from `seed` and save it to `out_dir`; returns the folder."""
+    out_path = Path(out_dir)
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    text_encoder = build_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    pipeline = StableDiffusionPipeline(
+        vae=build_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=build_unet(),
+        scheduler=build_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(out_path, safe_serialization=True)
+    write_slow_tokenizer_files(tokenizer, out_path / "tokenizer")
+    return out_path
+
+
+def main(argv: list[str]) -> int:
+    """CLI: `python -m hcpdiff.tools.make_tiny_model OUT [--seed N]`."""
+    parser = argparse.ArgumentParser(prog="python -m hcpdiff.tools.make_tiny_model", description=__doc__)
+    parser.add_argument("out_dir", help="folder to write the pipeline into")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the random weights")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    args = parser.parse_args(argv)
+    print(make_tiny_model(args.out_dir, seed=args.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    from hcpdiff.cli import run_cli
+
+    run_cli(main)
