@@ -1,0 +1,50 @@
+"""Entry-point body shared by `hcpdiff.train_ac_single` and `hcpdiff.train_ac`."""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+from hcpdiff.cli import cfg_parser
+from hcpdiff.config import load_config
+from hcpdiff.train.logs import setup_console_logging
+
+
+def quiet_libraries() -> None:
+    """Keep library banners and deprecation chatter off the user's terminal."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for name in ("diffusers", "transformers", "accelerate", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.set_verbosity_error()
+        transformers_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - both are dependencies
+        pass
+
+
+def run_training(cfg, *, single_process: bool) -> str:
+    """Set up and run one training from a resolved config; returns the experiment folder."""
+    from hcpdiff.train.trainer import Trainer
+
+    trainer = Trainer(cfg, single_process=single_process)
+    trainer.setup()
+    try:
+        trainer.train()
+    finally:
+        trainer.cleanup()
+    return str(trainer.exp_dir)
+
+
+def main(argv: list[str], *, prog: str, single_process: bool) -> int:
+    """Parse `--cfg FILE [overrides]`, load the config and train."""
+    args = cfg_parser(prog, "Train LoRA adapters for a text-to-image diffusion model.").parse_args(argv)
+    quiet_libraries()
+    setup_console_logging()
+    cfg = load_config(args.cfg, args.overrides)
+    run_training(cfg, single_process=single_process)
+    return 0

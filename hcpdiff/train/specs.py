@@ -1,0 +1,41 @@
+"""Typed views of the config sections the trainer reads; each field documents its key in train_base.yaml."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class SchedulerSpec:
+    """`train.scheduler`: the learning-rate schedule, stepped once per optimizer step."""
+
+    name: str = "constant_with_warmup"  # any name diffusers.optimization.get_scheduler knows
+    num_warmup_steps: int = 0  # optimizer steps of linear warm-up from 0
+    scheduler_kwargs: dict = field(default_factory=dict)  # extra arguments: num_cycles, power, step_rules
+
+
+@dataclass
+class TrainSpec:
+    """`train`: length of the run, batching, optimizer and checkpoints."""
+
+    train_steps: int | None = 1000  # optimizer steps (not micro-batches)
+    train_epochs: int | None = None  # passes over dataset1; when set it decides the length, not train_steps
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    workers: int = 2  # data-loader worker processes per dataset (0: load in the training process)
+    max_grad_norm: float | None = 1.0  # gradient clipping norm; null disables it
+    save_step: int = 100  # write a checkpoint every N optimizer steps (and at the end)
+    log_step: int = 10  # log loss and learning rates every N optimizer steps
+    scale_lr: bool = False  # multiply every group's lr by the total batch size
+    optimizer: Any = None  # a `_target_` + `_partial_: true` node; receives the param groups
+    scheduler: Any = None  # see SchedulerSpec
+
+
+@dataclass
+class ModelSpec:
+    """`model`: the base model and how prompts are encoded."""
+
+    pretrained_model_name_or_path: str | None = None  # diffusers folder or hub id
+    revision: str | None = None  # hub revision (branch, tag or commit)
+    tokenizer_repeats: int = 1  # prompt length in 75-token chunks, encoded separately and concatenated
+    clip_skip: int = 0  # 0: last text-encoder layer; 1: penultimate (a1111's "clip skip 2"); ...
+    gradient_checkpointing: bool = False  # trade compute for memory in the U-Net (and trained text encoder)

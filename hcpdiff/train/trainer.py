@@ -1,0 +1,360 @@
+"""The training run: setup() builds everything from the config, train() runs the step loop."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from accelerate import Accelerator
+from accelerate.tracking import TensorBoardTracker
+from accelerate.utils import broadcast_object_list, set_seed
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from hcpdiff.config import check_targets, instantiate, read_fields
+from hcpdiff.data import build_dataset
+from hcpdiff.errors import ConfigError
+from hcpdiff.lora import LoraGroupSpec, attach_lora, lora_state_dict, save_lora
+from hcpdiff.models import PromptEncoder, enable_gradient_checkpointing, load_model_parts
+from hcpdiff.train.exp_dir import claim_exp_dir
+from hcpdiff.train.logs import setup_run_logging
+from hcpdiff.train.loss import diffusion_loss, diffusion_target
+from hcpdiff.train.optim import build_lr_scheduler, build_optimizer, param_groups
+from hcpdiff.train.specs import ModelSpec, SchedulerSpec, TrainSpec
+
+logger = logging.getLogger("hcpdiff.train")
+
+# Model parts that can carry LoRA groups, with the config key that lists their groups.
+LORA_PARTS = {"unet": "lora_unet", "text_encoder": "lora_text_encoder"}
+
+
+@dataclass
+class DataStream:
+    """One dataset's loader with its loss weight; `batches()` cycles it forever, epoch after epoch."""
+
+    name: str
+    loader: DataLoader
+    loss_weight: float
+    epoch: int = 0
+
+    def batches(self) -> Iterator[dict]:
+        """Yield batches, reshuffling the buckets at every epoch."""
+        while True:
+            self.loader.batch_sampler.set_epoch(self.epoch)
+            yield from self.loader
+            self.epoch += 1
+
+
+def collate_batch(samples: list[dict]) -> dict:
+    """Stack one bucket's images ([B, 3, H, W]) and keep the prompts as a list of strings."""
+    return {
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+        "prompts": [s["prompt"] for s in samples],
+    }
+
+
+class Trainer:
+    """A LoRA training run of a text-to-image diffusion model, driven by one resolved config."""
+
+    def __init__(self, cfg: DictConfig, *, single_process: bool = False):
+        self.cfg = cfg
+        self.single_process = single_process
+        self.global_step = 0
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        """Check the config, then build accelerator, experiment folder, models, LoRA, data and optimizer."""
+        self._read_specs()
+        self._setup_accelerator()
+        self._setup_exp_dir()
+        self._setup_models()
+        self._setup_lora()
+        self._setup_data()
+        self._setup_optimization()
+        self._log_start()
+
+    def _read_specs(self) -> None:
+        cfg = self.cfg
+        problems: list[str] = []
+
+        def collect(fn, *args):
+            try:
+                return fn(*args)
+            except ConfigError as err:
+                problems.append(str(err))
+                return None
+
+        collect(check_targets, cfg)
+        self.train_spec = collect(read_fields, cfg.get("train", {}), "train", TrainSpec)
+        self.model_spec = collect(read_fields, cfg.get("model", {}), "model", ModelSpec)
+        self.scheduler_spec = None
+        if self.train_spec is not None:
+            self.scheduler_spec = collect(read_fields, self.train_spec.scheduler or {}, "train.scheduler", SchedulerSpec)
+        self.lora_specs: dict[str, list[LoraGroupSpec]] = {}
+        for part, key in LORA_PARTS.items():
+            groups = cfg.get(key) or []
+            self.lora_specs[part] = [
+                spec for i, node in enumerate(groups)
+                if (spec := collect(read_fields, node, f"{key}[{i}]", LoraGroupSpec)) is not None
+            ]
+        if self.train_spec is not None:
+            steps, epochs = self.train_spec.train_steps, self.train_spec.train_epochs
+            if steps is None and epochs is None:
+                problems.append("train: set train.train_steps or train.train_epochs (both are null)")
+            if self.train_spec.optimizer is None:
+                problems.append("train.optimizer: missing; give a `_target_` optimizer with `_partial_: true`")
+        if self.model_spec is not None and not self.model_spec.pretrained_model_name_or_path:
+            problems.append("model.pretrained_model_name_or_path: missing; give a diffusers folder or a hub id")
+        if not any(self.lora_specs.values()):
+            problems.append("lora_unet / lora_text_encoder: no LoRA group is configured, so nothing would train")
+        if not cfg.get("data"):
+            problems.append("data: no dataset is configured")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def _setup_accelerator(self) -> None:
+        mixed_precision = self.cfg.get("mixed_precision") or "no"
+        if mixed_precision == "fp16" and not torch.cuda.is_available():
+            logger.warning("mixed_precision 'fp16' needs a GPU; training in fp32 on the CPU")
+            mixed_precision = "no"
+        self.accelerator = Accelerator(
+            mixed_precision=mixed_precision,
+            gradient_accumulation_steps=self.train_spec.gradient_accumulation_steps,
+        )
+        if self.single_process and self.accelerator.num_processes > 1:
+            raise ConfigError("hcpdiff.train_ac_single runs one process; launch hcpdiff.train_ac for several")
+        if torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = bool(self.cfg.get("allow_tf32", True))
+        self.seed = int(self.cfg.get("seed", 0))
+        set_seed(self.seed)
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+    def _setup_exp_dir(self) -> None:
+        # Only the main process creates the folder; the others learn its (possibly suffixed) name from it.
+        claimed = [None]
+        if self.accelerator.is_main_process:
+            claimed[0] = str(claim_exp_dir(self.cfg.get("exp_dir") or "exps/run"))
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(claimed)
+        self.exp_dir = Path(claimed[0])
+        self.ckpt_dir = self.exp_dir / "ckpts"
+        self.tracker = None
+        if self.accelerator.is_main_process:
+            self.ckpt_dir.mkdir(exist_ok=True)
+            snapshot = OmegaConf.to_container(self.cfg, resolve=True)
+            snapshot["exp_dir"] = str(self.exp_dir)
+            (self.exp_dir / "cfg.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(snapshot)))
+            setup_run_logging(self.exp_dir / "train.log")
+            self.tracker = TensorBoardTracker("tblog", logging_dir=self.exp_dir)
+            self.tracker.start()
+
+    def _setup_models(self) -> None:
+        spec = self.model_spec
+        self.parts = load_model_parts(spec.pretrained_model_name_or_path, revision=spec.revision)
+        for module in (self.parts.unet, self.parts.vae, self.parts.text_encoder):
+            module.requires_grad_(False)
+        self.prompt_encoder = PromptEncoder(
+            self.parts.tokenizer, self.parts.text_encoder,
+            tokenizer_repeats=spec.tokenizer_repeats, clip_skip=spec.clip_skip,
+        )
+
+    def _setup_lora(self) -> None:
+        self.groups = []
+        self.group_labels: list[str] = []  # as the config names them: lora_unet[0], ...
+        self.trained_parts: list[str] = []
+        layer_lists = {}
+        for part, key in LORA_PARTS.items():
+            specs = self.lora_specs[part]
+            if not specs:
+                continue
+            attached = attach_lora(getattr(self.parts, part), specs, part, key)
+            self.groups.extend(attached)
+            self.group_labels.extend(f"{key}[{i}]" for i in range(len(attached)))
+            self.trained_parts.append(part)
+            layer_lists[key] = [{"group": f"{key}[{i}]", "lr": g.lr, "layers": list(g.layers)}
+                                for i, g in enumerate(attached)]
+        if self.accelerator.is_main_process:
+            (self.exp_dir / "lora_layers.json").write_text(json.dumps(layer_lists, indent=1))
+        if self.model_spec.gradient_checkpointing:
+            enable_gradient_checkpointing(self.parts.unet)
+            if "text_encoder" in self.trained_parts:
+                enable_gradient_checkpointing(self.parts.text_encoder)
+        # Frozen weights run in the mixed-precision dtype; the trained adapters stay fp32 for stable updates.
+        device = self.accelerator.device
+        for part in ("unet", "text_encoder", "vae"):
+            module = getattr(self.parts, part)
+            dtype = self.weight_dtype if part != "vae" or self.weight_dtype == torch.bfloat16 else torch.float32
+            for param in module.parameters():
+                if not param.requires_grad:
+                    param.data = param.data.to(dtype)
+            module.to(device)
+
+    def _setup_data(self) -> None:
+        self.streams: list[DataStream] = []
+        workers = self.train_spec.workers
+        for name, node in self.cfg.data.items():
+            built = build_dataset(
+                node, f"data.{name}", pixel_step=self.parts.pixel_step, seed=self.seed,
+                instantiate=instantiate,
+                num_replicas=self.accelerator.num_processes, rank=self.accelerator.process_index,
+            )
+            loader = DataLoader(
+                built.dataset, batch_sampler=built.batch_sampler, num_workers=workers,
+                collate_fn=collate_batch, pin_memory=torch.cuda.is_available(),
+                persistent_workers=workers > 0,
+            )
+            self.streams.append(DataStream(name, loader, built.loss_weight))
+        self.batch_size = self.streams[0].loader.batch_sampler.batch_size
+
+    def _setup_optimization(self) -> None:
+        spec, accelerator = self.train_spec, self.accelerator
+        steps_per_epoch = max(1, len(self.streams[0].loader) // spec.gradient_accumulation_steps)
+        # As in the reference guide, a config that sets train_epochs trains by epochs whatever train_steps says.
+        if spec.train_epochs is not None:
+            self.train_steps = spec.train_epochs * steps_per_epoch
+        else:
+            self.train_steps = spec.train_steps
+        self.total_batch_size = self.batch_size * spec.gradient_accumulation_steps * accelerator.num_processes
+        lr_scale = self.total_batch_size if spec.scale_lr else 1.0
+        make_optimizer = instantiate(spec.optimizer, "train.optimizer")
+        optimizer = build_optimizer(make_optimizer, param_groups(self.groups, lr_scale))
+        # The lr schedule is stepped by hand once per optimizer step, so it counts what the config says.
+        self.lr_scheduler = build_lr_scheduler(
+            self.scheduler_spec.name, optimizer, self.scheduler_spec.num_warmup_steps,
+            self.train_steps, self.scheduler_spec.scheduler_kwargs,
+        )
+        models = [getattr(self.parts, part) for part in self.trained_parts]
+        prepared = accelerator.prepare(*models, optimizer)
+        for part, module in zip(self.trained_parts, prepared[:-1]):
+            setattr(self, f"{part}_model", module)  # wrapped (DDP) module used for forward passes
+        self.optimizer = prepared[-1]
+        self.unet_model = getattr(self, "unet_model", self.parts.unet)
+        if "text_encoder" in self.trained_parts:
+            self.prompt_encoder.text_encoder = self.text_encoder_model
+
+    def _log_start(self) -> None:
+        logger.info("experiment folder: %s", self.exp_dir)
+        logger.info("model: %s (%s), pixel step %d", self.parts.name_or_path, self.parts.family, self.parts.pixel_step)
+        logger.info("training %d optimizer steps, total batch size %d (batch %d x accumulation %d x processes %d)",
+                    self.train_steps, self.total_batch_size, self.batch_size,
+                    self.train_spec.gradient_accumulation_steps, self.accelerator.num_processes)
+        for label, group, param_group in zip(self.group_labels, self.groups, self.optimizer.param_groups):
+            n_params = sum(p.numel() for p in group.params)
+            lr = param_group.get("initial_lr", param_group["lr"])  # before warm-up scales it
+            logger.info("group %s: lr %.3g (effective), %d layers, %d trainable parameters",
+                        label, lr, len(group.layers), n_params)
+
+    # ----------------------------------------------------------------------------------------------- train
+    def train(self) -> None:
+        """Run optimizer steps until train_steps, logging and saving checkpoints on the way."""
+        accelerator, spec = self.accelerator, self.train_spec
+        trained_modules = [getattr(self, f"{part}_model") for part in self.trained_parts]
+        for module in trained_modules:
+            module.train()
+        batch_iters = [stream.batches() for stream in self.streams]
+        progress = tqdm(total=self.train_steps, initial=self.global_step, desc="train",
+                        disable=not accelerator.is_main_process, dynamic_ncols=True)
+        loss_sum, loss_count, last_log_time = 0.0, 0, time.perf_counter()
+        while self.global_step < self.train_steps:
+            with accelerator.accumulate(*trained_modules):
+                loss = sum(self.compute_loss(next(it), stream.loss_weight)
+                           for it, stream in zip(batch_iters, self.streams))
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and spec.max_grad_norm:
+                    accelerator.clip_grad_norm_(self.trained_params(), spec.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach().item()
+            loss_count += 1
+            if not accelerator.sync_gradients:
+                continue
+            self.lr_scheduler.step()
+            self.global_step += 1
+            progress.update(1)
+            if self.global_step % spec.log_step == 0 or self.global_step == self.train_steps:
+                mean_loss = loss_sum / loss_count
+                now = time.perf_counter()
+                step_time = (now - last_log_time) / spec.log_step
+                progress.set_postfix(loss=f"{mean_loss:.4f}")
+                self.log_metrics(mean_loss, step_time)
+                loss_sum, loss_count, last_log_time = 0.0, 0, now
+            if self.global_step % spec.save_step == 0 or self.global_step == self.train_steps:
+                self.save_checkpoint()
+        progress.close()
+
+    def compute_loss(self, batch: dict, loss_weight: float) -> torch.Tensor:
+        """Noise one batch's latents at random timesteps and score the U-Net's prediction of the target."""
+        device, parts = self.accelerator.device, self.parts
+        pixel_values = batch["pixel_values"].to(device, dtype=parts.vae.dtype)  # [B, 3, H, W]
+        with torch.no_grad():
+            latents = parts.vae.encode(pixel_values).latent_dist.sample()
+            latents = latents * parts.vae.config.scaling_factor  # [B, 4, H/f, W/f]
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, parts.noise_scheduler.config.num_train_timesteps,
+                                  (latents.shape[0],), device=device)
+        noisy_latents = parts.noise_scheduler.add_noise(latents, noise, timesteps)
+        input_ids = self.prompt_encoder.tokenize(batch["prompts"]).to(device)
+        with self.accelerator.autocast():
+            with torch.set_grad_enabled("text_encoder" in self.trained_parts):
+                prompt_embeds = self.prompt_encoder.encode(input_ids)  # [B, 77 * repeats, D]
+            model_pred = self.unet_model(noisy_latents.to(self.weight_dtype), timesteps,
+                                         prompt_embeds.to(self.weight_dtype)).sample
+        target = diffusion_target(parts.noise_scheduler, latents, noise, timesteps)
+        return diffusion_loss(model_pred, target) * loss_weight
+
+    def trained_params(self) -> list[torch.nn.Parameter]:
+        """Every parameter the optimizer updates."""
+        return [p for group in self.groups for p in group.params]
+
+    def log_metrics(self, loss: float, step_time: float) -> None:
+        """Loss and every group's learning rate to train.log and TensorBoard."""
+        lrs = {f"lr/{label}": g["lr"] for label, g in zip(self.group_labels, self.optimizer.param_groups)}
+        values = {"loss": loss, "step_time_s": step_time, **lrs}
+        if self.accelerator.is_main_process:
+            self.tracker.log(values, step=self.global_step)
+            lr_text = ", ".join(f"{k[3:]}={v:.3g}" for k, v in lrs.items())
+            logging.getLogger("hcpdiff.train.log").info(
+                "step %d/%d loss %.5f %s %.3f s/step", self.global_step, self.train_steps, loss, lr_text, step_time)
+
+    # ----------------------------------------------------------------------------------------------- outputs
+    def save_checkpoint(self) -> list[Path]:
+        """Write each trained part's LoRA as `ckpts/<part>-<step>.safetensors` (main process, atomic)."""
+        self.accelerator.wait_for_everyone()
+        written = []
+        if self.accelerator.is_main_process:
+            for part in self.trained_parts:
+                module = self.accelerator.unwrap_model(getattr(self, f"{part}_model"))
+                metadata = {
+                    "format": "hcpdiff.lora",
+                    "format_version": "1",
+                    "part": part,
+                    "base_model": str(self.parts.name_or_path),
+                    "step": str(self.global_step),
+                    "groups": json.dumps(self._group_metadata(part)),
+                }
+                path = self.ckpt_dir / f"{part}-{self.global_step}.safetensors"
+                save_lora(path, lora_state_dict(module), metadata)
+                written.append(path)
+            logger.debug("saved %s", ", ".join(str(p) for p in written))
+        return written
+
+    def _group_metadata(self, part: str) -> list[dict]:
+        key = LORA_PARTS[part]
+        return [
+            {"name": f"{key}[{i}]", "rank": spec.rank, "alpha": spec.alpha, "dropout": spec.dropout,
+             "lr": spec.lr, "patterns": list(spec.layers)}
+            for i, spec in enumerate(self.lora_specs[part])
+        ]
+
+    def cleanup(self) -> None:
+        """Flush logs and release the trackers."""
+        if self.tracker is not None:
+            self.tracker.finish()
+        self.accelerator.end_training()
+        logger.info("done: %s", self.exp_dir)
