@@ -1,0 +1,90 @@
+"""Native <-> webui (kohya / a1111) <-> diffusers LoRA keys: one name map per model part, inverted to go back."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from hcpdiff.errors import ModelError
+from hcpdiff.lora.state_io import layer_states
+
+WEBUI_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+DIFFUSERS_PREFIX = {"unet": "unet.", "text_encoder": "text_encoder."}
+# native suffix -> webui suffix; the tensors are the same (down = A, up = B, same shapes, conv included)
+WEBUI_SUFFIX = {".lora_A.weight": ".lora_down.weight", ".lora_B.weight": ".lora_up.weight", ".alpha": ".alpha"}
+
+
+def webui_layer_name(layer: str, part: str) -> str:
+    """kohya's name of a layer: prefix + dotted path with underscores (CLIP paths start at `text_model`)."""
+    if part == "text_encoder" and not layer.startswith("text_model."):
+        layer = "text_model." + layer  # transformers 5 dropped `text_model.`; kohya / a1111 names keep it
+    return WEBUI_PREFIX[part] + layer.replace(".", "_")
+
+
+def webui_name_map(layers: Iterable[str], part: str) -> dict[str, str]:
+    """{native layer: webui layer} for the given layer names; two layers with one webui name is an error."""
+    name_map: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for layer in layers:
+        webui = webui_layer_name(layer, part)
+        if webui in seen and seen[webui] != layer:
+            raise ModelError(f"layers '{seen[webui]}' and '{layer}' have the same webui name '{webui}'.")
+        seen[webui] = layer
+        name_map[layer] = webui
+    return name_map
+
+
+def native_to_webui(state: dict[str, torch.Tensor], part: str) -> dict[str, torch.Tensor]:
+    """Native keys of one part as webui keys (`lora_unet_..._to_k.lora_down.weight`, `.lora_up.weight`, `.alpha`)."""
+    by_layer = layer_states(state)
+    name_map = webui_name_map(by_layer, part)
+    return {
+        name_map[layer] + WEBUI_SUFFIX[suffix]: tensor for layer, parts in by_layer.items() for suffix, tensor in parts.items()
+    }
+
+
+def is_webui_state(keys: Iterable[str]) -> bool:
+    """True when every key is a webui LoRA key of the U-Net or text encoder."""
+    keys = list(keys)
+    return bool(keys) and all(key.startswith(tuple(WEBUI_PREFIX.values())) for key in keys)
+
+
+def split_webui_key(key: str) -> tuple[str, str]:
+    """(webui layer, native suffix) of a webui key."""
+    for native_suffix, webui_suffix in WEBUI_SUFFIX.items():
+        if key.endswith(webui_suffix):
+            return key[: -len(webui_suffix)], native_suffix
+    raise ModelError(f"webui LoRA key '{key}' ends in none of .lora_down.weight, .lora_up.weight, .alpha.")
+
+
+def webui_to_native(
+    state: dict[str, torch.Tensor], module_names: dict[str, list[str]]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Split a webui state into native states per part, using the inverted name maps of the model's module names."""
+    inverse = {part: {w: n for n, w in webui_name_map(names, part).items()} for part, names in module_names.items()}
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        webui_layer, suffix = split_webui_key(key)
+        part = next((p for p, prefix in WEBUI_PREFIX.items() if webui_layer.startswith(prefix)), None)
+        if part is None or webui_layer not in inverse.get(part, {}):
+            raise ModelError(
+                f"webui LoRA layer '{webui_layer}' names no layer of the reference model; pass --model with the base model."
+            )
+        states.setdefault(part, {})[inverse[part][webui_layer] + suffix] = tensor
+    for part, part_state in states.items():  # webui files may leave alpha out, which means alpha = rank
+        layers = {key[: -len(".lora_A.weight")]: t for key, t in part_state.items() if key.endswith(".lora_A.weight")}
+        for layer, lora_a in layers.items():
+            part_state.setdefault(f"{layer}.alpha", torch.tensor(float(lora_a.shape[0])))
+        layer_states(part_state)  # every layer must be whole
+    return states
+
+
+def native_to_diffusers(state: dict[str, torch.Tensor], part: str) -> dict[str, torch.Tensor]:
+    """diffusers/peft keys `<part>.<layer>.lora_A.weight` / `.lora_B.weight`, with alpha / rank folded into B."""
+    out: dict[str, torch.Tensor] = {}
+    for layer, parts in layer_states(state).items():
+        lora_a, lora_b = parts[".lora_A.weight"], parts[".lora_B.weight"]
+        scale = float(parts[".alpha"]) / lora_a.shape[0]  # diffusers loads without alphas as scale 1
+        out[f"{DIFFUSERS_PREFIX[part]}{layer}.lora_A.weight"] = lora_a.clone()
+        out[f"{DIFFUSERS_PREFIX[part]}{layer}.lora_B.weight"] = (lora_b.to(torch.float32) * scale).to(lora_b.dtype)
+    return out

@@ -1,0 +1,140 @@
+"""Convert LoRA files: hcpdiff native <-> webui (kohya / a1111, ComfyUI) and native -> diffusers.
+
+Alpha: hcpdiff, kohya and the webui all scale a layer by alpha / rank, so alpha is copied as is and the
+converted file has exactly the native effect. `--auto_scale_alpha` is kept for HCP-Diffusion v1 commands
+(whose alpha was the scale itself and had to be multiplied by rank); on hcpdiff files it changes nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from hcpdiff.cli import run_cli
+from hcpdiff.errors import ModelError
+from hcpdiff.lora.state_io import FORMAT, FORMAT_VERSION, load_lora, save_lora
+from hcpdiff.lora.webui_format import is_webui_state, native_to_diffusers, native_to_webui, webui_to_native
+
+PARTS = ("unet", "text_encoder")
+
+
+def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Any safetensors file as (tensors, metadata); a missing or unreadable file is a ModelError."""
+    if not Path(path).is_file():
+        raise ModelError(f"LoRA file '{path}' does not exist.")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as opened:
+            return {key: opened.get_tensor(key) for key in opened.keys()}, opened.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ModelError(f"LoRA file '{path}' is not a safetensors file ({err}).") from err
+
+
+def native_parts(lora_path: str | None, lora_path_te: str | None) -> dict[str, dict[str, torch.Tensor]]:
+    """The native states given on the command line, by part; a file of the other part is an error."""
+    if not lora_path and not lora_path_te:
+        raise ModelError("give --lora_path (U-Net LoRA) and/or --lora_path_TE (text-encoder LoRA).")
+    states = {}
+    for part, path, flag in (("unet", lora_path, "--lora_path"), ("text_encoder", lora_path_te, "--lora_path_TE")):
+        if path:
+            state, metadata = load_lora(path)
+            if metadata.get("part", part) != part:
+                raise ModelError(f"{flag} '{path}' is a {metadata['part']} LoRA; {flag} takes the {part} one.")
+            states[part] = state
+    return states
+
+
+def meta_module_names(model_path: str | None) -> dict[str, list[str]]:
+    """Module names of the U-Net and text encoder, built on the meta device (no weights): the model's or SD1.x/2.x layout."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if model_path is None:
+        unet_config: dict = {}  # UNet2DConditionModel defaults are the SD1.5 layout
+        text_config = CLIPTextConfig(num_hidden_layers=24)  # covers CLIP-L (12) and OpenCLIP-H (23) layer names
+    else:
+        if not (Path(model_path) / "unet").is_dir():
+            raise ModelError(f"--model '{model_path}' is not a diffusers model folder (no unet/ inside).")
+        unet_config = UNet2DConditionModel.load_config(model_path, subfolder="unet")
+        text_config = CLIPTextConfig.from_pretrained(model_path, subfolder="text_encoder")
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(unet_config)
+        text_encoder = CLIPTextModel(text_config)
+    return {"unet": [n for n, _ in unet.named_modules() if n], "text_encoder": [n for n, _ in text_encoder.named_modules() if n]}
+
+
+def to_webui(args: argparse.Namespace) -> None:
+    """Write one webui file holding the U-Net and text-encoder LoRAs."""
+    webui: dict[str, torch.Tensor] = {}
+    for part, state in native_parts(args.lora_path, args.lora_path_TE).items():
+        webui.update(native_to_webui(state, part))
+    save_file({k: v.contiguous() for k, v in webui.items()}, args.dump_path, metadata={"ss_network_module": "networks.lora"})
+    print(f"wrote {len(webui)} tensors to {args.dump_path}")
+
+
+def to_diffusers(args: argparse.Namespace) -> None:
+    """Write a `pytorch_lora_weights.safetensors` for diffusers' `load_lora_weights` (alpha folded into B)."""
+    out: dict[str, torch.Tensor] = {}
+    for part, state in native_parts(args.lora_path, args.lora_path_TE).items():
+        out.update(native_to_diffusers(state, part))
+    save_file({k: v.contiguous() for k, v in out.items()}, args.dump_path, metadata={"format": "pt"})
+    print(f"wrote {len(out)} tensors to {args.dump_path}")
+
+
+def from_webui(args: argparse.Namespace) -> None:
+    """Write `<dump_path>/unet-<name>.safetensors` (and `text_encoder-<name>...`) as native files."""
+    state, metadata = read_safetensors(args.lora_path)
+    if metadata.get("format") == FORMAT or not is_webui_state(state):
+        raise ModelError(f"--from_webui: '{args.lora_path}' is not a webui LoRA (keys lora_unet_... / lora_te_...).")
+    states = webui_to_native(state, meta_module_names(args.model))
+    out_dir = Path(args.dump_path)
+    for part, part_state in states.items():
+        path = out_dir / f"{part}-{Path(args.lora_path).stem}.safetensors"
+        ranks = sorted({int(t.shape[0]) for k, t in part_state.items() if k.endswith(".lora_A.weight")})
+        groups = [{"name": "webui", "rank": ranks[0] if len(ranks) == 1 else ranks, "source": args.lora_path}]
+        info = {"format": FORMAT, "format_version": FORMAT_VERSION, "part": part, "step": "0",
+                "base_model": args.model or "", "groups": json.dumps(groups)}
+        save_lora(path, part_state, info)
+        print(f"wrote {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m hcpdiff.tools.lora_convert`."""
+    parser = argparse.ArgumentParser(prog="python -m hcpdiff.tools.lora_convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--to_webui", action="store_true", help="native -> one webui/kohya file")
+    mode.add_argument("--from_webui", action="store_true", help="webui/kohya file -> native files in --dump_path/")
+    mode.add_argument("--to_diffusers", action="store_true", help="native -> pytorch_lora_weights.safetensors")
+    parser.add_argument("--lora_path", required=True, help="U-Net LoRA (native), or the webui file with --from_webui")
+    parser.add_argument("--lora_path_TE", default=None, help="text-encoder LoRA (native), if any")
+    parser.add_argument("--dump_path", required=True, help="output file (a folder with --from_webui)")
+    parser.add_argument("--model", default=None,
+                        help="--from_webui: base model folder whose module names decode the keys (default: SD1.x/2.x layout)")
+    parser.add_argument("--auto_scale_alpha", action="store_true",
+                        help="accepted for HCP-Diffusion v1 commands; hcpdiff alpha already means scale = alpha / rank "
+                             "as in the webui, so alpha is copied unchanged and the effect stays exact")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """Parse the command line and convert."""
+    args = build_parser().parse_args(argv)
+    if args.auto_scale_alpha:
+        print("note: --auto_scale_alpha: hcpdiff alphas already use the webui's alpha / rank scale; copied unchanged.")
+    if args.from_webui:
+        from_webui(args)
+    elif args.to_webui:
+        to_webui(args)
+    else:
+        to_diffusers(args)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,169 @@
+"""lora_convert: native <-> webui round trips, kohya-named files, and diffusers consuming what we write."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hcpdiff.lora import LoraGroupSpec, attach_lora, load_lora, lora_metadata, lora_state_dict, merge_lora, save_lora
+
+UNET_LAYERS = [r"re:.*\.to_k$", r"re:.*\.to_out\.0$", r"re:.*\.proj_in$", r"re:.*ff\.net\.2$"]
+TE_LAYERS = [r"re:.*self_attn\.q_proj$", r"re:.*mlp\.fc1$"]
+
+
+def make_native_lora(model, part: str, layers: list[str], path: Path, seed: int) -> Path:
+    """Attach a rank-4 LoRA (alpha 2) to `model`, fill it with random nonzero weights, save it natively."""
+    groups = attach_lora(model, [LoraGroupSpec(lr=1e-4, layers=layers, rank=4, alpha=2.0)], part, f"lora_{part}")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+    save_lora(path, lora_state_dict(model), lora_metadata(part, "tiny", groups, 1))
+    return path
+
+
+@pytest.fixture(scope="module")
+def native_files(tmp_path_factory, tiny_model: Path) -> tuple[Path, Path]:
+    """(unet-1.safetensors, text_encoder-1.safetensors) trained-looking native LoRAs for the tiny model."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder = tmp_path_factory.mktemp("native")
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    text_encoder = CLIPTextModel.from_pretrained(tiny_model, subfolder="text_encoder")
+    return (
+        make_native_lora(unet, "unet", UNET_LAYERS, folder / "unet-1.safetensors", 1),
+        make_native_lora(text_encoder, "text_encoder", TE_LAYERS, folder / "text_encoder-1.safetensors", 2),
+    )
+
+
+def convert(cli, tmp_path: Path, *args: str):
+    """Run the converter as a user would."""
+    return cli(["-m", "hcpdiff.tools.lora_convert", *args], cwd=tmp_path)
+
+
+def test_round_trip_native_webui_native(cli, tmp_path, tiny_model, native_files):
+    unet_file, te_file = native_files
+    webui = tmp_path / "lora-1.safetensors"
+    done = convert(cli, tmp_path, "--to_webui", "--lora_path", str(unet_file), "--lora_path_TE", str(te_file),
+                   "--dump_path", str(webui), "--auto_scale_alpha")
+    assert done.returncode == 0, done.stderr
+    keys = set(load_file(webui))
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_k.lora_down.weight" in keys
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in keys
+    assert "lora_te_text_model_encoder_layers_1_mlp_fc1.alpha" in keys
+    back = convert(cli, tmp_path, "--from_webui", "--lora_path", str(webui), "--dump_path", str(tmp_path / "back"),
+                   "--model", str(tiny_model))
+    assert back.returncode == 0, back.stderr
+    for original, name in ((unet_file, "unet-lora-1"), (te_file, "text_encoder-lora-1")):
+        want, _ = load_lora(original)
+        got, metadata = load_lora(tmp_path / "back" / f"{name}.safetensors")
+        assert set(got) == set(want)
+        assert all(torch.equal(got[key], want[key]) for key in want)
+        assert metadata["part"] == name.split("-")[0]
+
+
+def test_kohya_named_file_converts_with_default_layout(cli, tmp_path):
+    stem = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_k"
+    te_stem = "lora_te_text_model_encoder_layers_11_mlp_fc2"
+    tensors = {
+        f"{stem}.lora_down.weight": torch.randn(4, 640), f"{stem}.lora_up.weight": torch.randn(640, 4),
+        f"{stem}.alpha": torch.tensor(4.0),
+        f"{te_stem}.lora_down.weight": torch.randn(8, 3072), f"{te_stem}.lora_up.weight": torch.randn(768, 8),
+    }
+    save_file(tensors, str(tmp_path / "kohya.safetensors"))
+    done = convert(cli, tmp_path, "--from_webui", "--lora_path", str(tmp_path / "kohya.safetensors"), "--dump_path", "out")
+    assert done.returncode == 0, done.stderr
+    unet_state, _ = load_lora(tmp_path / "out" / "unet-kohya.safetensors")
+    layer = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k"
+    assert torch.equal(unet_state[f"{layer}.lora_A.weight"], tensors[f"{stem}.lora_down.weight"])
+    te_state, _ = load_lora(tmp_path / "out" / "text_encoder-kohya.safetensors")
+    assert float(te_state["encoder.layers.11.mlp.fc2.alpha"]) == 8.0  # no alpha in the file means alpha = rank
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--to_webui", "--lora_path", "WEBUI"], "webui/kohya LoRA"),
+        (["--to_webui", "--lora_path", "missing.safetensors"], "does not exist"),
+        (["--from_webui", "--lora_path", "NATIVE"], "is not a webui LoRA"),
+        (["--to_webui", "--lora_path", "TE"], "text_encoder LoRA"),
+    ],
+)
+def test_wrong_input_is_one_error_line(cli, tmp_path, native_files, args, words):
+    webui = tmp_path / "w.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}, str(webui))
+    names = {"WEBUI": str(webui), "NATIVE": str(native_files[0]), "TE": str(native_files[1])}
+    args = [names.get(a, a) for a in args]
+    done = convert(cli, tmp_path, *args, "--dump_path", str(tmp_path / "o.safetensors"))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("error:") and words in lines[-1], done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def unet_output(unet) -> torch.Tensor:
+    """The U-Net's noise prediction on fixed inputs."""
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 16, 16, generator=gen)
+    text = torch.randn(1, 77, unet.config.cross_attention_dim, generator=gen)
+    with torch.no_grad():
+        return unet(latents, 10, encoder_hidden_states=text).sample
+
+
+def merged_parts(tiny_model: Path, native_files: tuple[Path, Path]):
+    """A pipeline with our merge_lora applied to U-Net and text encoder."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+    merge_lora(pipe.unet, load_lora(native_files[0])[0])
+    merge_lora(pipe.text_encoder, load_lora(native_files[1])[0])
+    return pipe
+
+
+def load_in_diffusers(tiny_model: Path, lora_file: Path, caplog):
+    """diffusers' own pipeline with `load_lora_weights(lora_file)`; returns it and the warnings logged."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+    with caplog.at_level(logging.WARNING):
+        pipe.load_lora_weights(str(lora_file))
+    return pipe, [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_diffusers_loads_webui_file_exactly(cli, tmp_path, tiny_model, native_files, caplog):
+    webui = tmp_path / "lora.safetensors"
+    assert convert(cli, tmp_path, "--to_webui", "--lora_path", str(native_files[0]), "--dump_path", str(webui)).returncode == 0
+    theirs, warnings = load_in_diffusers(tiny_model, webui, caplog)
+    assert not [w for w in warnings if "unexpected" in w.lower()], warnings
+    ours = merged_parts(tiny_model, native_files)
+    want, got = unet_output(ours.unet), unet_output(theirs.unet)
+    from diffusers import UNet2DConditionModel
+
+    base_out = unet_output(UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet"))
+    assert (want - base_out).abs().mean() > 1e-3  # the LoRA does something
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_diffusers_format_carries_text_encoder(cli, tmp_path, tiny_model, native_files, caplog):
+    out = tmp_path / "pytorch_lora_weights.safetensors"
+    done = convert(cli, tmp_path, "--to_diffusers", "--lora_path", str(native_files[0]),
+                   "--lora_path_TE", str(native_files[1]), "--dump_path", str(out))
+    assert done.returncode == 0, done.stderr
+    theirs, warnings = load_in_diffusers(tiny_model, out, caplog)
+    assert not [w for w in warnings if "unexpected" in w.lower()], warnings
+    ours = merged_parts(tiny_model, native_files)
+    assert torch.allclose(unet_output(theirs.unet), unet_output(ours.unet), atol=1e-5)
+    ids = ours.tokenizer(["a photo of a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        want, got = ours.text_encoder(ids)[0], theirs.text_encoder(ids)[0]
+    from transformers import CLIPTextModel
+
+    with torch.no_grad():
+        base = CLIPTextModel.from_pretrained(tiny_model, subfolder="text_encoder")(ids)[0]
+    assert (want - base).abs().mean() > 1e-4
+    assert torch.allclose(got, want, atol=1e-5)
