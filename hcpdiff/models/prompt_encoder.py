@@ -38,12 +38,14 @@ class PromptEncoder:
     def encode(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """Embeddings [B, 77 * repeats, D]: each chunk encoded on its own, then joined along the sequence."""
         batch_size = input_ids.shape[0]
-        chunks = input_ids.reshape(batch_size * self.repeats, self.chunk_len).to(self.text_encoder.device)
+        # The forward goes through a DDP wrapper when there is one (so gradients sync); attributes live on the model.
+        model = getattr(self.text_encoder, "module", self.text_encoder)
+        chunks = input_ids.reshape(batch_size * self.repeats, self.chunk_len).to(model.device)
         if self.clip_skip == 0:
             embeds = self.text_encoder(chunks)[0]
         else:
             hidden_states = self.text_encoder(chunks, output_hidden_states=True).hidden_states
             # transformers 5 flattened CLIPTextModel (no `.text_model`); 4.x still nests it
-            transformer = getattr(self.text_encoder, "text_model", self.text_encoder)
+            transformer = getattr(model, "text_model", model)
             embeds = transformer.final_layer_norm(hidden_states[-(self.clip_skip + 1)])
         return embeds.reshape(batch_size, self.repeats * self.chunk_len, embeds.shape[-1])

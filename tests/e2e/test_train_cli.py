@@ -132,7 +132,8 @@ def test_guide_advanced_groups_train_unet_and_text_encoder(workdir, tiny_model, 
                   f"data.dataset1.source.data_source1.img_root={data}",
                   f"data.dataset1.source.data_source1.caption_file={data / 'captions.json'}",
                   "data.dataset1.batch_size=2", "train.train_steps=3", "train.save_step=2", "unet_lr=1e-2",
-                  "lora_text_encoder.0.lr=1e-2", *FAST[1:]], cwd=workdir)
+                  "lora_text_encoder.0.lr=1e-2", "train.gradient_accumulation_steps=2",
+                  "model.gradient_checkpointing=true", *FAST[1:]], cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     exp = only_exp_dir(workdir)
     assert sorted(p.name for p in (exp / "ckpts").iterdir()) == [
@@ -146,10 +147,13 @@ def test_guide_advanced_groups_train_unet_and_text_encoder(workdir, tiny_model, 
     te = load_file(exp / "ckpts" / "text_encoder-3.safetensors")
     te_layers = {k.rsplit(".lora_", 1)[0] for k in te if ".lora_" in k}
     assert any(n.endswith("self_attn.q_proj") for n in te_layers) and any(n.endswith("mlp.fc1") for n in te_layers)
-    # Both parts trained: the up-projections (zero at start) moved in every layer.
+    # Both parts trained, with gradient checkpointing on: the up-projections (zero at start) moved in every layer.
     for state, layers in ((unet, unet_layers), (te, te_layers)):
         assert all(state[f"{n}.lora_B.weight"].abs().sum() > 0 for n in layers)
 
+    log = (exp / "train.log").read_text()
+    assert "total batch size 4 (batch 2 x accumulation 2 x processes 1)" in log
+    assert "step 3/3" in log  # optimizer steps, not micro-batches
     groups = json.loads((exp / "lora_layers.json").read_text())
     assert set(groups) == {"lora_unet", "lora_text_encoder"}
     assert len(groups["lora_unet"][0]["layers"]) == len(unet_layers)
