@@ -1,0 +1,111 @@
+"""Build the diffusers pipeline once: base parts, replaced components, LoRAs merged into the weights."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from hcpdiff.config import instantiate, read_fields
+from hcpdiff.errors import ConfigError
+from hcpdiff.infer.specs import LoraItem, MergeGroup
+from hcpdiff.lora import load_lora, merge_lora
+from hcpdiff.lora.state_io import layer_states
+from hcpdiff.models.parts import ModelParts
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PART_OF_TYPE = {"unet": "unet", "TE": "text_encoder", "text_encoder": "text_encoder"}
+
+
+def inference_scheduler(parts: ModelParts) -> Any:
+    """The sampler the model ships (scheduler_config.json's class), with its config."""
+    import diffusers
+
+    config = dict(parts.noise_scheduler.config)
+    try:
+        shipped = diffusers.DDPMScheduler.load_config(parts.name_or_path, subfolder="scheduler", local_files_only=True)
+        config, class_name = shipped, shipped.get("_class_name", "DDPMScheduler")
+    except (OSError, ValueError):
+        class_name = "DDPMScheduler"
+    return getattr(diffusers, class_name, diffusers.DDPMScheduler).from_config(config)
+
+
+def build_pipeline(parts: ModelParts, new_components: DictConfig | dict) -> Any:
+    """A StableDiffusionPipeline of the loaded parts; `new_components.<name>` nodes replace parts (scheduler, vae...)."""
+    from diffusers import StableDiffusionPipeline
+
+    components = {
+        "unet": parts.unet, "vae": parts.vae, "text_encoder": parts.text_encoder, "tokenizer": parts.tokenizer,
+        "scheduler": inference_scheduler(parts),
+    }
+    for name, node in (new_components or {}).items():
+        if name not in components:
+            raise ConfigError(f"`new_components.{name}`: unknown component; use one of {sorted(components)}.")
+        components[name] = instantiate(node, f"new_components.{name}")
+    return StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+
+
+def layer_matches(layer: str, patterns: list[str]) -> bool:
+    """True when a `re:` pattern full-matches the layer, or a plain pattern is the layer or one of its parents."""
+    for pattern in patterns:
+        if pattern.startswith("re:") and re.fullmatch(pattern[3:], layer):
+            return True
+        if not pattern.startswith("re:") and (pattern == "" or layer == pattern or layer.startswith(pattern + ".")):
+            return True
+    return False
+
+
+def select_lora_layers(state: dict[str, torch.Tensor], layers: Any, where: str) -> dict[str, torch.Tensor]:
+    """The part of a native state whose layers the `layers` setting keeps (`all` keeps everything)."""
+    if layers == "all":
+        return state
+    patterns = [layers] if isinstance(layers, str) else list(layers)
+    kept = {key: t for key, t in state.items() if layer_matches(key.rsplit(".", 2 if key.endswith("weight") else 1)[0], patterns)}
+    if not kept:
+        raise ConfigError(f"`{where}.layers`: {patterns} match no layer of the LoRA file.")
+    return kept
+
+
+def merge_groups_of(merge: Any) -> list[tuple[str, Any]]:
+    """(key path, node) of each merge group; `merge` is a mapping of named groups or a list."""
+    if merge is None:
+        return []
+    if isinstance(merge, (DictConfig, dict)):
+        return [(f"merge.{name}", node) for name, node in merge.items()]
+    if isinstance(merge, (ListConfig, list)):
+        return [(f"merge.{i}", node) for i, node in enumerate(merge)]
+    raise ConfigError("`merge`: expected a mapping of groups ({type, base_model_alpha, lora: [...]}) or null.")
+
+
+def merge_all(pipe: Any, merge: Any) -> list[str]:
+    """Merge every group's LoRAs into the pipeline's weights (alpha 0 leaves them exactly as they were); returns paths."""
+    merged_paths: list[str] = []
+    for where, node in merge_groups_of(merge):
+        group = read_fields(node, where, MergeGroup)
+        if group.type not in PART_OF_TYPE:
+            raise ConfigError(f"`{where}.type`: '{group.type}' is not one of unet, TE.")
+        model = getattr(pipe, PART_OF_TYPE[group.type])
+        items = [read_fields(item, f"{where}.lora.{i}", LoraItem) for i, item in enumerate(group.lora)]
+        states = [(item, load_lora(item.path)[0]) for item in items if item.path]
+        if group.base_model_alpha != 1.0:
+            scale_base(model, {layer for _, state in states for layer in layer_states(state)}, group.base_model_alpha)
+        for i, (item, state) in enumerate(states):
+            if item.alpha != 0:
+                merge_lora(model, select_lora_layers(state, item.layers, f"{where}.lora.{i}"), item.alpha)
+            merged_paths.append(str(item.path))
+    return merged_paths
+
+
+def scale_base(model: torch.nn.Module, layers: set[str], factor: float) -> None:
+    """Multiply the base weights of the given layers by `factor`."""
+    with torch.no_grad():
+        for layer in layers:
+            model.get_submodule(layer).weight.mul_(factor)
+
+
+def to_plain(node: Any) -> Any:
+    """A config node as plain Python values."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node

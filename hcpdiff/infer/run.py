@@ -1,0 +1,76 @@
+"""One visualizer run: config -> pipeline -> merged LoRAs -> weighted prompt embeddings -> saved images."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from hcpdiff.config import check_targets, read_fields
+from hcpdiff.errors import ConfigError
+from hcpdiff.infer.pipeline import DTYPES, build_pipeline, merge_all, to_plain
+from hcpdiff.infer.prompt_weights import chunks_needed, encode_weighted
+from hcpdiff.infer.saving import next_index, save_image
+from hcpdiff.infer.specs import InferArgs, SaveSpec, VisualizerSpec
+from hcpdiff.models import load_model_parts
+
+
+def pick_device(device: str) -> torch.device:
+    """`auto` is cuda when available, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def prompt_list(prompt: Any) -> list[str]:
+    """The config's `prompt` (a string or a list) as a list of strings."""
+    prompts = [prompt] if isinstance(prompt, str) else list(to_plain(prompt) or [])
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ConfigError("`prompt`: expected a string or a list of strings.")
+    return prompts
+
+
+def generate(cfg: DictConfig) -> list[Path]:
+    """Render `num` images per prompt (seed + i for image i) and save them; returns the image paths."""
+    check_targets(cfg)
+    spec = read_fields(cfg, "", VisualizerSpec)
+    infer_args = read_fields(spec.infer_args, "infer_args", InferArgs)
+    save = read_fields(spec.save, "save", SaveSpec)
+    if spec.dtype not in DTYPES:
+        raise ConfigError(f"`dtype`: '{spec.dtype}' is not one of {sorted(DTYPES)}.")
+    prompts = prompt_list(spec.prompt)
+    parts = load_model_parts(spec.pretrained_model, where="pretrained_model")
+    pipe = build_pipeline(parts, spec.new_components)
+    lora_paths = merge_all(pipe, spec.merge)  # once, before sampling; fp32 weights, then cast
+    pipe.to(pick_device(spec.device))
+    if spec.dtype != "fp32":
+        pipe.to(dtype=DTYPES[spec.dtype])
+    pipe.set_progress_bar_config(disable=True)
+
+    out_dir = Path(save.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if save.save_cfg:
+        OmegaConf.save(cfg, out_dir / "cfg.yaml")
+    jobs = [(prompt, spec.seed + i) for prompt in prompts for i in range(spec.num)]
+    repeats = chunks_needed(pipe.tokenizer, prompts + [spec.neg_prompt])
+    index, written = next_index(out_dir), []
+    for start in range(0, len(jobs), spec.bs):
+        batch = jobs[start : start + spec.bs]
+        batch_prompts = [prompt for prompt, _ in batch]
+        embeds = encode_weighted(pipe.tokenizer, pipe.text_encoder, batch_prompts, repeats, spec.clip_skip)
+        neg_embeds = encode_weighted(pipe.tokenizer, pipe.text_encoder, [spec.neg_prompt] * len(batch), repeats, spec.clip_skip)
+        generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in batch]
+        with torch.no_grad():
+            images = pipe(prompt_embeds=embeds, negative_prompt_embeds=neg_embeds, generator=generators,
+                          output_type="pil", **vars(infer_args)).images
+        for image, (prompt, seed) in zip(images, batch):
+            info = {
+                "prompt": prompt, "negative_prompt": spec.neg_prompt, "seed": seed,
+                "steps": infer_args.num_inference_steps, "guidance_scale": infer_args.guidance_scale,
+                "width": infer_args.width, "height": infer_args.height, "sampler": type(pipe.scheduler).__name__,
+                "model": spec.pretrained_model, "lora": lora_paths, "clip_skip": spec.clip_skip,
+            }
+            written.append(save_image(image, out_dir, index, info, save.image_type, save.quality))
+            index += 1
+    return written

@@ -1,0 +1,47 @@
+"""Write images with their settings in the file (a1111 `parameters` text and a JSON chunk), and cfg.yaml."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from hcpdiff.errors import ConfigError
+
+IMAGE_TYPES = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
+
+
+def a1111_parameters(info: dict[str, Any]) -> str:
+    """The settings as the webui writes them: prompt, `Negative prompt:` line, then `Key: value, ...`."""
+    fields = {
+        "Steps": info["steps"], "Sampler": info["sampler"], "CFG scale": info["guidance_scale"],
+        "Seed": info["seed"], "Size": f"{info['width']}x{info['height']}", "Model": info["model"],
+    }
+    if info["lora"]:
+        fields["Lora"] = " ".join(info["lora"])
+    tail = ", ".join(f"{key}: {value}" for key, value in fields.items())
+    return f"{info['prompt']}\nNegative prompt: {info['negative_prompt']}\n{tail}"
+
+
+def save_image(image: Image.Image, out_dir: Path, index: int, info: dict[str, Any], image_type: str, quality: int) -> Path:
+    """Save `<index>-<seed>.<type>`; PNGs carry `parameters` and `hcpdiff` (JSON) text chunks."""
+    if image_type.lower() not in IMAGE_TYPES:
+        raise ConfigError(f"`save.image_type`: '{image_type}' is not one of {sorted(IMAGE_TYPES)}.")
+    path = out_dir / f"{index:04d}-{info['seed']}.{image_type.lower()}"
+    file_format = IMAGE_TYPES[image_type.lower()]
+    if file_format == "PNG":
+        pnginfo = PngInfo()
+        pnginfo.add_text("parameters", a1111_parameters(info))
+        pnginfo.add_text("hcpdiff", json.dumps(info))
+        image.save(path, format=file_format, pnginfo=pnginfo)
+    else:
+        image.convert("RGB").save(path, format=file_format, quality=quality)
+    return path
+
+
+def next_index(out_dir: Path) -> int:
+    """The first image number not used in `out_dir`, so a second run adds images instead of overwriting."""
+    numbers = [int(p.name.split("-", 1)[0]) for p in out_dir.glob("*-*.*") if p.name.split("-", 1)[0].isdigit()]
+    return max(numbers, default=-1) + 1

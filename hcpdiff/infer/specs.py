@@ -1,0 +1,66 @@
+"""The visualizer config's fields, read by name so a typo is an error, not a silent default."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class InferArgs:
+    """Sampling settings passed to the diffusers pipeline."""
+
+    width: int = 512
+    height: int = 512
+    guidance_scale: float = 7.5
+    num_inference_steps: int = 30
+
+
+@dataclass
+class SaveSpec:
+    """Where and how images are written."""
+
+    out_dir: str = "output/"
+    save_cfg: bool = True  # write cfg.yaml beside the images
+    image_type: str = "png"  # png | jpg | webp
+    quality: int = 95  # jpg / webp quality
+
+
+@dataclass
+class LoraItem:
+    """One LoRA file in a merge group; `layers: all` or a list of patterns (`re:...` or exact layer names)."""
+
+    path: str | None
+    alpha: float = 1.0
+    layers: Any = "all"
+
+
+@dataclass
+class MergeGroup:
+    """LoRAs merged into one model part; the base weights of their layers are scaled by base_model_alpha first."""
+
+    type: str  # unet | TE
+    lora: list = field(default_factory=list)
+    base_model_alpha: float = 1.0
+
+
+@dataclass
+class VisualizerSpec:
+    """Top-level keys of cfgs/infer/*.yaml."""
+
+    pretrained_model: str
+    prompt: Any  # str or list of str
+    neg_prompt: str = ""
+    seed: int = 42
+    num: int = 1  # images per prompt
+    bs: int = 1  # images per pipeline call
+    dtype: str = "fp32"  # fp32 | fp16 | bf16
+    device: str = "auto"  # auto: cuda when available, else cpu
+    clip_skip: int = 0
+    infer_args: dict = field(default_factory=dict)
+    new_components: dict = field(default_factory=dict)
+    merge: Any = None
+    save: dict = field(default_factory=dict)
+    lora_path: str | None = None  # shortcuts that t2i_lora.yaml feeds into `merge`
+    lora_alpha: float = 1.0
+    lora_path_TE: str | None = None
+    lora_alpha_TE: float = 1.0
