@@ -116,3 +116,19 @@ def test_bad_key_is_one_error_line(cli, workdir, tiny_model, override, words):
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], done.stderr
+
+
+@pytest.mark.parametrize("cfg", sorted(p.name for p in (Path(__file__).parents[2] / "cfgs" / "infer").glob("*.yaml")))
+def test_every_shipped_infer_config_loads(workdir, cfg):
+    from hcpdiff.config import check_targets
+
+    check_targets(load_config(f"cfgs/infer/{cfg}"))
+
+
+def test_multi_lora_layers_filter(workdir, tiny_model, unet_lora):
+    model = f"pretrained_model={tiny_model}"
+    base = render(workdir, "cfgs/infer/text2img.yaml", model)[0]
+    only_attn2 = render(workdir, "cfgs/infer/t2i_multi_lora.yaml", model, f"merge.group_unet.lora.1.path={unet_lora}")[0]
+    whole = render(workdir, "cfgs/infer/t2i_multi_lora.yaml", model, f"merge.group_unet.lora.0.path={unet_lora}",
+                   "merge.group_unet.lora.0.alpha=0.5")[0]
+    assert not np.array_equal(base, only_attn2) and not np.array_equal(only_attn2, whole)
