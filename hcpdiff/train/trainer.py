@@ -123,7 +123,10 @@ class Trainer:
         if mixed_precision == "fp16" and not torch.cuda.is_available():
             logger.warning("mixed_precision 'fp16' needs a GPU; training in fp32 on the CPU")
             mixed_precision = "no"
+        # accelerate treats torchrun's processes as one distributed (gloo) run on a CPU only when told cpu=True.
+        no_gpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
         self.accelerator = Accelerator(
+            cpu=no_gpu,
             mixed_precision=mixed_precision,
             gradient_accumulation_steps=self.train_spec.gradient_accumulation_steps,
         )

@@ -243,3 +243,30 @@ def test_missing_captions_warn_once_and_train(workdir, tiny_model, cli):
     assert result.returncode == 0, result.stderr[-3000:]
     warnings = [line for line in result.stderr.splitlines() if "no caption" in line]
     assert len(warnings) == 1 and "2 of 4" in warnings[0] and "1.png" in warnings[0]
+
+
+def test_two_processes_write_one_experiment_folder(workdir, tiny_model, cli):
+    """hcpdiff.train_ac under torchrun with two CPU processes (gloo): one folder, one set of checkpoints."""
+    data = make_demo_data(workdir / "data", num=4)
+    result = cli(["torchrun", "--nproc_per_node", "2", "--master_port", "29517", "-m", "hcpdiff.train_ac",
+                  "--cfg", "cfgs/train/examples/demo_tiny.yaml", f"model.pretrained_model_name_or_path={tiny_model}",
+                  f"data.dataset1.source.data_source1.img_root={data}",
+                  f"data.dataset1.source.data_source1.caption_file={data}", "train.train_steps=2",
+                  "data.dataset1.batch_size=1", 'data.dataset1.bucket.target_area=${hcp.eval:"64*64"}'], cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    exp = only_exp_dir(workdir)
+    assert sorted(p.name for p in (exp / "ckpts").iterdir()) == ["unet-2.safetensors"]
+    assert "total batch size 2 (batch 1 x accumulation 1 x processes 2)" in (exp / "train.log").read_text()
+
+
+def test_single_entry_refuses_several_processes(workdir, tiny_model, cli):
+    data = make_demo_data(workdir / "data", num=2)
+    result = cli(["torchrun", "--nproc_per_node", "2", "--master_port", "29518", "-m", "hcpdiff.train_ac_single",
+                  "--cfg", "cfgs/train/examples/demo_tiny.yaml", f"model.pretrained_model_name_or_path={tiny_model}",
+                  f"data.dataset1.source.data_source1.img_root={data}",
+                  f"data.dataset1.source.data_source1.caption_file={data}"], cwd=workdir)
+    assert result.returncode != 0
+    assert "error: hcpdiff.train_ac_single runs one process; launch hcpdiff.train_ac" in result.stderr
+    # torchrun reports the failed children with its own traceback; none comes from our code
+    assert not [line for line in result.stderr.splitlines() if line.strip().startswith("File") and "hcpdiff" in line]
+    assert not (workdir / "exps").exists()
