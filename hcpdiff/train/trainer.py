@@ -21,7 +21,7 @@ from hcpdiff.config import check_targets, instantiate, read_fields
 from hcpdiff.data import build_dataset
 from hcpdiff.errors import ConfigError
 from hcpdiff.lora import LoraGroupSpec, attach_lora, lora_state_dict, save_lora
-from hcpdiff.models import PromptEncoder, enable_gradient_checkpointing, load_model_parts
+from hcpdiff.models import PromptEncoder, SDConditioner, cast_floats, enable_gradient_checkpointing, load_model_parts
 from hcpdiff.train.exp_dir import claim_exp_dir
 from hcpdiff.train.logs import setup_run_logging
 from hcpdiff.train.loss import diffusion_loss, diffusion_target
@@ -162,10 +162,10 @@ class Trainer:
         self.parts = load_model_parts(spec.pretrained_model_name_or_path, revision=spec.revision)
         for module in (self.parts.unet, self.parts.vae, self.parts.text_encoder):
             module.requires_grad_(False)
-        self.prompt_encoder = PromptEncoder(
+        self.conditioner = SDConditioner(PromptEncoder(
             self.parts.tokenizer, self.parts.text_encoder,
             tokenizer_repeats=spec.tokenizer_repeats, clip_skip=spec.clip_skip,
-        )
+        ))
 
     def _setup_lora(self) -> None:
         self.groups = []
@@ -239,7 +239,7 @@ class Trainer:
         self.optimizer = prepared[-1]
         self.unet_model = getattr(self, "unet_model", self.parts.unet)
         if "text_encoder" in self.trained_parts:
-            self.prompt_encoder.text_encoder = self.text_encoder_model
+            self.conditioner.set_text_encoder(self.text_encoder_model)
 
     def _log_start(self) -> None:
         logger.info("experiment folder: %s", self.exp_dir)
@@ -294,22 +294,29 @@ class Trainer:
     def compute_loss(self, batch: dict, loss_weight: float) -> torch.Tensor:
         """Noise one batch's latents at random timesteps and score the U-Net's prediction of the target."""
         device, parts = self.accelerator.device, self.parts
-        pixel_values = batch["pixel_values"].to(device, dtype=parts.vae.dtype)  # [B, 3, H, W]
-        with torch.no_grad():
-            latents = parts.vae.encode(pixel_values).latent_dist.sample()
-            latents = latents * parts.vae.config.scaling_factor  # [B, 4, H/f, W/f]
+        if "latents" in batch:  # from a latent cache
+            latents = batch["latents"].to(device, dtype=torch.float32)
+        else:
+            latents = self.encode_latents(batch["pixel_values"])
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, parts.noise_scheduler.config.num_train_timesteps,
                                   (latents.shape[0],), device=device)
         noisy_latents = parts.noise_scheduler.add_noise(latents, noise, timesteps)
-        input_ids = self.prompt_encoder.tokenize(batch["prompts"]).to(device)
         with self.accelerator.autocast():
             with torch.set_grad_enabled("text_encoder" in self.trained_parts):
-                prompt_embeds = self.prompt_encoder.encode(input_ids)  # [B, 77 * repeats, D]
+                conditioning = self.conditioner(batch["prompts"], batch, device)
             model_pred = self.unet_model(noisy_latents.to(self.weight_dtype), timesteps,
-                                         prompt_embeds.to(self.weight_dtype)).sample
+                                         **cast_floats(conditioning, self.weight_dtype)).sample
         target = diffusion_target(parts.noise_scheduler, latents, noise, timesteps)
         return diffusion_loss(model_pred, target) * loss_weight
+
+    @torch.no_grad()
+    def encode_latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> scaled VAE latents [B, 4, H/f, W/f] (fp32), sampled from the posterior."""
+        vae = self.parts.vae
+        pixel_values = pixel_values.to(self.accelerator.device, dtype=vae.dtype)
+        latents = vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
+        return latents.float()
 
     def trained_params(self) -> list[torch.nn.Parameter]:
         """Every parameter the optimizer updates."""

@@ -1,0 +1,35 @@
+"""What the U-Net is conditioned on, per model family: prompts (and batch extras) -> U-Net keyword arguments."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hcpdiff.models.prompt_encoder import PromptEncoder
+
+
+class SDConditioner:
+    """SD1.x / 2.x: the text encoder's hidden states are the U-Net's `encoder_hidden_states`."""
+
+    def __init__(self, prompt_encoder: PromptEncoder):
+        self.prompt_encoder = prompt_encoder
+
+    def __call__(self, prompts: list[str], batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        """U-Net kwargs for one batch: {"encoder_hidden_states": [B, 77 * repeats, D]}."""
+        input_ids = self.prompt_encoder.tokenize(prompts).to(device)
+        return {"encoder_hidden_states": self.prompt_encoder.encode(input_ids)}
+
+    def set_text_encoder(self, text_encoder: torch.nn.Module, index: int = 0) -> None:
+        """Use a wrapped (DDP) text encoder for the forward pass, so its LoRA gradients synchronise."""
+        self.prompt_encoder.text_encoder = text_encoder
+
+
+def cast_floats(value: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors (also inside dicts, lists and tuples) cast to `dtype`; everything else unchanged."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {key: cast_floats(item, dtype) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(cast_floats(item, dtype) for item in value)
+    return value
