@@ -52,11 +52,16 @@ class DataStream:
 
 
 def collate_batch(samples: list[dict]) -> dict:
-    """Stack one bucket's images ([B, 3, H, W]) and keep the prompts as a list of strings."""
-    return {
-        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
-        "prompts": [s["prompt"] for s in samples],
-    }
+    """Stack tensor fields of one bucket's samples (pixel_values [B, 3, H, W], latents, ...); list the rest.
+
+    The per-sample `prompt` strings become the batch's `prompts` list.
+    """
+    batch = {}
+    for key in samples[0]:
+        values = [sample[key] for sample in samples]
+        name = "prompts" if key == "prompt" else key
+        batch[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return batch
 
 
 class Trainer:
