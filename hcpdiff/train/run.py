@@ -40,11 +40,24 @@ def run_training(cfg, *, single_process: bool) -> str:
     return str(trainer.exp_dir)
 
 
+def interrupted_exit(err) -> int:
+    """Tell the user how to continue an interrupted run; returns the exit status."""
+    logging.getLogger("hcpdiff.train").warning(
+        "stopped by %s at step %d; checkpoint and state saved. Continue with: train.resume=%s",
+        err.args[0].split()[0], err.step, err.exp_dir)
+    return err.exit_code
+
+
 def main(argv: list[str], *, prog: str, single_process: bool) -> int:
     """Parse `--cfg FILE [overrides]`, load the config and train."""
     args = cfg_parser(prog, "Train LoRA adapters for a text-to-image diffusion model.").parse_args(argv)
     quiet_libraries()
     setup_console_logging()
     cfg = load_config(args.cfg, args.overrides)
-    run_training(cfg, single_process=single_process)
+    from hcpdiff.train.signals import TrainingInterrupted
+
+    try:
+        run_training(cfg, single_process=single_process)
+    except TrainingInterrupted as err:
+        return interrupted_exit(err)
     return 0
