@@ -19,6 +19,14 @@ def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny_model", seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """A random-weight SDXL pipeline (two text encoders, text_time conditioning), built offline once per session."""
+    from hcpdiff.tools.tiny_sdxl import make_tiny_sdxl
+
+    return make_tiny_sdxl(tmp_path_factory.mktemp("tiny_xl") / "tiny_sdxl", seed=0)
+
+
 @pytest.fixture
 def workdir(tmp_path: Path, monkeypatch) -> Path:
     """A working directory where `cfgs/` resolves as in the repository (the guide runs from the repo root)."""
