@@ -13,6 +13,7 @@ from hcpdiff.models.hub import cached_snapshot, hub_reachable, offline_mode
 from hcpdiff.models.parts import ModelParts
 
 PART_FOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_PART_FOLDERS = ("text_encoder_2", "tokenizer_2")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+|[A-Za-z0-9][\w.\-]*")
 
@@ -39,8 +40,15 @@ def check_model_folder(folder: Path, where: str, shown: str) -> None:
     index_file = folder / "model_index.json"
     if index_file.is_file():
         index = json.loads(index_file.read_text(encoding="utf-8"))
-        if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
-            raise ModelError(f"{where}: '{shown}' is an SDXL model; only Stable Diffusion 1.x/2.x is supported.")
+        if "XL" in str(index.get("_class_name", "")):
+            missing = [part for part in SDXL_PART_FOLDERS if not (folder / part).is_dir()]
+            if missing:
+                raise ModelError(f"{where}: the SDXL model folder '{shown}' has no {', '.join(p + '/' for p in missing)}")
+
+
+def model_family(unet_config: dict[str, Any]) -> str:
+    """"sdxl" when the U-Net takes SDXL's pooled-text + size/crop conditioning (text_time), else "sd" (1.x / 2.x)."""
+    return "sdxl" if unet_config.get("addition_embed_type") == "text_time" else "sd"
 
 
 @contextmanager
@@ -69,9 +77,13 @@ def training_scheduler(scheduler_config: dict[str, Any]) -> Any:
 def load_parts(source: str, *, revision: str | None, local_files_only: bool, where: str, shown: str) -> dict[str, Any]:
     """Load every part with its library's from_pretrained; a failure names the part and the model."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     common = {"revision": revision, "local_files_only": local_files_only}
+    try:
+        family = model_family(UNet2DConditionModel.load_config(source, subfolder="unet", **common))
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{where}: cannot load the unet of '{shown}': {err}") from err
     loaders = {
         "unet": lambda: UNet2DConditionModel.from_pretrained(source, subfolder="unet", **common),
         "vae": lambda: AutoencoderKL.from_pretrained(source, subfolder="vae", **common),
@@ -81,7 +93,11 @@ def load_parts(source: str, *, revision: str | None, local_files_only: bool, whe
             DDPMScheduler.load_config(source, subfolder="scheduler", **common)
         ),
     }
-    parts: dict[str, Any] = {}
+    if family == "sdxl":  # encoder 2 (OpenCLIP bigG) adds the pooled, projected text SDXL is conditioned on
+        loaders["text_encoder_2"] = lambda: CLIPTextModelWithProjection.from_pretrained(
+            source, subfolder="text_encoder_2", **common)
+        loaders["tokenizer_2"] = lambda: CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **common)
+    parts: dict[str, Any] = {"family": family}
     for part, load in loaders.items():
         try:
             with transformers_progress_off():
@@ -92,23 +108,69 @@ def load_parts(source: str, *, revision: str | None, local_files_only: bool, whe
 
 
 def load_model_parts(
-    name_or_path: str, *, revision: str | None = None, where: str = "model.pretrained_model_name_or_path"
+    name_or_path: str, *, revision: str | None = None, where: str = "model.pretrained_model_name_or_path",
+    single_file_config: str | None = None,
 ) -> ModelParts:
-    """Load a Stable Diffusion 1.x/2.x model (fp32) from a local diffusers folder or a hub id; `where` names the key."""
+    """Load a Stable Diffusion 1.x/2.x model (fp32) from a local diffusers folder, a hub id or one checkpoint file.
+
+    `single_file_config` is the diffusers folder (or cached hub id) whose configs describe a single checkpoint file.
+    """
     local = Path(os.path.expanduser(name_or_path))
     if local.is_dir():
         check_model_folder(local, where, name_or_path)
         parts = load_parts(str(local), revision=None, local_files_only=True, where=where, shown=name_or_path)
     elif local.is_file():
-        raise ModelError(
-            f"{where}: '{name_or_path}' is a single checkpoint file; give a diffusers folder instead "
-            "(diffusers' scripts/convert_original_stable_diffusion_to_diffusers.py converts one)."
-        )
+        parts = load_single_file_parts(local, single_file_config, where=where, shown=name_or_path)
     elif looks_like_path(name_or_path):
         raise ModelError(f"{where}: '{name_or_path}' was not found (expected a diffusers model folder or a hub id).")
     else:
         parts = load_hub_parts(name_or_path, revision=revision, where=where)
-    return ModelParts(family="sd", name_or_path=name_or_path, **parts)
+    return ModelParts(**{"family": "sd", **parts}, name_or_path=name_or_path)
+
+
+def single_file_config_folder(single_file_config: str | None, where: str, shown: str) -> str | None:
+    """The local folder giving a single file's configs; None lets diffusers fetch them (only when the hub is reachable)."""
+    config_key = where.rsplit(".", 1)[0] + ".single_file_config" if "." in where else "single_file_config"
+    if single_file_config is None:
+        if offline_mode() or not hub_reachable():
+            raise ModelError(
+                f"{where}: '{shown}' is a single checkpoint file, whose part configs come from a diffusers model of the "
+                f"same family; set {config_key} to a local diffusers folder (e.g. the base model it was trained "
+                "from), since the hub cannot be reached from this machine to fetch them."
+            )
+        return None
+    folder = Path(os.path.expanduser(single_file_config))
+    if not folder.is_dir():
+        snapshot = None if looks_like_path(single_file_config) else cached_snapshot(single_file_config, None)
+        if snapshot is None:
+            raise ModelError(
+                f"{config_key}: '{single_file_config}' is not a local diffusers folder nor a hub id in the local cache."
+            )
+        folder = snapshot
+    check_model_folder(folder, config_key, single_file_config)
+    return str(folder)
+
+
+def load_single_file_parts(path: Path, single_file_config: str | None, *, where: str, shown: str) -> dict[str, Any]:
+    """Load an original-layout (CompVis / a1111) checkpoint with diffusers' from_single_file, configs from a folder."""
+    from diffusers import StableDiffusionPipeline
+
+    config = single_file_config_folder(single_file_config, where, shown)
+    options = {"config": config, "local_files_only": True} if config else {}
+    try:
+        with transformers_progress_off():
+            pipe = StableDiffusionPipeline.from_single_file(
+                str(path), safety_checker=None, requires_safety_checker=False, **options
+            )
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as err:
+        raise ModelError(f"{where}: cannot load the single checkpoint file '{shown}': {err}") from err
+    return {
+        "unet": pipe.unet,
+        "vae": pipe.vae,
+        "text_encoder": pipe.text_encoder,
+        "tokenizer": pipe.tokenizer,
+        "noise_scheduler": training_scheduler(dict(pipe.scheduler.config)),
+    }
 
 
 def load_hub_parts(repo_id: str, *, revision: str | None, where: str) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 BOS_TOKEN = "<|startoftext|>"
@@ -39,8 +39,8 @@ def build_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=byte_level_vocab(), merges=[], model_max_length=77)
 
 
-def build_text_encoder(vocab_size: int, bos_id: int, eos_id: int) -> CLIPTextModel:
-    """A 2-layer, 32-wide CLIP text encoder."""
+def build_text_encoder(vocab_size: int, bos_id: int, eos_id: int, hidden_act: str = "quick_gelu") -> CLIPTextModel:
+    """A 2-layer, 32-wide CLIP text encoder (`quick_gelu` as OpenAI CLIP-L in SD1.x, `gelu` as OpenCLIP-H in SD2.x)."""
     config = CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=TEXT_WIDTH,
@@ -48,7 +48,7 @@ def build_text_encoder(vocab_size: int, bos_id: int, eos_id: int) -> CLIPTextMod
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=77,
-        hidden_act="quick_gelu",
+        hidden_act=hidden_act,
         projection_dim=TEXT_WIDTH,
         bos_token_id=bos_id,
         eos_token_id=eos_id,
@@ -69,6 +69,23 @@ def build_unet() -> UNet2DConditionModel:
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=TEXT_WIDTH,
         attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def build_sd2_unet() -> UNet2DConditionModel:
+    """The SD1.x tiny U-Net with SD2.x's differences: linear in/out projections and per-level head widths."""
+    return UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_WIDTH,
+        attention_head_dim=(4, 8),  # SD2.x lists one per level ([5, 10, 20, 20]); SD1.x gives one number
+        use_linear_projection=True,
         norm_num_groups=32,
     )
 
@@ -103,24 +120,46 @@ def build_scheduler() -> PNDMScheduler:
     )
 
 
+def build_sd2_scheduler() -> DDIMScheduler:
+    """The scheduler SD2.x 768-v ships with: DDIM, the same betas, v-prediction."""
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction",
+    )
+
+
 def write_slow_tokenizer_files(tokenizer: CLIPTokenizer, folder: Path) -> None:
     """Write vocab.json and merges.txt beside tokenizer.json, for readers that expect the slow-tokenizer files."""
     (folder / "vocab.json").write_text(json.dumps(tokenizer.get_vocab(), ensure_ascii=False), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
 
 
-def make_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
-    """Build the tiny pipeline with weights drawn from `seed` and save it to `out_dir`; returns the folder."""
+def make_tiny_model(out_dir: str | Path, seed: int = 0, family: str = "sd") -> Path:
+    """Build the tiny pipeline (`family` "sd": SD1.x, "sd2": SD2.x v-prediction) from `seed` into `out_dir`."""
+    if family == "sdxl":
+        from hcpdiff.tools.tiny_sdxl import make_tiny_sdxl
+
+        return make_tiny_sdxl(out_dir, seed=seed)
+    if family not in ("sd", "sd2"):
+        raise ValueError(f"family must be 'sd', 'sd2' or 'sdxl', got {family!r}")
+    sd2 = family == "sd2"
     out_path = Path(out_dir)
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
-    text_encoder = build_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    text_encoder = build_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
+                                      hidden_act="gelu" if sd2 else "quick_gelu")
     pipeline = StableDiffusionPipeline(
         vae=build_vae(),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        unet=build_unet(),
-        scheduler=build_scheduler(),
+        unet=build_sd2_unet() if sd2 else build_unet(),
+        scheduler=build_sd2_scheduler() if sd2 else build_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -135,9 +174,12 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m hcpdiff.tools.make_tiny_model", description=__doc__)
     parser.add_argument("out_dir", help="folder to write the pipeline into")
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights")
+    parser.add_argument("--family", choices=("sd", "sd2", "sdxl"), default="sd",
+                        help="sd: SD1.x (epsilon); sd2: SD2.x layout with a v-prediction scheduler; "
+                             "sdxl: two text encoders and text_time conditioning")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     args = parser.parse_args(argv)
-    print(make_tiny_model(args.out_dir, seed=args.seed))
+    print(make_tiny_model(args.out_dir, seed=args.seed, family=args.family))
     return 0
 
 

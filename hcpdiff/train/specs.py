@@ -36,6 +36,7 @@ class ModelSpec:
 
     pretrained_model_name_or_path: str | None = None  # diffusers folder or hub id
     revision: str | None = None  # hub revision (branch, tag or commit)
+    single_file_config: str | None = None  # diffusers folder giving the part configs of a single .safetensors/.ckpt
     tokenizer_repeats: int = 1  # prompt length in 75-token chunks, encoded separately and concatenated
     clip_skip: int = 0  # 0: last text-encoder layer; 1: penultimate (a1111's "clip skip 2"); ...
     gradient_checkpointing: bool = False  # trade compute for memory in the U-Net (and trained text encoder)

@@ -164,7 +164,8 @@ class Trainer:
 
     def _setup_models(self) -> None:
         spec = self.model_spec
-        self.parts = load_model_parts(spec.pretrained_model_name_or_path, revision=spec.revision)
+        self.parts = load_model_parts(spec.pretrained_model_name_or_path, revision=spec.revision,
+                                      single_file_config=spec.single_file_config)
         for module in (self.parts.unet, self.parts.vae, self.parts.text_encoder):
             module.requires_grad_(False)
         self.conditioner = SDConditioner(PromptEncoder(

@@ -76,3 +76,21 @@ def test_pipeline_renders_an_image(tiny_dir: Path) -> None:
     pipeline.set_progress_bar_config(disable=True)
     images = pipeline("a photo of a cat", num_inference_steps=2, height=64, width=64, output_type="np").images
     assert images.shape == (1, 64, 64, 3)
+
+
+def test_sd2_family_has_the_sd2_layout(tmp_path: Path) -> None:
+    """--family sd2: v-prediction DDIM scheduler, linear projections, per-level head widths, gelu CLIP."""
+    import json
+
+    out = tmp_path / "sd2"
+    result = subprocess.run(
+        [sys.executable, "-m", "hcpdiff.tools.make_tiny_model", str(out), "--family", "sd2"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    scheduler = json.loads((out / "scheduler/scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "DDIMScheduler" and scheduler["prediction_type"] == "v_prediction"
+    unet = json.loads((out / "unet/config.json").read_text())
+    assert unet["use_linear_projection"] is True and unet["attention_head_dim"] == [4, 8]
+    text = json.loads((out / "text_encoder/config.json").read_text())
+    assert text["hidden_act"] == "gelu"
