@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import re
 from typing import Any, Mapping
@@ -16,6 +17,10 @@ from hcpdiff.config.keypaths import did_you_mean, iter_children, join_key
 from hcpdiff.errors import ConfigError, HcpError
 
 TARGET_KEY = "_target_"
+
+# Optional packages that configs commonly name (8-bit AdamW, Prodigy, Lion, ...): top-level module -> pip package.
+OPTIONAL_PACKAGES = {"bitsandbytes": "bitsandbytes", "prodigyopt": "prodigyopt", "lion_pytorch": "lion-pytorch",
+                     "dadaptation": "dadaptation", "schedulefree": "schedulefree", "came_pytorch": "came-pytorch"}
 
 
 def _is_special_key(key: Any) -> bool:
@@ -94,7 +99,12 @@ def _check_node(node: dict, key_path: str, problems: list[str]) -> None:
     try:
         target_obj = _locate(target)
     except Exception:  # _locate raises ImportError, but a module's own import may raise anything
-        problems.append(f"`{target_key}`: cannot import '{target}' ({_why_unimportable(target)})")
+        package = OPTIONAL_PACKAGES.get(target.split(".")[0])
+        if package is not None and importlib.util.find_spec(target.split(".")[0]) is None:
+            problems.append(f"`{target_key}`: '{target}' needs the {package} package, which is not installed; "
+                            f"run `pip install {package}`")
+        else:
+            problems.append(f"`{target_key}`: cannot import '{target}' ({_why_unimportable(target)})")
         return
     try:
         signature = inspect.signature(target_obj)

@@ -1,22 +1,97 @@
-"""The denoising loss: the U-Net predicts the scheduler's target for noised latents."""
+"""The denoising loss: the U-Net predicts the scheduler's target for noised latents.
+
+Pure functions of tensors and plain values; `train.loss` (LossSpec) chooses among them. With the defaults every
+function draws the same random numbers and returns the same values as a plain diffusers training loop.
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from hcpdiff.errors import ConfigError
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def sample_noise(latents: torch.Tensor, noise_offset: float = 0.0) -> torch.Tensor:
+    """Gaussian noise like `latents` [B, C, H, W]; with an offset, plus `offset * randn(B, C, 1, 1)` per channel.
+
+    The offset teaches the model to shift whole images' brightness (very dark or light pictures). With offset 0 no
+    extra random numbers are drawn, so a run is bit-identical to one without the option.
+    """
+    noise = torch.randn_like(latents)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn(
+            latents.shape[0], latents.shape[1], 1, 1, device=latents.device, dtype=latents.dtype)
+    return noise
+
+
+def sample_timesteps(batch_size: int, timestep_min: int, timestep_max: int, device: torch.device | str) -> torch.Tensor:
+    """Timesteps [B] drawn uniformly from [timestep_min, timestep_max) (the upper bound excluded, as in randint)."""
+    return torch.randint(timestep_min, timestep_max, (batch_size,), device=device)
+
+
+def check_timestep_range(timestep_min: int, timestep_max: int | None, num_train_timesteps: int) -> tuple[int, int]:
+    """The (min, max) range to draw from; `timestep_max` None means the scheduler's num_train_timesteps."""
+    top = num_train_timesteps if timestep_max is None else timestep_max
+    if not 0 <= timestep_min < top <= num_train_timesteps:
+        raise ConfigError(f"train.loss.timestep_min / timestep_max: need 0 <= timestep_min < timestep_max <= "
+                          f"{num_train_timesteps} (the model's num_train_timesteps), got {timestep_min} and {top}")
+    return timestep_min, top
+
+
+def check_prediction_type(prediction_type: str | None, scheduler_prediction_type: str) -> str:
+    """The prediction type to train: the config's, or the scheduler config's when the config says null."""
+    chosen = scheduler_prediction_type if prediction_type is None else prediction_type
+    if chosen not in PREDICTION_TYPES:
+        where = "train.loss.prediction_type" if prediction_type is not None else "the model's scheduler config"
+        raise ConfigError(f"{where}: unsupported prediction_type {chosen!r}; use one of {', '.join(PREDICTION_TYPES)}")
+    return chosen
+
 
 def diffusion_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,
-                     timesteps: torch.Tensor) -> torch.Tensor:
-    """What the U-Net should output: the noise (epsilon) or the velocity (v-prediction)."""
-    prediction_type = scheduler.config.prediction_type
+                     timesteps: torch.Tensor, prediction_type: str | None = None) -> torch.Tensor:
+    """What the U-Net should output: the noise (epsilon), the velocity (v_prediction) or the clean latents (sample).
+
+    `prediction_type` None reads it from the scheduler's config.
+    """
+    prediction_type = prediction_type or scheduler.config.prediction_type
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "v_prediction":
         return scheduler.get_velocity(latents, noise, timesteps)
+    if prediction_type == "sample":
+        return latents
     raise ValueError(f"unsupported prediction_type {prediction_type!r} in the model's scheduler config")
 
 
-def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error in fp32, so low-precision outputs do not lose the small differences."""
-    return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+def snr_of(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio [B] of each timestep: alpha_bar / (1 - alpha_bar)."""
+    alphas_cumprod = scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
+    return alphas_cumprod / (1.0 - alphas_cumprod)
+
+
+def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights [B] (Hang et al. 2023), for the MSE against each prediction type's target.
+
+    The paper's weight min(SNR, gamma) is for the clean-sample loss; the epsilon loss is SNR times smaller and the
+    velocity loss (SNR + 1) times smaller, so their weights are divided by that.
+    """
+    clipped = torch.clamp(snr, max=gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1.0)
+    return clipped
+
+
+def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error in fp32, so low-precision outputs do not lose the small differences.
+
+    `weights` [B] scale each sample's mean error before the batch mean; None is the plain mean.
+    """
+    if weights is None:
+        return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, target.ndim)))
+    return (per_sample * weights.float()).mean()

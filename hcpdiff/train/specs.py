@@ -28,6 +28,8 @@ class TrainSpec:
     scale_lr: bool = False  # multiply every group's lr by the total batch size
     optimizer: Any = None  # a `_target_` + `_partial_: true` node; receives the param groups
     scheduler: Any = None  # see SchedulerSpec
+    loss: Any = None  # see LossSpec
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])  # trackers: tensorboard (always), wandb
 
 
 @dataclass
@@ -40,3 +42,22 @@ class ModelSpec:
     tokenizer_repeats: int = 1  # prompt length in 75-token chunks, encoded separately and concatenated
     clip_skip: int = 0  # 0: last text-encoder layer; 1: penultimate (a1111's "clip skip 2"); ...
     gradient_checkpointing: bool = False  # trade compute for memory in the U-Net (and trained text encoder)
+    ema: Any = None  # null, or {decay: 0.999}: see EmaSpec
+
+
+@dataclass
+class LossSpec:
+    """`train.loss`: how latents are noised and how the U-Net's error is weighted. The defaults change nothing."""
+
+    noise_offset: float = 0.0  # add offset * randn(B, C, 1, 1) to the noise (0.05-0.1 helps very dark / light images)
+    min_snr_gamma: float | None = None  # min-SNR-gamma loss weighting (5 is the paper's value); null: plain mean
+    prediction_type: str | None = None  # epsilon | v_prediction | sample; null: the model's scheduler config
+    timestep_min: int = 0  # timesteps are drawn from [timestep_min, timestep_max)
+    timestep_max: int | None = None  # null: the scheduler's num_train_timesteps (1000 for SD)
+
+
+@dataclass
+class EmaSpec:
+    """`model.ema`: an exponential moving average of the trained weights, saved as `<part>-ema-<step>.safetensors`."""
+
+    decay: float = 0.999  # shadow = decay * shadow + (1 - decay) * weights, after every optimizer step

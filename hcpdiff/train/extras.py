@@ -1,0 +1,101 @@
+"""Optional training features read from the config: loss options, EMA, previews and extra trackers."""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+from hcpdiff.config import read_fields
+from hcpdiff.errors import ConfigError
+from hcpdiff.train.loss import PREDICTION_TYPES
+from hcpdiff.train.preview import PreviewSpec
+from hcpdiff.train.specs import EmaSpec, LossSpec, ModelSpec, TrainSpec
+
+TRACKERS = ("tensorboard", "wandb")
+
+
+@dataclass
+class ExtraSpecs:
+    """The optional features of one run, checked."""
+
+    loss: LossSpec
+    ema: EmaSpec | None
+    preview: PreviewSpec | None
+    log_with: list[str]
+
+
+def read_extra_specs(cfg: Any, train_spec: TrainSpec, model_spec: ModelSpec) -> ExtraSpecs:
+    """Read `train.loss`, `model.ema`, `previewer` and `train.log_with`; every problem in one ConfigError."""
+    problems: list[str] = []
+
+    def collect(fn, *args):
+        try:
+            return fn(*args)
+        except ConfigError as err:
+            problems.append(str(err))
+            return None
+
+    loss = collect(read_fields, train_spec.loss or {}, "train.loss", LossSpec) or LossSpec()
+    if loss.prediction_type is not None and loss.prediction_type not in PREDICTION_TYPES:
+        problems.append(f"train.loss.prediction_type: {loss.prediction_type!r} is not one of "
+                        f"{', '.join(PREDICTION_TYPES)} (or null for the model's own)")
+    if loss.min_snr_gamma is not None and loss.min_snr_gamma <= 0:
+        problems.append(f"train.loss.min_snr_gamma: must be > 0 (5 is usual) or null, got {loss.min_snr_gamma}")
+    if loss.timestep_min < 0 or (loss.timestep_max is not None and loss.timestep_max <= loss.timestep_min):
+        problems.append(f"train.loss.timestep_min / timestep_max: need 0 <= timestep_min < timestep_max, "
+                        f"got {loss.timestep_min} and {loss.timestep_max}")
+    ema = None
+    if model_spec.ema is not None:
+        ema = collect(read_fields, model_spec.ema, "model.ema", EmaSpec)
+        if ema is not None and not 0.0 <= ema.decay <= 1.0:
+            problems.append(f"model.ema.decay: must be in [0, 1] (0.999 is usual), got {ema.decay}")
+    preview = None
+    if cfg.get("previewer") is not None:
+        preview = collect(read_fields, cfg.get("previewer"), "previewer", PreviewSpec)
+        if preview is not None and (preview.step < 1 or not preview.prompts):
+            problems.append("previewer: needs step >= 1 and at least one prompt in previewer.prompts")
+    log_with = list(train_spec.log_with or [])
+    for name in log_with:
+        if name not in TRACKERS:
+            problems.append(f"train.log_with: unknown tracker {name!r}; use {' or '.join(TRACKERS)}")
+    if "wandb" in log_with and importlib.util.find_spec("wandb") is None:
+        problems.append("train.log_with: 'wandb' needs the wandb package, which is not installed; "
+                        "run `pip install wandb` (and `wandb login`) or remove it")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return ExtraSpecs(loss=loss, ema=ema, preview=preview, log_with=log_with)
+
+
+def preview_pipeline(parts: Any, models: dict[str, Any], prediction_type: str) -> Any:
+    """A diffusers pipeline over the trainer's own (unwrapped) models, adapters active, with the model's sampler.
+
+    `models` maps unet / text_encoder / text_encoder_2 to the modules to use; SDXL (a second text encoder) gets
+    StableDiffusionXLPipeline, everything else StableDiffusionPipeline.
+    """
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from hcpdiff.infer.pipeline import inference_scheduler
+
+    scheduler = inference_scheduler(parts)
+    if scheduler.config.get("prediction_type") != prediction_type:
+        scheduler = type(scheduler).from_config(scheduler.config, prediction_type=prediction_type)
+    common = dict(unet=models["unet"], vae=parts.vae, text_encoder=models["text_encoder"], tokenizer=parts.tokenizer,
+                  scheduler=scheduler)
+    if models.get("text_encoder_2") is not None:
+        pipe = StableDiffusionXLPipeline(**common, text_encoder_2=models["text_encoder_2"],
+                                         tokenizer_2=parts.tokenizer_2)
+    else:
+        pipe = StableDiffusionPipeline(**common, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def start_wandb(exp_dir: Any, config: dict) -> Any:
+    """accelerate's Weights & Biases tracker for this run (project `hcpdiff`, run named after the folder)."""
+    from accelerate.tracking import WandBTracker
+
+    tracker = WandBTracker("hcpdiff", name=str(getattr(exp_dir, "name", exp_dir)))  # run_name is the project
+    tracker.start()
+    tracker.store_init_configuration(config)
+    return tracker

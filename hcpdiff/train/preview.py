@@ -1,0 +1,81 @@
+"""Preview images while training: the current weights render a few fixed prompts every N steps."""
+from __future__ import annotations
+
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from hcpdiff.infer.prompt_weights import chunks_needed, encode_weighted
+
+
+@dataclass
+class PreviewSpec:
+    """`previewer`: what to render, and how often. Images go to `exps/<ts>/preview/<step>-<i>.png` and TensorBoard."""
+
+    step: int  # render every N optimizer steps, and at the end
+    prompts: list[str] = field(default_factory=list)  # one image per prompt; (word:1.2) weights as in the visualizer
+    neg_prompt: str = ""  # negative prompt for every image
+    seed: int = 0  # image i uses seed + i, the same at every step, so previews show only what training changed
+    width: int = 512  # pixels; multiples of the model's pixel step
+    height: int = 512
+    num_inference_steps: int = 30
+    guidance_scale: float = 7.5
+
+
+@contextmanager
+def kept_random_state() -> Iterator[None]:
+    """Put python's, numpy's, torch's and CUDA's global random states back as they were when the block ends."""
+    saved = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+             torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
+        if saved[3] is not None:
+            torch.cuda.set_rng_state_all(saved[3])
+
+
+def render_previews(pipe: Any, spec: PreviewSpec, clip_skip: int = 0) -> list[Any]:
+    """Render each prompt with the pipeline's current weights; returns PIL images.
+
+    The caller's random state (python, numpy, torch, CUDA) is restored afterwards and the images draw from their own
+    generators, so a run with previews trains exactly as one without.
+    """
+    with kept_random_state():
+        repeats = chunks_needed(pipe.tokenizer, list(spec.prompts) + [spec.neg_prompt])
+        images = []
+        with torch.no_grad():
+            for i, prompt in enumerate(spec.prompts):
+                if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: the pipeline encodes plain prompts
+                    prompt_args = {"prompt": prompt, "negative_prompt": spec.neg_prompt}
+                else:  # SD: (word:1.2) weights, long prompts in 75-token chunks, as the visualizer does
+                    prompt_args = {
+                        "prompt_embeds": encode_weighted(pipe.tokenizer, pipe.text_encoder, [prompt], repeats, clip_skip),
+                        "negative_prompt_embeds": encode_weighted(pipe.tokenizer, pipe.text_encoder, [spec.neg_prompt],
+                                                                  repeats, clip_skip),
+                    }
+                generator = torch.Generator("cpu").manual_seed(spec.seed + i)
+                images += pipe(**prompt_args, generator=generator, width=spec.width, height=spec.height,
+                               num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
+                               output_type="pil").images
+        return images
+
+
+def save_previews(images: Sequence[Any], out_dir: Path, step: int, writer: Any = None) -> list[Path]:
+    """Write `<step>-<i>.png` files, and each image to a TensorBoard writer as `preview/<i>` when one is given."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        path = out_dir / f"{step}-{i}.png"
+        image.save(path)
+        paths.append(path)
+        if writer is not None:
+            writer.add_image(f"preview/{i}", np.asarray(image.convert("RGB")), step, dataformats="HWC")
+    return paths
