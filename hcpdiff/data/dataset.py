@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from hcpdiff.data.buckets import Bucket
-from hcpdiff.data.images import IMAGE_READ_ERRORS, load_image, resize_and_crop, to_tensor
+from hcpdiff.data.images import IMAGE_READ_ERRORS, load_image, resize_and_crop_box, to_tensor
 from hcpdiff.data.prompts import PromptBuilder
 from hcpdiff.data.transforms import CaptionTransform, ImageTransform
 from hcpdiff.errors import DataError
@@ -77,10 +77,14 @@ class ImageCaptionDataset(Dataset):
         # Flip and crop draw from their own stream, so turning them on leaves prompts unchanged.
         image_rng = random.Random(f"{self.seed}:{index}:{draw}:image")
         image_transform = self.image_transforms[item.source_index]
-        image = resize_and_crop(image, bucket_size, image_transform.crop, image_rng)
+        original_wh = image.size
+        image, crop_top_left = resize_and_crop_box(image, bucket_size, image_transform.crop, image_rng)
         if image_transform.random_flip and image_rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return {"pixel_values": to_tensor(image), "prompt": self._prompt(item, index, draw, rng)}
+        # original_size (h, w) and crop_top_left (top, left): SDXL's size and crop conditioning
+        return {"pixel_values": to_tensor(image), "prompt": self._prompt(item, index, draw, rng),
+                "original_size": torch.tensor([original_wh[1], original_wh[0]]),
+                "crop_top_left": torch.tensor(crop_top_left)}
 
     def sample_prompt(self, index: int, draw: int = 0) -> str:
         """The prompt item `index` gets on its `draw`-th fetch (no image decoded; substitutes ignored)."""

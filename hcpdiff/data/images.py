@@ -47,10 +47,17 @@ def resize_and_crop(
     img: Image.Image, size_wh: tuple[int, int], crop: str = "center", rng: random.Random | None = None
 ) -> Image.Image:
     """Resize to cover `size_wh` (keeping the aspect ratio), then crop the center (or a random window) to it."""
+    return resize_and_crop_box(img, size_wh, crop, rng)[0]
+
+
+def resize_and_crop_box(
+    img: Image.Image, size_wh: tuple[int, int], crop: str = "center", rng: random.Random | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """As resize_and_crop, also giving the window's (top, left) in the resized image (SDXL's crop conditioning)."""
     bucket_width, bucket_height = size_wh
     width, height = img.size
     if (width, height) == (bucket_width, bucket_height):
-        return img
+        return img, (0, 0)
     scale = max(bucket_width / width, bucket_height / height)
     resized_wh = (max(bucket_width, round(width * scale)), max(bucket_height, round(height * scale)))
     resized = img.resize(resized_wh, Image.Resampling.LANCZOS, reducing_gap=3.0)
@@ -59,7 +66,7 @@ def resize_and_crop(
         left, top = rng.randint(0, spare_x), rng.randint(0, spare_y)
     else:
         left, top = spare_x // 2, spare_y // 2
-    return resized.crop((left, top, left + bucket_width, top + bucket_height))
+    return resized.crop((left, top, left + bucket_width, top + bucket_height)), (top, left)
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:

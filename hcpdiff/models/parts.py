@@ -9,13 +9,15 @@ from typing import Any
 class ModelParts:
     """Everything the trainer and visualizer need from one base model."""
 
-    family: str  # "sd" (Stable Diffusion 1.x / 2.x)
+    family: str  # "sd" (Stable Diffusion 1.x / 2.x) or "sdxl"
     unet: Any  # diffusers UNet2DConditionModel
     vae: Any  # diffusers AutoencoderKL
     text_encoder: Any  # transformers CLIPTextModel
     tokenizer: Any  # transformers CLIPTokenizer
     noise_scheduler: Any  # diffusers DDPMScheduler built from the model's scheduler config (for training)
     name_or_path: str  # as the user gave it
+    text_encoder_2: Any = None  # SDXL: transformers CLIPTextModelWithProjection (None for SD1.x / 2.x)
+    tokenizer_2: Any = None  # SDXL: its CLIPTokenizer
 
     @property
     def vae_scale_factor(self) -> int:

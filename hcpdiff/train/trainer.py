@@ -21,7 +21,7 @@ from hcpdiff.config import check_targets, instantiate, read_fields
 from hcpdiff.data import build_dataset
 from hcpdiff.errors import ConfigError
 from hcpdiff.lora import LoraGroupSpec, attach_lora, lora_state_dict, save_lora
-from hcpdiff.models import PromptEncoder, SDConditioner, cast_floats, enable_gradient_checkpointing, load_model_parts
+from hcpdiff.models import build_conditioner, cast_floats, enable_gradient_checkpointing, load_model_parts
 from hcpdiff.train.exp_dir import claim_exp_dir
 from hcpdiff.train.logs import setup_run_logging
 from hcpdiff.train.loss import diffusion_loss, diffusion_target
@@ -31,7 +31,8 @@ from hcpdiff.train.specs import ModelSpec, SchedulerSpec, TrainSpec
 logger = logging.getLogger("hcpdiff.train")
 
 # Model parts that can carry LoRA groups, with the config key that lists their groups.
-LORA_PARTS = {"unet": "lora_unet", "text_encoder": "lora_text_encoder"}
+LORA_PARTS = {"unet": "lora_unet", "text_encoder": "lora_text_encoder", "text_encoder_2": "lora_text_encoder_2"}
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # text_encoder_2: SDXL's second (OpenCLIP bigG) encoder
 
 
 @dataclass
@@ -166,12 +167,10 @@ class Trainer:
         spec = self.model_spec
         self.parts = load_model_parts(spec.pretrained_model_name_or_path, revision=spec.revision,
                                       single_file_config=spec.single_file_config)
-        for module in (self.parts.unet, self.parts.vae, self.parts.text_encoder):
-            module.requires_grad_(False)
-        self.conditioner = SDConditioner(PromptEncoder(
-            self.parts.tokenizer, self.parts.text_encoder,
-            tokenizer_repeats=spec.tokenizer_repeats, clip_skip=spec.clip_skip,
-        ))
+        for module in (self.parts.unet, self.parts.vae, self.parts.text_encoder, self.parts.text_encoder_2):
+            if module is not None:
+                module.requires_grad_(False)
+        self.conditioner = build_conditioner(self.parts, spec.tokenizer_repeats, spec.clip_skip)
 
     def _setup_lora(self) -> None:
         self.groups = []
@@ -192,12 +191,15 @@ class Trainer:
             (self.exp_dir / "lora_layers.json").write_text(json.dumps(layer_lists, indent=1))
         if self.model_spec.gradient_checkpointing:
             enable_gradient_checkpointing(self.parts.unet)
-            if "text_encoder" in self.trained_parts:
-                enable_gradient_checkpointing(self.parts.text_encoder)
+            for part in TEXT_ENCODERS:
+                if part in self.trained_parts:
+                    enable_gradient_checkpointing(getattr(self.parts, part))
         # Frozen weights run in the mixed-precision dtype; the trained adapters stay fp32 for stable updates.
         device = self.accelerator.device
-        for part in ("unet", "text_encoder", "vae"):
+        for part in ("unet", "text_encoder", "text_encoder_2", "vae"):
             module = getattr(self.parts, part)
+            if module is None:
+                continue
             dtype = self.weight_dtype if part != "vae" or self.weight_dtype == torch.bfloat16 else torch.float32
             for param in module.parameters():
                 if not param.requires_grad:
@@ -244,8 +246,9 @@ class Trainer:
             setattr(self, f"{part}_model", module)  # wrapped (DDP) module used for forward passes
         self.optimizer = prepared[-1]
         self.unet_model = getattr(self, "unet_model", self.parts.unet)
-        if "text_encoder" in self.trained_parts:
-            self.conditioner.set_text_encoder(self.text_encoder_model)
+        for index, part in enumerate(TEXT_ENCODERS):
+            if part in self.trained_parts:
+                self.conditioner.set_text_encoder(getattr(self, f"{part}_model"), index)
 
     def _log_start(self) -> None:
         logger.info("experiment folder: %s", self.exp_dir)
@@ -309,7 +312,7 @@ class Trainer:
                                   (latents.shape[0],), device=device)
         noisy_latents = parts.noise_scheduler.add_noise(latents, noise, timesteps)
         with self.accelerator.autocast():
-            with torch.set_grad_enabled("text_encoder" in self.trained_parts):
+            with torch.set_grad_enabled(any(part in self.trained_parts for part in TEXT_ENCODERS)):
                 conditioning = self.conditioner(batch["prompts"], batch, device)
             model_pred = self.unet_model(noisy_latents.to(self.weight_dtype), timesteps,
                                          **cast_floats(conditioning, self.weight_dtype)).sample

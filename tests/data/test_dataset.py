@@ -89,3 +89,18 @@ def test_dataloader_with_bucket_sampler(image_folder):
         seen += batch["pixel_values"].shape[0]
     assert seen == len(dataset)
 
+
+
+def test_samples_carry_original_size_and_crop_for_sdxl(image_folder):
+    """Each sample's original (h, w) and crop (top, left), which SDXL is conditioned on."""
+    from PIL import Image as PILImage, ImageOps
+
+    dataset = make_dataset(image_folder, lambda **kw: RatioBucket.from_files(64 * 64, 3, 32, **kw))
+    for index, item in enumerate(dataset.items):
+        sample = dataset[index]
+        with PILImage.open(item.path) as img:
+            img = ImageOps.exif_transpose(img)
+            width, height = img.size
+        assert sample["original_size"].tolist() == [height, width]
+        top, left = sample["crop_top_left"].tolist()
+        assert top >= 0 and left >= 0 and (top == 0 or left == 0)  # a cover-resize leaves spare room on one axis

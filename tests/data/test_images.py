@@ -78,3 +78,13 @@ def test_to_tensor_range_and_shape():
     tensor = to_tensor(img)
     assert tensor.shape == (3, 3, 5) and tensor.dtype == torch.float32
     assert torch.equal(tensor[0], torch.full((3, 5), -1.0)) and torch.equal(tensor[1], torch.full((3, 5), 1.0))
+
+
+def test_resize_and_crop_box_gives_the_window_top_left() -> None:
+    """SDXL's crop conditioning: (top, left) of the bucket window in the resized image."""
+    from hcpdiff.data.images import resize_and_crop_box
+
+    img = Image.new("RGB", (200, 100))
+    cropped, (top, left) = resize_and_crop_box(img, (64, 64))
+    assert cropped.size == (64, 64) and (top, left) == (0, (128 - 64) // 2)
+    assert resize_and_crop_box(Image.new("RGB", (64, 64)), (64, 64))[1] == (0, 0)
