@@ -14,6 +14,7 @@ from hcpdiff.data.buckets import Bucket
 from hcpdiff.data.captions import IMAGE_EXTENSIONS, Columns, image_key, image_stem, load_caption_entries
 from hcpdiff.data.dataset import DataItem, ImageCaptionDataset
 from hcpdiff.data.images import IMAGE_READ_ERRORS, read_image_size
+from hcpdiff.data.latent_cache import CachedLatentDataset, LatentEncoder, fill_latent_cache
 from hcpdiff.data.prompts import PromptBuilder, load_templates
 from hcpdiff.data.sampler import BucketBatchSampler
 from hcpdiff.data.transforms import CaptionTransform, ImageTransform
@@ -30,6 +31,9 @@ class DatasetSpec:
     bucket: dict  # a `_target_` node, built as a partial and called with image_sizes (and step_size)
     batch_size: int = 1
     loss_weight: float = 1.0
+    cache_latents: bool = False  # VAE-encode each image once (bucket size, crop, both flips) and train on stored latents
+    cache_dir: str | None = None  # null: the latent cache lives in memory; a folder: on disk, reused across runs
+    cache_text_embeds: bool | str = "auto"  # auto: cache prompt embeddings when prompts are fixed and no TE trains
 
 
 @dataclass
@@ -68,7 +72,7 @@ class SourceReport:
 class BuiltDataset:
     """What the trainer needs from one dataset."""
 
-    dataset: ImageCaptionDataset
+    dataset: ImageCaptionDataset | CachedLatentDataset  # cached: samples hold "latents" instead of "pixel_values"
     batch_sampler: BucketBatchSampler
     batch_size: int
     loss_weight: float
@@ -76,6 +80,7 @@ class BuiltDataset:
     num_images: int  # distinct image files, before repeat
     sources: list[SourceReport] = field(default_factory=list)
     num_upscaled: int = 0  # images smaller than their bucket size (they are upscaled)
+    text_cache_prompts: set[str] | None = None  # every prompt the dataset can give, when its text embeddings are cached
 
     def describe(self) -> list[str]:
         """Lines for the start-of-training report."""
@@ -95,12 +100,21 @@ def build_dataset(
     instantiate: Callable[[Any, str], Callable[..., Bucket]] | None = None,
     num_replicas: int = 1,
     rank: int = 0,
+    latent_encoder: LatentEncoder | None = None,
+    barrier: Callable[[], None] | None = None,
+    show_progress: bool = True,
+    text_encoder_trained: bool = False,
 ) -> BuiltDataset:
-    """Read the dataset node, scan its sources, bucket the images, and make the dataset and batch sampler."""
+    """Read the dataset node, scan its sources, bucket the images, and make the dataset and batch sampler.
+
+    With `latent_encoder` (the trainer's VAE) and `cache_latents: true`, the dataset is served from the latent
+    cache, filled here; `barrier` lets the processes of a distributed run share a disk cache.
+    """
     spec = read_fields(node, key_path, DatasetSpec)
     if spec.batch_size < 1:
         raise ConfigError(f"{key_path}.batch_size must be at least 1, got {spec.batch_size}.")
     source_specs = _read_sources(spec.source, f"{key_path}.source")
+    cache_text = _text_cache_wanted(spec.cache_text_embeds, source_specs, key_path, text_encoder_trained)
 
     items: list[DataItem] = []
     image_sizes: dict[str, tuple[int, int]] = {}
@@ -144,12 +158,57 @@ def build_dataset(
     sampler = BucketBatchSampler(
         dataset.bucket_ids, spec.batch_size, seed=seed, shuffle=True, num_replicas=num_replicas, rank=rank
     )
+    served: ImageCaptionDataset | CachedLatentDataset = dataset
+    if latent_encoder is not None and _latent_cache_allowed(spec, source_specs, key_path):
+        served, report = fill_latent_cache(
+            dataset, latent_encoder, spec.cache_dir, num_replicas=num_replicas, rank=rank, barrier=barrier,
+            show_progress=show_progress, desc=f"{key_path}: cache latents",
+        )
+        where = f"in {spec.cache_dir}" if spec.cache_dir else "in memory"
+        logger.info("%s: latent cache %s: %d encoded, %d reused", key_path, where, report.encoded, report.reused)
     built = BuiltDataset(
-        dataset, sampler, spec.batch_size, float(spec.loss_weight), bucket, len(image_sizes), reports, num_upscaled
+        served, sampler, spec.batch_size, float(spec.loss_weight), bucket, len(image_sizes), reports, num_upscaled
     )
+    if cache_text:
+        built.text_cache_prompts = {dataset.sample_prompt(index) for index in range(len(dataset))}
     for line in built.describe():
         logger.info("%s: %s", key_path, line)
     return built
+
+
+def _latent_cache_allowed(spec: DatasetSpec, sources: Mapping[str, SourceSpec], key_path: str) -> bool:
+    """cache_latents, unless a source crops at random (a random window cannot be encoded ahead): one warning."""
+    if not spec.cache_latents:
+        return False
+    random_crops = [name for name, source in sources.items() if source.crop == "random"]
+    if random_crops:
+        logger.warning("%s.cache_latents is off: %s.source.%s.crop is random, and random crops cannot be cached.",
+                       key_path, key_path, random_crops[0])
+        return False
+    return True
+
+
+def _text_cache_wanted(
+    setting: bool | str, sources: Mapping[str, SourceSpec], key_path: str, text_encoder_trained: bool
+) -> bool:
+    """Resolve cache_text_embeds (auto | true | false): on when every prompt is a fixed function of its image."""
+    where = f"{key_path}.cache_text_embeds"
+    if isinstance(setting, str) and setting != "auto":
+        raise ConfigError(f"{where} must be auto, true or false, got {setting!r}.")
+    if setting is False:
+        return False
+    reasons = []
+    if text_encoder_trained:
+        reasons.append("a text-encoder LoRA trains (lora_text_encoder), so embeddings change every step")
+    for name, source in sources.items():
+        if source.tag_shuffle or source.tag_dropout or source.caption_dropout:
+            reasons.append(f"{key_path}.source.{name} draws captions at random (tag_shuffle / tag_dropout / "
+                           "caption_dropout)")
+        elif source.prompt_template is not None and len(load_templates(source.prompt_template, f"{key_path}.source.{name}.prompt_template")) > 1:
+            reasons.append(f"{key_path}.source.{name}.prompt_template has several lines, one is drawn at random")
+    if setting is True and reasons:
+        raise ConfigError(f"{where} is true but cannot be: {reasons[0]}; set it to auto or false.")
+    return not reasons
 
 
 def _read_sources(sources: Any, key_path: str) -> dict[str, SourceSpec]:

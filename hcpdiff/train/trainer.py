@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from hcpdiff.config import check_targets, instantiate, read_fields
 from hcpdiff.data import build_dataset
+from hcpdiff.data.latent_cache import LatentEncoder, vae_identity
 from hcpdiff.errors import ConfigError
 from hcpdiff.lora import LoraGroupSpec, attach_lora, lora_state_dict, save_lora
 from hcpdiff.models import build_conditioner, cast_floats, enable_gradient_checkpointing, load_model_parts
@@ -27,6 +28,7 @@ from hcpdiff.train.logs import setup_run_logging
 from hcpdiff.train.loss import diffusion_loss, diffusion_target
 from hcpdiff.train.optim import build_lr_scheduler, build_optimizer, param_groups
 from hcpdiff.train.specs import ModelSpec, SchedulerSpec, TrainSpec
+from hcpdiff.train.text_cache import CachedConditioner, can_cache_text
 
 logger = logging.getLogger("hcpdiff.train")
 
@@ -209,12 +211,18 @@ class Trainer:
     def _setup_data(self) -> None:
         self.streams: list[DataStream] = []
         workers = self.train_spec.workers
+        latent_encoder = LatentEncoder(self.encode_latent_dist, vae_identity(self.parts.vae, str(self.parts.name_or_path)))
+        text_cache_prompts: set[str] = set()
         for name, node in self.cfg.data.items():
             built = build_dataset(
                 node, f"data.{name}", pixel_step=self.parts.pixel_step, seed=self.seed,
                 instantiate=instantiate,
                 num_replicas=self.accelerator.num_processes, rank=self.accelerator.process_index,
+                latent_encoder=latent_encoder, barrier=self.accelerator.wait_for_everyone,
+                show_progress=self.accelerator.is_main_process,
+                text_encoder_trained=any(part.startswith("text_encoder") for part in self.trained_parts),
             )
+            text_cache_prompts |= built.text_cache_prompts or set()
             loader = DataLoader(
                 built.dataset, batch_sampler=built.batch_sampler, num_workers=workers,
                 collate_fn=collate_batch, pin_memory=torch.cuda.is_available(),
@@ -222,6 +230,9 @@ class Trainer:
             )
             self.streams.append(DataStream(name, loader, built.loss_weight))
         self.batch_size = self.streams[0].loader.batch_sampler.batch_size
+        if text_cache_prompts and can_cache_text(self.conditioner):
+            self.conditioner = CachedConditioner(self.conditioner, text_cache_prompts)
+            logger.info("text embeddings cached in memory for %d prompts", len(text_cache_prompts))
 
     def _setup_optimization(self) -> None:
         spec, accelerator = self.train_spec, self.accelerator
@@ -326,6 +337,14 @@ class Trainer:
         pixel_values = pixel_values.to(self.accelerator.device, dtype=vae.dtype)
         latents = vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
         return latents.float()
+
+    @torch.no_grad()
+    def encode_latent_dist(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images [B, 3, H, W] in [-1, 1] -> the VAE posterior's (mean, std), each scaled like encode_latents (fp32)."""
+        vae = self.parts.vae
+        dist = vae.encode(pixel_values.to(self.accelerator.device, dtype=vae.dtype)).latent_dist
+        scale = vae.config.scaling_factor
+        return (dist.mean * scale).float(), (dist.std * scale).float()
 
     def trained_params(self) -> list[torch.nn.Parameter]:
         """Every parameter the optimizer updates."""

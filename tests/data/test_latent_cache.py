@@ -1,0 +1,195 @@
+"""Latent and text-embedding caches: keys, reuse across runs, no decoding in cached epochs, flips, refusals."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+import hcpdiff.data.dataset as dataset_module
+import hcpdiff.data.latent_cache as latent_cache_module
+from hcpdiff.data import ImageCaptionDataset, build_dataset
+from hcpdiff.data.images import load_image, resize_and_crop, to_tensor
+from hcpdiff.data.latent_cache import CachedLatentDataset, LatentEncoder, LatentStore, fill_latent_cache
+from hcpdiff.errors import ConfigError
+from hcpdiff.train.text_cache import CachedConditioner
+
+from data_helpers import write_image
+
+KEY = "data.dataset1"
+FIXED_64 = {"_target_": "hcpdiff.data.FixedBucket", "target_size": 64}
+
+
+class FakeVae:
+    """encode_dist stand-in: mean = 8x8 average of the pixels [B, 3, H/8, W/8], std = `std`; counts images."""
+
+    def __init__(self, std: float = 0.1) -> None:
+        self.std = std
+        self.images = 0
+
+    def __call__(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.images += pixel_values.shape[0]
+        mean = torch.nn.functional.avg_pool2d(pixel_values, 8)
+        return mean, torch.full_like(mean, self.std)
+
+
+def encoder(vae: FakeVae, identity: str = "fake-vae") -> LatentEncoder:
+    return LatentEncoder(vae, identity, batch_size=2)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    write_image(images / "a.png", (96, 64), seed=1)
+    write_image(images / "b.png", (64, 96), seed=2)
+    write_image(images / "c.png", (80, 80), seed=3)
+    return images
+
+
+def node(folder, bucket=FIXED_64, cache_dir=None, **source_fields) -> dict:
+    return {"batch_size": 2, "cache_latents": True, "cache_dir": None if cache_dir is None else str(cache_dir),
+            "source": {"s": {"img_root": str(folder), **source_fields}}, "bucket": bucket}
+
+
+def build(dataset_node, vae: FakeVae, **kwargs):
+    return build_dataset(dataset_node, KEY, pixel_step=16, seed=0, latent_encoder=encoder(vae), show_progress=False,
+                         **kwargs)
+
+
+def test_memory_cache_serves_latents_and_decodes_nothing_in_epochs(folder, monkeypatch):
+    vae = FakeVae()
+    built = build(node(folder), vae)
+    assert isinstance(built.dataset, CachedLatentDataset) and vae.images == 3
+    decoded = []
+    for module in (dataset_module, latent_cache_module):
+        monkeypatch.setattr(module, "load_image", lambda *a, **k: decoded.append(a) or load_image(*a, **k))
+    for epoch in range(2):
+        for index in range(len(built.dataset)):
+            sample = built.dataset[(index, epoch)]
+            assert sample["latents"].shape == (3, 8, 8) and "pixel_values" not in sample
+            assert sample["original_size"].tolist() == list(built.dataset.geometry[index][0])
+    assert decoded == [] and vae.images == 3
+
+
+def test_latents_are_sampled_per_draw_around_the_stored_mean(folder):
+    vae = FakeVae(std=0.5)
+    cached = build(node(folder), vae).dataset
+    plain = cached.dataset
+    mean = torch.nn.functional.avg_pool2d(plain[0]["pixel_values"][None], 8)[0]
+    first, again, other = cached[(0, 0)]["latents"], cached[(0, 0)]["latents"], cached[(0, 1)]["latents"]
+    assert torch.equal(first, again) and not torch.equal(first, other)  # reproducible per (index, epoch)
+    draws = torch.stack([cached[(0, epoch)]["latents"] for epoch in range(200)])
+    assert torch.allclose(draws.mean(0), mean, atol=0.15) and 0.4 < float(draws.std(0).mean()) < 0.6
+    assert cached[(1, 3)]["prompt"] == plain.sample_prompt(1, 3)
+
+
+def test_disk_cache_is_reused_by_a_second_run(folder, tmp_path, caplog):
+    cache_dir = tmp_path / "cache"
+    build(node(folder, cache_dir=cache_dir), FakeVae())
+    assert len(list(cache_dir.iterdir())) == 3
+    second = FakeVae()
+    with caplog.at_level(logging.INFO):
+        built = build(node(folder, cache_dir=cache_dir), second)
+    assert second.images == 0 and "0 encoded, 3 reused" in caplog.text
+    assert built.dataset[(2, 0)]["latents"].shape == (3, 8, 8)
+
+
+def test_changed_file_or_bucket_is_encoded_again(folder, tmp_path):
+    cache_dir = tmp_path / "cache"
+    build(node(folder, cache_dir=cache_dir), FakeVae())
+    stat = os.stat(folder / "a.png")
+    os.utime(folder / "a.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: new mtime
+    write_image(folder / "b.png", (64, 96), seed=9)  # rewritten
+    again = FakeVae()
+    build(node(folder, cache_dir=cache_dir), again)
+    assert again.images == 2
+    bigger = FakeVae()
+    built = build(node(folder, cache_dir=cache_dir, bucket={**FIXED_64, "target_size": 96}), bigger)
+    assert bigger.images == 3 and built.dataset[(0, 0)]["latents"].shape == (3, 12, 12)
+
+
+def test_stale_or_foreign_entry_is_never_used(folder, tmp_path):
+    cache_dir = tmp_path / "cache"
+    built = build(node(folder, cache_dir=cache_dir), FakeVae())
+    store = LatentStore(cache_dir)
+    key = built.dataset.keys[0][0]
+    # A file under the right name holding another key's entry (as a hash clash or a copied file would).
+    store.file_of(key).unlink()
+    store.put(key.replace("fake-vae", "other-vae"), torch.zeros(3, 8, 8), torch.zeros(3, 8, 8))
+    store.file_of(key.replace("fake-vae", "other-vae")).rename(store.file_of(key))
+    assert key not in store
+    again = FakeVae()
+    build(node(folder, cache_dir=cache_dir), again)
+    assert again.images == 1
+    other_vae = FakeVae()
+    build_dataset(node(folder, cache_dir=cache_dir), KEY, pixel_step=16, seed=0,
+                  latent_encoder=encoder(other_vae, "another-vae"), show_progress=False)
+    assert other_vae.images == 3
+
+
+def test_random_flip_caches_both_orientations(folder):
+    vae = FakeVae(std=0.0)
+    cached = build(node(folder, random_flip=True), vae).dataset
+    assert vae.images == 6
+    plain: ImageCaptionDataset = cached.dataset
+    seen_flips = set()
+    for epoch in range(8):
+        pixels = plain[0]["pixel_values"]  # the epoch-th fetch of item 0: draw `epoch`
+        expected = torch.nn.functional.avg_pool2d(pixels[None], 8)[0]
+        assert torch.allclose(cached[(0, epoch)]["latents"], expected, atol=1e-6)
+        image = resize_and_crop(load_image(plain.items[0].path), (64, 64))
+        seen_flips.add(not torch.equal(pixels, to_tensor(image)))
+    assert seen_flips == {True, False}
+
+
+def test_random_crop_turns_the_cache_off_with_one_warning(folder, caplog):
+    vae = FakeVae()
+    with caplog.at_level(logging.WARNING):
+        built = build(node(folder, crop="random"), vae)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "data.dataset1.cache_latents" in warnings[0] and "crop is random" in warnings[0]
+    assert isinstance(built.dataset, ImageCaptionDataset) and vae.images == 0
+    assert "pixel_values" in built.dataset[0]
+
+
+def test_broken_image_uses_another_of_its_bucket(folder):
+    (folder / "d.png").write_bytes((folder / "c.png").read_bytes()[:200])  # header ok, pixels cut
+    vae = FakeVae()
+    cached, report = fill_latent_cache(build_dataset(node(folder), KEY, pixel_step=16, seed=0).dataset,
+                                       encoder(vae), show_progress=False)
+    assert report.substituted == 1 and cached[(3, 0)]["latents"].shape == (3, 8, 8)
+
+
+def test_text_cache_auto_true_false(folder, tmp_path):
+    fixed = {**node(folder), "cache_latents": False}
+    assert build_dataset(fixed, KEY, pixel_step=16, seed=0).text_cache_prompts is not None
+    shuffled = {**fixed, "source": {"s": {"img_root": str(folder), "tag_shuffle": True}}}
+    assert build_dataset(shuffled, KEY, pixel_step=16, seed=0).text_cache_prompts is None
+    with pytest.raises(ConfigError, match="cache_text_embeds is true but cannot be: .*tag_shuffle"):
+        build_dataset({**shuffled, "cache_text_embeds": True}, KEY, pixel_step=16, seed=0)
+    with pytest.raises(ConfigError, match="text-encoder LoRA"):
+        build_dataset({**fixed, "cache_text_embeds": True}, KEY, pixel_step=16, seed=0, text_encoder_trained=True)
+    templates = tmp_path / "templates.txt"
+    templates.write_text("a {caption}\na photo of {caption}\n")
+    several = {**fixed, "source": {"s": {"img_root": str(folder), "prompt_template": str(templates)}}}
+    assert build_dataset(several, KEY, pixel_step=16, seed=0).text_cache_prompts is None
+    assert build_dataset({**fixed, "cache_text_embeds": False}, KEY, pixel_step=16, seed=0).text_cache_prompts is None
+
+
+def test_cached_conditioner_encodes_each_prompt_once():
+    calls = []
+
+    def conditioner(prompts, batch, device):
+        calls.append(list(prompts))
+        return {"encoder_hidden_states": torch.stack([torch.full((2, 3), float(len(p))) for p in prompts])}
+
+    cached = CachedConditioner(conditioner, ["a", "bb"])
+    first = cached(["a", "bb", "a"], {}, torch.device("cpu"))
+    second = cached(["bb", "a"], {}, torch.device("cpu"))
+    assert calls == [["a", "bb"]] and first["encoder_hidden_states"].shape == (3, 2, 3)
+    assert torch.equal(second["encoder_hidden_states"], conditioner(["bb", "a"], {}, None)["encoder_hidden_states"])
+    cached(["a", "unknown"], {}, torch.device("cpu"))  # not a cacheable prompt: passed through
+    assert calls[-1] == ["a", "unknown"] and cached.encoded == 2

@@ -1,0 +1,50 @@
+"""End-to-end: training from the latent cache on disk, as a user runs it twice, and the random-crop refusal."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from hcpdiff.tools.make_demo_data import make_demo_data
+
+pytestmark = pytest.mark.e2e
+
+
+def train_args(tiny_model: Path, data: Path, *extra: str) -> list[str]:
+    return ["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/demo_tiny.yaml",
+            f"model.pretrained_model_name_or_path={tiny_model}",
+            f"data.dataset1.source.data_source1.img_root={data}",
+            f"data.dataset1.source.data_source1.caption_file={data}",
+            "train.train_steps=2", 'data.dataset1.bucket.target_area=${hcp.eval:"64*64"}', *extra]
+
+
+def cache_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if "latent cache" in line]
+    assert len(lines) == 1, stderr[-3000:]
+    return lines[0]
+
+
+def test_disk_latent_cache_is_filled_once_and_reused(workdir, tiny_model, cli):
+    """cache_latents + cache_dir: the first run encodes every image (both flips), the second encodes none."""
+    data = make_demo_data(workdir / "data", num=3)
+    args = train_args(tiny_model, data, "data.dataset1.cache_latents=true", "data.dataset1.cache_dir=latent_cache",
+                      "data.dataset1.source.data_source1.random_flip=true")
+    first = cli(args + ["exp_dir=exps/first"], cwd=workdir)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert re.search(r"latent cache in latent_cache: 6 encoded, 0 reused", cache_line(first.stderr))
+    assert len(list((workdir / "latent_cache").glob("*.safetensors"))) == 6
+    second = cli(args + ["exp_dir=exps/second"], cwd=workdir)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "0 encoded, 6 reused" in cache_line(second.stderr)
+    assert (workdir / "exps/second/ckpts/unet-2.safetensors").exists()
+
+
+def test_random_crop_trains_uncached_after_one_warning(workdir, tiny_model, cli):
+    data = make_demo_data(workdir / "data", num=2)
+    result = cli(train_args(tiny_model, data, "train.train_steps=1", "data.dataset1.source.data_source1.crop=random"),
+                 cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if "cache_latents" in line]
+    assert len(warnings) == 1 and "crop is random" in warnings[0]
+    assert "latent cache" not in result.stderr
