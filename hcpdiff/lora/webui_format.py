@@ -9,24 +9,26 @@ from hcpdiff.errors import ModelError
 from hcpdiff.lora.state_io import layer_states
 
 WEBUI_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
-DIFFUSERS_PREFIX = {"unet": "unet.", "text_encoder": "text_encoder."}
+# kohya's SDXL files: U-Net keys as for SD (diffusers' loader accepts diffusers-style names), te1 / te2 per encoder
+SDXL_WEBUI_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+DIFFUSERS_PREFIX = {"unet": "unet.", "text_encoder": "text_encoder.", "text_encoder_2": "text_encoder_2."}
 # native suffix -> webui suffix; the tensors are the same (down = A, up = B, same shapes, conv included)
 WEBUI_SUFFIX = {".lora_A.weight": ".lora_down.weight", ".lora_B.weight": ".lora_up.weight", ".alpha": ".alpha"}
 
 
-def webui_layer_name(layer: str, part: str) -> str:
+def webui_layer_name(layer: str, part: str, prefixes: dict[str, str] = WEBUI_PREFIX) -> str:
     """kohya's name of a layer: prefix + dotted path with underscores (CLIP paths start at `text_model`)."""
-    if part == "text_encoder" and not layer.startswith("text_model."):
+    if part.startswith("text_encoder") and not layer.startswith("text_model."):
         layer = "text_model." + layer  # transformers 5 dropped `text_model.`; kohya / a1111 names keep it
-    return WEBUI_PREFIX[part] + layer.replace(".", "_")
+    return prefixes[part] + layer.replace(".", "_")
 
 
-def webui_name_map(layers: Iterable[str], part: str) -> dict[str, str]:
+def webui_name_map(layers: Iterable[str], part: str, prefixes: dict[str, str] = WEBUI_PREFIX) -> dict[str, str]:
     """{native layer: webui layer} for the given layer names; two layers with one webui name is an error."""
     name_map: dict[str, str] = {}
     seen: dict[str, str] = {}
     for layer in layers:
-        webui = webui_layer_name(layer, part)
+        webui = webui_layer_name(layer, part, prefixes)
         if webui in seen and seen[webui] != layer:
             raise ModelError(f"layers '{seen[webui]}' and '{layer}' have the same webui name '{webui}'.")
         seen[webui] = layer
@@ -34,10 +36,12 @@ def webui_name_map(layers: Iterable[str], part: str) -> dict[str, str]:
     return name_map
 
 
-def native_to_webui(state: dict[str, torch.Tensor], part: str) -> dict[str, torch.Tensor]:
+def native_to_webui(
+    state: dict[str, torch.Tensor], part: str, prefixes: dict[str, str] = WEBUI_PREFIX
+) -> dict[str, torch.Tensor]:
     """Native keys of one part as webui keys (`lora_unet_..._to_k.lora_down.weight`, `.lora_up.weight`, `.alpha`)."""
     by_layer = layer_states(state)
-    name_map = webui_name_map(by_layer, part)
+    name_map = webui_name_map(by_layer, part, prefixes)
     return {
         name_map[layer] + WEBUI_SUFFIX[suffix]: tensor for layer, parts in by_layer.items() for suffix, tensor in parts.items()
     }
@@ -46,7 +50,13 @@ def native_to_webui(state: dict[str, torch.Tensor], part: str) -> dict[str, torc
 def is_webui_state(keys: Iterable[str]) -> bool:
     """True when every key is a webui LoRA key of the U-Net or text encoder."""
     keys = list(keys)
-    return bool(keys) and all(key.startswith(tuple(WEBUI_PREFIX.values())) for key in keys)
+    prefixes = (*WEBUI_PREFIX.values(), *SDXL_WEBUI_PREFIX.values())
+    return bool(keys) and all(key.startswith(prefixes) for key in keys)
+
+
+def is_sdxl_webui_state(keys: Iterable[str]) -> bool:
+    """True when some key names one of SDXL's two text encoders (`lora_te1_` / `lora_te2_`)."""
+    return any(key.startswith(("lora_te1_", "lora_te2_")) for key in keys)
 
 
 def split_webui_key(key: str) -> tuple[str, str]:
@@ -58,14 +68,15 @@ def split_webui_key(key: str) -> tuple[str, str]:
 
 
 def webui_to_native(
-    state: dict[str, torch.Tensor], module_names: dict[str, list[str]]
+    state: dict[str, torch.Tensor], module_names: dict[str, list[str]], prefixes: dict[str, str] = WEBUI_PREFIX
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Split a webui state into native states per part, using the inverted name maps of the model's module names."""
-    inverse = {part: {w: n for n, w in webui_name_map(names, part).items()} for part, names in module_names.items()}
+    inverse = {part: {w: n for n, w in webui_name_map(names, part, prefixes).items()}
+               for part, names in module_names.items()}
     states: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         webui_layer, suffix = split_webui_key(key)
-        part = next((p for p, prefix in WEBUI_PREFIX.items() if webui_layer.startswith(prefix)), None)
+        part = next((p for p, prefix in prefixes.items() if webui_layer.startswith(prefix)), None)
         if part is None or webui_layer not in inverse.get(part, {}):
             raise ModelError(
                 f"webui LoRA layer '{webui_layer}' names no layer of the reference model; pass --model with the base model."

@@ -17,9 +17,18 @@ from safetensors.torch import save_file
 from hcpdiff.cli import run_cli
 from hcpdiff.errors import ModelError
 from hcpdiff.lora.state_io import FORMAT, FORMAT_VERSION, load_lora, save_lora
-from hcpdiff.lora.webui_format import is_webui_state, native_to_diffusers, native_to_webui, webui_to_native
+from hcpdiff.lora.webui_format import (SDXL_WEBUI_PREFIX, WEBUI_PREFIX, is_sdxl_webui_state, is_webui_state,
+                                       native_to_diffusers, native_to_webui, webui_to_native)
 
-PARTS = ("unet", "text_encoder")
+PARTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def base_model_is_sdxl(base_model: str) -> bool:
+    """Whether a native file's `base_model` is a local SDXL folder (its U-Net takes text_time conditioning)."""
+    config = Path(base_model) / "unet" / "config.json" if base_model else None
+    if config is None or not config.is_file():
+        return False
+    return json.loads(config.read_text(encoding="utf-8")).get("addition_embed_type") == "text_time"
 
 
 def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -33,25 +42,31 @@ def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
         raise ModelError(f"LoRA file '{path}' is not a safetensors file ({err}).") from err
 
 
-def native_parts(lora_path: str | None, lora_path_te: str | None) -> dict[str, dict[str, torch.Tensor]]:
-    """The native states given on the command line, by part; a file of the other part is an error."""
-    if not lora_path and not lora_path_te:
+def native_parts(
+    lora_path: str | None, lora_path_te: str | None, lora_path_te2: str | None = None, sdxl: bool = False
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The native states given on the command line, by part; a file of another part, or an SDXL file without
+    `sdxl` (its webui names differ), is an error."""
+    if not lora_path and not lora_path_te and not lora_path_te2:
         raise ModelError("give --lora_path (U-Net LoRA) and/or --lora_path_TE (text-encoder LoRA).")
     states = {}
-    for part, path, flag in (("unet", lora_path, "--lora_path"), ("text_encoder", lora_path_te, "--lora_path_TE")):
+    for part, path, flag in (("unet", lora_path, "--lora_path"), ("text_encoder", lora_path_te, "--lora_path_TE"),
+                             ("text_encoder_2", lora_path_te2, "--lora_path_TE2")):
         if path:
             state, metadata = load_lora(path)
             if metadata.get("part", part) != part:
                 raise ModelError(f"{flag} '{path}' is a {metadata['part']} LoRA; {flag} takes the {part} one.")
+            if not sdxl and (part == "text_encoder_2" or base_model_is_sdxl(metadata.get("base_model", ""))):
+                raise ModelError(f"{flag} '{path}' is an SDXL LoRA; add --sdxl (kohya's SDXL names: lora_te1_ / lora_te2_).")
             states[part] = state
     return states
 
 
 def meta_module_names(model_path: str | None) -> dict[str, list[str]]:
-    """Module names of the U-Net and text encoder, built on the meta device (no weights): the model's or SD1.x/2.x layout."""
+    """Module names of the U-Net and text encoder(s), built on the meta device (no weights): the model's or SD1.x/2.x layout."""
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     if model_path is None:
         unet_config: dict = {}  # UNet2DConditionModel defaults are the SD1.5 layout
@@ -63,23 +78,30 @@ def meta_module_names(model_path: str | None) -> dict[str, list[str]]:
         text_config = CLIPTextConfig.from_pretrained(model_path, subfolder="text_encoder")
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(unet_config)
-        text_encoder = CLIPTextModel(text_config)
-    return {"unet": [n for n, _ in unet.named_modules() if n], "text_encoder": [n for n, _ in text_encoder.named_modules() if n]}
+        text_encoders = {"text_encoder": CLIPTextModel(text_config)}
+        if model_path is not None and (Path(model_path) / "text_encoder_2").is_dir():
+            text_config_2 = CLIPTextConfig.from_pretrained(model_path, subfolder="text_encoder_2")
+            text_encoders["text_encoder_2"] = CLIPTextModelWithProjection(text_config_2)
+    models = {"unet": unet, **text_encoders}
+    return {part: [n for n, _ in model.named_modules() if n] for part, model in models.items()}
 
 
 def to_webui(args: argparse.Namespace) -> None:
     """Write one webui file holding the U-Net and text-encoder LoRAs."""
     webui: dict[str, torch.Tensor] = {}
-    for part, state in native_parts(args.lora_path, args.lora_path_TE).items():
-        webui.update(native_to_webui(state, part))
-    save_file({k: v.contiguous() for k, v in webui.items()}, args.dump_path, metadata={"ss_network_module": "networks.lora"})
+    prefixes = SDXL_WEBUI_PREFIX if args.sdxl else WEBUI_PREFIX
+    for part, state in native_parts(args.lora_path, args.lora_path_TE, args.lora_path_TE2, args.sdxl).items():
+        webui.update(native_to_webui(state, part, prefixes))
+    lycoris = any(key.endswith((".dora_scale", ".lokr_w1", ".lokr_w1_a")) or ".hada_" in key for key in webui)
+    module = "lycoris.kohya" if lycoris else "networks.lora"  # kohya's record of the network type
+    save_file({k: v.contiguous() for k, v in webui.items()}, args.dump_path, metadata={"ss_network_module": module})
     print(f"wrote {len(webui)} tensors to {args.dump_path}")
 
 
 def to_diffusers(args: argparse.Namespace) -> None:
     """Write a `pytorch_lora_weights.safetensors` for diffusers' `load_lora_weights` (alpha folded into B)."""
     out: dict[str, torch.Tensor] = {}
-    for part, state in native_parts(args.lora_path, args.lora_path_TE).items():
+    for part, state in native_parts(args.lora_path, args.lora_path_TE, args.lora_path_TE2, True).items():
         out.update(native_to_diffusers(state, part))
     save_file({k: v.contiguous() for k, v in out.items()}, args.dump_path, metadata={"format": "pt"})
     print(f"wrote {len(out)} tensors to {args.dump_path}")
@@ -90,7 +112,12 @@ def from_webui(args: argparse.Namespace) -> None:
     state, metadata = read_safetensors(args.lora_path)
     if metadata.get("format") == FORMAT or not is_webui_state(state):
         raise ModelError(f"--from_webui: '{args.lora_path}' is not a webui LoRA (keys lora_unet_... / lora_te_...).")
-    states = webui_to_native(state, meta_module_names(args.model))
+    if is_sdxl_webui_state(state) and not args.sdxl:
+        raise ModelError(f"--from_webui: '{args.lora_path}' is an SDXL LoRA (lora_te1_ / lora_te2_ keys); "
+                         "add --sdxl and --model with the SDXL base model folder.")
+    if args.sdxl and args.model is None:
+        raise ModelError("--from_webui --sdxl: give --model, the SDXL base model folder whose module names decode the keys.")
+    states = webui_to_native(state, meta_module_names(args.model), SDXL_WEBUI_PREFIX if args.sdxl else WEBUI_PREFIX)
     out_dir = Path(args.dump_path)
     for part, part_state in states.items():
         path = out_dir / f"{part}-{Path(args.lora_path).stem}.safetensors"
@@ -112,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--to_diffusers", action="store_true", help="native -> pytorch_lora_weights.safetensors")
     parser.add_argument("--lora_path", required=True, help="U-Net LoRA (native), or the webui file with --from_webui")
     parser.add_argument("--lora_path_TE", default=None, help="text-encoder LoRA (native), if any")
+    parser.add_argument("--lora_path_TE2", default=None, help="SDXL: second text-encoder LoRA (native), if any")
+    parser.add_argument("--sdxl", action="store_true",
+                        help="SDXL LoRA: kohya's SDXL names (lora_unet_, lora_te1_, lora_te2_); --from_webui needs --model")
     parser.add_argument("--dump_path", required=True, help="output file (a folder with --from_webui)")
     parser.add_argument("--model", default=None,
                         help="--from_webui: base model folder whose module names decode the keys (default: SD1.x/2.x layout)")
