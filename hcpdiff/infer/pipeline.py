@@ -15,7 +15,8 @@ from hcpdiff.lora.state_io import layer_states
 from hcpdiff.models.parts import ModelParts
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-PART_OF_TYPE = {"unet": "unet", "TE": "text_encoder", "text_encoder": "text_encoder"}
+PART_OF_TYPE = {"unet": "unet", "TE": "text_encoder", "text_encoder": "text_encoder",
+                "TE2": "text_encoder_2", "text_encoder_2": "text_encoder_2"}  # TE2: SDXL's second encoder
 
 
 def inference_scheduler(parts: ModelParts) -> Any:
@@ -39,10 +40,16 @@ def build_pipeline(parts: ModelParts, new_components: DictConfig | dict) -> Any:
         "unet": parts.unet, "vae": parts.vae, "text_encoder": parts.text_encoder, "tokenizer": parts.tokenizer,
         "scheduler": inference_scheduler(parts),
     }
+    if parts.family == "sdxl":
+        components.update(text_encoder_2=parts.text_encoder_2, tokenizer_2=parts.tokenizer_2)
     for name, node in (new_components or {}).items():
         if name not in components:
             raise ConfigError(f"`new_components.{name}`: unknown component; use one of {sorted(components)}.")
         components[name] = instantiate(node, f"new_components.{name}")
+    if parts.family == "sdxl":
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline(**components, add_watermarker=False)
     return StableDiffusionPipeline(
         **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )

@@ -58,12 +58,18 @@ def generate(cfg: DictConfig) -> list[Path]:
     for start in range(0, len(jobs), spec.bs):
         batch = jobs[start : start + spec.bs]
         batch_prompts = [prompt for prompt, _ in batch]
-        embeds = encode_weighted(pipe.tokenizer, pipe.text_encoder, batch_prompts, repeats, spec.clip_skip)
-        neg_embeds = encode_weighted(pipe.tokenizer, pipe.text_encoder, [spec.neg_prompt] * len(batch), repeats, spec.clip_skip)
+        if parts.family == "sdxl":  # diffusers encodes with both encoders; (text:1.2) weights are not applied
+            prompt_args = {"prompt": batch_prompts, "negative_prompt": [spec.neg_prompt] * len(batch),
+                           "clip_skip": spec.clip_skip or None}
+        else:
+            prompt_args = {
+                "prompt_embeds": encode_weighted(pipe.tokenizer, pipe.text_encoder, batch_prompts, repeats, spec.clip_skip),
+                "negative_prompt_embeds": encode_weighted(pipe.tokenizer, pipe.text_encoder,
+                                                          [spec.neg_prompt] * len(batch), repeats, spec.clip_skip),
+            }
         generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in batch]
         with torch.no_grad():
-            images = pipe(prompt_embeds=embeds, negative_prompt_embeds=neg_embeds, generator=generators,
-                          output_type="pil", **vars(infer_args)).images
+            images = pipe(**prompt_args, generator=generators, output_type="pil", **vars(infer_args)).images
         for image, (prompt, seed) in zip(images, batch):
             info = {
                 "prompt": prompt, "negative_prompt": spec.neg_prompt, "seed": seed,

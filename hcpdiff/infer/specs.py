@@ -64,3 +64,4 @@ class VisualizerSpec:
     lora_alpha: float = 1.0
     lora_path_TE: str | None = None
     lora_alpha_TE: float = 1.0
+    lora_path_TE2: str | None = None  # SDXL: a native text_encoder_2 LoRA (text2img_sdxl.yaml)

@@ -33,3 +33,36 @@ def test_lora_sdxl_trains_unet_and_text_encoder_2(workdir, tiny_sdxl, cli):
         assert ups and all(torch.count_nonzero(up) > 0 for up in ups), part  # LoRA B starts at 0: it moved
     te2 = load_file(exp / "ckpts" / "text_encoder_2-2.safetensors")
     assert any("self_attn.q_proj" in key for key in te2)
+
+
+def test_visualizer_renders_the_tiny_sdxl_with_a_lora(workdir, tiny_sdxl, cli):
+    """text2img_sdxl.yaml builds StableDiffusionXLPipeline; a LoRA at alpha 1 changes the image, alpha 0 does not."""
+    import numpy as np
+    from diffusers import UNet2DConditionModel
+    from PIL import Image
+
+    from hcpdiff.config import load_config
+    from hcpdiff.infer import generate
+    from hcpdiff.lora import LoraGroupSpec, attach_lora, lora_metadata, lora_state_dict, save_lora
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet")
+    groups = attach_lora(unet, [LoraGroupSpec(lr=1e-4, layers=[r"re:.*\.attn.?$"], rank=4)], "unet", "lora_unet")
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    lora = workdir / "unet-1.safetensors"
+    save_lora(lora, lora_state_dict(unet), lora_metadata("unet", str(tiny_sdxl), groups, 1))
+
+    def render(alpha: float) -> np.ndarray:
+        out = workdir / f"out{alpha}"
+        paths = generate(load_config("cfgs/infer/text2img_sdxl.yaml", [
+            f"pretrained_model={tiny_sdxl}", "infer_args.width=64", "infer_args.height=64",
+            "infer_args.num_inference_steps=2", f"lora_path={lora}", f"lora_alpha={alpha}", f"save.out_dir={out}"]))
+        assert len(paths) == 1
+        return np.asarray(Image.open(paths[0]).convert("RGB"))
+
+    base, with_lora = render(0.0), render(1.0)
+    assert base.shape == (64, 64, 3)
+    assert np.abs(base.astype(int) - with_lora.astype(int)).mean() > 0.5
