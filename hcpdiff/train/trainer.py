@@ -120,7 +120,8 @@ class Trainer:
         if self.model_spec is not None and not self.model_spec.pretrained_model_name_or_path:
             problems.append("model.pretrained_model_name_or_path: missing; give a diffusers folder or a hub id")
         if not any(self.lora_specs.values()):
-            problems.append("lora_unet / lora_text_encoder: no LoRA group is configured, so nothing would train")
+            problems.append("lora_unet / lora_text_encoder / lora_text_encoder_2: no LoRA group is configured, "
+                            "so nothing would train")
         if not cfg.get("data"):
             problems.append("data: no dataset is configured")
         if problems:
