@@ -5,13 +5,16 @@ import re
 import warnings
 from numbers import Real
 
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
+from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from hcpdiff.errors import ConfigError, ModelError
 from hcpdiff.lora.layer_select import select_layers
 from hcpdiff.lora.spec import AttachedGroup, LoraGroupSpec
+from hcpdiff.lora.state_io import adapter_tensors
+
+ADAPTER_TYPES = ("lora", "loha", "lokr")
 
 
 def exact_names_regex(names: list[str]) -> str:
@@ -51,6 +54,12 @@ def check_spec(spec: LoraGroupSpec, label: str) -> None:
         raise ConfigError(f"{label}.alpha: expected a number > 0 or null (alpha = rank), got {spec.alpha!r}.")
     if not 0 <= spec.dropout < 1:
         raise ConfigError(f"{label}.dropout: expected a value in [0, 1), got {spec.dropout!r}.")
+    if spec.type not in ADAPTER_TYPES:
+        raise ConfigError(f"{label}.type: expected one of {', '.join(ADAPTER_TYPES)}, got {spec.type!r}.")
+    if spec.dora and spec.type != "lora":
+        raise ConfigError(f"{label}.dora: DoRA is a LoRA variant; it needs type: lora, not {spec.type!r}.")
+    if spec.dropout and spec.type != "lora":
+        raise ConfigError(f"{label}.dropout: input dropout exists for type: lora only; set it to 0 for {spec.type}.")
     if isinstance(spec.layers, str) or not spec.layers:
         raise ConfigError(f"{label}.layers: expected a non-empty list of patterns, got {spec.layers!r}.")
 
@@ -74,25 +83,27 @@ def layer_ranks(model: nn.Module, layers: list[str], spec: LoraGroupSpec, label:
     return ranks
 
 
-def lora_config(spec: LoraGroupSpec, ranks: dict[str, int]) -> LoraConfig:
-    """The peft config of one group: exactly its layers, and per-layer rank / alpha only where ranks differ."""
+def lora_config(spec: LoraGroupSpec, ranks: dict[str, int]) -> LoraConfig | LoHaConfig | LoKrConfig:
+    """The peft config of one group: its adapter type, exactly its layers, per-layer rank / alpha where they differ."""
     alphas = {name: float(spec.alpha if spec.alpha is not None else rank) for name, rank in ranks.items()}
     first = next(iter(ranks))
     uniform = len(set(ranks.values())) == 1 and len(set(alphas.values())) == 1
-    return LoraConfig(
-        r=ranks[first],
-        lora_alpha=alphas[first],
-        lora_dropout=spec.dropout,
-        target_modules=exact_names_regex(list(ranks)),
-        rank_pattern={} if uniform else {exact_pattern_key(name): rank for name, rank in ranks.items()},
-        alpha_pattern={} if uniform else {exact_pattern_key(name): alpha for name, alpha in alphas.items()},
-        bias="none",
-    )
+    common = {
+        "r": ranks[first],
+        "target_modules": exact_names_regex(list(ranks)),
+        "rank_pattern": {} if uniform else {exact_pattern_key(name): rank for name, rank in ranks.items()},
+        "alpha_pattern": {} if uniform else {exact_pattern_key(name): alpha for name, alpha in alphas.items()},
+    }
+    if spec.type == "loha":
+        return LoHaConfig(alpha=alphas[first], **common)
+    if spec.type == "lokr":
+        return LoKrConfig(alpha=alphas[first], **common)
+    return LoraConfig(lora_alpha=alphas[first], lora_dropout=spec.dropout, use_dora=spec.dora, bias="none", **common)
 
 
 def attach_lora(model: nn.Module, groups: list[LoraGroupSpec], part: str, where: str) -> list[AttachedGroup]:
     """Inject one adapter per group (named `{part}_g{i}`), freeze the base model and return each group's params."""
-    if any(isinstance(module, LoraLayer) for module in model.modules()):
+    if any(isinstance(module, BaseTunerLayer) for module in model.modules()):
         raise ModelError(f"{where}: the {part} already has LoRA adapters attached; attach all groups in one call.")
     claimed_by: dict[str, str] = {}
     plans: list[tuple[str, LoraGroupSpec, dict[str, int]]] = []
@@ -116,7 +127,7 @@ def attach_lora(model: nn.Module, groups: list[LoraGroupSpec], part: str, where:
             inject_adapter_in_model(lora_config(spec, ranks), model, adapter_name=adapter_name)
     adapter_names = [adapter_name for adapter_name, _, _ in plans]
     for module in model.modules():
-        if isinstance(module, LoraLayer):
+        if isinstance(module, BaseTunerLayer):
             # each injection left only its own adapter active on every LoRA layer; a layer skips adapters it
             # lacks, so activating all names gives each layer its group's adapter (and makes it trainable)
             module.set_adapter(adapter_names)
@@ -134,14 +145,14 @@ def check_injected(model: nn.Module, adapter_name: str, ranks: dict[str, int]) -
     """Guard against peft changing how it matches names: every planned layer has the adapter at its planned rank."""
     for name, rank in ranks.items():
         layer = model.get_submodule(name)
-        if not isinstance(layer, LoraLayer) or layer.r.get(adapter_name) != rank:
+        if not isinstance(layer, BaseTunerLayer) or getattr(layer, "r", {}).get(adapter_name) != rank:
             raise RuntimeError(f"peft did not give layer '{name}' adapter {adapter_name} at rank {rank}")
 
 
 def adapter_params(model: nn.Module, adapter_name: str) -> list[nn.Parameter]:
-    """The lora_A / lora_B weights of one adapter, in model order."""
+    """The trained weights of one adapter (lora_A / lora_B, DoRA magnitudes, hada_* or lokr_*), in model order."""
     params: list[nn.Parameter] = []
     for module in model.modules():
-        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
-            params += [module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight]
+        if isinstance(module, BaseTunerLayer):
+            params += list(adapter_tensors(module, adapter_name).values())
     return params

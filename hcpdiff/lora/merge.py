@@ -1,11 +1,15 @@
-"""Fold native LoRA weights into a plain model's Linear / Conv2d weights (for inference)."""
+"""Fold native adapter weights into a plain model's Linear / Conv2d weights (for inference)."""
 from __future__ import annotations
 
 import torch
+from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from hcpdiff.errors import ModelError
-from hcpdiff.lora.state_io import layer_states
+from hcpdiff.lora.state_io import adapter_tensors, layer_kind, layer_states
+
+PLAIN_LORA = {".lora_A.weight", ".lora_B.weight", ".alpha"}
+MERGE_ADAPTER = "merge"
 
 
 def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
@@ -16,7 +20,11 @@ def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
 
 
 def merge_lora(model: nn.Module, state: dict[str, torch.Tensor], alpha_scale: float = 1.0) -> None:
-    """W += alpha_scale * (alpha / rank) * B @ A for every layer in `state`, in place, on a model without adapters."""
+    """Merge every layer in `state` into `model` in place (a model without adapters), its scale times alpha_scale.
+
+    Plain LoRA: W += alpha_scale * (alpha / rank) * B @ A. DoRA, LoHa and LoKr: peft's own layer of that type is
+    built around the layer, filled with the weights and merged, so the result is exactly what training computed.
+    """
     with torch.no_grad():
         for name, parts in layer_states(state).items():
             try:
@@ -25,13 +33,55 @@ def merge_lora(model: nn.Module, state: dict[str, torch.Tensor], alpha_scale: fl
                 raise ModelError(f"LoRA layer '{name}' does not exist in the model.") from err
             if not isinstance(layer, (nn.Linear, nn.Conv2d)):
                 raise ModelError(f"LoRA layer '{name}' is a {type(layer).__name__}, not a Linear or Conv2d layer.")
-            lora_a = parts[".lora_A.weight"].to(torch.float32)
-            lora_b = parts[".lora_B.weight"].to(torch.float32)
-            scale = alpha_scale * float(parts[".alpha"]) / lora_a.shape[0]
-            delta = scale * lora_delta(lora_a, lora_b)
-            if delta.shape != layer.weight.shape:
-                raise ModelError(
-                    f"LoRA layer '{name}' gives a weight change of shape {tuple(delta.shape)}, "
-                    f"the layer's weight is {tuple(layer.weight.shape)}."
-                )
-            layer.weight += delta.to(device=layer.weight.device, dtype=layer.weight.dtype)
+            if set(parts) == PLAIN_LORA:
+                merge_plain_lora(name, layer, parts, alpha_scale)
+            else:
+                merge_with_peft(name, layer, parts, alpha_scale)
+
+
+def merge_plain_lora(name: str, layer: nn.Module, parts: dict[str, torch.Tensor], alpha_scale: float) -> None:
+    """W += alpha_scale * (alpha / rank) * B @ A."""
+    lora_a = parts[".lora_A.weight"].to(torch.float32)
+    lora_b = parts[".lora_B.weight"].to(torch.float32)
+    scale = alpha_scale * float(parts[".alpha"]) / lora_a.shape[0]
+    delta = scale * lora_delta(lora_a, lora_b)
+    if delta.shape != layer.weight.shape:
+        raise ModelError(
+            f"LoRA layer '{name}' gives a weight change of shape {tuple(delta.shape)}, "
+            f"the layer's weight is {tuple(layer.weight.shape)}."
+        )
+    layer.weight += delta.to(device=layer.weight.device, dtype=layer.weight.dtype)
+
+
+def peft_config_for(parts: dict[str, torch.Tensor]) -> LoraConfig | LoHaConfig | LoKrConfig:
+    """A one-layer peft config whose adapter has exactly the shapes of these native weights."""
+    alpha = float(parts[".alpha"])
+    kind = layer_kind(parts)
+    if kind == "loha":
+        return LoHaConfig(r=parts[".hada_w1_b"].shape[0], alpha=alpha, target_modules=["target"])
+    if kind == "lokr":
+        return LoKrConfig(r=int(parts[".rank"]), alpha=alpha, decompose_both=".lokr_w1_a" in parts,
+                          target_modules=["target"])
+    return LoraConfig(r=parts[".lora_A.weight"].shape[0], lora_alpha=alpha, target_modules=["target"],
+                      use_dora=".lora_magnitude_vector.weight" in parts)
+
+
+def merge_with_peft(name: str, layer: nn.Module, parts: dict[str, torch.Tensor], alpha_scale: float) -> None:
+    """Wrap `layer` in peft's adapter layer (in a throw-away holder), load the weights, merge, drop the wrapper."""
+    holder = nn.Module()
+    holder.add_module("target", layer)
+    inject_adapter_in_model(peft_config_for(parts), holder, adapter_name=MERGE_ADAPTER)
+    wrapped = holder.target
+    targets = adapter_tensors(wrapped, MERGE_ADAPTER)
+    weights = {suffix: tensor for suffix, tensor in parts.items() if suffix not in (".alpha", ".rank")}
+    if set(weights) != set(targets) or any(weights[s].shape != targets[s].shape for s in targets):
+        raise ModelError(
+            f"LoRA layer '{name}': its {layer_kind(parts)} weights "
+            f"{ {s: tuple(t.shape) for s, t in weights.items()} } do not fit the layer's weight "
+            f"{tuple(layer.weight.shape)}."
+        )
+    for suffix, target in targets.items():
+        target.data = weights[suffix].to(device=target.device, dtype=torch.float32)
+    wrapped.scaling[MERGE_ADAPTER] = alpha_scale * wrapped.scaling[MERGE_ADAPTER]
+    # peft writes the merged weight into the wrapped layer itself, which is the model's own layer object
+    wrapped.merge(adapter_names=[MERGE_ADAPTER])

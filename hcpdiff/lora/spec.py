@@ -15,6 +15,8 @@ class LoraGroupSpec:
     rank: int | float = 4  # int >= 1, or a float in (0, 1]: that fraction of each layer's output width
     alpha: float | None = None  # LoRA scale is alpha / rank; None means alpha = rank (scale 1)
     dropout: float = 0.0  # dropout on the LoRA branch input while training
+    type: str = "lora"  # adapter kind through peft: lora | loha (Hadamard product) | lokr (Kronecker product)
+    dora: bool = False  # lora only: weight-decomposed LoRA (peft use_dora), a trained magnitude per output row
 
 
 @dataclass

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import torch
-from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -16,30 +16,72 @@ from hcpdiff.lora.spec import AttachedGroup
 
 FORMAT = "hcpdiff.lora"
 FORMAT_VERSION = "1"
-KEY_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".alpha")
+# Weight suffixes of each adapter type: peft's own attribute names (`.weight` where peft holds a module); `.alpha` and,
+# for lokr, `.rank` (a full-matrix LoKr's rank shows in no shape but sets its scale alpha / rank) are fp32 scalars.
+REQUIRED_SUFFIXES = {
+    "lora": (".lora_A.weight", ".lora_B.weight", ".alpha"),
+    "loha": (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".alpha"),
+    "lokr": (".alpha", ".rank"),
+}
+OPTIONAL_SUFFIXES = {
+    "lora": (".lora_magnitude_vector.weight",),  # DoRA
+    "loha": (".hada_t1", ".hada_t2"),
+    "lokr": (".lokr_w1", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2"),
+}
+KEY_SUFFIXES = tuple(sorted({s for kind in (REQUIRED_SUFFIXES, OPTIONAL_SUFFIXES) for v in kind.values() for s in v},
+                            key=len, reverse=True))
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
-    """The peft LoRA layers of a model by dotted name (peft keeps the plain layer's name)."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+def lora_layers(model: nn.Module) -> dict[str, BaseTunerLayer]:
+    """The peft adapter layers of a model by dotted name (peft keeps the plain layer's name)."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
 
 
-def only_adapter(layer: LoraLayer, name: str) -> str:
+def adapter_kind(layer: BaseTunerLayer) -> str:
+    """"lora", "loha" or "lokr" from the peft layer's weight names."""
+    names = layer.adapter_layer_names
+    return "loha" if "hada_w1_a" in names else "lokr" if "lokr_w1" in names else "lora"
+
+
+def adapter_tensors(layer: BaseTunerLayer, adapter: str) -> dict[str, nn.Parameter]:
+    """{native suffix: parameter} of one adapter on one peft layer (`.lora_A.weight`, `.hada_w1_a`, ...)."""
+    tensors: dict[str, nn.Parameter] = {}
+    for attr in layer.adapter_layer_names:
+        container = getattr(layer, attr)
+        if adapter not in container:
+            continue
+        item = container[adapter]
+        if isinstance(item, nn.Parameter):
+            tensors[f".{attr}"] = item
+        else:
+            tensors.update({f".{attr}.{name}": param for name, param in item.named_parameters()})
+    return tensors
+
+
+def adapter_alpha(layer: BaseTunerLayer, adapter: str) -> float:
+    """The alpha of an adapter (peft calls it lora_alpha on LoRA layers, alpha on LoHa / LoKr layers)."""
+    alphas = layer.lora_alpha if hasattr(layer, "lora_alpha") else layer.alpha
+    return float(alphas[adapter])
+
+
+def only_adapter(layer: BaseTunerLayer, name: str) -> str:
     """The single adapter a layer carries (attach_lora gives each layer exactly one)."""
-    adapters = list(layer.lora_A.keys())
+    adapters = list(layer.r.keys())
     if len(adapters) != 1:
         raise ModelError(f"layer '{name}' carries {len(adapters)} LoRA adapters ({adapters}); expected exactly one.")
     return adapters[0]
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Native keys `<layer>.lora_A.weight`, `<layer>.lora_B.weight`, `<layer>.alpha` from the attached adapters."""
+    """Native keys `<layer><suffix>` (see REQUIRED_SUFFIXES) and `<layer>.alpha` from the attached adapters."""
     state: dict[str, torch.Tensor] = {}
     for name, layer in lora_layers(model).items():
         adapter = only_adapter(layer, name)
-        state[f"{name}.lora_A.weight"] = layer.lora_A[adapter].weight.detach().clone()
-        state[f"{name}.lora_B.weight"] = layer.lora_B[adapter].weight.detach().clone()
-        state[f"{name}.alpha"] = torch.tensor(float(layer.lora_alpha[adapter]), dtype=torch.float32)
+        for suffix, param in adapter_tensors(layer, adapter).items():
+            state[name + suffix] = param.detach().clone()
+        state[f"{name}.alpha"] = torch.tensor(adapter_alpha(layer, adapter), dtype=torch.float32)
+        if adapter_kind(layer) == "lokr":
+            state[f"{name}.rank"] = torch.tensor(float(layer.r[adapter]), dtype=torch.float32)
     return state
 
 
@@ -51,6 +93,8 @@ def lora_metadata(part: str, base_model: str, groups: list[AttachedGroup], step:
             "rank": group.spec.rank,
             "alpha": group.spec.alpha,
             "dropout": group.spec.dropout,
+            "type": group.spec.type,
+            "dora": group.spec.dora,
             "lr": group.lr,
             "patterns": list(group.spec.layers),
         }
@@ -126,18 +170,31 @@ def split_key(key: str) -> tuple[str, str]:
         if key.endswith(suffix):
             return key[: -len(suffix)], suffix
     raise ModelError(
-        f"LoRA key '{key}' is not a native key (<layer>.lora_A.weight, <layer>.lora_B.weight or <layer>.alpha)."
+        f"LoRA key '{key}' is not a native key (<layer>.lora_A.weight, <layer>.lora_B.weight, <layer>.alpha, "
+        "<layer>.hada_w1_a ..., <layer>.lokr_w1 ...)."
     )
 
 
+def layer_kind(parts: dict[str, torch.Tensor]) -> str:
+    """"lora", "loha" or "lokr" from one layer's native suffixes."""
+    if any(suffix.startswith(".hada_") for suffix in parts):
+        return "loha"
+    if any(suffix.startswith(".lokr_") for suffix in parts):
+        return "lokr"
+    return "lora"
+
+
 def layer_states(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """Group native keys by layer: {layer: {suffix: tensor}}; every layer must have A, B and alpha."""
+    """Group native keys by layer: {layer: {suffix: tensor}}; every layer must hold its type's weights and alpha."""
     by_layer: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         layer, suffix = split_key(key)
         by_layer.setdefault(layer, {})[suffix] = tensor
     for layer, parts in by_layer.items():
-        missing = [suffix for suffix in KEY_SUFFIXES if suffix not in parts]
+        kind = layer_kind(parts)
+        missing = [suffix for suffix in REQUIRED_SUFFIXES[kind] if suffix not in parts]
+        if kind == "lokr":
+            missing += [f".lokr_{w}" for w in ("w1", "w2") if f".lokr_{w}" not in parts and f".lokr_{w}_a" not in parts]
         if missing:
             raise ModelError(f"LoRA weights of layer '{layer}' lack {', '.join(layer + s for s in missing)}.")
     return by_layer
@@ -159,7 +216,13 @@ def load_lora_into(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         for name, parts in by_layer.items():
             layer = layers[name]
             adapter = only_adapter(layer, name)
-            targets = {".lora_A.weight": layer.lora_A[adapter].weight, ".lora_B.weight": layer.lora_B[adapter].weight}
+            targets = adapter_tensors(layer, adapter)
+            weights = {suffix for suffix in parts if suffix not in (".alpha", ".rank")}
+            if weights != set(targets):
+                raise ModelError(
+                    f"LoRA weights of layer '{name}' are {sorted(weights)}; the attached {adapter_kind(layer)} "
+                    f"adapter has {sorted(targets)} (a different adapter type or rank?)."
+                )
             for suffix, target in targets.items():
                 if parts[suffix].shape != target.shape:
                     raise ModelError(
@@ -168,5 +231,5 @@ def load_lora_into(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
                     )
                 target.copy_(parts[suffix])
             alpha = float(parts[".alpha"])
-            layer.lora_alpha[adapter] = alpha
+            (layer.lora_alpha if hasattr(layer, "lora_alpha") else layer.alpha)[adapter] = alpha
             layer.scaling[adapter] = alpha / layer.r[adapter]  # peft's scale (no rslora here)

@@ -6,6 +6,7 @@ from typing import Iterable
 import torch
 
 from hcpdiff.errors import ModelError
+from hcpdiff.lora.lycoris_format import webui_tensors
 from hcpdiff.lora.state_io import layer_states
 
 WEBUI_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
@@ -42,8 +43,8 @@ def native_to_webui(
     """Native keys of one part as webui keys (`lora_unet_..._to_k.lora_down.weight`, `.lora_up.weight`, `.alpha`)."""
     by_layer = layer_states(state)
     name_map = webui_name_map(by_layer, part, prefixes)
-    return {
-        name_map[layer] + WEBUI_SUFFIX[suffix]: tensor for layer, parts in by_layer.items() for suffix, tensor in parts.items()
+    return {  # LoHa / LoKr / DoRA layers get LyCORIS suffixes (lycoris_format)
+        name_map[layer] + suffix: tensor for layer, parts in by_layer.items() for suffix, tensor in webui_tensors(parts).items()
     }
 
 
@@ -94,6 +95,11 @@ def native_to_diffusers(state: dict[str, torch.Tensor], part: str) -> dict[str, 
     """diffusers/peft keys `<part>.<layer>.lora_A.weight` / `.lora_B.weight`, with alpha / rank folded into B."""
     out: dict[str, torch.Tensor] = {}
     for layer, parts in layer_states(state).items():
+        if set(parts) != {".lora_A.weight", ".lora_B.weight", ".alpha"}:
+            raise ModelError(
+                f"layer '{layer}' holds a LoHa / LoKr / DoRA adapter; only plain LoRA converts to diffusers "
+                "(use --to_webui, which ComfyUI and the webui load)."
+            )
         lora_a, lora_b = parts[".lora_A.weight"], parts[".lora_B.weight"]
         scale = float(parts[".alpha"]) / lora_a.shape[0]  # diffusers loads without alphas as scale 1
         out[f"{DIFFUSERS_PREFIX[part]}{layer}.lora_A.weight"] = lora_a.clone()

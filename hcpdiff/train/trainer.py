@@ -387,7 +387,7 @@ class Trainer:
         key = LORA_PARTS[part]
         return [
             {"name": f"{key}[{i}]", "rank": spec.rank, "alpha": spec.alpha, "dropout": spec.dropout,
-             "lr": spec.lr, "patterns": list(spec.layers)}
+             "lr": spec.lr, "patterns": list(spec.layers), "type": spec.type, "dora": spec.dora}
             for i, spec in enumerate(self.lora_specs[part])
         ]
 

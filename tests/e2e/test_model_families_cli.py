@@ -67,3 +67,34 @@ def test_single_file_without_config_offline_fails_in_one_line(workdir, tiny_mode
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "model.single_file_config" in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("group, suffix", [
+    ("{lr: 1e-3, rank: 4, type: loha, layers: ['re:.*attn2\\.to_[kv]$']}", ".hada_w1_a"),
+    ("{lr: 1e-3, rank: 4, type: lokr, layers: ['re:.*attn2\\.to_[kv]$']}", ".lokr_w1"),
+    ("{lr: 1e-3, rank: 4, dora: true, layers: ['re:.*attn2\\.to_[kv]$']}", ".lora_magnitude_vector.weight"),
+])
+def test_adapter_types_train(workdir, tiny_model, cli, group, suffix):
+    """`type: loha`, `type: lokr` and `dora: true` train 2 steps; the checkpoint holds the type's weights, moved."""
+    data = make_demo_data(workdir / "data", num=2)
+    result = cli(train_args(tiny_model, data, f"lora_unet=[{group}]"), cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    exp = only_exp_dir(workdir)
+    with safe_open(exp / "ckpts" / "unet-2.safetensors", "pt") as opened:
+        keys = list(opened.keys())
+        groups = json.loads(opened.metadata()["groups"])
+    assert any(key.endswith("attn2.to_k" + suffix) for key in keys), keys[:8]
+    assert groups[0]["type"] == ("lora" if "dora" in group else group.split("type: ")[1].split(",")[0])
+
+
+def test_locon_example_trains_resnet_convolutions(workdir, tiny_model, cli):
+    data = make_demo_data(workdir / "data", num=2)
+    args = train_args(tiny_model, data)
+    args[args.index("cfgs/train/examples/demo_tiny.yaml")] = "cfgs/train/examples/locon.yaml"
+    result = cli([*args, "data.dataset1.batch_size=2", "train.workers=0",
+                  "data.dataset1.source.data_source1.word_names={pt1: x}"], cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    exp = only_exp_dir(workdir)
+    with safe_open(exp / "ckpts" / "unet-2.safetensors", "pt") as opened:
+        conv_a = [opened.get_tensor(k) for k in opened.keys() if k.endswith("resnets.0.conv1.lora_A.weight")]
+    assert conv_a and all(t.shape[1:] == (t.shape[1], 3, 3) for t in conv_a)

@@ -1,0 +1,174 @@
+"""LoHa, LoKr, DoRA and LoCon through peft: native keys, file round trip, exact merge, LyCORIS / webui export."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from hcpdiff.errors import ConfigError
+from hcpdiff.lora import LoraGroupSpec, attach_lora, load_lora, load_lora_into, lora_metadata, lora_state_dict, merge_lora, save_lora
+from hcpdiff.lora.webui_format import native_to_webui
+
+TO_K = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k"
+CONV = "down_blocks.0.resnets.0.conv1"  # LoCon: an adapter on a ResNet 3x3 convolution
+PATTERNS = [r"re:.*attn1\.to_k$", r"re:.*resnets\.\d+\.conv[12]$"]
+CASES = {
+    "loha": {"type": "loha"},
+    "lokr": {"type": "lokr"},
+    "dora": {"dora": True},
+    "locon": {},
+}
+SUFFIXES = {
+    "loha": {".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".alpha"},
+    "dora": {".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector.weight", ".alpha"},
+    "locon": {".lora_A.weight", ".lora_B.weight", ".alpha"},
+}
+
+
+def trained(unet, case: str):
+    """The U-Net with one group of the case's type, every adapter weight set to random values (as if trained)."""
+    spec = LoraGroupSpec(lr=1e-4, layers=PATTERNS, rank=4, alpha=2.0, **CASES[case])
+    groups = attach_lora(unet, [spec], "unet", "lora_unet")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in groups[0].params:
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.3 + (1.0 if param.dim() == 1 else 0.0))
+    return groups
+
+
+def layer_inputs(layer) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(2, 64, generator=generator) if isinstance(layer, torch.nn.Linear) else torch.randn(
+        1, 32, 8, 8, generator=generator)
+
+
+def outputs(unet) -> dict[str, torch.Tensor]:
+    """Each test layer's output on a fixed input (the adapter included when attached)."""
+    with torch.no_grad():
+        result = {}
+        for name in (TO_K, CONV):
+            layer = unet.get_submodule(name)
+            base = getattr(layer, "base_layer", layer)
+            result[name] = layer(layer_inputs(base))
+        return result
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_native_keys_round_trip_and_exact_merge(case: str, tiny_unet_factory, tmp_path: Path) -> None:
+    unet = tiny_unet_factory()
+    groups = trained(unet, case)
+    state = lora_state_dict(unet)
+    suffixes = {key[len(TO_K):] for key in state if key.startswith(TO_K + ".")}
+    if case == "lokr":
+        assert {".alpha", ".rank"} <= suffixes and suffixes & {".lokr_w1", ".lokr_w1_a"} and suffixes & {".lokr_w2", ".lokr_w2_a"}
+    else:
+        assert suffixes == SUFFIXES[case]
+    assert any(key.startswith(CONV + ".") for key in state)
+    want = outputs(unet)
+
+    path = tmp_path / "unet-2.safetensors"
+    save_lora(path, state, lora_metadata("unet", "tiny", groups, step=2))
+    loaded, metadata = load_lora(path)
+    assert '"type": "%s"' % CASES[case].get("type", "lora") in metadata["groups"]
+
+    again = tiny_unet_factory()
+    attach_lora(again, [groups[0].spec], "unet", "lora_unet")
+    load_lora_into(again, loaded)
+    for name, output in outputs(again).items():
+        torch.testing.assert_close(output, want[name])
+
+    plain = tiny_unet_factory()
+    merge_lora(plain, loaded)
+    for name, output in outputs(plain).items():
+        torch.testing.assert_close(output, want[name], atol=1e-5, rtol=1e-5)
+
+
+def lycoris_delta_weight(parts: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+    """The merged weight as ComfyUI / the webui's LyCORIS code computes it from webui tensors (written out here)."""
+    alpha = parts.get(".alpha")
+    if ".hada_w1_a" in parts:
+        scale = float(alpha) / parts[".hada_w1_b"].shape[0]
+        delta = (parts[".hada_w1_a"] @ parts[".hada_w1_b"]) * (parts[".hada_w2_a"] @ parts[".hada_w2_b"])
+        return weight + scale * delta.reshape(weight.shape)
+    if ".lokr_w1" in parts or ".lokr_w1_a" in parts:
+        dim = None
+        w1 = parts.get(".lokr_w1")
+        if w1 is None:
+            dim, w1 = parts[".lokr_w1_b"].shape[0], parts[".lokr_w1_a"] @ parts[".lokr_w1_b"]
+        w2 = parts.get(".lokr_w2")
+        if w2 is None:
+            dim, w2 = parts[".lokr_w2_b"].shape[0], parts[".lokr_w2_a"] @ parts[".lokr_w2_b"]
+        scale = float(alpha) / dim if alpha is not None and dim is not None else 1.0
+        if weight.dim() == 4:
+            w1 = w1[:, :, None, None]
+            w2 = w2.reshape(w2.shape[0], -1, *weight.shape[2:]) if w2.dim() == 2 else w2
+        return weight + scale * torch.kron(w1, w2).reshape(weight.shape)
+    down, up = parts[".lora_down.weight"], parts[".lora_up.weight"]
+    delta = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape) * float(alpha) / down.shape[0]
+    calc = weight + delta
+    if ".dora_scale" in parts:  # ComfyUI weight_decompose, magnitude on the output axis
+        norm = calc.reshape(calc.shape[0], -1).norm(dim=1, keepdim=True).reshape(parts[".dora_scale"].shape)
+        calc = calc * (parts[".dora_scale"] / norm)
+    return calc
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_webui_export_has_lycoris_keys_with_the_same_effect(case: str, tiny_unet_factory) -> None:
+    unet = tiny_unet_factory()
+    trained(unet, case)
+    state = lora_state_dict(unet)
+    webui = native_to_webui(state, "unet")
+    plain = tiny_unet_factory()
+    merged = tiny_unet_factory()
+    merge_lora(merged, state)
+    for name in (TO_K, CONV):
+        prefix = "lora_unet_" + name.replace(".", "_")
+        parts = {key[len(prefix):]: tensor for key, tensor in webui.items() if key.startswith(prefix + ".")}
+        if case == "loha":
+            assert {".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".alpha"} == set(parts)
+        if case == "dora":
+            assert ".dora_scale" in parts and parts[".dora_scale"].shape[0] == parts[".lora_up.weight"].shape[0]
+        base = plain.get_submodule(name).weight
+        expected = merged.get_submodule(name).weight
+        torch.testing.assert_close(lycoris_delta_weight(parts, base), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_type_and_dora_on_loha_are_config_errors(tiny_unet) -> None:
+    with pytest.raises(ConfigError, match=r"lora_unet\[0\]\.type: expected one of lora, loha, lokr, got 'lycoris'"):
+        attach_lora(tiny_unet, [LoraGroupSpec(lr=1, layers=PATTERNS, type="lycoris")], "unet", "lora_unet")
+    with pytest.raises(ConfigError, match=r"lora_unet\[0\]\.dora: DoRA is a LoRA variant"):
+        attach_lora(tiny_unet, [LoraGroupSpec(lr=1, layers=PATTERNS, type="loha", dora=True)], "unet", "lora_unet")
+
+
+def test_groups_of_different_types_in_one_model(tiny_unet_factory) -> None:
+    unet = tiny_unet_factory()
+    groups = attach_lora(unet, [
+        LoraGroupSpec(lr=1e-4, layers=[r"re:.*attn1\.to_k$"], rank=4),
+        LoraGroupSpec(lr=2e-4, layers=[r"re:.*attn1\.to_v$"], rank=4, type="loha"),
+        LoraGroupSpec(lr=3e-4, layers=[r"re:.*resnets\.0\.conv1$"], rank=2, type="lokr"),
+    ], "unet", "lora_unet")
+    assert all(group.params and all(p.requires_grad for p in group.params) for group in groups)
+    state = lora_state_dict(unet)
+    assert any(k.endswith("to_k.lora_A.weight") for k in state) and any(k.endswith("to_v.hada_w1_a") for k in state)
+    assert any(k.endswith("conv1.rank") for k in state)
+    trainable = {id(p) for p in unet.parameters() if p.requires_grad}
+    assert trainable == {id(p) for group in groups for p in group.params}
+
+
+def test_lora_convert_to_webui_writes_a_lycoris_file(tiny_unet_factory, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from hcpdiff.tools.lora_convert import main
+
+    unet = tiny_unet_factory()
+    groups = trained(unet, "loha")
+    native = tmp_path / "unet-2.safetensors"
+    save_lora(native, lora_state_dict(unet), lora_metadata("unet", "tiny", groups, step=2))
+    out = tmp_path / "loha_webui.safetensors"
+    assert main(["--to_webui", "--lora_path", str(native), "--dump_path", str(out)]) == 0
+    with safe_open(str(out), "pt") as opened:
+        keys = set(opened.keys())
+        assert opened.metadata()["ss_network_module"] == "lycoris.kohya"
+    name = "lora_unet_" + TO_K.replace(".", "_")
+    assert {f"{name}.hada_w1_a", f"{name}.hada_w1_b", f"{name}.hada_w2_a", f"{name}.hada_w2_b", f"{name}.alpha"} <= keys
