@@ -5,7 +5,7 @@ Two trainers on the same model, data, batch and LoRA (rank 8 on to_q, to_k, to_v
 decodes, VAE-encodes and text-encodes every step. Blocks of steps alternate between the two so drift in machine
 load hits both alike; the median block is reported. Each model is measured in the same run:
 
-    python tools/bench_cache.py                      # tiny model and a mid-size U-Net (128/256/512), 256 px, batch 2
+    python tools/bench_cache.py --threads 1           # tiny model and a mid-size U-Net (128/256/512), 256 px, batch 2
     python tools/bench_cache.py --model PATH --size 512 --batch 4 --mixed_precision bf16   # a real model on a GPU
 """
 from __future__ import annotations
@@ -100,7 +100,8 @@ def compare(name: str, model_dir: str, data_dir: Path, tmp: Path, args) -> None:
         times["uncached"].append(time_block(uncached, batches["uncached"], args.steps))
     median = {key: statistics.median(value) for key, value in times.items()}
     print(f"{name}: device {cached.accelerator.device}  {args.size}px  batch {args.batch}  "
-          f"precision {args.mixed_precision or 'fp32'}  {args.blocks} blocks x {args.steps} steps  "
+          f"precision {args.mixed_precision or 'fp32'}  threads {torch.get_num_threads()}  "
+          f"{args.blocks} blocks x {args.steps} steps  "
           f"(cached trainer set-up incl. encoding: {setup_cached:.1f} s)")
     for key in ("uncached", "cached"):
         t = median[key]
@@ -119,7 +120,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads; 0: torch's default. On a shared, loaded CPU use 1: oversubscribed "
+                             "threads made steps 20x slower and swamped the difference")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     quiet_libraries()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp_name:

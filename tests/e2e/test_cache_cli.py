@@ -26,14 +26,19 @@ def cache_line(stderr: str) -> str:
 
 
 def test_disk_latent_cache_is_filled_once_and_reused(workdir, tiny_model, cli):
-    """cache_latents + cache_dir: the first run encodes every image (both flips), the second encodes none."""
+    """cache_latents + cache_dir: the first run encodes every image (both flips), the second encodes none.
+
+    With one fixed prompt per image (no template file), cache_text_embeds: auto caches the prompts too.
+    """
     data = make_demo_data(workdir / "data", num=3)
     args = train_args(tiny_model, data, "data.dataset1.cache_latents=true", "data.dataset1.cache_dir=latent_cache",
-                      "data.dataset1.source.data_source1.random_flip=true")
+                      "data.dataset1.source.data_source1.random_flip=true",
+                      "data.dataset1.source.data_source1.prompt_template=null")
     first = cli(args + ["exp_dir=exps/first"], cwd=workdir)
     assert first.returncode == 0, first.stderr[-3000:]
     assert re.search(r"latent cache in latent_cache: 6 encoded, 0 reused", cache_line(first.stderr))
     assert len(list((workdir / "latent_cache").glob("*.safetensors"))) == 6
+    assert re.search(r"text embeddings cached in memory for \d+ prompts", first.stderr)
     second = cli(args + ["exp_dir=exps/second"], cwd=workdir)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "0 encoded, 6 reused" in cache_line(second.stderr)
