@@ -25,7 +25,12 @@ from hcpdiff.lora import LoraGroupSpec, attach_lora, lora_state_dict, save_lora
 from hcpdiff.models import build_conditioner, cast_floats, enable_gradient_checkpointing, load_model_parts
 from hcpdiff.train.exp_dir import claim_exp_dir
 from hcpdiff.train.logs import setup_run_logging
-from hcpdiff.train.loss import diffusion_loss, diffusion_target
+from hcpdiff.train.extras import preview_pipeline, read_extra_specs, start_wandb
+from hcpdiff.train.ema import EmaWeights
+from hcpdiff.train.loss import (check_prediction_type, check_timestep_range, diffusion_loss, diffusion_target,
+                                min_snr_weights, sample_noise, sample_timesteps, snr_of)
+from hcpdiff.train.metrics import SmoothedValue, peak_memory_mib
+from hcpdiff.train.preview import render_previews, save_previews
 from hcpdiff.train.optim import build_lr_scheduler, build_optimizer, param_groups
 from hcpdiff.train.specs import ModelSpec, SchedulerSpec, TrainSpec
 from hcpdiff.train.text_cache import CachedConditioner, can_cache_text
@@ -85,6 +90,7 @@ class Trainer:
         self._setup_lora()
         self._setup_data()
         self._setup_optimization()
+        self._setup_extras()
         self._log_start()
 
     def _read_specs(self) -> None:
@@ -104,6 +110,8 @@ class Trainer:
         self.scheduler_spec = None
         if self.train_spec is not None:
             self.scheduler_spec = collect(read_fields, self.train_spec.scheduler or {}, "train.scheduler", SchedulerSpec)
+            if self.model_spec is not None:
+                self.extras = collect(read_extra_specs, cfg, self.train_spec, self.model_spec)
         self.lora_specs: dict[str, list[LoraGroupSpec]] = {}
         for part, key in LORA_PARTS.items():
             groups = cfg.get(key) or []
@@ -300,6 +308,8 @@ class Trainer:
                 continue
             self.lr_scheduler.step()
             self.global_step += 1
+            if self.ema is not None:
+                self.ema.update()
             progress.update(1)
             if self.global_step % spec.log_step == 0 or self.global_step == self.train_steps:
                 mean_loss = loss_sum / loss_count
@@ -310,6 +320,9 @@ class Trainer:
                 loss_sum, loss_count, last_log_time = 0.0, 0, now
             if self.global_step % spec.save_step == 0 or self.global_step == self.train_steps:
                 self.save_checkpoint()
+            if self.preview_spec is not None and (
+                    self.global_step % self.preview_spec.step == 0 or self.global_step == self.train_steps):
+                self.render_previews()
         progress.close()
 
     def compute_loss(self, batch: dict, loss_weight: float) -> torch.Tensor:
@@ -319,17 +332,20 @@ class Trainer:
             latents = batch["latents"].to(device, dtype=torch.float32)
         else:
             latents = self.encode_latents(batch["pixel_values"])
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, parts.noise_scheduler.config.num_train_timesteps,
-                                  (latents.shape[0],), device=device)
+        noise = sample_noise(latents, self.extras.loss.noise_offset)
+        timesteps = sample_timesteps(latents.shape[0], *self.timestep_range, device)
         noisy_latents = parts.noise_scheduler.add_noise(latents, noise, timesteps)
         with self.accelerator.autocast():
             with torch.set_grad_enabled(any(part in self.trained_parts for part in TEXT_ENCODERS)):
                 conditioning = self.conditioner(batch["prompts"], batch, device)
             model_pred = self.unet_model(noisy_latents.to(self.weight_dtype), timesteps,
                                          **cast_floats(conditioning, self.weight_dtype)).sample
-        target = diffusion_target(parts.noise_scheduler, latents, noise, timesteps)
-        return diffusion_loss(model_pred, target) * loss_weight
+        target = diffusion_target(parts.noise_scheduler, latents, noise, timesteps, self.prediction_type)
+        weights = None
+        if self.extras.loss.min_snr_gamma is not None:
+            snr = snr_of(parts.noise_scheduler, timesteps)
+            weights = min_snr_weights(snr, self.extras.loss.min_snr_gamma, self.prediction_type)
+        return diffusion_loss(model_pred, target, weights) * loss_weight
 
     @torch.no_grad()
     def encode_latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -352,14 +368,66 @@ class Trainer:
         return [p for group in self.groups for p in group.params]
 
     def log_metrics(self, loss: float, step_time: float) -> None:
-        """Loss and every group's learning rate to train.log and TensorBoard."""
+        """Loss (raw and smoothed), learning rates, speed and peak memory to train.log and the trackers."""
         lrs = {f"lr/{label}": g["lr"] for label, g in zip(self.group_labels, self.optimizer.param_groups)}
-        values = {"loss": loss, "step_time_s": step_time, **lrs}
+        smoothed = self.smoothed_loss.update(loss)
+        images_per_s = self.total_batch_size / step_time if step_time > 0 else 0.0
+        peak_mib = peak_memory_mib(self.accelerator.device)
+        values = {"loss": loss, "loss_smoothed": smoothed, "step_time_s": step_time, "images_per_s": images_per_s,
+                  "peak_memory_mib": peak_mib, **lrs}
         if self.accelerator.is_main_process:
-            self.tracker.log(values, step=self.global_step)
+            for tracker in [self.tracker, *self.extra_trackers]:
+                tracker.log(values, step=self.global_step)
             lr_text = ", ".join(f"{k[3:]}={v:.3g}" for k, v in lrs.items())
             logging.getLogger("hcpdiff.train.log").info(
-                "step %d/%d loss %.5f %s %.3f s/step", self.global_step, self.train_steps, loss, lr_text, step_time)
+                "step %d/%d loss %.5f (smoothed %.5f) %s %.3f s/step %.2f img/s peak mem %.0f MiB",
+                self.global_step, self.train_steps, loss, smoothed, lr_text, step_time, images_per_s, peak_mib)
+
+    def _setup_extras(self) -> None:
+        """Loss options checked against the model, EMA shadows, the preview pipeline's settings, extra trackers."""
+        loss, scheduler_config = self.extras.loss, self.parts.noise_scheduler.config
+        self.timestep_range = check_timestep_range(loss.timestep_min, loss.timestep_max,
+                                                   scheduler_config.num_train_timesteps)
+        self.prediction_type = check_prediction_type(loss.prediction_type, scheduler_config.prediction_type)
+        self.smoothed_loss = SmoothedValue(0.9)
+        self.ema = EmaWeights(self.trained_params(), self.extras.ema.decay) if self.extras.ema else None
+        resumed = getattr(self, "resume_state", None)
+        if self.ema is not None and resumed is not None:  # go on averaging from the saved averages, not from scratch
+            with self.ema.swapped_in():
+                for part in self.trained_parts:
+                    ema_file = self.ckpt_dir / f"{part}-ema-{int(resumed['step'])}.safetensors"
+                    if ema_file.exists():
+                        load_lora_into(self.accelerator.unwrap_model(getattr(self, f"{part}_model")),
+                                       load_lora(ema_file)[0])
+                self.ema.copy_from_params()
+        self.preview_spec = self.extras.preview
+        self.extra_trackers = []
+        if "wandb" in self.extras.log_with and self.accelerator.is_main_process:
+            self.extra_trackers.append(start_wandb(self.exp_dir, OmegaConf.to_container(self.cfg, resolve=True)))
+
+    def render_previews(self) -> list[Path]:
+        """Render the previewer's prompts with the current (adapter-active) weights; main process only.
+
+        Random states and the models' train mode are put back, so training goes on exactly as without previews.
+        """
+        if not self.accelerator.is_main_process:
+            return []
+        models = {part: self.accelerator.unwrap_model(getattr(self, f"{part}_model")) if part in self.trained_parts
+                  else getattr(self.parts, part, None) for part in ("unet", "text_encoder", "text_encoder_2")}
+        modes = [(module, module.training) for module in models.values() if module is not None]
+        pipe = preview_pipeline(self.parts, models, self.prediction_type)
+        try:
+            for module, _ in modes:
+                module.eval()
+            with torch.no_grad(), self.accelerator.autocast():
+                images = render_previews(pipe, self.preview_spec, self.model_spec.clip_skip)
+        finally:
+            for module, training in modes:
+                module.train(training)
+        writer = getattr(self.tracker, "writer", None)
+        paths = save_previews(images, self.exp_dir / "preview", self.global_step, writer)
+        logger.info("step %d: %d preview images in %s", self.global_step, len(paths), self.exp_dir / "preview")
+        return paths
 
     # ----------------------------------------------------------------------------------------------- outputs
     def save_checkpoint(self) -> list[Path]:
@@ -380,6 +448,11 @@ class Trainer:
                 path = self.ckpt_dir / f"{part}-{self.global_step}.safetensors"
                 save_lora(path, lora_state_dict(module), metadata)
                 written.append(path)
+                if self.ema is not None:  # the averaged weights, in the same format beside the raw ones
+                    ema_path = self.ckpt_dir / f"{part}-ema-{self.global_step}.safetensors"
+                    with self.ema.swapped_in():
+                        save_lora(ema_path, lora_state_dict(module), {**metadata, "ema_decay": str(self.ema.decay)})
+                    written.append(ema_path)
             logger.debug("saved %s", ", ".join(str(p) for p in written))
         return written
 
@@ -395,5 +468,7 @@ class Trainer:
         """Flush logs and release the trackers."""
         if self.tracker is not None:
             self.tracker.finish()
+        for tracker in getattr(self, "extra_trackers", []):
+            tracker.finish()
         self.accelerator.end_training()
         logger.info("done: %s", self.exp_dir)
