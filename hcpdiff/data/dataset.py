@@ -67,11 +67,16 @@ class ImageCaptionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
-        # Template choice follows (seed, index, n-th fetch): reproducible, and different from epoch to epoch.
-        draw = self._fetch_count[index]
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, torch.Tensor | str]:
+        # Template choice follows (seed, index, draw): reproducible, and different from epoch to epoch. The trainer's
+        # sampler passes (index, epoch), so a resumed run or any worker copy draws exactly what the original did;
+        # a plain index counts this process's fetches instead.
+        if isinstance(index, (tuple, list)):
+            index, draw = int(index[0]), int(index[1])
+        else:
+            draw = self._fetch_count[index]
+            self._fetch_count[index] += 1
         rng = random.Random(f"{self.seed}:{index}:{draw}")
-        self._fetch_count[index] += 1
         bucket_size = self.bucket.sizes[self.bucket_ids[index]]
         item, image = self._load_or_substitute(index, rng)
         # Flip and crop draw from their own stream, so turning them on leaves prompts unchanged.

@@ -26,6 +26,8 @@ class TrainSpec:
     save_step: int = 100  # write a checkpoint every N optimizer steps (and at the end)
     log_step: int = 10  # log loss and learning rates every N optimizer steps
     scale_lr: bool = False  # multiply every group's lr by the total batch size
+    resume: str | None = None  # experiment folder (newest intact state) or one state/step-<N>.pt to continue from
+    ckpt_keep: int | None = None  # keep only the newest N checkpoints (and states); null keeps all
     optimizer: Any = None  # a `_target_` + `_partial_: true` node; receives the param groups
     scheduler: Any = None  # see SchedulerSpec
     loss: Any = None  # see LossSpec
@@ -42,6 +44,8 @@ class ModelSpec:
     tokenizer_repeats: int = 1  # prompt length in 75-token chunks, encoded separately and concatenated
     clip_skip: int = 0  # 0: last text-encoder layer; 1: penultimate (a1111's "clip skip 2"); ...
     gradient_checkpointing: bool = False  # trade compute for memory in the U-Net (and trained text encoder)
+    preset_lora: list = field(default_factory=list)  # [{path, alpha}]: native LoRAs fused into the base before training
+    init_lora: dict = field(default_factory=dict)  # {unet: path, text_encoder: path}: adapters start from these weights
     ema: Any = None  # null, or {decay: 0.999}: see EmaSpec
 
 

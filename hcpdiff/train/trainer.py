@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 from accelerate import Accelerator
 from accelerate.tracking import TensorBoardTracker
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -21,7 +21,7 @@ from hcpdiff.config import check_targets, instantiate, read_fields
 from hcpdiff.data import build_dataset
 from hcpdiff.data.latent_cache import LatentEncoder, vae_identity
 from hcpdiff.errors import ConfigError
-from hcpdiff.lora import LoraGroupSpec, attach_lora, lora_state_dict, save_lora
+from hcpdiff.lora import LoraGroupSpec, attach_lora, load_lora, load_lora_into, lora_state_dict, save_lora
 from hcpdiff.models import build_conditioner, cast_floats, enable_gradient_checkpointing, load_model_parts
 from hcpdiff.train.exp_dir import claim_exp_dir
 from hcpdiff.train.logs import setup_run_logging
@@ -33,6 +33,10 @@ from hcpdiff.train.metrics import SmoothedValue, peak_memory_mib
 from hcpdiff.train.preview import render_previews, save_previews
 from hcpdiff.train.optim import build_lr_scheduler, build_optimizer, param_groups
 from hcpdiff.train.specs import ModelSpec, SchedulerSpec, TrainSpec
+from hcpdiff.train.state import (find_resume_state, prune_checkpoints, rng_state, save_state, set_rng_state)
+from hcpdiff.train.signals import StopSignals, TrainingInterrupted
+from hcpdiff.train.starting_points import fuse_preset_loras, load_initial_loras
+from hcpdiff.train.streams import DataStream, ResumableBatchSampler
 from hcpdiff.train.text_cache import CachedConditioner, can_cache_text
 
 logger = logging.getLogger("hcpdiff.train")
@@ -40,23 +44,6 @@ logger = logging.getLogger("hcpdiff.train")
 # Model parts that can carry LoRA groups, with the config key that lists their groups.
 LORA_PARTS = {"unet": "lora_unet", "text_encoder": "lora_text_encoder", "text_encoder_2": "lora_text_encoder_2"}
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # text_encoder_2: SDXL's second (OpenCLIP bigG) encoder
-
-
-@dataclass
-class DataStream:
-    """One dataset's loader with its loss weight; `batches()` cycles it forever, epoch after epoch."""
-
-    name: str
-    loader: DataLoader
-    loss_weight: float
-    epoch: int = 0
-
-    def batches(self) -> Iterator[dict]:
-        """Yield batches, reshuffling the buckets at every epoch."""
-        while True:
-            self.loader.batch_sampler.set_epoch(self.epoch)
-            yield from self.loader
-            self.epoch += 1
 
 
 def collate_batch(samples: list[dict]) -> dict:
@@ -90,6 +77,8 @@ class Trainer:
         self._setup_lora()
         self._setup_data()
         self._setup_optimization()
+        if self.resume_state is not None:
+            self._restore(self.resume_state)
         self._setup_extras()
         self._log_start()
 
@@ -147,6 +136,8 @@ class Trainer:
             mixed_precision=mixed_precision,
             gradient_accumulation_steps=self.train_spec.gradient_accumulation_steps,
         )
+        if not self.accelerator.is_main_process:  # one copy of each info line, from the main process
+            logging.getLogger("hcpdiff").setLevel(logging.WARNING)
         if self.single_process and self.accelerator.num_processes > 1:
             raise ConfigError("hcpdiff.train_ac_single runs one process; launch hcpdiff.train_ac for several")
         if torch.cuda.is_available():
@@ -157,8 +148,13 @@ class Trainer:
 
     def _setup_exp_dir(self) -> None:
         # Only the main process creates the folder; the others learn its (possibly suffixed) name from it.
+        # A resumed run goes on in the folder it resumes.
+        self.resume_state = None
         claimed = [None]
-        if self.accelerator.is_main_process:
+        if self.train_spec.resume:
+            resume_dir, self.resume_state = find_resume_state(self.train_spec.resume)
+            claimed[0] = str(resume_dir)
+        elif self.accelerator.is_main_process:
             claimed[0] = str(claim_exp_dir(self.cfg.get("exp_dir") or "exps/run"))
         if self.accelerator.num_processes > 1:
             broadcast_object_list(claimed)
@@ -169,7 +165,8 @@ class Trainer:
             self.ckpt_dir.mkdir(exist_ok=True)
             snapshot = OmegaConf.to_container(self.cfg, resolve=True)
             snapshot["exp_dir"] = str(self.exp_dir)
-            (self.exp_dir / "cfg.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(snapshot)))
+            cfg_name = f"cfg-resume-{self.resume_state['step']}.yaml" if self.resume_state else "cfg.yaml"
+            (self.exp_dir / cfg_name).write_text(OmegaConf.to_yaml(OmegaConf.create(snapshot)))
             setup_run_logging(self.exp_dir / "train.log")
             self.tracker = TensorBoardTracker("tblog", logging_dir=self.exp_dir)
             self.tracker.start()
@@ -181,6 +178,7 @@ class Trainer:
         for module in (self.parts.unet, self.parts.vae, self.parts.text_encoder, self.parts.text_encoder_2):
             if module is not None:
                 module.requires_grad_(False)
+        fuse_preset_loras(self.parts, spec.preset_lora)
         self.conditioner = build_conditioner(self.parts, spec.tokenizer_repeats, spec.clip_skip)
 
     def _setup_lora(self) -> None:
@@ -198,6 +196,8 @@ class Trainer:
             self.trained_parts.append(part)
             layer_lists[key] = [{"group": f"{key}[{i}]", "lr": g.lr, "layers": list(g.layers)}
                                 for i, g in enumerate(attached)]
+        load_initial_loras({part: getattr(self.parts, part) for part in self.trained_parts},
+                           self.model_spec.init_lora, self.trained_parts)
         if self.accelerator.is_main_process:
             (self.exp_dir / "lora_layers.json").write_text(json.dumps(layer_lists, indent=1))
         if self.model_spec.gradient_checkpointing:
@@ -232,10 +232,11 @@ class Trainer:
                 text_encoder_trained=any(part.startswith("text_encoder") for part in self.trained_parts),
             )
             text_cache_prompts |= built.text_cache_prompts or set()
+            # The loader's own generator keeps worker seeding off the global RNG, so resuming replays it exactly.
             loader = DataLoader(
-                built.dataset, batch_sampler=built.batch_sampler, num_workers=workers,
+                built.dataset, batch_sampler=ResumableBatchSampler(built.batch_sampler), num_workers=workers,
                 collate_fn=collate_batch, pin_memory=torch.cuda.is_available(),
-                persistent_workers=workers > 0,
+                persistent_workers=workers > 0, generator=torch.Generator().manual_seed(self.seed),
             )
             self.streams.append(DataStream(name, loader, built.loss_weight))
         self.batch_size = self.streams[0].loader.batch_sampler.batch_size
@@ -270,6 +271,24 @@ class Trainer:
             if part in self.trained_parts:
                 self.conditioner.set_text_encoder(getattr(self, f"{part}_model"), index)
 
+    def _restore(self, state: dict) -> None:
+        """Continue from a saved state: LoRA weights, optimizer, lr schedule, step, data positions, RNG."""
+        step = int(state["step"])
+        for part in self.trained_parts:
+            lora, _ = load_lora(self.ckpt_dir / f"{part}-{step}.safetensors")
+            load_lora_into(self.accelerator.unwrap_model(getattr(self, f"{part}_model")), lora)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        for stream, stream_state in zip(self.streams, state["streams"]):
+            stream.restore(stream_state)
+        rng_states = state["rng"]
+        if len(rng_states) != self.accelerator.num_processes:
+            raise ConfigError(f"train.resume: the state was saved by {len(rng_states)} processes, "
+                              f"this run has {self.accelerator.num_processes}")
+        set_rng_state(rng_states[self.accelerator.process_index])
+        self.global_step = step
+        logger.info("resumed %s at step %d", self.exp_dir, step)
+
     def _log_start(self) -> None:
         logger.info("experiment folder: %s", self.exp_dir)
         logger.info("model: %s (%s), pixel step %d", self.parts.name_or_path, self.parts.family, self.parts.pixel_step)
@@ -285,13 +304,20 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------- train
     def train(self) -> None:
         """Run optimizer steps until train_steps, logging and saving checkpoints on the way."""
-        accelerator, spec = self.accelerator, self.train_spec
         trained_modules = [getattr(self, f"{part}_model") for part in self.trained_parts]
         for module in trained_modules:
             module.train()
         batch_iters = [stream.batches() for stream in self.streams]
         progress = tqdm(total=self.train_steps, initial=self.global_step, desc="train",
-                        disable=not accelerator.is_main_process, dynamic_ncols=True)
+                        disable=not self.accelerator.is_main_process, dynamic_ncols=True)
+        try:
+            with StopSignals() as stop:
+                self._train_loop(stop, batch_iters, trained_modules, progress)
+        finally:
+            progress.close()
+
+    def _train_loop(self, stop: StopSignals, batch_iters: list, trained_modules: list, progress: tqdm) -> None:
+        accelerator, spec = self.accelerator, self.train_spec
         loss_sum, loss_count, last_log_time = 0.0, 0, time.perf_counter()
         while self.global_step < self.train_steps:
             with accelerator.accumulate(*trained_modules):
@@ -318,12 +344,16 @@ class Trainer:
                 progress.set_postfix(loss=f"{mean_loss:.4f}")
                 self.log_metrics(mean_loss, step_time)
                 loss_sum, loss_count, last_log_time = 0.0, 0, now
-            if self.global_step % spec.save_step == 0 or self.global_step == self.train_steps:
+            saved = self.global_step % spec.save_step == 0 or self.global_step == self.train_steps
+            if saved:
                 self.save_checkpoint()
             if self.preview_spec is not None and (
                     self.global_step % self.preview_spec.step == 0 or self.global_step == self.train_steps):
                 self.render_previews()
-        progress.close()
+            if self.stop_requested(stop):
+                if not saved:
+                    self.save_checkpoint()
+                raise TrainingInterrupted(stop.requested or 2, self.global_step, str(self.exp_dir))
 
     def compute_loss(self, batch: dict, loss_weight: float) -> torch.Tensor:
         """Noise one batch's latents at random timesteps and score the U-Net's prediction of the target."""
@@ -362,6 +392,16 @@ class Trainer:
         dist = vae.encode(pixel_values.to(self.accelerator.device, dtype=vae.dtype)).latent_dist
         scale = vae.config.scaling_factor
         return (dist.mean * scale).float(), (dist.std * scale).float()
+
+    def stop_requested(self, stop: StopSignals) -> bool:
+        """Whether any process got SIGINT / SIGTERM; all processes agree, so they stop at the same step."""
+        if self.accelerator.num_processes == 1:
+            return stop.requested is not None
+        flag = torch.tensor([0 if stop.requested is None else stop.requested], device=self.accelerator.device)
+        flag = self.accelerator.reduce(flag, reduction="sum")
+        if stop.requested is None and int(flag) > 0:
+            stop.requested = 2  # another process was signalled; SIGINT is the usual one
+        return int(flag) > 0
 
     def trained_params(self) -> list[torch.nn.Parameter]:
         """Every parameter the optimizer updates."""
@@ -453,8 +493,26 @@ class Trainer:
                     with self.ema.swapped_in():
                         save_lora(ema_path, lora_state_dict(module), {**metadata, "ema_decay": str(self.ema.decay)})
                     written.append(ema_path)
-            logger.debug("saved %s", ", ".join(str(p) for p in written))
+        self.save_resume_state(written)
         return written
+
+    def save_resume_state(self, checkpoint_files: list[Path]) -> None:
+        """Write state/step-<N>.pt (optimizer, schedule, data positions, every process's RNG); prune old steps."""
+        rng_states = [rng_state()]
+        if self.accelerator.num_processes > 1:
+            rng_states = gather_object(rng_states)
+        if not self.accelerator.is_main_process:
+            return
+        state = {
+            "step": self.global_step,
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "streams": [stream.state() for stream in self.streams],
+            "rng": rng_states,
+        }
+        save_state(self.exp_dir / "state" / f"step-{self.global_step}.pt", state, checkpoint_files)
+        if self.train_spec.ckpt_keep:
+            prune_checkpoints(self.exp_dir, self.train_spec.ckpt_keep)
 
     def _group_metadata(self, part: str) -> list[dict]:
         key = LORA_PARTS[part]

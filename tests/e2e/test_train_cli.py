@@ -252,11 +252,14 @@ def test_two_processes_write_one_experiment_folder(workdir, tiny_model, cli):
                   "--cfg", "cfgs/train/examples/demo_tiny.yaml", f"model.pretrained_model_name_or_path={tiny_model}",
                   f"data.dataset1.source.data_source1.img_root={data}",
                   f"data.dataset1.source.data_source1.caption_file={data}", "train.train_steps=2",
-                  "data.dataset1.batch_size=1", 'data.dataset1.bucket.target_area=${hcp.eval:"64*64"}'], cwd=workdir)
+                  "data.dataset1.batch_size=1", 'data.dataset1.bucket.target_area=${hcp.eval:"64*64"}',
+                  "train.scale_lr=true", "unet_lr=1e-4"], cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     exp = only_exp_dir(workdir)
     assert sorted(p.name for p in (exp / "ckpts").iterdir()) == ["unet-2.safetensors"]
-    assert "total batch size 2 (batch 1 x accumulation 1 x processes 2)" in (exp / "train.log").read_text()
+    log = (exp / "train.log").read_text()
+    assert "total batch size 2 (batch 1 x accumulation 1 x processes 2)" in log
+    assert "group lora_unet[0]: lr 0.0002 (effective)" in log  # scale_lr: 1e-4 x total batch 2
 
 
 def test_single_entry_refuses_several_processes(workdir, tiny_model, cli):
