@@ -10,7 +10,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from hcpdiff.config import instantiate, read_fields
 from hcpdiff.errors import ConfigError
 from hcpdiff.infer.specs import LoraItem, MergeGroup
-from hcpdiff.lora import load_lora, merge_lora
+from hcpdiff.lora import load_checkpoint, merge_full_weights, merge_lora
 from hcpdiff.lora.state_io import layer_states
 from hcpdiff.models.parts import ModelParts
 
@@ -76,6 +76,14 @@ def select_lora_layers(state: dict[str, torch.Tensor], layers: Any, where: str) 
     return kept
 
 
+def select_full_tensors(full: dict[str, torch.Tensor], layers: Any, where: str) -> dict[str, torch.Tensor]:
+    """The fully trained tensors whose module the `layers` setting keeps (`all` keeps everything)."""
+    if layers == "all":
+        return full
+    patterns = [layers] if isinstance(layers, str) else list(layers)
+    return {key: t for key, t in full.items() if layer_matches(key.rsplit(".", 1)[0], patterns)}
+
+
 def merge_groups_of(merge: Any) -> list[tuple[str, Any]]:
     """(key path, node) of each merge group; `merge` is a mapping of named groups or a list."""
     if merge is None:
@@ -96,11 +104,15 @@ def merge_all(pipe: Any, merge: Any) -> list[str]:
             raise ConfigError(f"`{where}.type`: '{group.type}' is not one of unet, TE.")
         model = getattr(pipe, PART_OF_TYPE[group.type])
         items = [read_fields(item, f"{where}.lora.{i}", LoraItem) for i, item in enumerate(group.lora)]
-        states = [(item, load_lora(item.path)[0]) for item in items if item.path]
+        loaded = [(item, *load_checkpoint(item.path)[:2]) for item in items if item.path]
         if group.base_model_alpha != 1.0:
-            scale_base(model, {layer for _, state in states for layer in layer_states(state)}, group.base_model_alpha)
-        for i, (item, state) in enumerate(states):
-            if item.alpha != 0:
+            scale_base(model, {layer for _, state, _ in loaded for layer in layer_states(state)}, group.base_model_alpha)
+        for i, (item, state, full) in enumerate(loaded):
+            # Fully fine-tuned tensors (unet: / text_encoder: groups) blend as base + alpha * (trained - base).
+            if full and item.alpha != 0:
+                merge_full_weights(model, select_full_tensors(full, item.layers, f"{where}.lora.{i}"), item.alpha,
+                                   str(item.path))
+            if state and item.alpha != 0:
                 merge_lora(model, select_lora_layers(state, item.layers, f"{where}.lora.{i}"), item.alpha)
             merged_paths.append(str(item.path))
     return merged_paths

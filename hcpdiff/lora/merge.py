@@ -85,3 +85,19 @@ def merge_with_peft(name: str, layer: nn.Module, parts: dict[str, torch.Tensor],
     wrapped.scaling[MERGE_ADAPTER] = alpha_scale * wrapped.scaling[MERGE_ADAPTER]
     # peft writes the merged weight into the wrapped layer itself, which is the model's own layer object
     wrapped.merge(adapter_names=[MERGE_ADAPTER])
+
+
+def merge_full_weights(model: nn.Module, state: dict[str, torch.Tensor], alpha: float, source: str) -> None:
+    """Blend fully trained tensors into a plain model: base + alpha * (trained - base); alpha 1 is the trained
+    weight exactly, alpha 0 leaves the base untouched."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if name not in params:
+                raise ModelError(f"'{source}': tensor '{name}' names no parameter of the model.")
+            param = params[name]
+            if tensor.shape != param.shape:
+                raise ModelError(f"'{source}': tensor '{name}' has shape {tuple(tensor.shape)}, "
+                                 f"the model's has {tuple(param.shape)}.")
+            trained = tensor.to(device=param.device, dtype=torch.float32)
+            param.copy_(torch.lerp(param.float(), trained, float(alpha)).to(param.dtype))

@@ -16,6 +16,7 @@ from hcpdiff.lora.spec import AttachedGroup
 
 FORMAT = "hcpdiff.lora"
 FORMAT_VERSION = "1"
+FULL_PARAMS_KEY = "full_params"  # metadata: JSON list of the keys that are fully trained tensors
 # Weight suffixes of each adapter type: peft's own attribute names (`.weight` where peft holds a module); `.alpha` and,
 # for lokr, `.rank` (a full-matrix LoKr's rank shows in no shape but sets its scale alpha / rank) are fp32 scalars.
 REQUIRED_SUFFIXES = {
@@ -140,8 +141,12 @@ def foreign_format_hint(keys: list[str]) -> str:
     return ""
 
 
-def load_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a native LoRA file into (state, metadata); anything else is a ModelError naming the file."""
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str]]:
+    """Read a native checkpoint into (LoRA state, fully trained tensors, metadata); errors name the file.
+
+    Full fine-tuning groups (`unet:` / `text_encoder:`) store their tensors under the model's own parameter names
+    beside the LoRA keys; the metadata's `full_params` lists them.
+    """
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"LoRA file '{path}' does not exist.")
@@ -161,7 +166,27 @@ def load_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
             f"LoRA file '{path}' has format_version {metadata.get('format_version')!r}; "
             f"this hcpdiff reads version {FORMAT_VERSION}."
         )
-    return state, metadata
+    try:
+        full_names = set(json.loads(metadata.get(FULL_PARAMS_KEY, "[]")))
+    except json.JSONDecodeError as err:
+        raise ModelError(f"LoRA file '{path}': metadata '{FULL_PARAMS_KEY}' is not a JSON list ({err}).") from err
+    absent = sorted(full_names - set(state))
+    if absent:
+        raise ModelError(f"LoRA file '{path}' lists fully trained tensor '{absent[0]}' but does not hold it.")
+    full = {key: tensor for key, tensor in state.items() if key in full_names}
+    lora = {key: tensor for key, tensor in state.items() if key not in full_names}
+    return lora, full, metadata
+
+
+def load_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a native LoRA file into (state, metadata); a file that also holds fully trained tensors is refused."""
+    lora, full, metadata = load_checkpoint(path)
+    if full:
+        raise ModelError(
+            f"'{path}' holds {len(full)} fully fine-tuned tensors (from unet: / text_encoder: groups) besides its "
+            "LoRA weights; this reads LoRA weights only (hcpdiff.visualizer renders such checkpoints)."
+        )
+    return lora, metadata
 
 
 def split_key(key: str) -> tuple[str, str]:

@@ -21,9 +21,12 @@ from hcpdiff.config import check_targets, instantiate, read_fields
 from hcpdiff.data import build_dataset
 from hcpdiff.data.latent_cache import LatentEncoder, vae_identity
 from hcpdiff.errors import ConfigError
-from hcpdiff.lora import LoraGroupSpec, attach_lora, load_lora, load_lora_into, lora_state_dict, save_lora
+from hcpdiff.lora import LoraGroupSpec, attach_lora, load_checkpoint, load_lora_into, lora_state_dict, save_lora
+from hcpdiff.lora.state_io import FULL_PARAMS_KEY
 from hcpdiff.models import build_conditioner, cast_floats, enable_gradient_checkpointing, load_model_parts
 from hcpdiff.train.exp_dir import claim_exp_dir
+from hcpdiff.train.finetune import (FinetuneGroup, FinetuneGroupSpec, enable_finetuning, finetuned_state,
+                                    load_finetuned, select_finetune_groups)
 from hcpdiff.train.logs import setup_run_logging
 from hcpdiff.train.extras import preview_pipeline, read_extra_specs, start_wandb
 from hcpdiff.train.ema import EmaWeights
@@ -43,6 +46,7 @@ logger = logging.getLogger("hcpdiff.train")
 
 # Model parts that can carry LoRA groups, with the config key that lists their groups.
 LORA_PARTS = {"unet": "lora_unet", "text_encoder": "lora_text_encoder", "text_encoder_2": "lora_text_encoder_2"}
+# Full fine-tuning groups live under the part's own name: `unet:`, `text_encoder:`, `text_encoder_2:`.
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # text_encoder_2: SDXL's second (OpenCLIP bigG) encoder
 
 
@@ -60,7 +64,7 @@ def collate_batch(samples: list[dict]) -> dict:
 
 
 class Trainer:
-    """A LoRA training run of a text-to-image diffusion model, driven by one resolved config."""
+    """A LoRA (and optionally full fine-tuning) run of a text-to-image diffusion model, driven by one resolved config."""
 
     def __init__(self, cfg: DictConfig, *, single_process: bool = False):
         self.cfg = cfg
@@ -108,6 +112,12 @@ class Trainer:
                 spec for i, node in enumerate(groups)
                 if (spec := collect(read_fields, node, f"{key}[{i}]", LoraGroupSpec)) is not None
             ]
+        self.finetune_specs: dict[str, list[FinetuneGroupSpec]] = {}
+        for part in LORA_PARTS:
+            self.finetune_specs[part] = [
+                spec for i, node in enumerate(cfg.get(part) or [])
+                if (spec := collect(read_fields, node, f"{part}[{i}]", FinetuneGroupSpec)) is not None
+            ]
         if self.train_spec is not None:
             steps, epochs = self.train_spec.train_steps, self.train_spec.train_epochs
             if steps is None and epochs is None:
@@ -116,9 +126,9 @@ class Trainer:
                 problems.append("train.optimizer: missing; give a `_target_` optimizer with `_partial_: true`")
         if self.model_spec is not None and not self.model_spec.pretrained_model_name_or_path:
             problems.append("model.pretrained_model_name_or_path: missing; give a diffusers folder or a hub id")
-        if not any(self.lora_specs.values()):
-            problems.append("lora_unet / lora_text_encoder / lora_text_encoder_2: no LoRA group is configured, "
-                            "so nothing would train")
+        if not any(self.lora_specs.values()) and not any(self.finetune_specs.values()):
+            problems.append("lora_unet / lora_text_encoder / lora_text_encoder_2: no LoRA group is configured "
+                            "(nor a unet / text_encoder fine-tuning group), so nothing would train")
         if not cfg.get("data"):
             problems.append("data: no dataset is configured")
         if problems:
@@ -186,18 +196,33 @@ class Trainer:
         self.group_labels: list[str] = []  # as the config names them: lora_unet[0], ...
         self.trained_parts: list[str] = []
         layer_lists = {}
+        self.finetune_groups: dict[str, list[FinetuneGroup]] = {}
         for part, key in LORA_PARTS.items():
-            specs = self.lora_specs[part]
-            if not specs:
+            lora_specs, finetune_specs = self.lora_specs[part], self.finetune_specs[part]
+            if not lora_specs and not finetune_specs:
                 continue
-            attached = attach_lora(getattr(self.parts, part), specs, part, key)
+            model = getattr(self.parts, part)
+            if model is None:
+                raise ConfigError(f"{key if lora_specs else part}: this {self.parts.family} model has no {part}")
+            # Fine-tuned parameters are picked by their plain names, before adapters wrap the layers holding them.
+            finetune = select_finetune_groups(model, finetune_specs, part)
+            attached = attach_lora(model, lora_specs, part, key) if lora_specs else []
+            enable_finetuning(finetune)  # after attach_lora froze everything but the adapters
             self.groups.extend(attached)
             self.group_labels.extend(f"{key}[{i}]" for i in range(len(attached)))
+            self.groups.extend(finetune)
+            self.group_labels.extend(group.name for group in finetune)
+            self.finetune_groups[part] = finetune
             self.trained_parts.append(part)
-            layer_lists[key] = [{"group": f"{key}[{i}]", "lr": g.lr, "layers": list(g.layers)}
-                                for i, g in enumerate(attached)]
-        load_initial_loras({part: getattr(self.parts, part) for part in self.trained_parts},
-                           self.model_spec.init_lora, self.trained_parts)
+            if attached:
+                layer_lists[key] = [{"group": f"{key}[{i}]", "lr": g.lr, "layers": list(g.layers)}
+                                    for i, g in enumerate(attached)]
+            if finetune:
+                layer_lists[part] = [{"group": g.name, "lr": g.lr, "modules": g.layers, "params": list(g.named_params)}
+                                     for g in finetune]
+        lora_parts = [part for part in self.trained_parts if self.lora_specs[part]]
+        load_initial_loras({part: getattr(self.parts, part) for part in lora_parts},
+                           self.model_spec.init_lora, lora_parts)
         if self.accelerator.is_main_process:
             (self.exp_dir / "lora_layers.json").write_text(json.dumps(layer_lists, indent=1))
         if self.model_spec.gradient_checkpointing:
@@ -205,7 +230,7 @@ class Trainer:
             for part in TEXT_ENCODERS:
                 if part in self.trained_parts:
                     enable_gradient_checkpointing(getattr(self.parts, part))
-        # Frozen weights run in the mixed-precision dtype; the trained adapters stay fp32 for stable updates.
+        # Frozen weights run in the mixed-precision dtype; trained adapters and fine-tuned weights stay fp32.
         device = self.accelerator.device
         for part in ("unet", "text_encoder", "text_encoder_2", "vae"):
             module = getattr(self.parts, part)
@@ -275,8 +300,7 @@ class Trainer:
         """Continue from a saved state: LoRA weights, optimizer, lr schedule, step, data positions, RNG."""
         step = int(state["step"])
         for part in self.trained_parts:
-            lora, _ = load_lora(self.ckpt_dir / f"{part}-{step}.safetensors")
-            load_lora_into(self.accelerator.unwrap_model(getattr(self, f"{part}_model")), lora)
+            self.load_trained_weights(part, self.ckpt_dir / f"{part}-{step}.safetensors")
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         for stream, stream_state in zip(self.streams, state["streams"]):
@@ -393,6 +417,19 @@ class Trainer:
         scale = vae.config.scaling_factor
         return (dist.mean * scale).float(), (dist.std * scale).float()
 
+    def load_trained_weights(self, part: str, path: Path) -> None:
+        """Put a saved checkpoint's LoRA weights and fully trained tensors back into this run's part."""
+        lora, full, _ = load_checkpoint(path)
+        if self.lora_specs[part]:
+            load_lora_into(self.accelerator.unwrap_model(getattr(self, f"{part}_model")), lora)
+        load_finetuned(self.finetune_groups[part], full, str(path))
+
+    def checkpoint_state(self, part: str) -> dict[str, torch.Tensor]:
+        """What a checkpoint of `part` holds: LoRA weights by layer, fine-tuned tensors by parameter name."""
+        module = self.accelerator.unwrap_model(getattr(self, f"{part}_model"))
+        state = lora_state_dict(module) if self.lora_specs[part] else {}
+        return {**state, **finetuned_state(self.finetune_groups[part])}
+
     def stop_requested(self, stop: StopSignals) -> bool:
         """Whether any process got SIGINT / SIGTERM; all processes agree, so they stop at the same step."""
         if self.accelerator.num_processes == 1:
@@ -437,8 +474,7 @@ class Trainer:
                 for part in self.trained_parts:
                     ema_file = self.ckpt_dir / f"{part}-ema-{int(resumed['step'])}.safetensors"
                     if ema_file.exists():
-                        load_lora_into(self.accelerator.unwrap_model(getattr(self, f"{part}_model")),
-                                       load_lora(ema_file)[0])
+                        self.load_trained_weights(part, ema_file)
                 self.ema.copy_from_params()
         self.preview_spec = self.extras.preview
         self.extra_trackers = []
@@ -471,12 +507,12 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- outputs
     def save_checkpoint(self) -> list[Path]:
-        """Write each trained part's LoRA as `ckpts/<part>-<step>.safetensors` (main process, atomic)."""
+        """Write each trained part's LoRA and fine-tuned tensors as `ckpts/<part>-<step>.safetensors` (main
+        process, atomic)."""
         self.accelerator.wait_for_everyone()
         written = []
         if self.accelerator.is_main_process:
             for part in self.trained_parts:
-                module = self.accelerator.unwrap_model(getattr(self, f"{part}_model"))
                 metadata = {
                     "format": "hcpdiff.lora",
                     "format_version": "1",
@@ -485,13 +521,18 @@ class Trainer:
                     "step": str(self.global_step),
                     "groups": json.dumps(self._group_metadata(part)),
                 }
+                finetune = self.finetune_groups[part]
+                if finetune:
+                    metadata[FULL_PARAMS_KEY] = json.dumps([name for g in finetune for name in g.named_params])
+                    metadata["full_groups"] = json.dumps([{"name": g.name, "lr": g.lr, "patterns": list(g.spec.layers)}
+                                                          for g in finetune])
                 path = self.ckpt_dir / f"{part}-{self.global_step}.safetensors"
-                save_lora(path, lora_state_dict(module), metadata)
+                save_lora(path, self.checkpoint_state(part), metadata)
                 written.append(path)
                 if self.ema is not None:  # the averaged weights, in the same format beside the raw ones
                     ema_path = self.ckpt_dir / f"{part}-ema-{self.global_step}.safetensors"
                     with self.ema.swapped_in():
-                        save_lora(ema_path, lora_state_dict(module), {**metadata, "ema_decay": str(self.ema.decay)})
+                        save_lora(ema_path, self.checkpoint_state(part), {**metadata, "ema_decay": str(self.ema.decay)})
                     written.append(ema_path)
         self.save_resume_state(written)
         return written
