@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 from accelerate import Accelerator
 from accelerate.tracking import TensorBoardTracker
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object, set_seed
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -37,6 +37,7 @@ from hcpdiff.train.preview import render_previews, save_previews
 from hcpdiff.train.optim import build_lr_scheduler, build_optimizer, param_groups
 from hcpdiff.train.specs import ModelSpec, SchedulerSpec, TrainSpec
 from hcpdiff.train.state import (find_resume_state, prune_checkpoints, rng_state, save_state, set_rng_state)
+from hcpdiff.train.sharding import SHARDED, check_sharded_run, fill_deepspeed_batch
 from hcpdiff.train.signals import StopSignals, TrainingInterrupted
 from hcpdiff.train.starting_points import fuse_preset_loras, load_initial_loras
 from hcpdiff.train.streams import DataStream, ResumableBatchSampler
@@ -150,6 +151,13 @@ class Trainer:
             logging.getLogger("hcpdiff").setLevel(logging.WARNING)
         if self.single_process and self.accelerator.num_processes > 1:
             raise ConfigError("hcpdiff.train_ac_single runs one process; launch hcpdiff.train_ac for several")
+        self.deepspeed_config = None
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            self.deepspeed_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        check_sharded_run(self.accelerator.distributed_type, self.deepspeed_config,
+                          [p for p in LORA_PARTS if self.lora_specs[p] or self.finetune_specs[p]], self.train_spec.resume)
+        # Sharded optimizer state (DeepSpeed ZeRO) lives in every process; one process's copy cannot resume a run.
+        self.writes_resume_state = self.accelerator.distributed_type not in SHARDED
         if torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = bool(self.cfg.get("allow_tf32", True))
         self.seed = int(self.cfg.get("seed", 0))
@@ -279,6 +287,8 @@ class Trainer:
             self.train_steps = spec.train_steps
         self.total_batch_size = self.batch_size * spec.gradient_accumulation_steps * accelerator.num_processes
         lr_scale = self.total_batch_size if spec.scale_lr else 1.0
+        if self.deepspeed_config is not None:
+            fill_deepspeed_batch(self.deepspeed_config, self.batch_size)
         make_optimizer = instantiate(spec.optimizer, "train.optimizer")
         optimizer = build_optimizer(make_optimizer, param_groups(self.groups, lr_scale))
         # The lr schedule is stepped by hand once per optimizer step, so it counts what the config says.
@@ -316,6 +326,9 @@ class Trainer:
     def _log_start(self) -> None:
         logger.info("experiment folder: %s", self.exp_dir)
         logger.info("model: %s (%s), pixel step %d", self.parts.name_or_path, self.parts.family, self.parts.pixel_step)
+        if not self.writes_resume_state:
+            logger.info("%s: checkpoints are written, resumable state files are not (sharded optimizer state)",
+                        self.accelerator.distributed_type.value)
         logger.info("training %d optimizer steps, total batch size %d (batch %d x accumulation %d x processes %d)",
                     self.train_steps, self.total_batch_size, self.batch_size,
                     self.train_spec.gradient_accumulation_steps, self.accelerator.num_processes)
@@ -539,6 +552,8 @@ class Trainer:
 
     def save_resume_state(self, checkpoint_files: list[Path]) -> None:
         """Write state/step-<N>.pt (optimizer, schedule, data positions, every process's RNG); prune old steps."""
+        if not self.writes_resume_state:
+            return
         rng_states = [rng_state()]
         if self.accelerator.num_processes > 1:
             rng_states = gather_object(rng_states)
