@@ -38,12 +38,12 @@ class BarePilDataset(Dataset):
         return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
-def make_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
-    """`count` JPEGs of mixed sizes in 512..1024 px (smooth noise, so they compress like photos)."""
+def make_images(folder: Path, count: int, seed: int = 0, sides: tuple[int, int] = (512, 1024)) -> list[Path]:
+    """`count` JPEGs with sides in `sides` px (smooth noise, so they compress like photos)."""
     rng = np.random.default_rng(seed)
     paths = []
     for i in range(count):
-        width, height = (int(v) for v in rng.integers(512, 1025, size=2))
+        width, height = (int(v) for v in rng.integers(sides[0], sides[1] + 1, size=2))
         small = rng.integers(0, 256, size=(height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
         img = Image.fromarray(small).resize((width, height), Image.Resampling.BILINEAR)
         path = folder / f"img{i:03d}.jpg"
@@ -69,16 +69,18 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--sides", type=int, nargs=2, default=[512, 1024], metavar=("MIN", "MAX"),
+                        help="image side range in px (e.g. 2000 4000 for camera photos)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = make_images(Path(tmp), args.images)
+        paths = make_images(Path(tmp), args.images, sides=tuple(args.sides))
         node = {"batch_size": 4, "source": {"s": {"img_root": tmp}},
                 "bucket": {"_target_": "hcpdiff.data.RatioBucket.from_files", "target_area": 512 * 512, "num_bucket": 4}}
         built = build_dataset(node, "data.bench", pixel_step=64, seed=0)
         size_of = {Path(item.path).name: built.bucket.size_of(item.key) for item in built.dataset.items}
         bare = BarePilDataset(paths, size_of)
-        print(f"{args.images} JPEGs 512-1024 px, buckets {built.bucket.sizes}, {args.epochs} timed epochs after 1 warm-up")
+        print(f"{args.images} JPEGs {args.sides[0]}-{args.sides[1]} px, buckets {built.bucket.sizes}, {args.epochs} timed epochs after 1 warm-up")
         for workers in args.workers:
             hcp_loader = DataLoader(built.dataset, batch_sampler=built.batch_sampler, num_workers=workers)
             bare_loader = DataLoader(bare, batch_size=1, num_workers=workers)

@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from hcpdiff.data.buckets import Bucket
-from hcpdiff.data.images import IMAGE_READ_ERRORS, load_image, resize_and_crop_box, to_tensor
+from hcpdiff.data.images import IMAGE_READ_ERRORS, load_for_bucket, to_tensor
 from hcpdiff.data.prompts import PromptBuilder
 from hcpdiff.data.transforms import CaptionTransform, ImageTransform
 from hcpdiff.errors import DataError
@@ -78,12 +78,10 @@ class ImageCaptionDataset(Dataset):
             self._fetch_count[index] += 1
         rng = random.Random(f"{self.seed}:{index}:{draw}")
         bucket_size = self.bucket.sizes[self.bucket_ids[index]]
-        item, image = self._load_or_substitute(index, rng)
         # Flip and crop draw from their own stream, so turning them on leaves prompts unchanged.
         image_rng = random.Random(f"{self.seed}:{index}:{draw}:image")
+        item, (image, original_wh, crop_top_left) = self._load_or_substitute(index, bucket_size, rng, image_rng)
         image_transform = self.image_transforms[item.source_index]
-        original_wh = image.size
-        image, crop_top_left = resize_and_crop_box(image, bucket_size, image_transform.crop, image_rng)
         if image_transform.random_flip and image_rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         # original_size (h, w) and crop_top_left (top, left): SDXL's size and crop conditioning
@@ -101,28 +99,33 @@ class ImageCaptionDataset(Dataset):
         caption = self.caption_transforms[item.source_index].apply(item.caption, caption_rng)
         return self.prompt_builders[item.source_index].build(caption, template_rng)
 
-    def _load_or_substitute(self, index: int, rng: random.Random) -> tuple[DataItem, Image.Image]:
-        """The item's image, or, if its file does not decode, another image of the same bucket."""
+    def _load_or_substitute(
+        self, index: int, bucket_wh: tuple[int, int], rng: random.Random, image_rng: random.Random
+    ) -> tuple[DataItem, tuple[Image.Image, tuple[int, int], tuple[int, int]]]:
+        """The item's image shaped to its bucket, or, if its file does not decode, another image of the same bucket."""
         item = self.items[index]
         if item.path not in self._broken_paths:
-            image = self._try_load(item)
-            if image is not None:
-                return item, image
+            loaded = self._try_load(item, bucket_wh, image_rng)
+            if loaded is not None:
+                return item, loaded
         candidates = list(self._indices_of_bucket[self.bucket_ids[index]])
         rng.shuffle(candidates)
         for candidate in candidates:
             substitute = self.items[candidate]
             if substitute.path in self._broken_paths:
                 continue
-            image = self._try_load(substitute)
-            if image is not None:
-                return substitute, image
-        width, height = self.bucket.sizes[self.bucket_ids[index]]
+            loaded = self._try_load(substitute, bucket_wh, image_rng)
+            if loaded is not None:
+                return substitute, loaded
+        width, height = bucket_wh
         raise DataError(f"No image of bucket {width}x{height} can be decoded (first broken file: '{item.path}').")
 
-    def _try_load(self, item: DataItem) -> Image.Image | None:
+    def _try_load(
+        self, item: DataItem, bucket_wh: tuple[int, int], image_rng: random.Random
+    ) -> tuple[Image.Image, tuple[int, int], tuple[int, int]] | None:
+        crop = self.image_transforms[item.source_index].crop
         try:
-            return load_image(item.path, self.bg_colors[item.source_index])
+            return load_for_bucket(item.path, bucket_wh, self.bg_colors[item.source_index], crop, image_rng)
         except IMAGE_READ_ERRORS as exc:
             self._broken_paths.add(item.path)
             logger.warning("Image '%s' cannot be decoded (%s); another image of its bucket is used instead.", item.path, exc)

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from hcpdiff.data.dataset import ImageCaptionDataset
-from hcpdiff.data.images import IMAGE_READ_ERRORS, load_image, read_image_size, resize_and_crop, to_tensor
+from hcpdiff.data.images import IMAGE_READ_ERRORS, load_for_bucket, read_image_size, to_tensor
 from hcpdiff.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -293,13 +293,12 @@ def _encode_missing(
                 for index in chunk:
                     item = dataset.items[index]
                     try:
-                        image = load_image(item.path, dataset.bg_colors[item.source_index])
+                        image = load_for_bucket(item.path, bucket_wh, dataset.bg_colors[item.source_index])[0]
                     except IMAGE_READ_ERRORS as exc:
                         logger.warning("Image '%s' cannot be decoded (%s); another image of its bucket is used instead.",
                                        item.path, exc)
                         broken.add(index)
                         continue
-                    image = resize_and_crop(image, bucket_wh, "center")
                     unflipped, flipped = keys_of[index]
                     pixels.append(to_tensor(image))
                     entry_keys.append(unflipped)

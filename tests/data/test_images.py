@@ -88,3 +88,32 @@ def test_resize_and_crop_box_gives_the_window_top_left() -> None:
     cropped, (top, left) = resize_and_crop_box(img, (64, 64))
     assert cropped.size == (64, 64) and (top, left) == (0, (128 - 64) // 2)
     assert resize_and_crop_box(Image.new("RGB", (64, 64)), (64, 64))[1] == (0, 0)
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_large_jpeg_decoded_at_reduced_scale_keeps_full_geometry(tmp_path, monkeypatch, orientation):
+    """A photo 8x its bucket decodes through a JPEG draft: same window and sizes, pixels close to a full decode."""
+    import numpy as np
+
+    from hcpdiff.data.images import load_for_bucket, resize_and_crop_box
+
+    gradient = np.linspace(0, 255, 1200, dtype=np.float32)
+    pixels = np.stack([np.tile(gradient, (800, 1)), np.tile(gradient[:800, None], (1, 1200)),
+                       np.full((800, 1200), 90.0)], axis=-1).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "big.jpg"
+    Image.fromarray(pixels).save(path, quality=95, exif=exif.tobytes())
+    upright_wh = (1200, 800) if orientation == 1 else (800, 1200)
+    from PIL import JpegImagePlugin
+
+    decoded_sizes = []
+    real_draft = JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
+                        lambda self, *a: (real_draft(self, *a), decoded_sizes.append(self.size))[0])
+    fast, original_wh, top_left = load_for_bucket(path, (96, 64))
+    assert len(decoded_sizes) == 1 and decoded_sizes[0][0] * 4 <= 1200  # decoded at a quarter scale or less
+    full, full_top_left = resize_and_crop_box(load_image(path), (96, 64))
+    assert original_wh == upright_wh and top_left == full_top_left and fast.size == full.size == (96, 64)
+    difference = np.abs(np.asarray(fast, dtype=np.int16) - np.asarray(full, dtype=np.int16))
+    assert difference.mean() < 2.0
