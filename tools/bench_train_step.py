@@ -103,6 +103,8 @@ def build_trainer(model_dir: str, data_dir: Path, exp_root: Path, args) -> Train
         f"data.dataset1.source.data_source1.img_root={data_dir}",
         f"data.dataset1.source.data_source1.caption_file={data_dir}",
         "data.dataset1.source.data_source1.prompt_template=null",
+        # both loops encode every step; tools/bench_cache.py measures what the caches save
+        "data.dataset1.cache_latents=false", "data.dataset1.cache_text_embeds=false",
         f"data.dataset1.batch_size={args.batch}",
         f"data.dataset1.bucket={{_target_: hcpdiff.data.FixedBucket, _partial_: true, target_size: {args.size}}}",
         "lora_unet=[{lr: 1e-4, rank: 8, alpha: 8, layers: ['re:.*\\.(to_q|to_k|to_v|to_out\\.0)$']}]",
