@@ -39,9 +39,25 @@ def check_sharded_run(distributed_type: Any, deepspeed_config: dict | None, trai
                           "save; continue from the weights with model.init_lora instead")
 
 
-def fill_deepspeed_batch(deepspeed_config: dict, batch_size: int) -> None:
-    """DeepSpeed wants the micro-batch size up front. accelerate reads it from prepared DataLoaders, which this
-    trainer does not hand over (its bucket sampler is its own), so an 'auto' or missing value is filled from the
-    dataset's batch_size; accelerate derives train_batch_size and the accumulation from it and its own settings."""
-    if deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
-        deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
+def align_deepspeed_config(deepspeed_config: dict, batch_size: int, accumulation: int, max_grad_norm: float | None,
+                           num_processes: int) -> list[str]:
+    """Make DeepSpeed's batch, accumulation and clipping settings those of the hcpdiff config, which drives the loop.
+
+    DeepSpeed wants the micro-batch size up front, and accelerate reads it from prepared DataLoaders, which this
+    trainer does not hand over (its bucket sampler is its own). DeepSpeed also accumulates and clips by itself: with
+    a gradient_accumulation_steps or gradient_clipping other than train's, the run would silently differ from the
+    same config under DDP. Returns one note per explicit value that was replaced ('auto' and missing are filled).
+    """
+    wanted = {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": float(max_grad_norm or 0.0),
+        "train_batch_size": batch_size * accumulation * num_processes,
+    }
+    notes = []
+    for key, value in wanted.items():
+        current = deepspeed_config.get(key, "auto")
+        if current != "auto" and current != value:
+            notes.append(f"{key} {current} -> {value}")
+        deepspeed_config[key] = value
+    return notes

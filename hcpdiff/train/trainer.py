@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Iterator
 import torch
 from accelerate import Accelerator
 from accelerate.tracking import TensorBoardTracker
-from accelerate.utils import DistributedType, broadcast_object_list, gather_object, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -37,7 +38,7 @@ from hcpdiff.train.preview import render_previews, save_previews
 from hcpdiff.train.optim import build_lr_scheduler, build_optimizer, param_groups
 from hcpdiff.train.specs import ModelSpec, SchedulerSpec, TrainSpec
 from hcpdiff.train.state import (find_resume_state, prune_checkpoints, rng_state, save_state, set_rng_state)
-from hcpdiff.train.sharding import SHARDED, check_sharded_run, fill_deepspeed_batch
+from hcpdiff.train.sharding import SHARDED, align_deepspeed_config, check_sharded_run
 from hcpdiff.train.signals import StopSignals, TrainingInterrupted
 from hcpdiff.train.starting_points import fuse_preset_loras, load_initial_loras
 from hcpdiff.train.streams import DataStream, ResumableBatchSampler
@@ -140,12 +141,19 @@ class Trainer:
         if mixed_precision == "fp16" and not torch.cuda.is_available():
             logger.warning("mixed_precision 'fp16' needs a GPU; training in fp32 on the CPU")
             mixed_precision = "no"
-        # accelerate treats torchrun's processes as one distributed (gloo) run on a CPU only when told cpu=True.
+        # accelerate treats torchrun's processes as one distributed (gloo) run on a CPU only when told cpu=True,
+        # which also turns DeepSpeed off; a DeepSpeed launch without a GPU instead names gloo, so DeepSpeed's CPU
+        # accelerator runs and accelerate counts the processes (a CPU check of the DeepSpeed path, as in the tests).
         no_gpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+        handlers = []
+        if no_gpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            no_gpu = False
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
         self.accelerator = Accelerator(
             cpu=no_gpu,
             mixed_precision=mixed_precision,
             gradient_accumulation_steps=self.train_spec.gradient_accumulation_steps,
+            kwargs_handlers=handlers,
         )
         if not self.accelerator.is_main_process:  # one copy of each info line, from the main process
             logging.getLogger("hcpdiff").setLevel(logging.WARNING)
@@ -288,7 +296,11 @@ class Trainer:
         self.total_batch_size = self.batch_size * spec.gradient_accumulation_steps * accelerator.num_processes
         lr_scale = self.total_batch_size if spec.scale_lr else 1.0
         if self.deepspeed_config is not None:
-            fill_deepspeed_batch(self.deepspeed_config, self.batch_size)
+            replaced = align_deepspeed_config(self.deepspeed_config, self.batch_size, spec.gradient_accumulation_steps,
+                                              spec.max_grad_norm, accelerator.num_processes)
+            if replaced and accelerator.is_main_process:
+                logger.warning("DeepSpeed config follows the hcpdiff config (data batch_size, "
+                               "train.gradient_accumulation_steps, train.max_grad_norm): %s", ", ".join(replaced))
         make_optimizer = instantiate(spec.optimizer, "train.optimizer")
         optimizer = build_optimizer(make_optimizer, param_groups(self.groups, lr_scale))
         # The lr schedule is stepped by hand once per optimizer step, so it counts what the config says.

@@ -5,7 +5,7 @@ import pytest
 from accelerate.utils import DistributedType
 
 from hcpdiff.errors import ConfigError
-from hcpdiff.train.sharding import check_sharded_run, fill_deepspeed_batch, zero_stage
+from hcpdiff.train.sharding import align_deepspeed_config, check_sharded_run, zero_stage
 
 ZERO2 = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}
 
@@ -26,11 +26,12 @@ def test_unsupported_sharded_runs_are_one_error(kind, config, parts, resume, wor
         check_sharded_run(kind, config, parts, resume)
 
 
-def test_auto_micro_batch_is_filled_and_set_values_kept():
-    config = dict(ZERO2)
-    fill_deepspeed_batch(config, 4)
-    assert config["train_micro_batch_size_per_gpu"] == 4
-    config["train_micro_batch_size_per_gpu"] = 2
-    fill_deepspeed_batch(config, 4)
-    assert config["train_micro_batch_size_per_gpu"] == 2
+def test_deepspeed_settings_follow_the_hcpdiff_config():
+    config = {**ZERO2, "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1,
+              "gradient_clipping": 1.0}
+    replaced = align_deepspeed_config(config, batch_size=4, accumulation=2, max_grad_norm=1.0, num_processes=2)
+    assert config["train_micro_batch_size_per_gpu"] == 4 and config["gradient_accumulation_steps"] == 2
+    assert config["gradient_clipping"] == 1.0 and config["train_batch_size"] == 16
+    assert replaced == ["gradient_accumulation_steps 1 -> 2"]  # 'auto' and equal values are not worth a warning
+    assert align_deepspeed_config(config, 4, 2, None, 2) == ["gradient_clipping 1.0 -> 0.0"]
     assert zero_stage(config) == 2 and zero_stage(None) == 0
