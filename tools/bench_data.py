@@ -1,4 +1,9 @@
-"""Images/s through hcpdiff's dataset vs a bare PIL loop on the same generated files, for DataLoader workers 0 and 2."""
+"""Images/s through hcpdiff's dataset vs a bare PIL loop on the same generated files, for DataLoader workers 0 and 2,
+and through the latent cache once it is filled (counting the image files opened in those epochs: none expected).
+
+    python tools/bench_data.py                        # 64 JPEGs 512-1024 px
+    python tools/bench_data.py --sides 2000 4000      # camera-size photos (reduced-scale JPEG decoding)
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from hcpdiff.data import build_dataset
+from hcpdiff.data.latent_cache import LatentEncoder
 
 
 class BarePilDataset(Dataset):
@@ -63,6 +69,12 @@ def images_per_second(loader: DataLoader, num_images: int, epochs: int) -> float
     return num_images * epochs / (time.perf_counter() - start)
 
 
+def pooled_latents(pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stand-in VAE (8x average pooling): this measures the loader, not the encoder."""
+    mean = torch.nn.functional.avg_pool2d(pixel_values.float(), 8)
+    return mean, torch.full_like(mean, 0.1)
+
+
 def main() -> None:
     """Generate images, then time both pipelines with each worker count."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -88,6 +100,17 @@ def main() -> None:
             bare_rate = images_per_second(bare_loader, args.images, args.epochs)
             print(f"workers={workers}: hcpdiff {hcp_rate:6.1f} img/s   bare PIL {bare_rate:6.1f} img/s   "
                   f"ratio hcpdiff/bare {hcp_rate / bare_rate:.2f}")
+        cached = build_dataset({**node, "cache_latents": True}, "data.bench", pixel_step=64, seed=0, show_progress=False,
+                               latent_encoder=LatentEncoder(pooled_latents, "avgpool8"))
+        opened = []
+        real_open = Image.open
+        Image.open = lambda *a, **k: opened.append(a) or real_open(*a, **k)
+        try:
+            cached_rate = images_per_second(DataLoader(cached.dataset, batch_sampler=cached.batch_sampler), args.images,
+                                            args.epochs)
+        finally:
+            Image.open = real_open
+        print(f"latent cache hits (workers=0): {cached_rate:8.1f} img/s   image files opened in cached epochs: {len(opened)}")
 
 
 if __name__ == "__main__":
