@@ -7,6 +7,7 @@ import re
 import torch
 
 from hcpdiff.models import PromptEncoder
+from hcpdiff.models.sdxl import encode_penultimate
 
 BARE_WEIGHT = 1.1  # a1111's weight for `(text)` without a number
 TOKEN_RE = re.compile(r"\\[(){}\\]|:\s*([+-]?[.\d]+)\s*[)}]|[({]|[)}]|[^\\(){}:]+|:|\\")
@@ -67,21 +68,49 @@ def encode_weighted(
 ) -> torch.Tensor:
     """Embeddings [B, 77 * repeats, D]; weighted tokens are scaled, then each row is rescaled to its unweighted mean."""
     encoder = PromptEncoder(tokenizer, text_encoder, tokenizer_repeats=repeats, clip_skip=clip_skip)
+    input_ids, weights = weighted_rows(encoder, prompts)
+    with torch.no_grad():
+        embeds = encoder.encode(input_ids)
+    return apply_weights(embeds, weights)
+
+
+def encode_weighted_sdxl(
+    tokenizers: list, text_encoders: list, prompts: list[str], repeats: int, clip_skip: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL: (both encoders' penultimate states, each weighted as in encode_weighted, side by side; pooled text of
+    encoder 2's first chunk, unweighted as in a1111), laid out as diffusers' SDXL encode_prompt lays them out."""
+    hidden_states, pooled = [], None
+    for tokenizer, text_encoder in zip(tokenizers, text_encoders):
+        encoder = PromptEncoder(tokenizer, text_encoder, tokenizer_repeats=repeats, clip_skip=clip_skip)
+        input_ids, weights = weighted_rows(encoder, prompts)
+        with torch.no_grad():
+            hidden, pooled = encode_penultimate(encoder, input_ids)
+        hidden_states.append(apply_weights(hidden, weights))
+    return torch.cat(hidden_states, dim=-1), pooled
+
+
+def weighted_rows(encoder: PromptEncoder, prompts: list[str]) -> tuple[torch.LongTensor, torch.Tensor]:
+    """Token ids [B, 77 * repeats] (content past the last chunk is cut) and each position's weight (1 for
+    bos, eos and padding)."""
     rows, weight_rows = [], []
+    capacity = encoder.content_len * encoder.repeats
     for prompt in prompts:
-        ids, weights = weighted_tokens(tokenizer, prompt)
-        rows.append(encoder.chunked(ids[: encoder.content_len * repeats]))
+        ids, weights = weighted_tokens(encoder.tokenizer, prompt)
+        rows.append(encoder.chunked(ids[:capacity]))
         row_weights: list[float] = []
-        for start in range(0, encoder.content_len * repeats, encoder.content_len):
+        for start in range(0, capacity, encoder.content_len):
             chunk = weights[start : start + encoder.content_len]
             row_weights += [1.0, *chunk] + [1.0] * (encoder.chunk_len - 1 - len(chunk))
         weight_rows.append(row_weights)
-    with torch.no_grad():
-        embeds = encoder.encode(torch.tensor(rows, dtype=torch.long))
-    weights_t = torch.tensor(weight_rows, dtype=embeds.dtype, device=embeds.device)
-    if bool((weights_t == 1).all()):
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(weight_rows)
+
+
+def apply_weights(embeds: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Scale each position by its weight, then rescale each row to its unweighted mean (all ones: unchanged)."""
+    weights = weights.to(embeds.device, embeds.dtype)
+    if bool((weights == 1).all()):
         return embeds
     original_mean = embeds.float().mean(dim=(1, 2), keepdim=True)
-    weighted = embeds.float() * weights_t[..., None]
+    weighted = embeds.float() * weights[..., None]
     weighted = weighted * (original_mean / weighted.mean(dim=(1, 2), keepdim=True))
     return weighted.to(embeds.dtype)

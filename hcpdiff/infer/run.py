@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from hcpdiff.config import check_targets, read_fields
 from hcpdiff.errors import ConfigError
 from hcpdiff.infer.pipeline import DTYPES, build_pipeline, merge_all, to_plain
-from hcpdiff.infer.prompt_weights import chunks_needed, encode_weighted
+from hcpdiff.infer.prompt_weights import chunks_needed, encode_weighted, encode_weighted_sdxl
 from hcpdiff.infer.saving import next_index, save_image
 from hcpdiff.infer.specs import InferArgs, SaveSpec, VisualizerSpec
 from hcpdiff.models import load_model_parts
@@ -58,9 +58,14 @@ def generate(cfg: DictConfig) -> list[Path]:
     for start in range(0, len(jobs), spec.bs):
         batch = jobs[start : start + spec.bs]
         batch_prompts = [prompt for prompt, _ in batch]
-        if parts.family == "sdxl":  # diffusers encodes with both encoders; (text:1.2) weights are not applied
-            prompt_args = {"prompt": batch_prompts, "negative_prompt": [spec.neg_prompt] * len(batch),
-                           "clip_skip": spec.clip_skip or None}
+        if parts.family == "sdxl":
+            tokenizers, encoders = [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2]
+            embeds, pooled = encode_weighted_sdxl(tokenizers, encoders, batch_prompts, repeats, spec.clip_skip)
+            # an empty neg_prompt is encoded, as diffusers does for negative_prompt="" (it zeros only for None)
+            neg_embeds, neg_pooled = encode_weighted_sdxl(tokenizers, encoders, [spec.neg_prompt] * len(batch),
+                                                          repeats, spec.clip_skip)
+            prompt_args = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled,
+                           "negative_prompt_embeds": neg_embeds, "negative_pooled_prompt_embeds": neg_pooled}
         else:
             prompt_args = {
                 "prompt_embeds": encode_weighted(pipe.tokenizer, pipe.text_encoder, batch_prompts, repeats, spec.clip_skip),

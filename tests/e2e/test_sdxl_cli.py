@@ -66,3 +66,32 @@ def test_visualizer_renders_the_tiny_sdxl_with_a_lora(workdir, tiny_sdxl, cli):
     base, with_lora = render(0.0), render(1.0)
     assert base.shape == (64, 64, 3)
     assert np.abs(base.astype(int) - with_lora.astype(int)).mean() > 0.5
+
+
+@pytest.mark.parametrize("neg_prompt", ["lowres, blurry", ""])
+def test_sdxl_visualizer_matches_diffusers_and_applies_prompt_weights(workdir, tiny_sdxl, neg_prompt):
+    """Unweighted prompts render as diffusers' own StableDiffusionXLPipeline does with the same strings (an empty
+    negative prompt included); a (span:1.6) weight changes the image."""
+    import numpy as np
+    from diffusers import StableDiffusionXLPipeline
+    from PIL import Image
+
+    from hcpdiff.config import load_config
+    from hcpdiff.infer import generate
+
+    def render(prompt: str, out: str) -> np.ndarray:
+        paths = generate(load_config("cfgs/infer/text2img_sdxl.yaml", [
+            f"pretrained_model={tiny_sdxl}", "infer_args.width=64", "infer_args.height=64",
+            "infer_args.num_inference_steps=2", f"prompt='{prompt}'", f"neg_prompt='{neg_prompt}'", "seed=5",
+            f"save.out_dir={workdir / out}"]))
+        return np.asarray(Image.open(paths[0]).convert("RGB")).astype(int)
+
+    plain = render("a red fox, snow, forest", "plain")
+    weighted = render("a (red fox:1.6), snow, forest", "weighted")
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe("a red fox, snow, forest", negative_prompt=neg_prompt, width=64, height=64, guidance_scale=5.0,
+                     num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(5)).images[0]
+    reference = np.asarray(reference.convert("RGB")).astype(int)
+    assert np.abs(plain - reference).mean() < 0.5
+    assert np.abs(plain - weighted).mean() > 0.1  # the tiny random model listens to its prompt only faintly
