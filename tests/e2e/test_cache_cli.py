@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from hcpdiff.tools.make_demo_data import make_demo_data
 
@@ -53,3 +54,29 @@ def test_random_crop_trains_uncached_after_one_warning(workdir, tiny_model, cli)
     warnings = [line for line in result.stderr.splitlines() if "cache_latents" in line]
     assert len(warnings) == 1 and "crop is random" in warnings[0]
     assert "latent cache" not in result.stderr
+
+
+def test_two_processes_fill_one_disk_cache_in_shares(workdir, tiny_model, cli):
+    """Under torchrun each rank encodes its share into the shared cache_dir, then reads the others': the entries
+    equal a single-process fill file for file, and a second two-process run encodes nothing."""
+    from safetensors.torch import load_file
+
+    data = make_demo_data(workdir / "data", num=4)
+    common = train_args(tiny_model, data, "data.dataset1.cache_latents=true", "data.dataset1.batch_size=1",
+                        "data.dataset1.source.data_source1.random_flip=true")[1:]  # drop "-m"
+    torchrun = ["torchrun", "--nproc_per_node", "2", "--master_port", "29523", "-m"]
+    multi = [*torchrun, "hcpdiff.train_ac", *common[1:], "data.dataset1.cache_dir=cache_multi"]
+    first = cli(multi + ["exp_dir=exps/first"], cwd=workdir)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "4 encoded, 4 reused" in cache_line(first.stderr)  # the main process encoded its half, read the rest
+    single = cli(["-m", *common, "data.dataset1.cache_dir=cache_single", "exp_dir=exps/single"], cwd=workdir)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert "8 encoded, 0 reused" in cache_line(single.stderr)
+    multi_files = sorted(p.name for p in (workdir / "cache_multi").glob("*.safetensors"))
+    assert len(multi_files) == 8 and multi_files == sorted(p.name for p in (workdir / "cache_single").glob("*.safetensors"))
+    for name in multi_files:
+        a, b = load_file(workdir / "cache_multi" / name), load_file(workdir / "cache_single" / name)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), name
+    second = cli(multi + ["exp_dir=exps/second"], cwd=workdir)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "0 encoded, 8 reused" in cache_line(second.stderr)
