@@ -1,14 +1,18 @@
 """What the trainer needs to know about DeepSpeed and FSDP runs, which accelerate sets up from its own config file.
 
 DeepSpeed ZeRO-1/2 shards optimizer state and gradients only: every process holds every weight, so checkpoints are
-written as under DDP. ZeRO-3 and FSDP shard the weights themselves; saving adapters from them is not supported yet,
-and that is said before any model loads rather than discovered as empty checkpoints. The optimizer state is sharded
-under all of them, so the resumable `state/step-<N>.pt` (one process's optimizer) is not written there.
+written as under DDP. ZeRO-3 also shards the weights: models are loaded whole (the frozen text encoders run outside
+the engine), the trained parameters are gathered on every process while a checkpoint is written, and EMA and
+previews, which would read or run sharded weights on one process, are refused. FSDP is refused (accelerate needs a
+GPU for it, so it cannot be tested here). The optimizer state is sharded under all of them, so the resumable
+`state/step-<N>.pt` (one process's optimizer) is not written there.
 """
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
+import torch
 from accelerate.utils import DistributedType
 
 from hcpdiff.errors import ConfigError
@@ -22,18 +26,21 @@ def zero_stage(deepspeed_config: dict | None) -> int:
 
 
 def check_sharded_run(distributed_type: Any, deepspeed_config: dict | None, trained_parts: list[str],
-                      resume: str | None) -> None:
+                      resume: str | None, ema: bool = False, preview: bool = False) -> None:
     """Refuse, in one line, what this trainer cannot do under DeepSpeed / FSDP."""
     if distributed_type == DistributedType.DEEPSPEED:
         if len(trained_parts) > 1:
             raise ConfigError(f"DeepSpeed trains one model per run and this config trains {', '.join(trained_parts)}; "
                               "keep the groups of one part (e.g. drop lora_text_encoder) or launch with DDP")
-        if zero_stage(deepspeed_config) >= 3:
-            raise ConfigError("DeepSpeed ZeRO-3 shards the weights, and saving LoRA checkpoints from sharded weights "
-                              "is not supported yet; use zero_stage 2 (the LoRA weights are small) or DDP")
+        if zero_stage(deepspeed_config) >= 3 and ema:
+            raise ConfigError("model.ema: an average of ZeRO-3-sharded weights is not supported; set model.ema=null "
+                              "or use zero_stage 2")
+        if zero_stage(deepspeed_config) >= 3 and preview:
+            raise ConfigError("previewer: previews would run ZeRO-3-sharded weights on one process; set "
+                              "previewer=null or use zero_stage 2")
     if distributed_type == DistributedType.FSDP:
-        raise ConfigError("FSDP shards the weights, and saving LoRA checkpoints from sharded weights is not "
-                          "supported yet; use DeepSpeed ZeRO-2 or DDP")
+        raise ConfigError("FSDP is not supported by this trainer yet; use DeepSpeed (ZeRO-2, or ZeRO-3 for "
+                          "weights that do not fit one device) or DDP")
     if resume and distributed_type in SHARDED:
         raise ConfigError("train.resume: DeepSpeed runs keep sharded optimizer state, which this trainer does not "
                           "save; continue from the weights with model.init_lora instead")
@@ -61,3 +68,36 @@ def align_deepspeed_config(deepspeed_config: dict, batch_size: int, accumulation
             notes.append(f"{key} {current} -> {value}")
         deepspeed_config[key] = value
     return notes
+
+
+@contextlib.contextmanager
+def whole_weights_loading(accelerator: Any) -> Iterator[None]:
+    """Load models unpartitioned under a ZeRO-3 run: accelerate registers its DeepSpeed config with transformers
+    whatever zero3_init_flag says, and transformers then partitions every model it loads (zero.Init), the frozen
+    text encoders included, which run outside DeepSpeed's engine. The engine shards the trained model itself."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or not is_deepspeed_zero3_enabled():
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
+def gathered_for_saving(params: list[torch.nn.Parameter], deepspeed_config: dict | None) -> Any:
+    """Under ZeRO-3, a context in which every process holds the whole of `params` (all processes must enter it);
+    otherwise nothing. Small parameters (LoRA's, below DeepSpeed's persistence threshold) are never sharded."""
+    if zero_stage(deepspeed_config) < 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([p for p in params if hasattr(p, "ds_id")], modifier_rank=None)
+
+
+def param_count(param: torch.nn.Parameter) -> int:
+    """Elements of a parameter, also when ZeRO-3 has sharded it (its local tensor is then empty)."""
+    return int(getattr(param, "ds_numel", param.numel()))

@@ -38,7 +38,9 @@ from hcpdiff.train.preview import render_previews, save_previews
 from hcpdiff.train.optim import build_lr_scheduler, build_optimizer, param_groups
 from hcpdiff.train.specs import ModelSpec, SchedulerSpec, TrainSpec
 from hcpdiff.train.state import (find_resume_state, prune_checkpoints, rng_state, save_state, set_rng_state)
-from hcpdiff.train.sharding import SHARDED, align_deepspeed_config, check_sharded_run
+from hcpdiff.train.sharding import (
+    SHARDED, align_deepspeed_config, check_sharded_run, gathered_for_saving, param_count, whole_weights_loading,
+)
 from hcpdiff.train.signals import StopSignals, TrainingInterrupted
 from hcpdiff.train.starting_points import fuse_preset_loras, load_initial_loras
 from hcpdiff.train.streams import DataStream, ResumableBatchSampler
@@ -163,7 +165,8 @@ class Trainer:
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             self.deepspeed_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
         check_sharded_run(self.accelerator.distributed_type, self.deepspeed_config,
-                          [p for p in LORA_PARTS if self.lora_specs[p] or self.finetune_specs[p]], self.train_spec.resume)
+                          [p for p in LORA_PARTS if self.lora_specs[p] or self.finetune_specs[p]], self.train_spec.resume,
+                          ema=bool((self.cfg.get("model") or {}).get("ema")), preview=bool(self.cfg.get("previewer")))
         # Sharded optimizer state (DeepSpeed ZeRO) lives in every process; one process's copy cannot resume a run.
         self.writes_resume_state = self.accelerator.distributed_type not in SHARDED
         if torch.cuda.is_available():
@@ -199,8 +202,11 @@ class Trainer:
 
     def _setup_models(self) -> None:
         spec = self.model_spec
-        self.parts = load_model_parts(spec.pretrained_model_name_or_path, revision=spec.revision,
-                                      single_file_config=spec.single_file_config)
+        # Under ZeRO-3, transformers would partition the frozen text encoders as they load (zero.Init), and they
+        # run outside DeepSpeed's engine; load every part whole and let the engine shard what it trains.
+        with whole_weights_loading(self.accelerator):
+            self.parts = load_model_parts(spec.pretrained_model_name_or_path, revision=spec.revision,
+                                          single_file_config=spec.single_file_config)
         for module in (self.parts.unet, self.parts.vae, self.parts.text_encoder, self.parts.text_encoder_2):
             if module is not None:
                 module.requires_grad_(False)
@@ -345,7 +351,7 @@ class Trainer:
                     self.train_steps, self.total_batch_size, self.batch_size,
                     self.train_spec.gradient_accumulation_steps, self.accelerator.num_processes)
         for label, group, param_group in zip(self.group_labels, self.groups, self.optimizer.param_groups):
-            n_params = sum(p.numel() for p in group.params)
+            n_params = sum(param_count(p) for p in group.params)
             lr = param_group.get("initial_lr", param_group["lr"])  # before warm-up scales it
             logger.info("group %s: lr %.3g (effective), %d layers, %d trainable parameters",
                         label, lr, len(group.layers), n_params)
@@ -536,29 +542,31 @@ class Trainer:
         process, atomic)."""
         self.accelerator.wait_for_everyone()
         written = []
-        if self.accelerator.is_main_process:
-            for part in self.trained_parts:
-                metadata = {
-                    "format": "hcpdiff.lora",
-                    "format_version": "1",
-                    "part": part,
-                    "base_model": str(self.parts.name_or_path),
-                    "step": str(self.global_step),
-                    "groups": json.dumps(self._group_metadata(part)),
-                }
-                finetune = self.finetune_groups[part]
-                if finetune:
-                    metadata[FULL_PARAMS_KEY] = json.dumps([name for g in finetune for name in g.named_params])
-                    metadata["full_groups"] = json.dumps([{"name": g.name, "lr": g.lr, "patterns": list(g.spec.layers)}
-                                                          for g in finetune])
-                path = self.ckpt_dir / f"{part}-{self.global_step}.safetensors"
-                save_lora(path, self.checkpoint_state(part), metadata)
-                written.append(path)
-                if self.ema is not None:  # the averaged weights, in the same format beside the raw ones
-                    ema_path = self.ckpt_dir / f"{part}-ema-{self.global_step}.safetensors"
-                    with self.ema.swapped_in():
-                        save_lora(ema_path, self.checkpoint_state(part), {**metadata, "ema_decay": str(self.ema.decay)})
-                    written.append(ema_path)
+        # Under ZeRO-3 every process takes part in gathering the trained weights; the main one writes them.
+        with gathered_for_saving(self.trained_params(), self.deepspeed_config):
+            if self.accelerator.is_main_process:
+                for part in self.trained_parts:
+                    metadata = {
+                        "format": "hcpdiff.lora",
+                        "format_version": "1",
+                        "part": part,
+                        "base_model": str(self.parts.name_or_path),
+                        "step": str(self.global_step),
+                        "groups": json.dumps(self._group_metadata(part)),
+                    }
+                    finetune = self.finetune_groups[part]
+                    if finetune:
+                        metadata[FULL_PARAMS_KEY] = json.dumps([name for g in finetune for name in g.named_params])
+                        metadata["full_groups"] = json.dumps([{"name": g.name, "lr": g.lr, "patterns": list(g.spec.layers)}
+                                                              for g in finetune])
+                    path = self.ckpt_dir / f"{part}-{self.global_step}.safetensors"
+                    save_lora(path, self.checkpoint_state(part), metadata)
+                    written.append(path)
+                    if self.ema is not None:  # the averaged weights, in the same format beside the raw ones
+                        ema_path = self.ckpt_dir / f"{part}-ema-{self.global_step}.safetensors"
+                        with self.ema.swapped_in():
+                            save_lora(ema_path, self.checkpoint_state(part), {**metadata, "ema_decay": str(self.ema.decay)})
+                        written.append(ema_path)
         self.save_resume_state(written)
         return written
 

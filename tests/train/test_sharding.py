@@ -10,14 +10,17 @@ from hcpdiff.train.sharding import align_deepspeed_config, check_sharded_run, ze
 ZERO2 = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}
 
 
+ZERO3 = {"zero_optimization": {"stage": 3}}
+
+
 def test_zero2_with_one_trained_part_runs():
-    check_sharded_run(DistributedType.DEEPSPEED, ZERO2, ["unet"], None)
+    check_sharded_run(DistributedType.DEEPSPEED, ZERO2, ["unet"], None, ema=True, preview=True)
+    check_sharded_run(DistributedType.DEEPSPEED, ZERO3, ["unet"], None)
     check_sharded_run(DistributedType.MULTI_GPU, None, ["unet", "text_encoder"], "exps/run")  # DDP: anything goes
 
 
 @pytest.mark.parametrize("kind, config, parts, resume, words", [
     (DistributedType.DEEPSPEED, ZERO2, ["unet", "text_encoder"], None, "unet, text_encoder"),
-    (DistributedType.DEEPSPEED, {"zero_optimization": {"stage": 3}}, ["unet"], None, "ZeRO-3"),
     (DistributedType.FSDP, None, ["unet"], None, "FSDP"),
     (DistributedType.DEEPSPEED, ZERO2, ["unet"], "exps/run", "train.resume"),
 ])
@@ -35,3 +38,10 @@ def test_deepspeed_settings_follow_the_hcpdiff_config():
     assert replaced == ["gradient_accumulation_steps 1 -> 2"]  # 'auto' and equal values are not worth a warning
     assert align_deepspeed_config(config, 4, 2, None, 2) == ["gradient_clipping 1.0 -> 0.0"]
     assert zero_stage(config) == 2 and zero_stage(None) == 0
+
+
+def test_zero3_refuses_ema_and_previews_in_one_line():
+    with pytest.raises(ConfigError, match=r"^model\.ema: .*ZeRO-3"):
+        check_sharded_run(DistributedType.DEEPSPEED, ZERO3, ["unet"], None, ema=True)
+    with pytest.raises(ConfigError, match=r"^previewer: .*ZeRO-3"):
+        check_sharded_run(DistributedType.DEEPSPEED, ZERO3, ["unet"], None, preview=True)
