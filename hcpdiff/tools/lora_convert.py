@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import sys
 from pathlib import Path
 
 import torch
@@ -86,12 +88,27 @@ def meta_module_names(model_path: str | None) -> dict[str, list[str]]:
     return {part: [n for n, _ in model.named_modules() if n] for part, model in models.items()}
 
 
+def diffusers_drops_attention(state: dict[str, torch.Tensor]) -> bool:
+    """Whether diffusers' kohya loader would drop this text-encoder LoRA's attention layers.
+
+    diffusers (0.3x-0.4x) turns webui `self_attn` q/k/v keys into its old `to_q_lora` names and then guesses the
+    format of each text encoder's keys from an `out_proj` one (`to_out_lora`); without it the q/k/v tensors are
+    reported UNEXPECTED and left out. a1111 and ComfyUI load such a file whole.
+    """
+    attention = {m.group(1) for key in state if (m := re.search(r"self_attn\.(q|k|v|out)_proj\.", key))}
+    return bool(attention) and "out" not in attention
+
+
 def to_webui(args: argparse.Namespace) -> None:
     """Write one webui file holding the U-Net and text-encoder LoRAs."""
     webui: dict[str, torch.Tensor] = {}
     prefixes = SDXL_WEBUI_PREFIX if args.sdxl else WEBUI_PREFIX
     for part, state in native_parts(args.lora_path, args.lora_path_TE, args.lora_path_TE2, args.sdxl).items():
         webui.update(native_to_webui(state, part, prefixes))
+        if part != "unet" and diffusers_drops_attention(state):
+            print(f"note: the {part} LoRA has self_attn q/k/v layers but no self_attn.out_proj; diffusers' "
+                  "load_lora_weights drops those from a webui file (a1111 and ComfyUI load them): give diffusers "
+                  "a --to_diffusers file, or train out_proj too (the guide's 're:.*self_attn$').", file=sys.stderr)
     lycoris = any(key.endswith((".dora_scale", ".lokr_w1", ".lokr_w1_a")) or ".hada_" in key for key in webui)
     module = "lycoris.kohya" if lycoris else "networks.lora"  # kohya's record of the network type
     save_file({k: v.contiguous() for k, v in webui.items()}, args.dump_path, metadata={"ss_network_module": module})

@@ -167,3 +167,42 @@ def test_diffusers_format_carries_text_encoder(cli, tmp_path, tiny_model, native
         base = CLIPTextModel.from_pretrained(tiny_model, subfolder="text_encoder")(ids)[0]
     assert (want - base).abs().mean() > 1e-4
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def text_encoder_output(text_encoder, tokenizer) -> torch.Tensor:
+    ids = tokenizer(["a photo of a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return text_encoder(ids)[0]
+
+
+def test_diffusers_loads_guide_text_encoder_lora_from_webui_file(cli, tmp_path, tiny_model, native_files):
+    """The guide's text-encoder group (every self_attn projection and the mlp) reaches diffusers whole."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    te_file = make_native_lora(CLIPTextModel.from_pretrained(tiny_model, subfolder="text_encoder"), "text_encoder",
+                               [r"re:.*self_attn$", r"re:.*mlp$"], tmp_path / "text_encoder-1.safetensors", 3)
+    webui = tmp_path / "lora.safetensors"
+    done = convert(cli, tmp_path, "--to_webui", "--lora_path", str(native_files[0]), "--lora_path_TE", str(te_file),
+                   "--dump_path", str(webui))
+    assert done.returncode == 0 and "note:" not in done.stderr, done.stderr
+    ours = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+    base = text_encoder_output(ours.text_encoder, ours.tokenizer)
+    merge_lora(ours.text_encoder, load_lora(te_file)[0])
+    want = text_encoder_output(ours.text_encoder, ours.tokenizer)
+    theirs = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+    theirs.load_lora_weights(str(webui))
+    trained = {n.removesuffix(".lora_A") for n, _ in theirs.text_encoder.named_modules() if n.endswith(".lora_A")}
+    assert len(trained) == 2 * 6  # two encoder layers: q, k, v, out_proj, fc1, fc2
+    got = text_encoder_output(theirs.text_encoder, theirs.tokenizer)
+    assert (want - base).abs().mean() > 1e-4
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_to_webui_notes_attention_lora_diffusers_would_drop(cli, tmp_path, native_files):
+    """A text-encoder LoRA on q_proj without out_proj: diffusers' kohya loader leaves it out, so the user is told."""
+    done = convert(cli, tmp_path, "--to_webui", "--lora_path", str(native_files[0]),
+                   "--lora_path_TE", str(native_files[1]), "--dump_path", str(tmp_path / "lora.safetensors"))
+    assert done.returncode == 0, done.stderr
+    note = [line for line in done.stderr.splitlines() if line.startswith("note:")]
+    assert len(note) == 1 and "--to_diffusers" in note[0] and "out_proj" in note[0], done.stderr
