@@ -9,6 +9,28 @@ class ConfigError(HcpError):
     """A config file, key, override, resolver or `_target_` is wrong."""
 
 
+class ConfigProblems:
+    """Config problems gathered while reading many keys, so that one ConfigError names them all."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def add(self, message: str) -> None:
+        self.messages.append(message)
+
+    def collect(self, fn, *args):
+        """`fn(*args)`, or None with its ConfigError's message kept."""
+        try:
+            return fn(*args)
+        except ConfigError as err:
+            self.messages.append(str(err))
+            return None
+
+    def raise_any(self) -> None:
+        if self.messages:
+            raise ConfigError("; ".join(self.messages))
+
+
 class DataError(HcpError):
     """An image folder, caption file or bucket setting is wrong."""
 

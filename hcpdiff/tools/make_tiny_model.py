@@ -57,16 +57,22 @@ def build_text_encoder(vocab_size: int, bos_id: int, eos_id: int, hidden_act: st
     return CLIPTextModel(config)
 
 
+# The tiny U-Nets' shared layout: two levels (32/64 channels), cross-attention in the lower one, as SD lays it out.
+TINY_UNET_LAYOUT = dict(
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+)
+
+
 def build_unet() -> UNet2DConditionModel:
     """A 2-level U-Net (32/64 channels) with cross-attention in the lower level, as SD1.x lays it out."""
     return UNet2DConditionModel(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **TINY_UNET_LAYOUT,
         cross_attention_dim=TEXT_WIDTH,
         attention_head_dim=8,
         norm_num_groups=32,
@@ -76,13 +82,7 @@ def build_unet() -> UNet2DConditionModel:
 def build_sd2_unet() -> UNet2DConditionModel:
     """The SD1.x tiny U-Net with SD2.x's differences: linear in/out projections and per-level head widths."""
     return UNet2DConditionModel(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **TINY_UNET_LAYOUT,
         cross_attention_dim=TEXT_WIDTH,
         attention_head_dim=(4, 8),  # SD2.x lists one per level ([5, 10, 20, 20]); SD1.x gives one number
         use_linear_projection=True,

@@ -7,7 +7,8 @@ import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from hcpdiff.tools.make_tiny_model import TEXT_WIDTH, build_tokenizer, build_vae, write_slow_tokenizer_files
+from hcpdiff.tools.make_tiny_model import (TEXT_WIDTH, TINY_UNET_LAYOUT, build_tokenizer, build_vae,
+                                          write_slow_tokenizer_files)
 
 TIME_EMBED_DIM = 8  # per time id; SDXL uses 256
 TIME_IDS = 6  # original (h, w), crop (top, left), target (h, w)
@@ -25,13 +26,7 @@ def text_config(vocab_size: int, bos_id: int, eos_id: int) -> CLIPTextConfig:
 def build_sdxl_unet() -> UNet2DConditionModel:
     """2-level U-Net conditioned on both encoders' states (32 + 32 wide) and on pooled text + time ids."""
     return UNet2DConditionModel(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **TINY_UNET_LAYOUT,
         cross_attention_dim=2 * TEXT_WIDTH,
         attention_head_dim=(2, 4),
         use_linear_projection=True,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hcpdiff.config import read_fields
-from hcpdiff.errors import ConfigError
+from hcpdiff.errors import ConfigProblems
 from hcpdiff.train.loss import PREDICTION_TYPES
 from hcpdiff.train.preview import PreviewSpec
 from hcpdiff.train.specs import EmaSpec, LossSpec, ModelSpec, TrainSpec
@@ -26,43 +26,35 @@ class ExtraSpecs:
 
 def read_extra_specs(cfg: Any, train_spec: TrainSpec, model_spec: ModelSpec) -> ExtraSpecs:
     """Read `train.loss`, `model.ema`, `previewer` and `train.log_with`; every problem in one ConfigError."""
-    problems: list[str] = []
-
-    def collect(fn, *args):
-        try:
-            return fn(*args)
-        except ConfigError as err:
-            problems.append(str(err))
-            return None
-
+    problems = ConfigProblems()
+    collect = problems.collect
     loss = collect(read_fields, train_spec.loss or {}, "train.loss", LossSpec) or LossSpec()
     if loss.prediction_type is not None and loss.prediction_type not in PREDICTION_TYPES:
-        problems.append(f"train.loss.prediction_type: {loss.prediction_type!r} is not one of "
+        problems.add(f"train.loss.prediction_type: {loss.prediction_type!r} is not one of "
                         f"{', '.join(PREDICTION_TYPES)} (or null for the model's own)")
     if loss.min_snr_gamma is not None and loss.min_snr_gamma <= 0:
-        problems.append(f"train.loss.min_snr_gamma: must be > 0 (5 is usual) or null, got {loss.min_snr_gamma}")
+        problems.add(f"train.loss.min_snr_gamma: must be > 0 (5 is usual) or null, got {loss.min_snr_gamma}")
     if loss.timestep_min < 0 or (loss.timestep_max is not None and loss.timestep_max <= loss.timestep_min):
-        problems.append(f"train.loss.timestep_min / timestep_max: need 0 <= timestep_min < timestep_max, "
+        problems.add(f"train.loss.timestep_min / timestep_max: need 0 <= timestep_min < timestep_max, "
                         f"got {loss.timestep_min} and {loss.timestep_max}")
     ema = None
     if model_spec.ema is not None:
         ema = collect(read_fields, model_spec.ema, "model.ema", EmaSpec)
         if ema is not None and not 0.0 <= ema.decay <= 1.0:
-            problems.append(f"model.ema.decay: must be in [0, 1] (0.999 is usual), got {ema.decay}")
+            problems.add(f"model.ema.decay: must be in [0, 1] (0.999 is usual), got {ema.decay}")
     preview = None
     if cfg.get("previewer") is not None:
         preview = collect(read_fields, cfg.get("previewer"), "previewer", PreviewSpec)
         if preview is not None and (preview.step < 1 or not preview.prompts):
-            problems.append("previewer: needs step >= 1 and at least one prompt in previewer.prompts")
+            problems.add("previewer: needs step >= 1 and at least one prompt in previewer.prompts")
     log_with = list(train_spec.log_with or [])
     for name in log_with:
         if name not in TRACKERS:
-            problems.append(f"train.log_with: unknown tracker {name!r}; use {' or '.join(TRACKERS)}")
+            problems.add(f"train.log_with: unknown tracker {name!r}; use {' or '.join(TRACKERS)}")
     if "wandb" in log_with and importlib.util.find_spec("wandb") is None:
-        problems.append("train.log_with: 'wandb' needs the wandb package, which is not installed; "
+        problems.add("train.log_with: 'wandb' needs the wandb package, which is not installed; "
                         "run `pip install wandb` (and `wandb login`) or remove it")
-    if problems:
-        raise ConfigError("; ".join(problems))
+    problems.raise_any()
     return ExtraSpecs(loss=loss, ema=ema, preview=preview, log_with=log_with)
 
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from hcpdiff.config import check_targets, instantiate, read_fields
 from hcpdiff.data import build_dataset
 from hcpdiff.data.latent_cache import LatentEncoder, vae_identity
-from hcpdiff.errors import ConfigError
+from hcpdiff.errors import ConfigError, ConfigProblems
 from hcpdiff.lora import LoraGroupSpec, attach_lora, load_checkpoint, load_lora_into, lora_state_dict, save_lora
 from hcpdiff.lora.state_io import FULL_PARAMS_KEY
 from hcpdiff.models import build_conditioner, cast_floats, enable_gradient_checkpointing, load_model_parts
@@ -92,15 +92,8 @@ class Trainer:
 
     def _read_specs(self) -> None:
         cfg = self.cfg
-        problems: list[str] = []
-
-        def collect(fn, *args):
-            try:
-                return fn(*args)
-            except ConfigError as err:
-                problems.append(str(err))
-                return None
-
+        problems = ConfigProblems()
+        collect = problems.collect
         collect(check_targets, cfg)
         self.train_spec = collect(read_fields, cfg.get("train", {}), "train", TrainSpec)
         self.model_spec = collect(read_fields, cfg.get("model", {}), "model", ModelSpec)
@@ -125,18 +118,17 @@ class Trainer:
         if self.train_spec is not None:
             steps, epochs = self.train_spec.train_steps, self.train_spec.train_epochs
             if steps is None and epochs is None:
-                problems.append("train: set train.train_steps or train.train_epochs (both are null)")
+                problems.add("train: set train.train_steps or train.train_epochs (both are null)")
             if self.train_spec.optimizer is None:
-                problems.append("train.optimizer: missing; give a `_target_` optimizer with `_partial_: true`")
+                problems.add("train.optimizer: missing; give a `_target_` optimizer with `_partial_: true`")
         if self.model_spec is not None and not self.model_spec.pretrained_model_name_or_path:
-            problems.append("model.pretrained_model_name_or_path: missing; give a diffusers folder or a hub id")
+            problems.add("model.pretrained_model_name_or_path: missing; give a diffusers folder or a hub id")
         if not any(self.lora_specs.values()) and not any(self.finetune_specs.values()):
-            problems.append("lora_unet / lora_text_encoder / lora_text_encoder_2: no LoRA group is configured "
+            problems.add("lora_unet / lora_text_encoder / lora_text_encoder_2: no LoRA group is configured "
                             "(nor a unet / text_encoder fine-tuning group), so nothing would train")
         if not cfg.get("data"):
-            problems.append("data: no dataset is configured")
-        if problems:
-            raise ConfigError("; ".join(problems))
+            problems.add("data: no dataset is configured")
+        problems.raise_any()
 
     def _setup_accelerator(self) -> None:
         mixed_precision = self.cfg.get("mixed_precision") or "no"
