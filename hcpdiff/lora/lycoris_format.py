@@ -1,4 +1,5 @@
-"""One layer's native adapter weights as the webui / ComfyUI (kohya LoRA, LyCORIS LoHa / LoKr, DoRA) suffixes.
+"""One layer's native adapter weights as the webui / ComfyUI (kohya LoRA, LyCORIS LoHa / LoKr, DoRA) suffixes,
+and back.
 
 LoHa and LoKr tensors keep peft's names, which are LyCORIS's (`hada_w1_a` [out, r], `hada_w1_b` [r, in], ...;
 `lokr_w1`, `lokr_w2`, or their `_a` / `_b` factors); the readers scale by alpha / r with r read from a `_b` factor.
@@ -10,9 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from hcpdiff.lora.state_io import layer_kind
+from hcpdiff.errors import ModelError
+from hcpdiff.lora.state_io import OPTIONAL_SUFFIXES, REQUIRED_SUFFIXES, layer_kind
 
 LORA_SUFFIX = {".lora_A.weight": ".lora_down.weight", ".lora_B.weight": ".lora_up.weight", ".alpha": ".alpha"}
+# LoHa / LoKr tensors have the same names on both sides
+LYCORIS_SUFFIXES = tuple(s for kind in ("loha", "lokr") for s in (*REQUIRED_SUFFIXES[kind], *OPTIONAL_SUFFIXES[kind])
+                         if s not in (".alpha", ".rank"))
+# every suffix a webui / LyCORIS layer may carry, longest first (so `.lokr_w1_a` is not read as `.lokr_w1` + `_a`)
+WEBUI_SUFFIXES = tuple(sorted({*LORA_SUFFIX.values(), *LYCORIS_SUFFIXES, ".dora_scale"}, key=len, reverse=True))
 
 
 def webui_tensors(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -31,3 +38,39 @@ def webui_tensors(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         del out[".alpha"]
     return out
 
+
+
+def native_tensors(layer: str, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{native suffix: tensor} of one layer's webui weights (kohya LoRA, DoRA, LyCORIS LoHa / LoKr): the inverse of
+    webui_tensors. A missing alpha means the readers' default (alpha = rank: scale 1)."""
+    kind = layer_kind(parts)
+    if kind == "lora":
+        out = {native: parts[webui] for native, webui in LORA_SUFFIX.items() if webui in parts}
+        rank = out[".lora_A.weight"].shape[0] if ".lora_A.weight" in out else None
+        if ".dora_scale" in parts:
+            scale, up = parts[".dora_scale"], parts.get(".lora_up.weight")
+            if up is None or scale.shape[0] != up.shape[0] or scale.numel() != up.shape[0]:
+                raise ModelError(
+                    f"webui layer '{layer}': its dora_scale {tuple(scale.shape)} is not one value per output row "
+                    "(LyCORIS wd_on_out=False); peft's DoRA, and so hcpdiff, keeps the magnitude per output row."
+                )
+            conv = up.dim() == 4  # peft keeps a Conv2d's magnitude as [1, out, 1, 1], a Linear's as [out]
+            out[".lora_magnitude_vector.weight"] = scale.reshape(1, -1, 1, 1) if conv else scale.reshape(-1)
+    elif kind == "loha":
+        out = {s: t for s, t in parts.items() if s in LYCORIS_SUFFIXES}
+        rank = parts[".hada_w1_b"].shape[0] if ".hada_w1_b" in parts else None
+    else:
+        out = {s: t for s, t in parts.items() if s in LYCORIS_SUFFIXES}
+        factor_b = parts.get(".lokr_w1_b", parts.get(".lokr_w2_b"))
+        if factor_b is not None:
+            rank = factor_b.shape[0]
+        elif ".lokr_w2" in parts:  # both factors full: the readers use scale 1; a rank this large keeps peft's w2 full
+            rank = max(parts[".lokr_w2"].shape[:2])
+            parts = {s: t for s, t in parts.items() if s != ".alpha"}
+        else:
+            rank = None
+        if rank is not None:
+            out[".rank"] = torch.tensor(rank)
+    if rank is not None:
+        out[".alpha"] = parts[".alpha"] if ".alpha" in parts else torch.tensor(float(rank))
+    return out

@@ -6,15 +6,13 @@ from typing import Iterable
 import torch
 
 from hcpdiff.errors import ModelError
-from hcpdiff.lora.lycoris_format import webui_tensors
+from hcpdiff.lora.lycoris_format import WEBUI_SUFFIXES, native_tensors, webui_tensors
 from hcpdiff.lora.state_io import layer_states
 
 WEBUI_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 # kohya's SDXL files: U-Net keys as for SD (diffusers' loader accepts diffusers-style names), te1 / te2 per encoder
 SDXL_WEBUI_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 DIFFUSERS_PREFIX = {"unet": "unet.", "text_encoder": "text_encoder.", "text_encoder_2": "text_encoder_2."}
-# native suffix -> webui suffix; the tensors are the same (down = A, up = B, same shapes, conv included)
-WEBUI_SUFFIX = {".lora_A.weight": ".lora_down.weight", ".lora_B.weight": ".lora_up.weight", ".alpha": ".alpha"}
 
 
 def webui_layer_name(layer: str, part: str, prefixes: dict[str, str] = WEBUI_PREFIX) -> str:
@@ -61,11 +59,12 @@ def is_sdxl_webui_state(keys: Iterable[str]) -> bool:
 
 
 def split_webui_key(key: str) -> tuple[str, str]:
-    """(webui layer, native suffix) of a webui key."""
-    for native_suffix, webui_suffix in WEBUI_SUFFIX.items():
-        if key.endswith(webui_suffix):
-            return key[: -len(webui_suffix)], native_suffix
-    raise ModelError(f"webui LoRA key '{key}' ends in none of .lora_down.weight, .lora_up.weight, .alpha.")
+    """(webui layer, webui suffix) of a webui key."""
+    for suffix in WEBUI_SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], suffix
+    raise ModelError(f"webui LoRA key '{key}' ends in none of .lora_down.weight, .lora_up.weight, .alpha, "
+                     ".dora_scale, .hada_w1_a ..., .lokr_w1 ....")
 
 
 def webui_to_native(
@@ -74,7 +73,7 @@ def webui_to_native(
     """Split a webui state into native states per part, using the inverted name maps of the model's module names."""
     inverse = {part: {w: n for n, w in webui_name_map(names, part, prefixes).items()}
                for part, names in module_names.items()}
-    states: dict[str, dict[str, torch.Tensor]] = {}
+    by_layer: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         webui_layer, suffix = split_webui_key(key)
         part = next((p for p, prefix in prefixes.items() if webui_layer.startswith(prefix)), None)
@@ -82,11 +81,13 @@ def webui_to_native(
             raise ModelError(
                 f"webui LoRA layer '{webui_layer}' names no layer of the reference model; pass --model with the base model."
             )
-        states.setdefault(part, {})[inverse[part][webui_layer] + suffix] = tensor
-    for part, part_state in states.items():  # webui files may leave alpha out, which means alpha = rank
-        layers = {key[: -len(".lora_A.weight")]: t for key, t in part_state.items() if key.endswith(".lora_A.weight")}
-        for layer, lora_a in layers.items():
-            part_state.setdefault(f"{layer}.alpha", torch.tensor(float(lora_a.shape[0])))
+        by_layer.setdefault((part, webui_layer), {})[suffix] = tensor
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    for (part, webui_layer), parts in by_layer.items():
+        layer = inverse[part][webui_layer]
+        for suffix, tensor in native_tensors(webui_layer, parts).items():
+            states.setdefault(part, {})[layer + suffix] = tensor
+    for part_state in states.values():
         layer_states(part_state)  # every layer must be whole
     return states
 

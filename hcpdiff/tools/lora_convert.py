@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from hcpdiff.cli import run_cli
 from hcpdiff.errors import ModelError
-from hcpdiff.lora.state_io import FORMAT, FORMAT_VERSION, load_lora, save_lora
+from hcpdiff.lora.state_io import FORMAT, FORMAT_VERSION, layer_kind, layer_states, load_lora, save_lora
 from hcpdiff.lora.webui_format import (SDXL_WEBUI_PREFIX, WEBUI_PREFIX, is_sdxl_webui_state, is_webui_state,
                                        native_to_diffusers, native_to_webui, webui_to_native)
 
@@ -62,6 +62,13 @@ def native_parts(
                 raise ModelError(f"{flag} '{path}' is an SDXL LoRA; add --sdxl (kohya's SDXL names: lora_te1_ / lora_te2_).")
             states[part] = state
     return states
+
+
+def layer_rank(parts: dict[str, torch.Tensor]) -> int:
+    """One native layer's rank, whatever its adapter type."""
+    if ".rank" in parts:
+        return int(parts[".rank"])
+    return int(parts[".hada_w1_b" if ".hada_w1_b" in parts else ".lora_A.weight"].shape[0])
 
 
 def meta_module_names(model_path: str | None) -> dict[str, list[str]]:
@@ -138,8 +145,11 @@ def from_webui(args: argparse.Namespace) -> None:
     out_dir = Path(args.dump_path)
     for part, part_state in states.items():
         path = out_dir / f"{part}-{Path(args.lora_path).stem}.safetensors"
-        ranks = sorted({int(t.shape[0]) for k, t in part_state.items() if k.endswith(".lora_A.weight")})
-        groups = [{"name": "webui", "rank": ranks[0] if len(ranks) == 1 else ranks, "source": args.lora_path}]
+        layers = layer_states(part_state).values()
+        ranks = sorted({layer_rank(parts) for parts in layers})
+        kinds = sorted({layer_kind(parts) for parts in layers})
+        groups = [{"name": "webui", "type": kinds[0] if len(kinds) == 1 else kinds,
+                   "rank": ranks[0] if len(ranks) == 1 else ranks, "source": args.lora_path}]
         info = {"format": FORMAT, "format_version": FORMAT_VERSION, "part": part, "step": "0",
                 "base_model": args.model or "", "groups": json.dumps(groups)}
         save_lora(path, part_state, info)

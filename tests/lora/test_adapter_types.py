@@ -172,3 +172,72 @@ def test_lora_convert_to_webui_writes_a_lycoris_file(tiny_unet_factory, tmp_path
         assert opened.metadata()["ss_network_module"] == "lycoris.kohya"
     name = "lora_unet_" + TO_K.replace(".", "_")
     assert {f"{name}.hada_w1_a", f"{name}.hada_w1_b", f"{name}.hada_w2_a", f"{name}.hada_w2_b", f"{name}.alpha"} <= keys
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_lora_convert_webui_round_trip_keeps_every_adapter_type(case: str, tiny_unet_factory, tiny_model_dir,
+                                                                 tmp_path: Path) -> None:
+    """native -> webui / LyCORIS -> native: the same weights, and the visualizer's merge gives the same layers."""
+    from hcpdiff.tools.lora_convert import main
+
+    unet = tiny_unet_factory()
+    groups = trained(unet, case)
+    state = lora_state_dict(unet)
+    native = tmp_path / "unet-2.safetensors"
+    save_lora(native, state, lora_metadata("unet", "tiny", groups, step=2))
+    webui = tmp_path / "webui.safetensors"
+    assert main(["--to_webui", "--lora_path", str(native), "--dump_path", str(webui)]) == 0
+    assert main(["--from_webui", "--lora_path", str(webui), "--dump_path", str(tmp_path / "back"),
+                 "--model", str(tiny_model_dir)]) == 0
+    back, metadata = load_lora(tmp_path / "back" / "unet-webui.safetensors")
+    assert f'"type": "{CASES[case].get("type", "lora")}"' in metadata["groups"]
+    plain, merged = tiny_unet_factory(), tiny_unet_factory()
+    merge_lora(plain, state)
+    merge_lora(merged, back)
+    for name in (TO_K, CONV):
+        torch.testing.assert_close(merged.get_submodule(name).weight, plain.get_submodule(name).weight)
+    if case != "lokr":  # a LoKr whose factors are both full carries its scale in lokr_w1 in webui files
+        assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_from_webui_reads_lycoris_files_other_trainers_wrote(tiny_unet_factory, tiny_model_dir, tmp_path: Path) -> None:
+    """Hand-built LyCORIS layers in kohya naming: LoHa without alpha (scale 1), LoKr with a decomposed w2 and an alpha."""
+    from safetensors.torch import save_file
+
+    from hcpdiff.tools.lora_convert import main
+
+    gen = torch.Generator().manual_seed(3)
+    rand = lambda *shape: torch.randn(*shape, generator=gen) * 0.2  # noqa: E731
+    loha, lokr = "lora_unet_" + TO_K.replace(".", "_"), "lora_unet_" + CONV.replace(".", "_")
+    unet = tiny_unet_factory()
+    out_k, in_k = unet.get_submodule(TO_K).weight.shape
+    conv_weight = unet.get_submodule(CONV).weight
+    webui = {f"{loha}.hada_w1_a": rand(out_k, 2), f"{loha}.hada_w1_b": rand(2, in_k),
+             f"{loha}.hada_w2_a": rand(out_k, 2), f"{loha}.hada_w2_b": rand(2, in_k)}
+    # peft's LoKr factorisation of a 32 -> 32 3x3 conv: w1 [4, 4], w2 = w2_a [8, r] @ w2_b [r, 8 * 3 * 3]
+    webui.update({f"{lokr}.lokr_w1": rand(4, 4), f"{lokr}.lokr_w2_a": rand(8, 2), f"{lokr}.lokr_w2_b": rand(2, 72),
+                  f"{lokr}.alpha": torch.tensor(1.0)})
+    save_file(webui, str(tmp_path / "lycoris.safetensors"))
+    assert main(["--from_webui", "--lora_path", str(tmp_path / "lycoris.safetensors"), "--dump_path",
+                 str(tmp_path / "out"), "--model", str(tiny_model_dir)]) == 0
+    state, _ = load_lora(tmp_path / "out" / "unet-lycoris.safetensors")
+    assert float(state[f"{TO_K}.alpha"]) == 2.0 and int(state[f"{CONV}.rank"]) == 2
+    merge_lora(unet, state)
+    for name, prefix, weight in ((TO_K, loha, None), (CONV, lokr, conv_weight)):
+        base = tiny_unet_factory().get_submodule(name).weight
+        parts = {key[len(prefix):]: t for key, t in webui.items() if key.startswith(prefix + ".")}
+        want = lycoris_delta_weight({**parts, ".alpha": parts.get(".alpha", torch.tensor(2.0))}, base)
+        torch.testing.assert_close(unet.get_submodule(name).weight, want, atol=1e-5, rtol=1e-5)
+
+
+def test_from_webui_names_a_dora_scale_over_input_columns(cli, tiny_model_dir, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    name = "lora_unet_" + TO_K.replace(".", "_")
+    save_file({f"{name}.lora_down.weight": torch.zeros(2, 64), f"{name}.lora_up.weight": torch.zeros(64, 2),
+               f"{name}.dora_scale": torch.ones(1, 64)}, str(tmp_path / "dora.safetensors"))
+    done = cli(["-m", "hcpdiff.tools.lora_convert", "--from_webui", "--lora_path", "dora.safetensors",
+                "--dump_path", "out", "--model", str(tiny_model_dir)], cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and name in last and "output row" in last, done.stderr
