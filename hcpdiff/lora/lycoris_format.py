@@ -44,33 +44,35 @@ def native_tensors(layer: str, parts: dict[str, torch.Tensor]) -> dict[str, torc
     """{native suffix: tensor} of one layer's webui weights (kohya LoRA, DoRA, LyCORIS LoHa / LoKr): the inverse of
     webui_tensors. A missing alpha means the readers' default (alpha = rank: scale 1)."""
     kind = layer_kind(parts)
+    alpha = parts.get(".alpha")
     if kind == "lora":
-        out = {native: parts[webui] for native, webui in LORA_SUFFIX.items() if webui in parts}
+        out = {native: parts[webui] for native, webui in LORA_SUFFIX.items() if webui in parts and webui != ".alpha"}
         rank = out[".lora_A.weight"].shape[0] if ".lora_A.weight" in out else None
         if ".dora_scale" in parts:
-            scale, up = parts[".dora_scale"], parts.get(".lora_up.weight")
-            if up is None or scale.shape[0] != up.shape[0] or scale.numel() != up.shape[0]:
-                raise ModelError(
-                    f"webui layer '{layer}': its dora_scale {tuple(scale.shape)} is not one value per output row "
-                    "(LyCORIS wd_on_out=False); peft's DoRA, and so hcpdiff, keeps the magnitude per output row."
-                )
-            conv = up.dim() == 4  # peft keeps a Conv2d's magnitude as [1, out, 1, 1], a Linear's as [out]
-            out[".lora_magnitude_vector.weight"] = scale.reshape(1, -1, 1, 1) if conv else scale.reshape(-1)
-    elif kind == "loha":
-        out = {s: t for s, t in parts.items() if s in LYCORIS_SUFFIXES}
-        rank = parts[".hada_w1_b"].shape[0] if ".hada_w1_b" in parts else None
+            out[".lora_magnitude_vector.weight"] = dora_magnitude(layer, parts)
     else:
         out = {s: t for s, t in parts.items() if s in LYCORIS_SUFFIXES}
-        factor_b = parts.get(".lokr_w1_b", parts.get(".lokr_w2_b"))
-        if factor_b is not None:
+        if kind == "loha":
+            rank = parts[".hada_w1_b"].shape[0] if ".hada_w1_b" in parts else None
+        elif (factor_b := parts.get(".lokr_w1_b", parts.get(".lokr_w2_b"))) is not None:
             rank = factor_b.shape[0]
         elif ".lokr_w2" in parts:  # both factors full: the readers use scale 1; a rank this large keeps peft's w2 full
-            rank = max(parts[".lokr_w2"].shape[:2])
-            parts = {s: t for s, t in parts.items() if s != ".alpha"}
+            rank, alpha = max(parts[".lokr_w2"].shape[:2]), None
         else:
             rank = None
-        if rank is not None:
-            out[".rank"] = torch.tensor(rank)
-    if rank is not None:
-        out[".alpha"] = parts[".alpha"] if ".alpha" in parts else torch.tensor(float(rank))
+        if kind == "lokr" and rank is not None:
+            out[".rank"] = torch.tensor(float(rank))
+    if rank is not None:  # a layer missing weights keeps no alpha either, and layer_states names what it lacks
+        out[".alpha"] = torch.tensor(float(rank) if alpha is None else float(alpha))
     return out
+
+
+def dora_magnitude(layer: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """peft's DoRA magnitude from a webui `dora_scale`: [out] for a Linear, [1, out, 1, 1] for a Conv2d."""
+    scale, up = parts[".dora_scale"], parts.get(".lora_up.weight")
+    if up is None or scale.shape[0] != up.shape[0] or scale.numel() != up.shape[0]:
+        raise ModelError(
+            f"webui layer '{layer}': its dora_scale {tuple(scale.shape)} is not one value per output row "
+            "(LyCORIS wd_on_out=False); peft's DoRA, and so hcpdiff, keeps the magnitude per output row."
+        )
+    return scale.reshape(1, -1, 1, 1) if up.dim() == 4 else scale.reshape(-1)

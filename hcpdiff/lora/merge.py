@@ -6,7 +6,7 @@ from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from hcpdiff.errors import ModelError
-from hcpdiff.lora.state_io import adapter_tensors, layer_kind, layer_states
+from hcpdiff.lora.state_io import adapter_tensors, layer_kind, layer_rank, layer_states
 
 PLAIN_LORA = {".lora_A.weight", ".lora_B.weight", ".alpha"}
 MERGE_ADAPTER = "merge"
@@ -57,12 +57,12 @@ def peft_config_for(parts: dict[str, torch.Tensor]) -> LoraConfig | LoHaConfig |
     """A one-layer peft config whose adapter has exactly the shapes of these native weights."""
     alpha = float(parts[".alpha"])
     kind = layer_kind(parts)
+    rank = layer_rank(parts)
     if kind == "loha":
-        return LoHaConfig(r=parts[".hada_w1_b"].shape[0], alpha=alpha, target_modules=["target"])
+        return LoHaConfig(r=rank, alpha=alpha, target_modules=["target"])
     if kind == "lokr":
-        return LoKrConfig(r=int(parts[".rank"]), alpha=alpha, decompose_both=".lokr_w1_a" in parts,
-                          target_modules=["target"])
-    return LoraConfig(r=parts[".lora_A.weight"].shape[0], lora_alpha=alpha, target_modules=["target"],
+        return LoKrConfig(r=rank, alpha=alpha, decompose_both=".lokr_w1_a" in parts, target_modules=["target"])
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=["target"],
                       use_dora=".lora_magnitude_vector.weight" in parts)
 
 

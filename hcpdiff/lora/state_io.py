@@ -209,6 +209,14 @@ def layer_kind(parts: dict[str, torch.Tensor]) -> str:
     return "lora"
 
 
+def layer_rank(parts: dict[str, torch.Tensor]) -> int:
+    """One layer's rank from its native weights, whatever its adapter type (a LoKr keeps it in `.rank`)."""
+    kind = layer_kind(parts)
+    if kind == "lokr":
+        return int(parts[".rank"])
+    return int(parts[".hada_w1_b" if kind == "loha" else ".lora_A.weight"].shape[0])
+
+
 def layer_states(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """Group native keys by layer: {layer: {suffix: tensor}}; every layer must hold its type's weights and alpha."""
     by_layer: dict[str, dict[str, torch.Tensor]] = {}

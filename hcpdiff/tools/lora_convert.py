@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 
 from hcpdiff.cli import run_cli
 from hcpdiff.errors import ModelError
-from hcpdiff.lora.state_io import FORMAT, FORMAT_VERSION, layer_kind, layer_states, load_lora, save_lora
+from hcpdiff.lora.state_io import (FORMAT, FORMAT_VERSION, layer_kind, layer_rank, layer_states, load_lora,
+                                   save_lora)
 from hcpdiff.lora.webui_format import (SDXL_WEBUI_PREFIX, WEBUI_PREFIX, is_sdxl_webui_state, is_webui_state,
                                        native_to_diffusers, native_to_webui, webui_to_native)
 
@@ -62,13 +63,6 @@ def native_parts(
                 raise ModelError(f"{flag} '{path}' is an SDXL LoRA; add --sdxl (kohya's SDXL names: lora_te1_ / lora_te2_).")
             states[part] = state
     return states
-
-
-def layer_rank(parts: dict[str, torch.Tensor]) -> int:
-    """One native layer's rank, whatever its adapter type."""
-    if ".rank" in parts:
-        return int(parts[".rank"])
-    return int(parts[".hada_w1_b" if ".hada_w1_b" in parts else ".lora_A.weight"].shape[0])
 
 
 def meta_module_names(model_path: str | None) -> dict[str, list[str]]:

@@ -31,12 +31,12 @@ def read_extra_specs(cfg: Any, train_spec: TrainSpec, model_spec: ModelSpec) -> 
     loss = collect(read_fields, train_spec.loss or {}, "train.loss", LossSpec) or LossSpec()
     if loss.prediction_type is not None and loss.prediction_type not in PREDICTION_TYPES:
         problems.add(f"train.loss.prediction_type: {loss.prediction_type!r} is not one of "
-                        f"{', '.join(PREDICTION_TYPES)} (or null for the model's own)")
+                     f"{', '.join(PREDICTION_TYPES)} (or null for the model's own)")
     if loss.min_snr_gamma is not None and loss.min_snr_gamma <= 0:
         problems.add(f"train.loss.min_snr_gamma: must be > 0 (5 is usual) or null, got {loss.min_snr_gamma}")
     if loss.timestep_min < 0 or (loss.timestep_max is not None and loss.timestep_max <= loss.timestep_min):
         problems.add(f"train.loss.timestep_min / timestep_max: need 0 <= timestep_min < timestep_max, "
-                        f"got {loss.timestep_min} and {loss.timestep_max}")
+                     f"got {loss.timestep_min} and {loss.timestep_max}")
     ema = None
     if model_spec.ema is not None:
         ema = collect(read_fields, model_spec.ema, "model.ema", EmaSpec)
@@ -53,7 +53,7 @@ def read_extra_specs(cfg: Any, train_spec: TrainSpec, model_spec: ModelSpec) -> 
             problems.add(f"train.log_with: unknown tracker {name!r}; use {' or '.join(TRACKERS)}")
     if "wandb" in log_with and importlib.util.find_spec("wandb") is None:
         problems.add("train.log_with: 'wandb' needs the wandb package, which is not installed; "
-                        "run `pip install wandb` (and `wandb login`) or remove it")
+                     "run `pip install wandb` (and `wandb login`) or remove it")
     problems.raise_any()
     return ExtraSpecs(loss=loss, ema=ema, preview=preview, log_with=log_with)
 

@@ -125,7 +125,7 @@ class Trainer:
             problems.add("model.pretrained_model_name_or_path: missing; give a diffusers folder or a hub id")
         if not any(self.lora_specs.values()) and not any(self.finetune_specs.values()):
             problems.add("lora_unet / lora_text_encoder / lora_text_encoder_2: no LoRA group is configured "
-                            "(nor a unet / text_encoder fine-tuning group), so nothing would train")
+                         "(nor a unet / text_encoder fine-tuning group), so nothing would train")
         if not cfg.get("data"):
             problems.add("data: no dataset is configured")
         problems.raise_any()

@@ -200,11 +200,10 @@ def test_lora_convert_webui_round_trip_keeps_every_adapter_type(case: str, tiny_
         assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
 
 
-def test_from_webui_reads_lycoris_files_other_trainers_wrote(tiny_unet_factory, tiny_model_dir, tmp_path: Path) -> None:
+def test_from_webui_reads_lycoris_files_other_trainers_wrote(cli, tiny_unet_factory, tiny_model_dir,
+                                                           tmp_path: Path) -> None:
     """Hand-built LyCORIS layers in kohya naming: LoHa without alpha (scale 1), LoKr with a decomposed w2 and an alpha."""
     from safetensors.torch import save_file
-
-    from hcpdiff.tools.lora_convert import main
 
     gen = torch.Generator().manual_seed(3)
     rand = lambda *shape: torch.randn(*shape, generator=gen) * 0.2  # noqa: E731
@@ -218,8 +217,9 @@ def test_from_webui_reads_lycoris_files_other_trainers_wrote(tiny_unet_factory, 
     webui.update({f"{lokr}.lokr_w1": rand(4, 4), f"{lokr}.lokr_w2_a": rand(8, 2), f"{lokr}.lokr_w2_b": rand(2, 72),
                   f"{lokr}.alpha": torch.tensor(1.0)})
     save_file(webui, str(tmp_path / "lycoris.safetensors"))
-    assert main(["--from_webui", "--lora_path", str(tmp_path / "lycoris.safetensors"), "--dump_path",
-                 str(tmp_path / "out"), "--model", str(tiny_model_dir)]) == 0
+    done = cli(["-m", "hcpdiff.tools.lora_convert", "--from_webui", "--lora_path", "lycoris.safetensors",
+                "--dump_path", "out", "--model", str(tiny_model_dir)], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
     state, _ = load_lora(tmp_path / "out" / "unet-lycoris.safetensors")
     assert float(state[f"{TO_K}.alpha"]) == 2.0 and int(state[f"{CONV}.rank"]) == 2
     merge_lora(unet, state)
