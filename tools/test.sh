@@ -4,4 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/install.sh test
 # pytest exits 5 when it collects no test; set -e makes that a failure, never a silent pass.
-python -m pytest -q -p no:cacheprovider "$@"
+# -n: one pytest worker per core (HCP_TEST_WORKERS=0 runs in one process); loadscope keeps a module's tests, which
+# share module-scoped trained fixtures, on one worker.
+python -m pytest -q -p no:cacheprovider -n "${HCP_TEST_WORKERS:-auto}" --dist loadscope "$@"

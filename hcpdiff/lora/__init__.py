@@ -1,21 +1,30 @@
-"""LoRA: layer selection, peft adapter attachment, native checkpoint I/O and merging."""
-from hcpdiff.lora.attach import attach_lora
-from hcpdiff.lora.layer_select import select_layers
-from hcpdiff.lora.merge import merge_full_weights, merge_lora
-from hcpdiff.lora.spec import AttachedGroup, LoraGroupSpec
-from hcpdiff.lora.state_io import load_checkpoint, load_lora, load_lora_into, lora_metadata, lora_state_dict, save_lora
+"""LoRA: layer selection, peft adapter attachment, native checkpoint I/O and merging.
 
-__all__ = [
-    "AttachedGroup",
-    "LoraGroupSpec",
-    "attach_lora",
-    "load_checkpoint",
-    "load_lora",
-    "load_lora_into",
-    "lora_metadata",
-    "lora_state_dict",
-    "merge_full_weights",
-    "merge_lora",
-    "save_lora",
-    "select_layers",
-]
+Names are imported on first use: reading and converting LoRA files needs safetensors, not peft (seconds to import).
+"""
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_HOMES = {
+    "attach_lora": "attach",
+    "select_layers": "layer_select",
+    "merge_full_weights": "merge",
+    "merge_lora": "merge",
+    "AttachedGroup": "spec",
+    "LoraGroupSpec": "spec",
+    "load_checkpoint": "state_io",
+    "load_lora": "state_io",
+    "load_lora_into": "state_io",
+    "lora_metadata": "state_io",
+    "lora_state_dict": "state_io",
+    "save_lora": "state_io",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'hcpdiff.lora' has no attribute {name!r}")
+    return getattr(import_module(f"hcpdiff.lora.{_HOMES[name]}"), name)

@@ -4,15 +4,18 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from hcpdiff.errors import ModelError
 from hcpdiff.lora.spec import AttachedGroup
+
+if TYPE_CHECKING:  # peft costs seconds to import; file I/O and conversion do not need it
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
 FORMAT = "hcpdiff.lora"
 FORMAT_VERSION = "1"
@@ -35,6 +38,8 @@ KEY_SUFFIXES = tuple(sorted({s for kind in (REQUIRED_SUFFIXES, OPTIONAL_SUFFIXES
 
 def lora_layers(model: nn.Module) -> dict[str, BaseTunerLayer]:
     """The peft adapter layers of a model by dotted name (peft keeps the plain layer's name)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     return {name: module for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
 
 
