@@ -65,7 +65,7 @@ def test_sdxl_webui_file_loads_in_diffusers_with_our_merge_effect(cli, tmp_path,
                    "--dump_path", str(webui))
     assert done.returncode == 0, done.stderr
     keys = set(load_file(webui))
-    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight" in keys
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight" in keys  # kohya's SDXL layout
     assert "lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha" in keys
     assert "lora_te2_text_model_encoder_layers_1_mlp_fc1.lora_up.weight" in keys
 
