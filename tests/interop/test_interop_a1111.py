@@ -133,7 +133,7 @@ def load_in_a1111(a1111, case, path: Path):
     return net, parts, attentions
 
 
-def test_a1111_loads_every_key_and_merges_as_hcpdiff(case, a1111) -> None:
+def test_a1111_loads_every_key_and_merges_as_hcpdiff(a1111, case) -> None:
     if case.kind == "dora":
         pytest.skip("--to_webui refuses DoRA: A1111 reads dora_scale per input column only (this copy: not at all)")
     net, parts, attentions = load_in_a1111(a1111, case, case.webui_path)
@@ -164,14 +164,14 @@ def test_a1111_loads_every_key_and_merges_as_hcpdiff(case, a1111) -> None:
     assert not mismatched, mismatched[:5]
 
 
-def test_a1111_files_the_lora_under_its_model(case, a1111) -> None:
+def test_a1111_files_the_lora_under_its_model(a1111, case) -> None:
     if case.kind == "dora":
         pytest.skip("the DoRA file here is written without --to_webui (which refuses DoRA), so without metadata")
     on_disk = a1111["network"].NetworkOnDisk("hcpdiff", str(case.webui_path))
     assert on_disk.sd_version.name == ("SDXL" if case.family == "sdxl" else "SD1")
 
 
-def test_a1111_drops_sdxl_layers_under_diffusers_style_names(case, a1111, tmp_path) -> None:
+def test_a1111_drops_sdxl_layers_under_diffusers_style_names(a1111, case, tmp_path) -> None:
     """Why --to_webui --sdxl writes the original layout: A1111's diffusers-name formula assumes SD1.5's blocks."""
     if case.family != "sdxl" or case.kind != "lora":
         pytest.skip("SDXL LoRA only")

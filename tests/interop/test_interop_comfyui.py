@@ -84,7 +84,7 @@ def comfy_names(case, comfy) -> tuple[ComfyModel, ComfyModel, dict[str, tuple[st
     return ComfyModel(unet_state, comfy_unet_config(unet)), ComfyModel(clip_state), owner
 
 
-def test_comfyui_loads_every_key_and_merges_as_hcpdiff(case, comfy, caplog) -> None:
+def test_comfyui_loads_every_key_and_merges_as_hcpdiff(comfy, case, caplog) -> None:
     unet_model, clip_model, owner = comfy_names(case, comfy)
     key_map: dict[str, str] = {}
     comfy["lora"].model_lora_keys_unet(unet_model, key_map)
@@ -107,7 +107,7 @@ def test_comfyui_loads_every_key_and_merges_as_hcpdiff(case, comfy, caplog) -> N
         assert not mismatched, mismatched[:5]
 
 
-def test_newer_comfyui_dora_divides_by_the_base_norm_not_peft(case, comfy) -> None:
+def test_newer_comfyui_dora_divides_by_the_base_norm_not_peft(comfy, case) -> None:
     """ComfyUI's weight_adapter (newer) takes an output-row dora_scale but divides by the base weight's norm, where
     peft (hcpdiff) and LyCORIS divide by the adapted weight's: the other reason --to_webui refuses DoRA."""
     if case.kind != "dora":
