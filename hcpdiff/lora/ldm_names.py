@@ -57,8 +57,9 @@ def unet_block_prefixes(unet: nn.Module) -> dict[str, str]:
             if has_attentions(block):
                 prefixes[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{index}.1"
             index += 1
-        if getattr(block, "upsamplers", None):  # the upsampler sits in the block's last output block, after its attention
-            prefixes[f"up_blocks.{i}.upsamplers.0.conv"] = f"output_blocks.{index - 1}.{2 if has_attentions(block) else 1}.conv"
+        if getattr(block, "upsamplers", None):  # in the block's last output block, after its resnet (and attention)
+            position = 2 if has_attentions(block) else 1
+            prefixes[f"up_blocks.{i}.upsamplers.0.conv"] = f"output_blocks.{index - 1}.{position}.conv"
     return prefixes
 
 

@@ -68,7 +68,7 @@ def native_parts(
 
 
 def is_model_folder(path: str | None) -> bool:
-    """Whether `path` is a local diffusers model folder (a native file's base_model may be a hub id or a gone folder)."""
+    """Whether `path` is a local diffusers model folder (a native base_model may be a hub id or a folder since gone)."""
     return bool(path) and (Path(path) / "unet" / "config.json").is_file()
 
 
@@ -132,7 +132,8 @@ def dropped_attention_note(part: str, state: dict[str, torch.Tensor], sdxl: bool
     a1111_drops = open_clip and any(found != {"q", "k", "v", "out"} for found in layers.values())
     if not diffusers_drops and not a1111_drops:
         return None
-    tools = [tool for tool, drops in (("diffusers' load_lora_weights", diffusers_drops), ("A1111", a1111_drops)) if drops]
+    tools = [tool for tool, drops in (("diffusers' load_lora_weights", diffusers_drops), ("A1111", a1111_drops))
+             if drops]
     why = []
     if diffusers_drops:
         why.append("diffusers reads an encoder's keys only when some self_attn.out_proj has a LoRA (give diffusers "
@@ -165,7 +166,8 @@ def refuse_dora(part: str, state: dict[str, torch.Tensor]) -> None:
         raise ModelError(
             f"{part} layer '{dora[0]}' is DoRA ({len(dora)} such layers), which no webui file carries right: ComfyUI "
             "divides a per-output-row dora_scale by the base weight's norm (peft and hcpdiff by the adapted weight's), "
-            "and A1111 reads dora_scale only per input column; render it with hcpdiff.visualizer, or train without dora.")
+            "and A1111 reads dora_scale only per input column; render it with hcpdiff.visualizer, or train without "
+            "dora.")
 
 
 def kohya_metadata(states: dict[str, dict[str, torch.Tensor]], sdxl: bool, v2: bool) -> dict[str, str]:
