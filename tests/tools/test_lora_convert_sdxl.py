@@ -186,3 +186,20 @@ def test_te2_attention_without_out_proj_notes_that_a1111_and_diffusers_skip_it(c
     notes = [line for line in done.stderr.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and "A1111" in notes[0] and "diffusers" in notes[0] and "ComfyUI loads them" in notes[0]
     assert "so does A1111" not in notes[0]
+
+
+def test_diffusers_places_every_original_layout_layer_as_our_merge(cli, tmp_path, tiny_sdxl, whole_unet_file):
+    """diffusers' kohya loader maps the original-layout names back (upsamplers, label_emb, time_embed included)."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    webui = tmp_path / "xl.safetensors"
+    assert convert(cli, tmp_path, "--to_webui", "--sdxl", "--lora_path", str(whole_unet_file),
+                   "--dump_path", str(webui)).returncode == 0
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    pipe.load_lora_weights(str(webui))
+    loaded = {name for name, module in pipe.unet.named_modules() if isinstance(module, BaseTunerLayer)}
+    assert loaded == {key.rsplit(".lora_", 1)[0] for key in load_lora(whole_unet_file)[0] if ".lora_A." in key}
+    ours = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet")
+    merge_lora(ours, load_lora(whole_unet_file)[0])
+    assert torch.allclose(unet_output(pipe.unet), unet_output(ours), atol=1e-4)
