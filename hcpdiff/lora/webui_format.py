@@ -10,24 +10,30 @@ from hcpdiff.lora.lycoris_format import WEBUI_SUFFIXES, native_tensors, webui_te
 from hcpdiff.lora.state_io import layer_states
 
 WEBUI_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
-# kohya's SDXL files: U-Net keys as for SD (diffusers' loader accepts diffusers-style names), te1 / te2 per encoder
+# kohya's SDXL files: U-Net layers by their original-layout names (ldm_names), te1 / te2 per encoder
 SDXL_WEBUI_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 DIFFUSERS_PREFIX = {"unet": "unet.", "text_encoder": "text_encoder.", "text_encoder_2": "text_encoder_2."}
 
 
-def webui_layer_name(layer: str, part: str, prefixes: dict[str, str] = WEBUI_PREFIX) -> str:
-    """kohya's name of a layer: prefix + dotted path with underscores (CLIP paths start at `text_model`)."""
-    if part.startswith("text_encoder") and not layer.startswith("text_model."):
-        layer = "text_model." + layer  # transformers 5 dropped `text_model.`; kohya / a1111 names keep it
+def webui_layer_name(layer: str, part: str, prefixes: dict[str, str] = WEBUI_PREFIX,
+                     renames: dict[str, str] | None = None) -> str:
+    """kohya's name of a layer: prefix + dotted path with underscores (CLIP's transformer paths start at `text_model`;
+    `renames` gives a layer another path first, e.g. its original-layout U-Net name)."""
+    layer = (renames or {}).get(layer, layer)
+    # transformers 5 dropped `text_model.` from CLIPTextModel's names; kohya / a1111 / ComfyUI keep it. The projection
+    # of CLIPTextModelWithProjection sits beside text_model: ComfyUI reads `lora_te2_text_projection`
+    if part.startswith("text_encoder") and not layer.startswith(("text_model.", "text_projection")):
+        layer = "text_model." + layer
     return prefixes[part] + layer.replace(".", "_")
 
 
-def webui_name_map(layers: Iterable[str], part: str, prefixes: dict[str, str] = WEBUI_PREFIX) -> dict[str, str]:
+def webui_name_map(layers: Iterable[str], part: str, prefixes: dict[str, str] = WEBUI_PREFIX,
+                   renames: dict[str, str] | None = None) -> dict[str, str]:
     """{native layer: webui layer} for the given layer names; two layers with one webui name is an error."""
     name_map: dict[str, str] = {}
     seen: dict[str, str] = {}
     for layer in layers:
-        webui = webui_layer_name(layer, part, prefixes)
+        webui = webui_layer_name(layer, part, prefixes, renames)
         if webui in seen and seen[webui] != layer:
             raise ModelError(f"layers '{seen[webui]}' and '{layer}' have the same webui name '{webui}'.")
         seen[webui] = layer
@@ -36,11 +42,16 @@ def webui_name_map(layers: Iterable[str], part: str, prefixes: dict[str, str] = 
 
 
 def native_to_webui(
-    state: dict[str, torch.Tensor], part: str, prefixes: dict[str, str] = WEBUI_PREFIX
+    state: dict[str, torch.Tensor], part: str, prefixes: dict[str, str] = WEBUI_PREFIX,
+    renames: dict[str, str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Native keys of one part as webui keys (`lora_unet_..._to_k.lora_down.weight`, `.lora_up.weight`, `.alpha`)."""
+    """Native keys of one part as webui keys (`lora_unet_..._to_k.lora_down.weight`, `.lora_up.weight`, `.alpha`);
+    with `renames`, every layer must have one (a layer without an original-layout name is an error)."""
     by_layer = layer_states(state)
-    name_map = webui_name_map(by_layer, part, prefixes)
+    if renames is not None and (unnamed := [layer for layer in by_layer if layer not in renames]):
+        raise ModelError(f"{part} layer '{unnamed[0]}' has no name in the original (ldm) U-Net layout, which kohya's "
+                         f"SDXL files use ({len(unnamed)} such layers).")
+    name_map = webui_name_map(by_layer, part, prefixes, renames)
     return {  # LoHa / LoKr / DoRA layers get LyCORIS suffixes (lycoris_format)
         name_map[layer] + suffix: tensor for layer, parts in by_layer.items() for suffix, tensor in webui_tensors(parts).items()
     }
@@ -68,11 +79,16 @@ def split_webui_key(key: str) -> tuple[str, str]:
 
 
 def webui_to_native(
-    state: dict[str, torch.Tensor], module_names: dict[str, list[str]], prefixes: dict[str, str] = WEBUI_PREFIX
+    state: dict[str, torch.Tensor], module_names: dict[str, list[str]], prefixes: dict[str, str] = WEBUI_PREFIX,
+    renames: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Split a webui state into native states per part, using the inverted name maps of the model's module names."""
+    """Split a webui state into native states per part, using the inverted name maps of the model's module names;
+    a part's `renames` (original-layout U-Net names) are read too, beside the diffusers-style names."""
     inverse = {part: {w: n for n, w in webui_name_map(names, part, prefixes).items()}
                for part, names in module_names.items()}
+    for part, part_renames in (renames or {}).items():  # the two name sets are disjoint (input_blocks vs down_blocks)
+        inverse.setdefault(part, {}).update(
+            {w: n for n, w in webui_name_map(part_renames, part, prefixes, part_renames).items()})
     by_layer: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         webui_layer, suffix = split_webui_key(key)

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from hcpdiff.cli import run_cli
 from hcpdiff.errors import ModelError
+from hcpdiff.lora.ldm_names import SDXL_UNET_CONFIG, ldm_unet_names
 from hcpdiff.lora.state_io import (FORMAT, FORMAT_VERSION, layer_kind, layer_rank, layer_states, load_lora,
                                    save_lora)
 from hcpdiff.lora.webui_format import (SDXL_WEBUI_PREFIX, WEBUI_PREFIX, is_sdxl_webui_state, is_webui_state,
@@ -47,12 +48,13 @@ def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
 
 def native_parts(
     lora_path: str | None, lora_path_te: str | None, lora_path_te2: str | None = None, sdxl: bool = False
-) -> dict[str, dict[str, torch.Tensor]]:
-    """The native states given on the command line, by part; a file of another part, or an SDXL file without
-    `sdxl` (its webui names differ), is an error."""
+) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
+    """The native (state, metadata) given on the command line, by part (any subset, at least one); a file of another
+    part, or an SDXL file without `sdxl` (its webui names differ), is an error."""
     if not lora_path and not lora_path_te and not lora_path_te2:
-        raise ModelError("give --lora_path (U-Net LoRA) and/or --lora_path_TE (text-encoder LoRA).")
-    states = {}
+        raise ModelError("give at least one native LoRA: --lora_path (U-Net), --lora_path_TE (text encoder), "
+                         "--lora_path_TE2 (SDXL's second text encoder).")
+    parts = {}
     for part, path, flag in (("unet", lora_path, "--lora_path"), ("text_encoder", lora_path_te, "--lora_path_TE"),
                              ("text_encoder_2", lora_path_te2, "--lora_path_TE2")):
         if path:
@@ -61,18 +63,24 @@ def native_parts(
                 raise ModelError(f"{flag} '{path}' is a {metadata['part']} LoRA; {flag} takes the {part} one.")
             if not sdxl and (part == "text_encoder_2" or base_model_is_sdxl(metadata.get("base_model", ""))):
                 raise ModelError(f"{flag} '{path}' is an SDXL LoRA; add --sdxl (kohya's SDXL names: lora_te1_ / lora_te2_).")
-            states[part] = state
-    return states
+            parts[part] = (state, metadata)
+    return parts
 
 
-def meta_module_names(model_path: str | None) -> dict[str, list[str]]:
-    """Module names of the U-Net and text encoder(s), built on the meta device (no weights): the model's or SD1.x/2.x layout."""
+def is_model_folder(path: str | None) -> bool:
+    """Whether `path` is a local diffusers model folder (a native base_model may be a hub id or a folder since gone)."""
+    return bool(path) and (Path(path) / "unet" / "config.json").is_file()
+
+
+def meta_models(model_path: str | None, sdxl: bool = False) -> dict[str, torch.nn.Module]:
+    """U-Net and text encoder(s) built on the meta device (no weights): the model folder's, else SD1.x/2.x's layout,
+    or with `sdxl` SDXL base 1.0's."""
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     if model_path is None:
-        unet_config: dict = {}  # UNet2DConditionModel defaults are the SD1.5 layout
+        unet_config: dict = dict(SDXL_UNET_CONFIG) if sdxl else {}  # UNet2DConditionModel's defaults: SD1.5's layout
         text_config = CLIPTextConfig(num_hidden_layers=24)  # covers CLIP-L (12) and OpenCLIP-H (23) layer names
     else:
         if not (Path(model_path) / "unet").is_dir():
@@ -80,46 +88,137 @@ def meta_module_names(model_path: str | None) -> dict[str, list[str]]:
         unet_config = UNet2DConditionModel.load_config(model_path, subfolder="unet")
         text_config = CLIPTextConfig.from_pretrained(model_path, subfolder="text_encoder")
     with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(unet_config)
-        text_encoders = {"text_encoder": CLIPTextModel(text_config)}
+        models = {"unet": UNet2DConditionModel.from_config(unet_config), "text_encoder": CLIPTextModel(text_config)}
         if model_path is not None and (Path(model_path) / "text_encoder_2").is_dir():
             text_config_2 = CLIPTextConfig.from_pretrained(model_path, subfolder="text_encoder_2")
-            text_encoders["text_encoder_2"] = CLIPTextModelWithProjection(text_config_2)
-    models = {"unet": unet, **text_encoders}
+            models["text_encoder_2"] = CLIPTextModelWithProjection(text_config_2)
+        elif model_path is None and sdxl:  # OpenCLIP bigG has 32 layers
+            models["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(num_hidden_layers=32))
+    return models
+
+
+def module_names(models: dict[str, torch.nn.Module]) -> dict[str, list[str]]:
+    """{part: its module names}."""
     return {part: [n for n, _ in model.named_modules() if n] for part, model in models.items()}
 
 
-def diffusers_drops_attention(state: dict[str, torch.Tensor]) -> bool:
-    """Whether diffusers' kohya loader would drop this text-encoder LoRA's attention layers.
+def unet_ldm_renames(models: dict[str, torch.nn.Module]) -> dict[str, str]:
+    """{U-Net layer: its original-layout (ldm) name}, numbered from the given U-Net's own blocks."""
+    unet = models["unet"]
+    return ldm_unet_names(unet, [n for n, _ in unet.named_modules() if n])
 
-    diffusers (0.3x-0.4x) turns webui `self_attn` q/k/v keys into its old `to_q_lora` names and then guesses the
-    format of each text encoder's keys from an `out_proj` one (`to_out_lora`); without it the q/k/v tensors are
-    reported UNEXPECTED and left out. a1111 and ComfyUI load such a file whole.
+
+def attention_projections(state: dict[str, torch.Tensor]) -> dict[str, set[str]]:
+    """{encoder layer: the self_attn projections (q, k, v, out) a text-encoder LoRA adapts in it}."""
+    found: dict[str, set[str]] = {}
+    for key in state:
+        if m := re.search(r"^(.*)\.self_attn\.(q|k|v|out)_proj\.", key):
+            found.setdefault(m.group(1), set()).add(m.group(2))
+    return found
+
+
+def dropped_attention_note(part: str, state: dict[str, torch.Tensor], sdxl: bool, v2: bool) -> str | None:
+    """A `note:` naming the tools that leave a text-encoder LoRA's self_attn layers out, or None when none does.
+
+    diffusers (0.3x-0.4x) guesses each text encoder's key format from a `self_attn.out_proj` key; without one the
+    q/k/v tensors are reported UNEXPECTED and left out. A1111 runs OpenCLIP (SDXL's second encoder, SD2's encoder)
+    as torch MultiheadAttention, q, k and v in one weight: it merges an attention layer's LoRA only when q, k, v and
+    out all have one and skips it silently otherwise (networks.network_apply_weights); its CLIP-L takes each
+    projection alone. ComfyUI maps every projection on its own.
     """
-    attention = {m.group(1) for key in state if (m := re.search(r"self_attn\.(q|k|v|out)_proj\.", key))}
-    return bool(attention) and "out" not in attention
+    layers = attention_projections(state)
+    diffusers_drops = bool(layers) and not any("out" in found for found in layers.values())
+    open_clip = (sdxl and part == "text_encoder_2") or (v2 and part == "text_encoder")
+    a1111_drops = open_clip and any(found != {"q", "k", "v", "out"} for found in layers.values())
+    if not diffusers_drops and not a1111_drops:
+        return None
+    tools = [tool for tool, drops in (("diffusers' load_lora_weights", diffusers_drops), ("A1111", a1111_drops))
+             if drops]
+    why = []
+    if diffusers_drops:
+        why.append("diffusers reads an encoder's keys only when some self_attn.out_proj has a LoRA (give diffusers "
+                   "a --to_diffusers file)")
+    if a1111_drops:
+        why.append("A1111 merges an OpenCLIP attention layer only when its q, k, v and out_proj all have a LoRA")
+    loads = "ComfyUI loads them" + ("" if a1111_drops else ", and so does A1111")
+    return (f"note: {' and '.join(tools)} leave out the {part} LoRA's self_attn layers: {'; '.join(why)}. {loads}. "
+            "Training all of self_attn (the guide's 're:.*self_attn$') reaches every tool.")
+
+
+def is_sd2(base_model: str | None, states: dict[str, dict[str, torch.Tensor]]) -> bool:
+    """Whether an SD (not SDXL) LoRA is for SD2.x: from its base model's cross-attention width, else from its
+    weights' (SD2's OpenCLIP-H is 1024 wide, SD1's CLIP-L 768)."""
+    if is_model_folder(base_model):
+        config = json.loads((Path(base_model) / "unet" / "config.json").read_text(encoding="utf-8"))
+        return config.get("cross_attention_dim") == 1024
+    widths = [tensor.shape[-1] for key, tensor in states.get("unet", {}).items()
+              if re.search(r"attn2\.to_[kv]\.lora_A\.weight$", key)]
+    widths += [tensor.shape[-1] for key, tensor in states.get("text_encoder", {}).items()
+               if re.search(r"self_attn\.q_proj\.lora_A\.weight$", key)]
+    return bool(widths) and widths[0] == 1024
+
+
+def refuse_dora(part: str, state: dict[str, torch.Tensor]) -> None:
+    """A DoRA layer is an error: no webui file of it renders right in both ComfyUI and A1111 (README, DoRA)."""
+    dora = [key.removesuffix(".lora_magnitude_vector.weight") for key in state
+            if key.endswith(".lora_magnitude_vector.weight")]
+    if dora:
+        raise ModelError(
+            f"{part} layer '{dora[0]}' is DoRA ({len(dora)} such layers), which no webui file carries right: ComfyUI "
+            "divides a per-output-row dora_scale by the base weight's norm (peft and hcpdiff by the adapted weight's), "
+            "and A1111 reads dora_scale only per input column; render it with hcpdiff.visualizer, or train without "
+            "dora.")
+
+
+def kohya_metadata(states: dict[str, dict[str, torch.Tensor]], sdxl: bool, v2: bool) -> dict[str, str]:
+    """The `ss_*` metadata kohya's train_network writes and the UIs read: A1111 files a LoRA under SD1 / SD2 / SDXL by
+    `ss_base_model_version` and `ss_v2` (NetworkOnDisk.detect_version) and hides those of another model family."""
+    layers = [parts for state in states.values() for parts in layer_states(state).values()]
+    ranks = sorted({layer_rank(parts) for parts in layers})
+    alphas = sorted({float(parts[".alpha"]) for parts in layers})
+    kinds = sorted({layer_kind(parts) for parts in layers})
+    lycoris = kinds != ["lora"]
+    family = "stable-diffusion-xl-v1-base" if sdxl else "stable-diffusion-v2" if v2 else "stable-diffusion-v1"
+    return {
+        "ss_network_module": "lycoris.kohya" if lycoris else "networks.lora",
+        "ss_network_dim": str(ranks[0]) if len(ranks) == 1 else "Dynamic",  # kohya's resize_lora writes Dynamic too
+        "ss_network_alpha": f"{alphas[0]:g}" if len(alphas) == 1 else "Dynamic",
+        "ss_network_args": json.dumps({"algo": kinds[0] if len(kinds) == 1 else "mixed"} if lycoris else {}),
+        "ss_base_model_version": "sdxl_base_v1-0" if sdxl else "sd_v2" if v2 else "sd_v1",
+        "ss_v2": str(v2),
+        "ss_network_train_unet_only": str(set(states) == {"unet"}),
+        "ss_network_train_text_encoder_only": str("unet" not in states),
+        "modelspec.architecture": f"{family}/{'lycoris' if lycoris else 'lora'}",
+        "ss_training_comment": "converted from hcpdiff native LoRA files by hcpdiff.tools.lora_convert --to_webui",
+    }
 
 
 def to_webui(args: argparse.Namespace) -> None:
-    """Write one webui file holding the U-Net and text-encoder LoRAs."""
+    """Write one webui file holding the U-Net and text-encoder LoRAs given, with the metadata kohya writes."""
     webui: dict[str, torch.Tensor] = {}
     prefixes = SDXL_WEBUI_PREFIX if args.sdxl else WEBUI_PREFIX
-    for part, state in native_parts(args.lora_path, args.lora_path_TE, args.lora_path_TE2, args.sdxl).items():
-        webui.update(native_to_webui(state, part, prefixes))
-        if part != "unet" and diffusers_drops_attention(state):
-            print(f"note: the {part} LoRA has self_attn q/k/v layers but no self_attn.out_proj; diffusers' "
-                  "load_lora_weights drops those from a webui file (a1111 and ComfyUI load them): give diffusers "
-                  "a --to_diffusers file, or train out_proj too (the guide's 're:.*self_attn$').", file=sys.stderr)
-    lycoris = any(key.endswith((".dora_scale", ".lokr_w1", ".lokr_w1_a")) or ".hada_" in key for key in webui)
-    module = "lycoris.kohya" if lycoris else "networks.lora"  # kohya's record of the network type
-    save_file({k: v.contiguous() for k, v in webui.items()}, args.dump_path, metadata={"ss_network_module": module})
+    parts = native_parts(args.lora_path, args.lora_path_TE, args.lora_path_TE2, args.sdxl)
+    states = {part: state for part, (state, _) in parts.items()}
+    base_model = args.model or next(
+        (meta["base_model"] for _, meta in parts.values() if is_model_folder(meta.get("base_model"))), None)
+    v2 = not args.sdxl and is_sd2(base_model, states)
+    for part, state in states.items():
+        refuse_dora(part, state)
+        # SDXL U-Net layers by their original-layout names: kohya's own SDXL files use them, A1111 reads only them
+        # whole (its diffusers-name formula assumes SD1's blocks), ComfyUI and diffusers read both
+        renames = unet_ldm_renames(meta_models(base_model, sdxl=True)) if args.sdxl and part == "unet" else None
+        webui.update(native_to_webui(state, part, prefixes, renames))
+        if part != "unet" and (note := dropped_attention_note(part, state, args.sdxl, v2)):
+            print(note, file=sys.stderr)
+    save_file({k: v.contiguous() for k, v in webui.items()}, args.dump_path,
+              metadata=kohya_metadata(states, args.sdxl, v2))
     print(f"wrote {len(webui)} tensors to {args.dump_path}")
 
 
 def to_diffusers(args: argparse.Namespace) -> None:
     """Write a `pytorch_lora_weights.safetensors` for diffusers' `load_lora_weights` (alpha folded into B)."""
     out: dict[str, torch.Tensor] = {}
-    for part, state in native_parts(args.lora_path, args.lora_path_TE, args.lora_path_TE2, True).items():
+    for part, (state, _) in native_parts(args.lora_path, args.lora_path_TE, args.lora_path_TE2, True).items():
         out.update(native_to_diffusers(state, part))
     save_file({k: v.contiguous() for k, v in out.items()}, args.dump_path, metadata={"format": "pt"})
     print(f"wrote {len(out)} tensors to {args.dump_path}")
@@ -127,6 +226,8 @@ def to_diffusers(args: argparse.Namespace) -> None:
 
 def from_webui(args: argparse.Namespace) -> None:
     """Write `<dump_path>/unet-<name>.safetensors` (and `text_encoder-<name>...`) as native files."""
+    if not args.lora_path:
+        raise ModelError("--from_webui: give --lora_path, the webui / kohya file to convert.")
     state, metadata = read_safetensors(args.lora_path)
     if metadata.get("format") == FORMAT or not is_webui_state(state):
         raise ModelError(f"--from_webui: '{args.lora_path}' is not a webui LoRA (keys lora_unet_... / lora_te_...).")
@@ -135,7 +236,10 @@ def from_webui(args: argparse.Namespace) -> None:
                          "add --sdxl and --model with the SDXL base model folder.")
     if args.sdxl and args.model is None:
         raise ModelError("--from_webui --sdxl: give --model, the SDXL base model folder whose module names decode the keys.")
-    states = webui_to_native(state, meta_module_names(args.model), SDXL_WEBUI_PREFIX if args.sdxl else WEBUI_PREFIX)
+    models = meta_models(args.model)
+    # U-Net layers are read by their diffusers-style and their original-layout names, as ComfyUI reads them
+    states = webui_to_native(state, module_names(models), SDXL_WEBUI_PREFIX if args.sdxl else WEBUI_PREFIX,
+                             {"unet": unet_ldm_renames(models)})
     out_dir = Path(args.dump_path)
     for part, part_state in states.items():
         path = out_dir / f"{part}-{Path(args.lora_path).stem}.safetensors"
@@ -158,14 +262,17 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--to_webui", action="store_true", help="native -> one webui/kohya file")
     mode.add_argument("--from_webui", action="store_true", help="webui/kohya file -> native files in --dump_path/")
     mode.add_argument("--to_diffusers", action="store_true", help="native -> pytorch_lora_weights.safetensors")
-    parser.add_argument("--lora_path", required=True, help="U-Net LoRA (native), or the webui file with --from_webui")
+    parser.add_argument("--lora_path", default=None,
+                        help="U-Net LoRA (native), if any; with --from_webui the webui file (required)")
     parser.add_argument("--lora_path_TE", default=None, help="text-encoder LoRA (native), if any")
     parser.add_argument("--lora_path_TE2", default=None, help="SDXL: second text-encoder LoRA (native), if any")
     parser.add_argument("--sdxl", action="store_true",
-                        help="SDXL LoRA: kohya's SDXL names (lora_unet_, lora_te1_, lora_te2_); --from_webui needs --model")
+                        help="SDXL LoRA: kohya's SDXL names (lora_unet_ + original-layout U-Net names, lora_te1_, "
+                             "lora_te2_); --from_webui needs --model")
     parser.add_argument("--dump_path", required=True, help="output file (a folder with --from_webui)")
     parser.add_argument("--model", default=None,
-                        help="--from_webui: base model folder whose module names decode the keys (default: SD1.x/2.x layout)")
+                        help="base model folder whose module names decode (--from_webui) or number (--to_webui --sdxl) "
+                             "the layers; default: the native file's base_model folder, else SD1.x/2.x's (SDXL's) layout")
     parser.add_argument("--auto_scale_alpha", action="store_true",
                         help="accepted for HCP-Diffusion v1 commands; hcpdiff alpha already means scale = alpha / rank "
                              "as in the webui, so alpha is copied unchanged and the effect stays exact")

@@ -107,7 +107,7 @@ def lycoris_delta_weight(parts: dict[str, torch.Tensor], weight: torch.Tensor) -
     down, up = parts[".lora_down.weight"], parts[".lora_up.weight"]
     delta = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape) * float(alpha) / down.shape[0]
     calc = weight + delta
-    if ".dora_scale" in parts:  # ComfyUI weight_decompose, magnitude on the output axis
+    if ".dora_scale" in parts:  # LyCORIS / peft DoRA on the output axis (ComfyUI divides by the base weight's norm)
         norm = calc.reshape(calc.shape[0], -1).norm(dim=1, keepdim=True).reshape(parts[".dora_scale"].shape)
         calc = calc * (parts[".dora_scale"] / norm)
     return calc
@@ -174,7 +174,7 @@ def test_lora_convert_to_webui_writes_a_lycoris_file(tiny_unet_factory, tmp_path
     assert {f"{name}.hada_w1_a", f"{name}.hada_w1_b", f"{name}.hada_w2_a", f"{name}.hada_w2_b", f"{name}.alpha"} <= keys
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [case for case in CASES if case != "dora"])
 def test_lora_convert_webui_round_trip_keeps_every_adapter_type(case: str, tiny_unet_factory, tiny_model_dir,
                                                                  tmp_path: Path) -> None:
     """native -> webui / LyCORIS -> native: the same weights, and the visualizer's merge gives the same layers."""
@@ -198,6 +198,20 @@ def test_lora_convert_webui_round_trip_keeps_every_adapter_type(case: str, tiny_
         torch.testing.assert_close(merged.get_submodule(name).weight, plain.get_submodule(name).weight)
     if case != "lokr":  # a LoKr whose factors are both full carries its scale in lokr_w1 in webui files
         assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_to_webui_refuses_dora_in_one_line_naming_each_tool(cli, tiny_unet_factory, tmp_path: Path) -> None:
+    """No webui file renders peft's DoRA in both ComfyUI (base-weight norm) and A1111 (per-input-column scale only)."""
+    unet = tiny_unet_factory()
+    groups = trained(unet, "dora")
+    save_lora(tmp_path / "unet-2.safetensors", lora_state_dict(unet), lora_metadata("unet", "tiny", groups, step=2))
+    done = cli(["-m", "hcpdiff.tools.lora_convert", "--to_webui", "--lora_path", "unet-2.safetensors",
+                "--dump_path", "webui.safetensors"], cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), done.stderr
+    assert all(word in lines[0] for word in ("DoRA", "ComfyUI", "A1111", "base weight's norm", "input column"))
+    assert not (tmp_path / "webui.safetensors").exists()
 
 
 def test_from_webui_reads_lycoris_files_other_trainers_wrote(cli, tiny_unet_factory, tiny_model_dir,

@@ -217,3 +217,26 @@ def test_to_webui_notes_attention_lora_diffusers_would_drop(cli, tmp_path, nativ
     assert done.returncode == 0, done.stderr
     note = [line for line in done.stderr.splitlines() if line.startswith("note:")]
     assert len(note) == 1 and "--to_diffusers" in note[0] and "out_proj" in note[0], done.stderr
+    # SD1's CLIP-L is a transformers CLIP in A1111 too: each projection merges alone there, and in ComfyUI
+    assert "ComfyUI loads them, and so does A1111" in note[0], done.stderr
+
+
+def test_text_encoder_only_lora_converts_and_carries_sd1_metadata(cli, tmp_path, native_files):
+    from safetensors import safe_open
+
+    webui = tmp_path / "te.safetensors"
+    done = convert(cli, tmp_path, "--to_webui", "--lora_path_TE", str(native_files[1]), "--dump_path", str(webui))
+    assert done.returncode == 0, done.stderr
+    assert all(key.startswith("lora_te_text_model_") for key in load_file(webui))
+    with safe_open(str(webui), "pt") as opened:
+        metadata = opened.metadata()
+    assert (metadata["ss_base_model_version"], metadata["ss_v2"], metadata["ss_network_dim"]) == ("sd_v1", "False", "4")
+    assert metadata["ss_network_train_text_encoder_only"] == "True"
+
+
+@pytest.mark.parametrize("mode", ["--to_webui", "--to_diffusers", "--from_webui"])
+def test_no_lora_given_is_one_error_line(cli, tmp_path, mode):
+    done = convert(cli, tmp_path, mode, "--dump_path", str(tmp_path / "o.safetensors"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--lora_path" in lines[0], done.stderr
