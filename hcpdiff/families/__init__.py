@@ -29,6 +29,19 @@ def family_named(name: str) -> Family:
     raise ModelError(f"unknown model family {name!r}; known: {', '.join(f.name for f in FAMILIES)}")
 
 
+def tiny_variant_family(variant: str) -> Family:
+    """The family that builds `make_tiny_model --family <variant>`."""
+    for family in FAMILIES:
+        if variant in family.tiny_variants:
+            return family
+    raise ModelError(f"unknown tiny model {variant!r}; known: {', '.join(tiny_variants())}")
+
+
+def tiny_variants() -> list[str]:
+    """Every `make_tiny_model --family` name."""
+    return [variant for family in FAMILIES for variant in family.tiny_variants]
+
+
 def folder_config_reader(folder: Path) -> ConfigReader:
     """Reads `<folder>/<part>/config.json` (or scheduler_config.json); None when the part has none."""
     def read(part: str) -> dict[str, Any] | None:
@@ -63,4 +76,4 @@ def detect_family(index: dict[str, Any], read_config: ConfigReader, shown: str, 
 
 
 __all__ = ["FAMILIES", "Family", "PART_NAMES", "TRAINABLE_PARTS", "detect_family",
-           "family_named", "folder_config_reader", "hub_config_reader"]
+           "family_named", "folder_config_reader", "hub_config_reader", "tiny_variant_family", "tiny_variants"]

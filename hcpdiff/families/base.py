@@ -5,6 +5,7 @@ the visualizer and the converters ask the family; none of them names a family.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -30,6 +31,9 @@ class Family:
     tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer",)
     other_folders: ClassVar[tuple[str, ...]] = ("vae", "scheduler")  # also required in a diffusers folder
     webui_prefixes: ClassVar[dict[str, str]] = {}  # part -> kohya / a1111 key prefix
+    train_config: ClassVar[str]  # the shipped example training config (cfgs/train/examples/...)
+    infer_config: ClassVar[str]  # the shipped visualizer config with lora_path / lora_alpha (cfgs/infer/...)
+    tiny_variants: ClassVar[tuple[str, ...]]  # `make_tiny_model --family` names this family builds; first = default
 
     # ---------------------------------------------------------------------------------------- parts and loading
     @property
@@ -58,6 +62,10 @@ class Family:
     def load_single_file(self, path: str, options: dict[str, Any]) -> dict[str, Any]:
         """Components of an original-layout checkpoint file (diffusers' from_single_file), configs from `options`."""
         raise NotImplementedError(f"{self.name}: single-file checkpoints are not supported")
+
+    def make_tiny(self, out_dir: Path, seed: int = 0, variant: str | None = None) -> Path:
+        """Build a tiny random-weight model of this family in diffusers format (tests, the demo, benchmarks)."""
+        raise NotImplementedError
 
     # ---------------------------------------------------------------------------------------- latents
     def vae_scale_factor(self, read_config: ConfigReader) -> int:

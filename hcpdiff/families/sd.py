@@ -1,6 +1,7 @@
 """Stable Diffusion 1.x / 2.x: a U-Net on 4-channel VAE latents, one CLIP text encoder, DDPM (epsilon or v)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -14,11 +15,19 @@ class StableDiffusion(Family):
     name: ClassVar[str] = "sd"
     description: ClassVar[str] = "Stable Diffusion 1.x / 2.x"
     webui_prefixes: ClassVar[dict[str, str]] = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+    train_config: ClassVar[str] = "cfgs/train/examples/lora_conventional.yaml"
+    infer_config: ClassVar[str] = "cfgs/infer/t2i_lora.yaml"
+    tiny_variants: ClassVar[tuple[str, ...]] = ("sd", "sd2")  # sd2: SD2.x layout, v-prediction
 
     @classmethod
     def matches(cls, index: dict[str, Any], read_config: ConfigReader) -> bool:
         unet = read_config("unet")
         return unet is not None and unet.get("addition_embed_type") != "text_time"
+
+    def make_tiny(self, out_dir: Path, seed: int = 0, variant: str | None = None) -> Path:
+        from hcpdiff.tools.make_tiny_model import make_tiny_sd
+
+        return make_tiny_sd(out_dir, seed=seed, v_prediction=variant == "sd2")
 
     def part_loaders(self, source: str, common: dict[str, Any]) -> dict[str, Callable[[], Any]]:
         from diffusers import AutoencoderKL, UNet2DConditionModel

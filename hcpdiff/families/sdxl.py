@@ -1,6 +1,7 @@
 """SDXL: the SD U-Net layout with two CLIP encoders (penultimate states side by side), pooled text and size ids."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 from hcpdiff.families.base import ConfigReader, components_config_reader
@@ -16,12 +17,20 @@ class StableDiffusionXL(StableDiffusion):
     tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
     webui_prefixes: ClassVar[dict[str, str]] = {"unet": "lora_unet_", "text_encoder": "lora_te1_",
                                                 "text_encoder_2": "lora_te2_"}
+    train_config: ClassVar[str] = "cfgs/train/examples/lora_sdxl.yaml"
+    infer_config: ClassVar[str] = "cfgs/infer/text2img_sdxl.yaml"
+    tiny_variants: ClassVar[tuple[str, ...]] = ("sdxl",)
 
     @classmethod
     def matches(cls, index: dict[str, Any], read_config: ConfigReader) -> bool:
         # SDXL's U-Net takes the pooled text of encoder 2 and the size / crop ids ("text_time")
         unet = read_config("unet")
         return unet is not None and unet.get("addition_embed_type") == "text_time"
+
+    def make_tiny(self, out_dir: Path, seed: int = 0, variant: str | None = None) -> Path:
+        from hcpdiff.tools.tiny_sdxl import make_tiny_sdxl
+
+        return make_tiny_sdxl(out_dir, seed=seed)
 
     def part_loaders(self, source: str, common: dict[str, Any]) -> dict[str, Callable[[], Any]]:
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer
