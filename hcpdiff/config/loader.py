@@ -4,12 +4,12 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from hcpdiff.config.keypaths import iter_leaves, join_key
+from hcpdiff.config.keypaths import did_you_mean, iter_leaves, join_key
 from hcpdiff.config.merge import Origins, merge_layer
 from hcpdiff.config.overrides import apply_overrides, parse_overrides
 from hcpdiff.config.resolvers import RUN_TIME_KEY, RunClock, register_resolvers
@@ -18,6 +18,7 @@ from hcpdiff.errors import ConfigError
 
 BASE_KEY = "_base_"
 MISSING_VALUE = "???"
+INTERPOLATED_NAME = re.compile(r"\$\{\s*([A-Za-z_]\w*)\s*[.\[}]")  # `${unet_lr}`, `${model.x}` -> the top-level name
 
 
 def shown_path(path: Path) -> str:
@@ -126,9 +127,31 @@ def _check_no_missing(cfg: DictConfig, origins: Origins) -> None:
         raise ConfigError(f"{where}: required value not set (`???`); give it in the config or as {missing[0]}=VALUE.")
 
 
+def interpolated_names(tree: Any) -> set[str]:
+    """The top-level names that string values of the tree interpolate (`lr: ${unet_lr}` -> unet_lr)."""
+    return {name for _, value in iter_leaves(tree) if isinstance(value, str)
+            for name in INTERPOLATED_NAME.findall(value)}
+
+
+def _check_top_level(tree: dict, known: Collection[str], origins: Origins) -> None:
+    """Top-level keys must be known or be variables other values interpolate (`unet_lr`); typos are errors."""
+    variables = interpolated_names(tree)
+    unknown = [key for key in tree if key not in known and key not in variables and key != RUN_TIME_KEY]
+    if unknown:
+        def origin(key: str) -> str:  # a mapping's own key has no origin; its first leaf's file wrote it
+            return origins.get(key) or next((o for path, o in origins.items() if path.startswith(key + ".")), "?")
+        raise ConfigError("; ".join(
+            f"`{key}` (in {origin(key)}): unknown top-level key{did_you_mean(key, sorted(known))}"
+            for key in unknown) + ".")
+
+
 def load_config_with_origins(path: str | os.PathLike, overrides: Sequence[str] = (), *,
-                             clock: RunClock | None = None) -> tuple[DictConfig, dict[str, str]]:
-    """The resolved config and, for each leaf key path, the file that last set it (or "command line")."""
+                             clock: RunClock | None = None,
+                             top_level: Collection[str] | None = None) -> tuple[DictConfig, dict[str, str]]:
+    """The resolved config and, for each leaf key path, the file that last set it (or "command line").
+
+    `top_level`: the keys the caller reads at the top level; any other key that no value interpolates is an error.
+    """
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"config file '{path}' not found.")
@@ -136,14 +159,16 @@ def load_config_with_origins(path: str | os.PathLike, overrides: Sequence[str] =
     parsed = parse_overrides(overrides)
     tree = load_tree(file.resolve(), origins)
     apply_overrides(tree, parsed, origins)
+    if top_level is not None:
+        _check_top_level(tree, top_level, origins)
     cfg = _resolve(tree, origins, clock or RunClock.for_run())
     _check_no_missing(cfg, origins)
     leaves = iter_leaves(OmegaConf.to_container(cfg, resolve=False))
     return cfg, {leaf: _nearest_origin(leaf, origins) for leaf, _ in leaves}
 
 
-def load_config(path: str | os.PathLike, overrides: Sequence[str] = (), *,
-                clock: RunClock | None = None) -> DictConfig:
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = (), *, clock: RunClock | None = None,
+                top_level: Collection[str] | None = None) -> DictConfig:
     """Load `path` with its `_base_` files, apply overrides, resolve every interpolation; `_base_` removed."""
-    cfg, _ = load_config_with_origins(path, overrides, clock=clock)
+    cfg, _ = load_config_with_origins(path, overrides, clock=clock, top_level=top_level)
     return cfg

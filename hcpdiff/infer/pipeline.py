@@ -9,14 +9,14 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from hcpdiff.config import instantiate, read_fields
 from hcpdiff.errors import ConfigError
+from hcpdiff.families import Family
 from hcpdiff.infer.specs import LoraItem, MergeGroup
 from hcpdiff.lora import load_checkpoint, merge_full_weights, merge_lora
 from hcpdiff.lora.state_io import layer_states
 from hcpdiff.models.parts import ModelParts
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-PART_OF_TYPE = {"unet": "unet", "TE": "text_encoder", "text_encoder": "text_encoder",
-                "TE2": "text_encoder_2", "text_encoder_2": "text_encoder_2"}  # TE2: SDXL's second encoder
+PART_ALIASES = {"TE": "text_encoder", "TE2": "text_encoder_2"}  # merge group types as HCP v1 wrote them
 
 
 def inference_scheduler(parts: ModelParts) -> Any:
@@ -33,26 +33,15 @@ def inference_scheduler(parts: ModelParts) -> Any:
 
 
 def build_pipeline(parts: ModelParts, new_components: DictConfig | dict) -> Any:
-    """A StableDiffusionPipeline of the loaded parts; `new_components.<name>` nodes replace parts (scheduler, vae...)."""
-    from diffusers import StableDiffusionPipeline
-
-    components = {
-        "unet": parts.unet, "vae": parts.vae, "text_encoder": parts.text_encoder, "tokenizer": parts.tokenizer,
-        "scheduler": inference_scheduler(parts),
-    }
-    if parts.family == "sdxl":
-        components.update(text_encoder_2=parts.text_encoder_2, tokenizer_2=parts.tokenizer_2)
+    """The family's diffusers pipeline of the loaded parts; `new_components.<name>` nodes replace parts (scheduler,
+    vae, ...)."""
+    components = {**parts.components, "scheduler": inference_scheduler(parts)}
     for name, node in (new_components or {}).items():
         if name not in components:
             raise ConfigError(f"`new_components.{name}`: unknown component; use one of {sorted(components)}.")
         components[name] = instantiate(node, f"new_components.{name}")
-    if parts.family == "sdxl":
-        from diffusers import StableDiffusionXLPipeline
-
-        return StableDiffusionXLPipeline(**components, add_watermarker=False)
-    return StableDiffusionPipeline(
-        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
+    scheduler = components.pop("scheduler")
+    return parts.family.build_pipeline(components, scheduler)
 
 
 def layer_matches(layer: str, patterns: list[str]) -> bool:
@@ -95,14 +84,19 @@ def merge_groups_of(merge: Any) -> list[tuple[str, Any]]:
     raise ConfigError("`merge`: expected a mapping of groups ({type, base_model_alpha, lora: [...]}) or null.")
 
 
-def merge_all(pipe: Any, merge: Any) -> list[str]:
-    """Merge every group's LoRAs into the pipeline's weights (alpha 0 leaves them exactly as they were); returns paths."""
+def merge_all(pipe: Any, merge: Any, family: Family) -> list[str]:
+    """Merge every group's LoRAs into the pipeline's weights (alpha 0 leaves them exactly as they were); returns paths.
+
+    A group's `type` names the part it merges into (unet, transformer, text_encoder, ..., or v1's TE / TE2)."""
     merged_paths: list[str] = []
     for where, node in merge_groups_of(merge):
         group = read_fields(node, where, MergeGroup)
-        if group.type not in PART_OF_TYPE:
-            raise ConfigError(f"`{where}.type`: '{group.type}' is not one of unet, TE.")
-        model = getattr(pipe, PART_OF_TYPE[group.type])
+        part = PART_ALIASES.get(group.type, group.type)
+        if part not in family.trainable_parts:
+            aliases = [alias for alias, name in PART_ALIASES.items() if name in family.trainable_parts]
+            raise ConfigError(f"`{where}.type`: '{group.type}' is not a part of this {family.description} model; "
+                              f"use one of {', '.join([*family.trainable_parts, *aliases])}.")
+        model = getattr(pipe, part)
         items = [read_fields(item, f"{where}.lora.{i}", LoraItem) for i, item in enumerate(group.lora)]
         loaded = [(item, *load_checkpoint(item.path)[:2]) for item in items if item.path]
         if group.base_model_alpha != 1.0:

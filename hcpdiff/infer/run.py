@@ -10,7 +10,6 @@ from omegaconf import DictConfig, OmegaConf
 from hcpdiff.config import check_targets, read_fields
 from hcpdiff.errors import ConfigError
 from hcpdiff.infer.pipeline import DTYPES, build_pipeline, merge_all, to_plain
-from hcpdiff.infer.prompt_weights import chunks_needed, encode_weighted, encode_weighted_sdxl
 from hcpdiff.infer.saving import next_index, save_image
 from hcpdiff.infer.specs import InferArgs, SaveSpec, VisualizerSpec
 from hcpdiff.models import load_model_parts
@@ -42,7 +41,7 @@ def generate(cfg: DictConfig) -> list[Path]:
     prompts = prompt_list(spec.prompt)
     parts = load_model_parts(spec.pretrained_model, where="pretrained_model")
     pipe = build_pipeline(parts, spec.new_components)
-    lora_paths = merge_all(pipe, spec.merge)  # once, before sampling; fp32 weights, then cast
+    lora_paths = merge_all(pipe, spec.merge, parts.family)  # once, before sampling; fp32 weights, then cast
     pipe.to(pick_device(spec.device))
     if spec.dtype != "fp32":
         pipe.to(dtype=DTYPES[spec.dtype])
@@ -53,25 +52,12 @@ def generate(cfg: DictConfig) -> list[Path]:
     if save.save_cfg:
         OmegaConf.save(cfg, out_dir / "cfg.yaml")
     jobs = [(prompt, spec.seed + i) for prompt in prompts for i in range(spec.num)]
-    repeats = chunks_needed(pipe.tokenizer, prompts + [spec.neg_prompt])
+    all_prompts = [*prompts, spec.neg_prompt]
     index, written = next_index(out_dir), []
     for start in range(0, len(jobs), spec.bs):
         batch = jobs[start : start + spec.bs]
-        batch_prompts = [prompt for prompt, _ in batch]
-        if parts.family == "sdxl":
-            tokenizers, encoders = [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2]
-            embeds, pooled = encode_weighted_sdxl(tokenizers, encoders, batch_prompts, repeats, spec.clip_skip)
-            # an empty neg_prompt is encoded, as diffusers does for negative_prompt="" (it zeros only for None)
-            neg_embeds, neg_pooled = encode_weighted_sdxl(tokenizers, encoders, [spec.neg_prompt] * len(batch),
-                                                          repeats, spec.clip_skip)
-            prompt_args = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled,
-                           "negative_prompt_embeds": neg_embeds, "negative_pooled_prompt_embeds": neg_pooled}
-        else:
-            prompt_args = {
-                "prompt_embeds": encode_weighted(pipe.tokenizer, pipe.text_encoder, batch_prompts, repeats, spec.clip_skip),
-                "negative_prompt_embeds": encode_weighted(pipe.tokenizer, pipe.text_encoder,
-                                                          [spec.neg_prompt] * len(batch), repeats, spec.clip_skip),
-            }
+        prompt_args = parts.family.prompt_args(pipe, [prompt for prompt, _ in batch], [spec.neg_prompt] * len(batch),
+                                               clip_skip=spec.clip_skip, all_prompts=all_prompts)
         generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in batch]
         with torch.no_grad():
             images = pipe(**prompt_args, generator=generators, output_type="pil", **vars(infer_args)).images

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -91,11 +91,13 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def lora_metadata(part: str, base_model: str, groups: list[AttachedGroup], step: int) -> dict[str, str]:
-    """Checkpoint metadata (all strings): part, base model, step and the groups' settings."""
+def lora_metadata(part: str, base_model: str, groups: list[AttachedGroup], step: int, *, family: str | None = None,
+                  finetune: Sequence[Any] = ()) -> dict[str, str]:
+    """Checkpoint metadata (all strings): part, base model (and its family), step, the LoRA groups' settings under
+    their config names (`lora_<part>[i]`), and the fully trained tensors' names and groups when `finetune` has any."""
     group_info = [
         {
-            "name": group.name,
+            "name": f"lora_{part}[{i}]",
             "rank": group.spec.rank,
             "alpha": group.spec.alpha,
             "dropout": group.spec.dropout,
@@ -104,9 +106,9 @@ def lora_metadata(part: str, base_model: str, groups: list[AttachedGroup], step:
             "lr": group.lr,
             "patterns": list(group.spec.layers),
         }
-        for group in groups
+        for i, group in enumerate(groups)
     ]
-    return {
+    metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "part": part,
@@ -114,6 +116,13 @@ def lora_metadata(part: str, base_model: str, groups: list[AttachedGroup], step:
         "groups": json.dumps(group_info),
         "step": str(step),
     }
+    if family is not None:
+        metadata["family"] = family
+    if finetune:
+        metadata[FULL_PARAMS_KEY] = json.dumps([name for group in finetune for name in group.named_params])
+        metadata["full_groups"] = json.dumps([{"name": group.name, "lr": group.lr, "patterns": list(group.spec.layers)}
+                                              for group in finetune])
+    return metadata
 
 
 def save_lora(path: str | Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

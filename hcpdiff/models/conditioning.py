@@ -24,16 +24,9 @@ class SDConditioner:
         self.prompt_encoder.text_encoder = text_encoder
 
 
-def build_conditioner(parts: Any, tokenizer_repeats: int = 1, clip_skip: int = 0) -> SDConditioner | Any:
-    """The conditioner for the model's family (`parts` is a ModelParts): SDConditioner, or SDXLConditioner."""
-    encoder = PromptEncoder(parts.tokenizer, parts.text_encoder, tokenizer_repeats=tokenizer_repeats, clip_skip=clip_skip)
-    if parts.family != "sdxl":
-        return SDConditioner(encoder)
-    from hcpdiff.models.sdxl import SDXLConditioner
-
-    encoder_2 = PromptEncoder(parts.tokenizer_2, parts.text_encoder_2, tokenizer_repeats=tokenizer_repeats,
-                              clip_skip=clip_skip)
-    return SDXLConditioner(encoder, encoder_2, vae_scale_factor=parts.vae_scale_factor)
+def build_conditioner(parts: Any, tokenizer_repeats: int = 1, clip_skip: int = 0) -> Any:
+    """The conditioner of the model's family (`parts` is a ModelParts): SDConditioner, SDXLConditioner, ..."""
+    return parts.family.build_conditioner(parts.components, tokenizer_repeats, clip_skip)
 
 
 def cast_floats(value: Any, dtype: torch.dtype) -> Any:

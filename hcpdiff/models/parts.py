@@ -4,27 +4,36 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from hcpdiff.families import PART_NAMES, Family
+from hcpdiff.families.base import components_config_reader
+
 
 @dataclass
 class ModelParts:
-    """Everything the trainer and visualizer need from one base model."""
+    """Everything the trainer and visualizer need from one base model: its family and its loaded components."""
 
-    family: str  # "sd" (Stable Diffusion 1.x / 2.x) or "sdxl"
-    unet: Any  # diffusers UNet2DConditionModel
-    vae: Any  # diffusers AutoencoderKL
-    text_encoder: Any  # transformers CLIPTextModel
-    tokenizer: Any  # transformers CLIPTokenizer
-    noise_scheduler: Any  # diffusers DDPMScheduler built from the model's scheduler config (for training)
+    family: Family
+    components: dict[str, Any]  # diffusers folder name (unet / transformer, vae, text_encoder, tokenizer, ...) -> part
+    noise_scheduler: Any  # the scheduler the family's objective trains with
     name_or_path: str  # as the user gave it
-    text_encoder_2: Any = None  # SDXL: transformers CLIPTextModelWithProjection (None for SD1.x / 2.x)
-    tokenizer_2: Any = None  # SDXL: its CLIPTokenizer
+
+    def __getattr__(self, name: str) -> Any:
+        """`parts.unet`, `parts.text_encoder_2`, ...: a part of this model, None for a part its family lacks."""
+        if name != "components" and name in PART_NAMES:
+            return self.components.get(name)
+        raise AttributeError(f"ModelParts has no attribute {name!r}")
+
+    @property
+    def denoiser(self) -> Any:
+        """The U-Net or transformer."""
+        return self.components[self.family.denoiser]
 
     @property
     def vae_scale_factor(self) -> int:
         """How many pixels one latent cell covers per side (8 for SD)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.family.vae_scale_factor(components_config_reader(self.components))
 
     @property
     def pixel_step(self) -> int:
-        """Image sides must be multiples of this so every U-Net level divides evenly (64 for SD)."""
-        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        """Image sides must be multiples of this (64 for SD)."""
+        return self.family.pixel_step(components_config_reader(self.components))

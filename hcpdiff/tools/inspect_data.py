@@ -19,14 +19,19 @@ NUM_SAMPLE_PROMPTS = 3
 
 
 def model_pixel_step(model_path: object) -> int | None:
-    """The pixel step from a local diffusers folder's vae / unet config.json (no weights read); None if not local."""
+    """The pixel step of a local diffusers folder, as its family computes it from the part configs (no weights
+    read); None if the path is not a local folder of a known family."""
+    from hcpdiff.errors import ModelError
+    from hcpdiff.families import detect_family, folder_config_reader
+
     if not isinstance(model_path, str) or not Path(model_path).is_dir():
         return None
     try:
-        vae = json.loads((Path(model_path) / "vae" / "config.json").read_text())
-        unet = json.loads((Path(model_path) / "unet" / "config.json").read_text())
-        return 2 ** (len(vae["block_out_channels"]) - 1) * 2 ** (len(unet["down_block_types"]) - 1)
-    except (OSError, ValueError, KeyError, TypeError):
+        read_config = folder_config_reader(Path(model_path))
+        index_file = Path(model_path) / "model_index.json"
+        index = json.loads(index_file.read_text(encoding="utf-8")) if index_file.is_file() else {}
+        return detect_family(index, read_config, model_path, "model").pixel_step(read_config)
+    except (ModelError, OSError, ValueError, KeyError, TypeError):
         return None
 
 

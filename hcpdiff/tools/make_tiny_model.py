@@ -141,14 +141,15 @@ def write_slow_tokenizer_files(tokenizer: CLIPTokenizer, folder: Path) -> None:
 
 
 def make_tiny_model(out_dir: str | Path, seed: int = 0, family: str = "sd") -> Path:
-    """Build the tiny pipeline (`family` "sd": SD1.x, "sd2": SD2.x v-prediction) from `seed` into `out_dir`."""
-    if family == "sdxl":
-        from hcpdiff.tools.tiny_sdxl import make_tiny_sdxl
+    """Build the tiny pipeline of `family` (a `make_tiny_model --family` name: sd, sd2, sdxl, ...) into `out_dir`."""
+    from hcpdiff.families import tiny_variant_family
 
-        return make_tiny_sdxl(out_dir, seed=seed)
-    if family not in ("sd", "sd2"):
-        raise ValueError(f"family must be 'sd', 'sd2' or 'sdxl', got {family!r}")
-    sd2 = family == "sd2"
+    return tiny_variant_family(family).make_tiny(Path(out_dir), seed=seed, variant=family)
+
+
+def make_tiny_sd(out_dir: str | Path, seed: int = 0, v_prediction: bool = False) -> Path:
+    """The tiny SD1.x pipeline, or with `v_prediction` the SD2.x layout with a v-prediction scheduler."""
+    sd2 = v_prediction
     out_path = Path(out_dir)
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
@@ -174,7 +175,9 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m hcpdiff.tools.make_tiny_model", description=__doc__)
     parser.add_argument("out_dir", help="folder to write the pipeline into")
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights")
-    parser.add_argument("--family", choices=("sd", "sd2", "sdxl"), default="sd",
+    from hcpdiff.families import tiny_variants
+
+    parser.add_argument("--family", choices=tiny_variants(), default="sd",
                         help="sd: SD1.x (epsilon); sd2: SD2.x layout with a v-prediction scheduler; "
                              "sdxl: two text encoders and text_time conditioning")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")

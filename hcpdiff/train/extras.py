@@ -7,7 +7,7 @@ from typing import Any
 
 from hcpdiff.config import read_fields
 from hcpdiff.errors import ConfigProblems
-from hcpdiff.train.loss import PREDICTION_TYPES
+from hcpdiff.objectives.ddpm import PREDICTION_TYPES
 from hcpdiff.train.preview import PreviewSpec
 from hcpdiff.train.specs import EmaSpec, LossSpec, ModelSpec, TrainSpec
 
@@ -58,27 +58,17 @@ def read_extra_specs(cfg: Any, train_spec: TrainSpec, model_spec: ModelSpec) -> 
     return ExtraSpecs(loss=loss, ema=ema, preview=preview, log_with=log_with)
 
 
-def preview_pipeline(parts: Any, models: dict[str, Any], prediction_type: str) -> Any:
-    """A diffusers pipeline over the trainer's own (unwrapped) models, adapters active, with the model's sampler.
-
-    `models` maps unet / text_encoder / text_encoder_2 to the modules to use; SDXL (a second text encoder) gets
-    StableDiffusionXLPipeline, everything else StableDiffusionPipeline.
-    """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
+def preview_pipeline(parts: Any, components: dict[str, Any], objective: Any) -> Any:
+    """The family's diffusers pipeline over the trainer's own (unwrapped) modules, adapters active, with the model's
+    sampler: the same pipeline the visualizer builds, so previews and renders cannot drift apart."""
     from hcpdiff.infer.pipeline import inference_scheduler
 
     scheduler = inference_scheduler(parts)
-    if scheduler.config.get("prediction_type") != prediction_type:
+    # a DDPM objective may train another prediction type than the model shipped with (train.loss.prediction_type)
+    prediction_type = getattr(objective, "prediction_type", None)
+    if prediction_type is not None and scheduler.config.get("prediction_type") != prediction_type:
         scheduler = type(scheduler).from_config(scheduler.config, prediction_type=prediction_type)
-    common = dict(unet=models["unet"], vae=parts.vae, text_encoder=models["text_encoder"], tokenizer=parts.tokenizer,
-                  scheduler=scheduler)
-    if models.get("text_encoder_2") is not None:
-        pipe = StableDiffusionXLPipeline(**common, text_encoder_2=models["text_encoder_2"],
-                                         tokenizer_2=parts.tokenizer_2)
-    else:
-        pipe = StableDiffusionPipeline(**common, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+    pipe = parts.family.build_pipeline(components, scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -14,9 +14,6 @@ from torch import nn
 from hcpdiff.errors import ConfigError, ModelError
 from hcpdiff.lora.layer_select import close_names, match_modules
 
-FINETUNE_PARTS = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
-
-
 @dataclass
 class FinetuneGroupSpec:
     """One entry of `unet:` / `text_encoder:` / `text_encoder_2:`."""

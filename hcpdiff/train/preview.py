@@ -10,7 +10,6 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from hcpdiff.infer.prompt_weights import chunks_needed, encode_weighted
 
 
 @dataclass
@@ -42,25 +41,20 @@ def kept_random_state() -> Iterator[None]:
             torch.cuda.set_rng_state_all(saved[3])
 
 
-def render_previews(pipe: Any, spec: PreviewSpec, clip_skip: int = 0) -> list[Any]:
-    """Render each prompt with the pipeline's current weights; returns PIL images.
+def render_previews(pipe: Any, family: Any, spec: PreviewSpec, clip_skip: int = 0) -> list[Any]:
+    """Render each prompt with the pipeline's current weights, prompts encoded by the family as the visualizer
+    encodes them (`(word:1.2)` weights, long prompts); returns PIL images.
 
     The caller's random state (python, numpy, torch, CUDA) is restored afterwards and the images draw from their own
     generators, so a run with previews trains exactly as one without.
     """
     with kept_random_state():
-        repeats = chunks_needed(pipe.tokenizer, list(spec.prompts) + [spec.neg_prompt])
+        all_prompts = [*spec.prompts, spec.neg_prompt]
         images = []
         with torch.no_grad():
             for i, prompt in enumerate(spec.prompts):
-                if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: the pipeline encodes plain prompts
-                    prompt_args = {"prompt": prompt, "negative_prompt": spec.neg_prompt}
-                else:  # SD: (word:1.2) weights, long prompts in 75-token chunks, as the visualizer does
-                    prompt_args = {
-                        "prompt_embeds": encode_weighted(pipe.tokenizer, pipe.text_encoder, [prompt], repeats, clip_skip),
-                        "negative_prompt_embeds": encode_weighted(pipe.tokenizer, pipe.text_encoder, [spec.neg_prompt],
-                                                                  repeats, clip_skip),
-                    }
+                prompt_args = family.prompt_args(pipe, [prompt], [spec.neg_prompt], clip_skip=clip_skip,
+                                                 all_prompts=all_prompts)
                 generator = torch.Generator("cpu").manual_seed(spec.seed + i)
                 images += pipe(**prompt_args, generator=generator, width=spec.width, height=spec.height,
                                num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,

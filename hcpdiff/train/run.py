@@ -53,7 +53,10 @@ def main(argv: list[str], *, prog: str, single_process: bool) -> int:
     args = cfg_parser(prog, "Train LoRA adapters for a text-to-image diffusion model.").parse_args(argv)
     quiet_libraries()
     setup_console_logging()
-    cfg = load_config(args.cfg, args.overrides)
+    from hcpdiff.families import TRAINABLE_PARTS
+    from hcpdiff.train.specs import top_level_keys
+
+    cfg = load_config(args.cfg, args.overrides, top_level=top_level_keys(TRAINABLE_PARTS))
     from hcpdiff.train.signals import TrainingInterrupted
 
     try:

@@ -1,8 +1,28 @@
 """Typed views of the config sections the trainer reads; each field documents its key in train_base.yaml."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, Iterable
+
+
+@dataclass
+class RunSpec:
+    """The top level of a training config (besides `lora_<part>` / `<part>:` groups and `<part>_lr` variables)."""
+
+    exp_dir: str | None = None  # experiment folder; an existing one is never reused (-1, -2 ... suffix)
+    seed: int = 0  # seeds python, numpy and torch, and the data order
+    mixed_precision: str | None = None  # null (fp32) | fp16 | bf16
+    allow_tf32: bool = True  # TF32 matmuls on Ampere and newer GPUs
+    model: Any = None  # see ModelSpec
+    train: Any = None  # see TrainSpec
+    data: Any = None  # datasets by name
+    previewer: Any = None  # see PreviewSpec
+
+
+def top_level_keys(parts: Iterable[str]) -> set[str]:
+    """Every key a training config may set at its top level, for models with these trainable parts."""
+    part_keys = {key for part in parts for key in (f"lora_{part}", part, f"{part}_lr")}
+    return {f.name for f in fields(RunSpec)} | part_keys
 
 
 @dataclass

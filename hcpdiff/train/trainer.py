@@ -6,7 +6,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -22,17 +22,17 @@ from hcpdiff.config import check_targets, instantiate, read_fields
 from hcpdiff.data import build_dataset
 from hcpdiff.data.latent_cache import LatentEncoder, vae_identity
 from hcpdiff.errors import ConfigError, ConfigProblems
+from hcpdiff.families import TRAINABLE_PARTS
 from hcpdiff.lora import LoraGroupSpec, attach_lora, load_checkpoint, load_lora_into, lora_state_dict, save_lora
-from hcpdiff.lora.state_io import FULL_PARAMS_KEY
-from hcpdiff.models import build_conditioner, cast_floats, enable_gradient_checkpointing, load_model_parts
+from hcpdiff.lora.spec import AttachedGroup
+from hcpdiff.lora.state_io import lora_metadata
+from hcpdiff.models import cast_floats, enable_gradient_checkpointing, load_model_parts
 from hcpdiff.train.exp_dir import claim_exp_dir
 from hcpdiff.train.finetune import (FinetuneGroup, FinetuneGroupSpec, enable_finetuning, finetuned_state,
                                     load_finetuned, select_finetune_groups)
 from hcpdiff.train.logs import setup_run_logging
 from hcpdiff.train.extras import preview_pipeline, read_extra_specs, start_wandb
 from hcpdiff.train.ema import EmaWeights
-from hcpdiff.train.loss import (check_prediction_type, check_timestep_range, diffusion_loss, diffusion_target,
-                                min_snr_weights, sample_noise, sample_timesteps, snr_of)
 from hcpdiff.train.metrics import SmoothedValue, peak_memory_mib
 from hcpdiff.train.preview import render_previews, save_previews
 from hcpdiff.train.optim import build_lr_scheduler, build_optimizer, param_groups
@@ -48,10 +48,17 @@ from hcpdiff.train.text_cache import CachedConditioner, can_cache_text
 
 logger = logging.getLogger("hcpdiff.train")
 
-# Model parts that can carry LoRA groups, with the config key that lists their groups.
-LORA_PARTS = {"unet": "lora_unet", "text_encoder": "lora_text_encoder", "text_encoder_2": "lora_text_encoder_2"}
-# Full fine-tuning groups live under the part's own name: `unet:`, `text_encoder:`, `text_encoder_2:`.
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # text_encoder_2: SDXL's second (OpenCLIP bigG) encoder
+
+@dataclass
+class TrainedPart:
+    """One model part this run trains: LoRA groups (`lora_<part>`) and / or fully trained groups (`<part>:`)."""
+
+    name: str  # the part's diffusers folder name: unet, transformer, text_encoder, ...
+    module: torch.nn.Module  # the plain model, adapters attached
+    lora_specs: list[LoraGroupSpec]
+    lora_groups: list[AttachedGroup] = field(default_factory=list)
+    finetune_groups: list[FinetuneGroup] = field(default_factory=list)
+    forward: torch.nn.Module | None = None  # the accelerate-prepared (e.g. DDP-wrapped) module that runs the step
 
 
 def collate_batch(samples: list[dict]) -> dict:
@@ -102,15 +109,17 @@ class Trainer:
             self.scheduler_spec = collect(read_fields, self.train_spec.scheduler or {}, "train.scheduler", SchedulerSpec)
             if self.model_spec is not None:
                 self.extras = collect(read_extra_specs, cfg, self.train_spec, self.model_spec)
+        # Every part some family trains is read now, so typos are found before a model loads; whether this model
+        # has the part is checked once it is loaded.
         self.lora_specs: dict[str, list[LoraGroupSpec]] = {}
-        for part, key in LORA_PARTS.items():
-            groups = cfg.get(key) or []
+        for part in TRAINABLE_PARTS:
+            key = f"lora_{part}"
             self.lora_specs[part] = [
-                spec for i, node in enumerate(groups)
+                spec for i, node in enumerate(cfg.get(key) or [])
                 if (spec := collect(read_fields, node, f"{key}[{i}]", LoraGroupSpec)) is not None
             ]
         self.finetune_specs: dict[str, list[FinetuneGroupSpec]] = {}
-        for part in LORA_PARTS:
+        for part in TRAINABLE_PARTS:
             self.finetune_specs[part] = [
                 spec for i, node in enumerate(cfg.get(part) or [])
                 if (spec := collect(read_fields, node, f"{part}[{i}]", FinetuneGroupSpec)) is not None
@@ -124,8 +133,8 @@ class Trainer:
         if self.model_spec is not None and not self.model_spec.pretrained_model_name_or_path:
             problems.add("model.pretrained_model_name_or_path: missing; give a diffusers folder or a hub id")
         if not any(self.lora_specs.values()) and not any(self.finetune_specs.values()):
-            problems.add("lora_unet / lora_text_encoder / lora_text_encoder_2: no LoRA group is configured "
-                         "(nor a unet / text_encoder fine-tuning group), so nothing would train")
+            problems.add(f"{' / '.join('lora_' + part for part in TRAINABLE_PARTS)}: no LoRA group is configured "
+                         f"(nor a {' / '.join(TRAINABLE_PARTS)} fine-tuning group), so nothing would train")
         if not cfg.get("data"):
             problems.add("data: no dataset is configured")
         problems.raise_any()
@@ -157,7 +166,8 @@ class Trainer:
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             self.deepspeed_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
         check_sharded_run(self.accelerator.distributed_type, self.deepspeed_config,
-                          [p for p in LORA_PARTS if self.lora_specs[p] or self.finetune_specs[p]], self.train_spec.resume,
+                          [p for p in TRAINABLE_PARTS if self.lora_specs[p] or self.finetune_specs[p]],
+                          self.train_spec.resume,
                           ema=bool((self.cfg.get("model") or {}).get("ema")), preview=bool(self.cfg.get("previewer")))
         # Sharded optimizer state (DeepSpeed ZeRO) lives in every process; one process's copy cannot resume a run.
         self.writes_resume_state = self.accelerator.distributed_type not in SHARDED
@@ -199,56 +209,64 @@ class Trainer:
         with whole_weights_loading(self.accelerator):
             self.parts = load_model_parts(spec.pretrained_model_name_or_path, revision=spec.revision,
                                           single_file_config=spec.single_file_config)
-        for module in (self.parts.unet, self.parts.vae, self.parts.text_encoder, self.parts.text_encoder_2):
-            if module is not None:
+        self.family = self.parts.family
+        for module in self.parts.components.values():
+            if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False)
+        self._check_parts_exist()
         fuse_preset_loras(self.parts, spec.preset_lora)
-        self.conditioner = build_conditioner(self.parts, spec.tokenizer_repeats, spec.clip_skip)
+        self.conditioner = self.family.build_conditioner(self.parts.components, spec.tokenizer_repeats, spec.clip_skip)
+
+    def _check_parts_exist(self) -> None:
+        """Groups for a part this model's family does not have: one error naming the parts it has."""
+        problems = ConfigProblems()
+        for part in TRAINABLE_PARTS:
+            if part in self.family.trainable_parts:
+                continue
+            for key in [f"lora_{part}"] * bool(self.lora_specs[part]) + [part] * bool(self.finetune_specs[part]):
+                problems.add(f"{key}: a {self.family.description} model has no {part}; its trainable parts are "
+                             f"{', '.join(self.family.trainable_parts)}")
+        problems.raise_any()
 
     def _setup_lora(self) -> None:
-        self.groups = []
-        self.group_labels: list[str] = []  # as the config names them: lora_unet[0], ...
-        self.trained_parts: list[str] = []
+        self.trained: dict[str, TrainedPart] = {}
         layer_lists = {}
-        self.finetune_groups: dict[str, list[FinetuneGroup]] = {}
-        for part, key in LORA_PARTS.items():
-            lora_specs, finetune_specs = self.lora_specs[part], self.finetune_specs[part]
+        for part in self.family.trainable_parts:
+            key, lora_specs, finetune_specs = f"lora_{part}", self.lora_specs[part], self.finetune_specs[part]
             if not lora_specs and not finetune_specs:
                 continue
-            model = getattr(self.parts, part)
-            if model is None:
-                raise ConfigError(f"{key if lora_specs else part}: this {self.parts.family} model has no {part}")
+            model = self.parts.components[part]
             # Fine-tuned parameters are picked by their plain names, before adapters wrap the layers holding them.
             finetune = select_finetune_groups(model, finetune_specs, part)
             attached = attach_lora(model, lora_specs, part, key) if lora_specs else []
             enable_finetuning(finetune)  # after attach_lora froze everything but the adapters
-            self.groups.extend(attached)
-            self.group_labels.extend(f"{key}[{i}]" for i in range(len(attached)))
-            self.groups.extend(finetune)
-            self.group_labels.extend(group.name for group in finetune)
-            self.finetune_groups[part] = finetune
-            self.trained_parts.append(part)
+            self.trained[part] = TrainedPart(part, model, lora_specs, attached, finetune)
             if attached:
                 layer_lists[key] = [{"group": f"{key}[{i}]", "lr": g.lr, "layers": list(g.layers)}
                                     for i, g in enumerate(attached)]
             if finetune:
                 layer_lists[part] = [{"group": g.name, "lr": g.lr, "modules": g.layers, "params": list(g.named_params)}
                                      for g in finetune]
-        lora_parts = [part for part in self.trained_parts if self.lora_specs[part]]
-        load_initial_loras({part: getattr(self.parts, part) for part in lora_parts},
-                           self.model_spec.init_lora, lora_parts)
+        # One optimizer param group per trained group, part by part (LoRA groups, then fully trained ones), named
+        # as the config writes them.
+        self.groups = [group for trained in self.trained.values()
+                       for group in (*trained.lora_groups, *trained.finetune_groups)]
+        self.group_labels = [label for part, trained in self.trained.items()
+                             for label in (*(f"lora_{part}[{i}]" for i in range(len(trained.lora_groups))),
+                                           *(group.name for group in trained.finetune_groups))]
+        lora_parts = [part for part, trained in self.trained.items() if trained.lora_specs]
+        load_initial_loras({part: self.trained[part].module for part in lora_parts}, self.model_spec.init_lora, lora_parts)
         if self.accelerator.is_main_process:
             (self.exp_dir / "lora_layers.json").write_text(json.dumps(layer_lists, indent=1))
         if self.model_spec.gradient_checkpointing:
-            enable_gradient_checkpointing(self.parts.unet)
-            for part in TEXT_ENCODERS:
-                if part in self.trained_parts:
-                    enable_gradient_checkpointing(getattr(self.parts, part))
+            enable_gradient_checkpointing(self.parts.denoiser)
+            for part in self.family.text_encoders:
+                if part in self.trained:
+                    enable_gradient_checkpointing(self.trained[part].module)
         # Frozen weights run in the mixed-precision dtype; trained adapters and fine-tuned weights stay fp32.
         device = self.accelerator.device
-        for part in ("unet", "text_encoder", "text_encoder_2", "vae"):
-            module = getattr(self.parts, part)
-            if module is None:
+        for part, module in self.parts.components.items():
+            if not isinstance(module, torch.nn.Module):
                 continue
             dtype = self.weight_dtype if part != "vae" or self.weight_dtype == torch.bfloat16 else torch.float32
             for param in module.parameters():
@@ -268,7 +286,7 @@ class Trainer:
                 num_replicas=self.accelerator.num_processes, rank=self.accelerator.process_index,
                 latent_encoder=latent_encoder, barrier=self.accelerator.wait_for_everyone,
                 show_progress=self.accelerator.is_main_process,
-                text_encoder_trained=any(part.startswith("text_encoder") for part in self.trained_parts),
+                text_encoder_trained=any(part in self.trained for part in self.family.text_encoders),
             )
             text_cache_prompts |= built.text_cache_prompts or set()
             # The loader's own generator keeps worker seeding off the global RNG, so resuming replays it exactly.
@@ -306,20 +324,20 @@ class Trainer:
             self.scheduler_spec.name, optimizer, self.scheduler_spec.num_warmup_steps,
             self.train_steps, self.scheduler_spec.scheduler_kwargs,
         )
-        models = [getattr(self.parts, part) for part in self.trained_parts]
-        prepared = accelerator.prepare(*models, optimizer)
-        for part, module in zip(self.trained_parts, prepared[:-1]):
-            setattr(self, f"{part}_model", module)  # wrapped (DDP) module used for forward passes
+        prepared = accelerator.prepare(*(trained.module for trained in self.trained.values()), optimizer)
+        for trained, module in zip(self.trained.values(), prepared[:-1]):
+            trained.forward = module
         self.optimizer = prepared[-1]
-        self.unet_model = getattr(self, "unet_model", self.parts.unet)
-        for index, part in enumerate(TEXT_ENCODERS):
-            if part in self.trained_parts:
-                self.conditioner.set_text_encoder(getattr(self, f"{part}_model"), index)
+        denoiser = self.family.denoiser
+        self.denoiser = self.trained[denoiser].forward if denoiser in self.trained else self.parts.denoiser
+        for index, part in enumerate(self.family.text_encoders):
+            if part in self.trained:
+                self.conditioner.set_text_encoder(self.trained[part].forward, index)
 
     def _restore(self, state: dict) -> None:
         """Continue from a saved state: LoRA weights, optimizer, lr schedule, step, data positions, RNG."""
         step = int(state["step"])
-        for part in self.trained_parts:
+        for part in self.trained:
             self.load_trained_weights(part, self.ckpt_dir / f"{part}-{step}.safetensors")
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -335,7 +353,8 @@ class Trainer:
 
     def _log_start(self) -> None:
         logger.info("experiment folder: %s", self.exp_dir)
-        logger.info("model: %s (%s), pixel step %d", self.parts.name_or_path, self.parts.family, self.parts.pixel_step)
+        logger.info("model: %s (%s), pixel step %d", self.parts.name_or_path, self.family.description,
+                    self.parts.pixel_step)
         if not self.writes_resume_state:
             logger.info("%s: checkpoints are written, resumable state files are not (sharded optimizer state)",
                         self.accelerator.distributed_type.value)
@@ -351,7 +370,7 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------- train
     def train(self) -> None:
         """Run optimizer steps until train_steps, logging and saving checkpoints on the way."""
-        trained_modules = [getattr(self, f"{part}_model") for part in self.trained_parts]
+        trained_modules = [trained.forward for trained in self.trained.values()]
         for module in trained_modules:
             module.train()
         batch_iters = [stream.batches() for stream in self.streams]
@@ -403,55 +422,44 @@ class Trainer:
                 raise TrainingInterrupted(stop.requested or 2, self.global_step, str(self.exp_dir))
 
     def compute_loss(self, batch: dict, loss_weight: float) -> torch.Tensor:
-        """Noise one batch's latents at random timesteps and score the U-Net's prediction of the target."""
-        device, parts = self.accelerator.device, self.parts
+        """Noise one batch's latents as the family's objective says and score the denoiser's prediction."""
+        device = self.accelerator.device
         if "latents" in batch:  # from a latent cache
             latents = batch["latents"].to(device, dtype=torch.float32)
         else:
             latents = self.encode_latents(batch["pixel_values"])
-        noise = sample_noise(latents, self.extras.loss.noise_offset)
-        timesteps = sample_timesteps(latents.shape[0], *self.timestep_range, device)
-        noisy_latents = parts.noise_scheduler.add_noise(latents, noise, timesteps)
+        noised = self.objective.noised(latents)
         with self.accelerator.autocast():
-            with torch.set_grad_enabled(any(part in self.trained_parts for part in TEXT_ENCODERS)):
+            with torch.set_grad_enabled(any(part in self.trained for part in self.family.text_encoders)):
                 conditioning = self.conditioner(batch["prompts"], batch, device)
-            model_pred = self.unet_model(noisy_latents.to(self.weight_dtype), timesteps,
-                                         **cast_floats(conditioning, self.weight_dtype)).sample
-        target = diffusion_target(parts.noise_scheduler, latents, noise, timesteps, self.prediction_type)
-        weights = None
-        if self.extras.loss.min_snr_gamma is not None:
-            snr = snr_of(parts.noise_scheduler, timesteps)
-            weights = min_snr_weights(snr, self.extras.loss.min_snr_gamma, self.prediction_type)
-        return diffusion_loss(model_pred, target, weights) * loss_weight
+            prediction = self.family.denoise(self.denoiser, noised.noisy_latents.to(self.weight_dtype),
+                                             noised.timesteps, cast_floats(conditioning, self.weight_dtype))
+        return self.objective.loss(prediction, noised) * loss_weight
 
     @torch.no_grad()
     def encode_latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, H, W] in [-1, 1] -> scaled VAE latents [B, 4, H/f, W/f] (fp32), sampled from the posterior."""
-        vae = self.parts.vae
-        pixel_values = pixel_values.to(self.accelerator.device, dtype=vae.dtype)
-        latents = vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
-        return latents.float()
+        """Images [B, 3, H, W] in [-1, 1] -> latents sampled from the VAE posterior, scaled and shifted (fp32)."""
+        mean, std = self.encode_latent_dist(pixel_values)
+        return mean + std * torch.randn_like(mean)
 
     @torch.no_grad()
     def encode_latent_dist(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images [B, 3, H, W] in [-1, 1] -> the VAE posterior's (mean, std), each scaled like encode_latents (fp32)."""
-        vae = self.parts.vae
-        dist = vae.encode(pixel_values.to(self.accelerator.device, dtype=vae.dtype)).latent_dist
-        scale = vae.config.scaling_factor
-        return (dist.mean * scale).float(), (dist.std * scale).float()
+        """Images [B, 3, H, W] in [-1, 1] -> the VAE posterior's (mean, std), scaled like encode_latents (fp32)."""
+        return self.family.encode_latent_dist(self.parts.vae, pixel_values.to(self.accelerator.device))
 
     def load_trained_weights(self, part: str, path: Path) -> None:
         """Put a saved checkpoint's LoRA weights and fully trained tensors back into this run's part."""
         lora, full, _ = load_checkpoint(path)
-        if self.lora_specs[part]:
-            load_lora_into(self.accelerator.unwrap_model(getattr(self, f"{part}_model")), lora)
-        load_finetuned(self.finetune_groups[part], full, str(path))
+        trained = self.trained[part]
+        if trained.lora_specs:
+            load_lora_into(self.accelerator.unwrap_model(trained.forward), lora)
+        load_finetuned(trained.finetune_groups, full, str(path))
 
     def checkpoint_state(self, part: str) -> dict[str, torch.Tensor]:
         """What a checkpoint of `part` holds: LoRA weights by layer, fine-tuned tensors by parameter name."""
-        module = self.accelerator.unwrap_model(getattr(self, f"{part}_model"))
-        state = lora_state_dict(module) if self.lora_specs[part] else {}
-        return {**state, **finetuned_state(self.finetune_groups[part])}
+        trained = self.trained[part]
+        state = lora_state_dict(self.accelerator.unwrap_model(trained.forward)) if trained.lora_specs else {}
+        return {**state, **finetuned_state(trained.finetune_groups)}
 
     def stop_requested(self, stop: StopSignals) -> bool:
         """Whether any process got SIGINT / SIGTERM; all processes agree, so they stop at the same step."""
@@ -485,16 +493,13 @@ class Trainer:
 
     def _setup_extras(self) -> None:
         """Loss options checked against the model, EMA shadows, the preview pipeline's settings, extra trackers."""
-        loss, scheduler_config = self.extras.loss, self.parts.noise_scheduler.config
-        self.timestep_range = check_timestep_range(loss.timestep_min, loss.timestep_max,
-                                                   scheduler_config.num_train_timesteps)
-        self.prediction_type = check_prediction_type(loss.prediction_type, scheduler_config.prediction_type)
+        self.objective = self.family.build_objective(self.parts.noise_scheduler, self.extras.loss)
         self.smoothed_loss = SmoothedValue(0.9)
         self.ema = EmaWeights(self.trained_params(), self.extras.ema.decay) if self.extras.ema else None
         resumed = getattr(self, "resume_state", None)
         if self.ema is not None and resumed is not None:  # go on averaging from the saved averages, not from scratch
             with self.ema.swapped_in():
-                for part in self.trained_parts:
+                for part in self.trained:
                     ema_file = self.ckpt_dir / f"{part}-ema-{int(resumed['step'])}.safetensors"
                     if ema_file.exists():
                         self.load_trained_weights(part, ema_file)
@@ -511,15 +516,15 @@ class Trainer:
         """
         if not self.accelerator.is_main_process:
             return []
-        models = {part: self.accelerator.unwrap_model(getattr(self, f"{part}_model")) if part in self.trained_parts
-                  else getattr(self.parts, part, None) for part in ("unet", "text_encoder", "text_encoder_2")}
-        modes = [(module, module.training) for module in models.values() if module is not None]
-        pipe = preview_pipeline(self.parts, models, self.prediction_type)
+        components = {**self.parts.components, **{part: self.accelerator.unwrap_model(trained.forward)
+                                                  for part, trained in self.trained.items()}}
+        modes = [(module, module.training) for module in components.values() if isinstance(module, torch.nn.Module)]
+        pipe = preview_pipeline(self.parts, components, self.objective)
         try:
             for module, _ in modes:
                 module.eval()
             with torch.no_grad(), self.accelerator.autocast():
-                images = render_previews(pipe, self.preview_spec, self.model_spec.clip_skip)
+                images = render_previews(pipe, self.family, self.preview_spec, self.model_spec.clip_skip)
         finally:
             for module, training in modes:
                 module.train(training)
@@ -537,20 +542,10 @@ class Trainer:
         # Under ZeRO-3 every process takes part in gathering the trained weights; the main one writes them.
         with gathered_for_saving(self.trained_params(), self.deepspeed_config):
             if self.accelerator.is_main_process:
-                for part in self.trained_parts:
-                    metadata = {
-                        "format": "hcpdiff.lora",
-                        "format_version": "1",
-                        "part": part,
-                        "base_model": str(self.parts.name_or_path),
-                        "step": str(self.global_step),
-                        "groups": json.dumps(self._group_metadata(part)),
-                    }
-                    finetune = self.finetune_groups[part]
-                    if finetune:
-                        metadata[FULL_PARAMS_KEY] = json.dumps([name for g in finetune for name in g.named_params])
-                        metadata["full_groups"] = json.dumps([{"name": g.name, "lr": g.lr, "patterns": list(g.spec.layers)}
-                                                              for g in finetune])
+                for part, trained in self.trained.items():
+                    metadata = lora_metadata(part, str(self.parts.name_or_path), trained.lora_groups,
+                                             self.global_step, family=self.family.name,
+                                             finetune=trained.finetune_groups)
                     path = self.ckpt_dir / f"{part}-{self.global_step}.safetensors"
                     save_lora(path, self.checkpoint_state(part), metadata)
                     written.append(path)
@@ -581,14 +576,6 @@ class Trainer:
         save_state(self.exp_dir / "state" / f"step-{self.global_step}.pt", state, checkpoint_files)
         if self.train_spec.ckpt_keep:
             prune_checkpoints(self.exp_dir, self.train_spec.ckpt_keep)
-
-    def _group_metadata(self, part: str) -> list[dict]:
-        key = LORA_PARTS[part]
-        return [
-            {"name": f"{key}[{i}]", "rank": spec.rank, "alpha": spec.alpha, "dropout": spec.dropout,
-             "lr": spec.lr, "patterns": list(spec.layers), "type": spec.type, "dora": spec.dora}
-            for i, spec in enumerate(self.lora_specs[part])
-        ]
 
     def cleanup(self) -> None:
         """Flush logs and release the trackers."""

@@ -63,7 +63,7 @@ def test_reports_sources_buckets_and_prompts(tmp_path):
 
 def test_pixel_step_from_local_model_folder_and_overrides(tmp_path):
     model = tmp_path / "model"
-    for part, cfg in (("vae", {"block_out_channels": [8, 8]}), ("unet", {"down_block_types": ["A", "B", "C"]})):
+    for part, cfg in (("vae", {"block_out_channels": [8, 8]}), ("unet", {"block_out_channels": [8, 8, 8], "down_block_types": ["A", "B", "C"]})):
         (model / part).mkdir(parents=True)
         (model / part / "config.json").write_text(json.dumps(cfg))
     result = run_tool("--cfg", str(make_config(tmp_path, str(model))), "data.dataset1.bucket.target_size=48")

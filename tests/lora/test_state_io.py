@@ -59,8 +59,8 @@ def test_round_trip_through_a_file(trained_unet, tiny_unet_factory, tmp_path: Pa
     assert metadata["format"] == "hcpdiff.lora" and metadata["format_version"] == "1"
     assert (metadata["part"], metadata["base_model"], metadata["step"]) == ("unet", "tiny-sd", "100")
     assert json.loads(metadata["groups"]) == [
-        {"name": "unet_g0", "rank": 4, "alpha": 2, "dropout": 0.0, "type": "lora", "dora": False, "lr": 1e-4, "patterns": [r"re:.*\.to_k$"]},
-        {"name": "unet_g1", "rank": 0.5, "alpha": None, "dropout": 0.0, "type": "lora", "dora": False, "lr": 2e-4, "patterns": ["conv_in", r"re:.*resnets\.0\.conv1$"]},
+        {"name": "lora_unet[0]", "rank": 4, "alpha": 2, "dropout": 0.0, "type": "lora", "dora": False, "lr": 1e-4, "patterns": [r"re:.*\.to_k$"]},
+        {"name": "lora_unet[1]", "rank": 0.5, "alpha": None, "dropout": 0.0, "type": "lora", "dora": False, "lr": 2e-4, "patterns": ["conv_in", r"re:.*resnets\.0\.conv1$"]},
     ]
 
     fresh = tiny_unet_factory()

@@ -10,6 +10,7 @@ import huggingface_hub.constants
 import pytest
 
 from hcpdiff.errors import ModelError
+from hcpdiff.families import family_named
 from hcpdiff.models import ModelParts, load_model_parts
 
 
@@ -18,7 +19,7 @@ def test_loads_every_part_of_a_local_folder(tiny_model_dir: Path) -> None:
     from transformers import CLIPTextModel, CLIPTokenizer
 
     parts = load_model_parts(str(tiny_model_dir))
-    assert parts.family == "sd"
+    assert parts.family.name == "sd"
     assert parts.name_or_path == str(tiny_model_dir)
     assert isinstance(parts.unet, UNet2DConditionModel)
     assert isinstance(parts.vae, AutoencoderKL)
@@ -33,10 +34,10 @@ def test_loads_every_part_of_a_local_folder(tiny_model_dir: Path) -> None:
 
 def test_pixel_step_of_an_sd_shaped_model() -> None:
     parts = ModelParts(
-        family="sd",
-        unet=SimpleNamespace(config=SimpleNamespace(block_out_channels=(320, 640, 1280, 1280))),
-        vae=SimpleNamespace(config=SimpleNamespace(block_out_channels=(128, 256, 512, 512))),
-        text_encoder=None, tokenizer=None, noise_scheduler=None, name_or_path="sd15",
+        family=family_named("sd"),
+        components={"unet": SimpleNamespace(config={"block_out_channels": (320, 640, 1280, 1280)}),
+                    "vae": SimpleNamespace(config={"block_out_channels": (128, 256, 512, 512)})},
+        noise_scheduler=None, name_or_path="sd15",
     )
     assert (parts.vae_scale_factor, parts.pixel_step) == (8, 64)
 

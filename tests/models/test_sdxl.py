@@ -18,7 +18,7 @@ def sdxl_parts(tiny_sdxl: Path):
 def test_sdxl_folder_loads_as_family_sdxl_with_both_encoders(sdxl_parts) -> None:
     from transformers import CLIPTextModelWithProjection
 
-    assert sdxl_parts.family == "sdxl"
+    assert sdxl_parts.family.name == "sdxl"
     assert isinstance(sdxl_parts.text_encoder_2, CLIPTextModelWithProjection)
     assert sdxl_parts.tokenizer_2 is not None
     assert isinstance(build_conditioner(sdxl_parts), SDXLConditioner)
@@ -26,7 +26,7 @@ def test_sdxl_folder_loads_as_family_sdxl_with_both_encoders(sdxl_parts) -> None
 
 def test_sd_folder_stays_family_sd(tiny_model_dir: Path) -> None:
     parts = load_model_parts(str(tiny_model_dir))
-    assert parts.family == "sd" and parts.text_encoder_2 is None and parts.tokenizer_2 is None
+    assert parts.family.name == "sd" and parts.text_encoder_2 is None and parts.tokenizer_2 is None
     assert isinstance(build_conditioner(parts), SDConditioner)
 
 

@@ -6,7 +6,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from hcpdiff.errors import ConfigError
-from hcpdiff.train.loss import (check_prediction_type, check_timestep_range, diffusion_loss, diffusion_target,
+from hcpdiff.objectives.ddpm import (check_prediction_type, check_timestep_range, diffusion_loss, diffusion_target,
                                 min_snr_weights, sample_noise, sample_timesteps, snr_of)
 
 

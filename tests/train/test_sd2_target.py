@@ -8,7 +8,7 @@ import torch
 
 from hcpdiff.models import load_model_parts
 from hcpdiff.tools.make_tiny_model import make_tiny_model
-from hcpdiff.train.loss import diffusion_target
+from hcpdiff.objectives.ddpm import diffusion_target
 
 
 @pytest.fixture(scope="module")

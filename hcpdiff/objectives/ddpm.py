@@ -1,9 +1,12 @@
-"""The denoising loss: the U-Net predicts the scheduler's target for noised latents.
+"""The DDPM objective (SD 1.x / 2.x / XL): the denoiser predicts the scheduler's target for noised latents.
 
-Pure functions of tensors and plain values; `train.loss` (LossSpec) chooses among them. With the defaults every
-function draws the same random numbers and returns the same values as a plain diffusers training loop.
+Pure functions of tensors and plain values, and DDPMObjective, which `train.loss` (LossSpec) configures. With the
+defaults every function draws the same random numbers and returns the same values as a plain diffusers training loop.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -95,3 +98,49 @@ def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, weights: torc
         return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
     per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, target.ndim)))
     return (per_sample * weights.float()).mean()
+
+
+@dataclass
+class Noised:
+    """One batch prepared for the denoiser: its input, the timesteps it is told, and what it should predict."""
+
+    noisy_latents: torch.Tensor  # [B, C, H, W]
+    timesteps: torch.Tensor  # [B] integer DDPM timesteps
+    target: torch.Tensor  # like the latents: noise, velocity or the clean latents
+    weights: torch.Tensor | None  # [B] per-sample loss weights, or None for the plain mean
+
+
+@dataclass
+class DDPMObjective:
+    """Noise at uniform timesteps of the model's DDPM schedule; MSE against the prediction type's target."""
+
+    scheduler: DDPMScheduler
+    prediction_type: str  # epsilon | v_prediction | sample
+    timestep_range: tuple[int, int]  # drawn from [min, max)
+    noise_offset: float = 0.0
+    min_snr_gamma: float | None = None
+
+    @classmethod
+    def from_spec(cls, scheduler: DDPMScheduler, spec: Any) -> "DDPMObjective":
+        """From `train.loss` (LossSpec), checked against the model's scheduler config."""
+        config = scheduler.config
+        return cls(scheduler=scheduler,
+                   prediction_type=check_prediction_type(spec.prediction_type, config.prediction_type),
+                   timestep_range=check_timestep_range(spec.timestep_min, spec.timestep_max,
+                                                       config.num_train_timesteps),
+                   noise_offset=spec.noise_offset, min_snr_gamma=spec.min_snr_gamma)
+
+    def noised(self, latents: torch.Tensor) -> Noised:
+        """Draw noise, then timesteps (in that order, as diffusers' training examples do), and noise the latents."""
+        noise = sample_noise(latents, self.noise_offset)
+        timesteps = sample_timesteps(latents.shape[0], *self.timestep_range, latents.device)
+        noisy_latents = self.scheduler.add_noise(latents, noise, timesteps)
+        target = diffusion_target(self.scheduler, latents, noise, timesteps, self.prediction_type)
+        weights = None
+        if self.min_snr_gamma is not None:
+            weights = min_snr_weights(snr_of(self.scheduler, timesteps), self.min_snr_gamma, self.prediction_type)
+        return Noised(noisy_latents, timesteps, target, weights)
+
+    def loss(self, prediction: torch.Tensor, noised: Noised) -> torch.Tensor:
+        """The weighted mean squared error of the prediction (fp32)."""
+        return diffusion_loss(prediction, noised.target, noised.weights)

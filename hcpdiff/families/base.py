@@ -1,0 +1,117 @@
+"""What a model family is: its parts, how they load, its latents, conditioning, objective, denoiser call and pipeline.
+
+One subclass per family (`hcpdiff/families/<name>.py`), registered in `hcpdiff/families/__init__.py`. The trainer,
+the visualizer and the converters ask the family; none of them names a family.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import torch
+
+ConfigReader = Callable[[str], "dict[str, Any] | None"]  # folder name -> its config.json / scheduler_config.json
+
+
+def components_config_reader(components: dict[str, Any]) -> ConfigReader:
+    """A ConfigReader over loaded components (their `.config`)."""
+    def read(part: str) -> dict[str, Any] | None:
+        component = components.get(part)
+        return dict(component.config) if component is not None and hasattr(component, "config") else None
+    return read
+
+
+class Family:
+    """One model family. Stateless: the loaded modules travel in ModelParts.components, never on the family."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]  # for messages and the README's family table
+    denoiser: ClassVar[str] = "unet"  # the part that denoises (diffusers folder name): unet | transformer
+    text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)  # in the conditioner's order
+    tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer",)
+    other_folders: ClassVar[tuple[str, ...]] = ("vae", "scheduler")  # also required in a diffusers folder
+    webui_prefixes: ClassVar[dict[str, str]] = {}  # part -> kohya / a1111 key prefix
+    train_config: ClassVar[str]  # the shipped example training config (cfgs/train/examples/...)
+    infer_config: ClassVar[str]  # the shipped visualizer config with lora_path / lora_alpha (cfgs/infer/...)
+    tiny_variants: ClassVar[tuple[str, ...]]  # `make_tiny_model --family` names this family builds; first = default
+
+    # ---------------------------------------------------------------------------------------- parts and loading
+    @property
+    def trainable_parts(self) -> tuple[str, ...]:
+        """Parts that can carry LoRA (`lora_<part>`) or full fine-tuning (`<part>:`) groups."""
+        return (self.denoiser, *self.text_encoders)
+
+    @property
+    def required_folders(self) -> tuple[str, ...]:
+        """The subfolders a diffusers folder of this family must have."""
+        return (self.denoiser, *self.text_encoders, *self.tokenizers, *self.other_folders)
+
+    @classmethod
+    def matches(cls, index: dict[str, Any], read_config: ConfigReader) -> bool:
+        """Whether a diffusers folder (its model_index.json and part configs) is of this family."""
+        raise NotImplementedError
+
+    def part_loaders(self, source: str, common: dict[str, Any]) -> dict[str, Callable[[], Any]]:
+        """part name -> a function loading it with its library's from_pretrained (`common`: revision, local_files_only)."""
+        raise NotImplementedError
+
+    def training_scheduler(self, scheduler_config: dict[str, Any]) -> Any:
+        """The noise scheduler the objective trains with, built from the model's scheduler config."""
+        raise NotImplementedError
+
+    def load_single_file(self, path: str, options: dict[str, Any]) -> dict[str, Any]:
+        """Components of an original-layout checkpoint file (diffusers' from_single_file), configs from `options`."""
+        raise NotImplementedError(f"{self.name}: single-file checkpoints are not supported")
+
+    def make_tiny(self, out_dir: Path, seed: int = 0, variant: str | None = None) -> Path:
+        """Build a tiny random-weight model of this family in diffusers format (tests, the demo, benchmarks)."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------------------- latents
+    def vae_scale_factor(self, read_config: ConfigReader) -> int:
+        """Pixels per latent cell per side, from the VAE config (8 for real SD; tiny models keep the ratio)."""
+        return 2 ** (len(read_config("vae")["block_out_channels"]) - 1)
+
+    def pixel_step(self, read_config: ConfigReader) -> int:
+        """Image sides must be multiples of this (every denoiser level, and any latent packing, divides evenly);
+        from the part configs alone, so tools can tell it without loading weights."""
+        raise NotImplementedError
+
+    def latent_scale_shift(self, vae: Any) -> tuple[float, float]:
+        """(scale, shift) with latents = (VAE posterior - shift) * scale, from the VAE's own config."""
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return float(vae.config.scaling_factor), float(shift)
+
+    def encode_latent_dist(self, vae: Any, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images [B, 3, H, W] in [-1, 1] -> the scaled posterior's (mean, std), fp32, in the denoiser's layout."""
+        dist = vae.encode(pixel_values.to(vae.device, dtype=vae.dtype)).latent_dist
+        scale, shift = self.latent_scale_shift(vae)
+        return ((dist.mean - shift) * scale).float(), (dist.std * scale).float()
+
+    # ---------------------------------------------------------------------------------------- conditioning and step
+    def build_conditioner(self, components: dict[str, Any], tokenizer_repeats: int, clip_skip: int) -> Any:
+        """prompts (+ batch extras) -> the denoiser's keyword arguments; has `set_text_encoder(module, index)`."""
+        raise NotImplementedError
+
+    def build_objective(self, noise_scheduler: Any, loss_spec: Any) -> Any:
+        """The training objective (noising, target, weights, loss) for `train.loss`."""
+        raise NotImplementedError
+
+    def denoise(self, denoiser: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                conditioning: dict[str, Any]) -> torch.Tensor:
+        """The denoiser's prediction for noisy latents at `timesteps` under `conditioning`."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------------------- rendering
+    def build_pipeline(self, components: dict[str, Any], scheduler: Any) -> Any:
+        """The family's diffusers pipeline over these components; previews and the visualizer both use it."""
+        raise NotImplementedError
+
+    def prompt_args(self, pipe: Any, prompts: list[str], neg_prompts: list[str], *, clip_skip: int,
+                    all_prompts: list[str]) -> dict[str, Any]:
+        """The pipeline's prompt keyword arguments for prompts with `(word:1.2)` weights; `all_prompts` are every
+        prompt of the render (long prompts size the token chunks of all of them)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}>"
