@@ -31,12 +31,19 @@ def run_training(cfg, *, single_process: bool) -> str:
     """Set up and run one training from a resolved config; returns the experiment folder."""
     from hcpdiff.train.trainer import Trainer
 
+    from hcpdiff.train.signals import TrainingInterrupted
+
     trainer = Trainer(cfg, single_process=single_process)
-    trainer.setup()
     try:
+        trainer.setup()
         trainer.train()
-    finally:
-        trainer.cleanup()
+    except TrainingInterrupted:
+        trainer.cleanup()  # stopped on purpose, with a checkpoint written
+        raise
+    except BaseException:
+        trainer.cleanup(failed=True)
+        raise
+    trainer.cleanup()
     return str(trainer.exp_dir)
 
 
