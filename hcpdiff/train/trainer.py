@@ -77,6 +77,7 @@ class Trainer:
         self.cfg = cfg
         self.single_process = single_process
         self.global_step = 0
+        self.training_started = False
 
     # ----------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -413,6 +414,7 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------- train
     def train(self) -> None:
         """Run optimizer steps until train_steps, logging and saving checkpoints on the way."""
+        self.training_started = True
         trained_modules = [getattr(self, f"{part}_model") for part in self.trained_parts]
         for module in trained_modules:
             module.train()
@@ -654,7 +656,7 @@ class Trainer:
 
     def cleanup(self, failed: bool = False) -> None:
         """Release everything the run holds, after success or failure: trackers, the process group, the folder's lock
-        (and the folder itself when this run created it and failed before writing any output)."""
+        (and the folder itself when this run created it and failed in set-up, before any output)."""
         if getattr(self, "tracker", None) is not None:
             self.tracker.finish()
         for tracker in getattr(self, "extra_trackers", []):
@@ -673,8 +675,9 @@ class Trainer:
         lock = getattr(self, "exp_lock", None)
         if lock is not None:
             unlock_exp_dir(lock)
-            if failed and self.created_exp_dir and remove_if_no_outputs(lock.parent):
-                logger.info("removed %s: the run failed before writing any checkpoint", lock.parent)
+            # Only a failed set-up leaves a folder of no use; once training ran, its train.log tells what happened.
+            if failed and self.created_exp_dir and not self.training_started and remove_if_no_outputs(lock.parent):
+                logger.info("removed %s: the run failed before training", lock.parent)
         if not failed:
             logger.info("done: %s", self.exp_dir)
 

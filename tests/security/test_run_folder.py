@@ -239,3 +239,29 @@ def test_cli_resume_while_the_run_still_trains_is_refused(workdir, demo_args):
         if running.poll() is None:
             os.killpg(running.pid, signal.SIGKILL)
             running.wait()
+
+
+@pytest.mark.e2e
+def test_cli_sigterm_during_setup_releases_the_folder(workdir, demo_args):
+    """SIGTERM as soon as the folder is locked (set-up, or at the latest the first steps): exit 143 without a
+    traceback, and the lock is gone."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("HCP_DEBUG", None)
+    proc = subprocess.Popen([sys.executable, *demo_args, "train.train_steps=500", "exp_dir=exps/term",
+                             "data.dataset1.cache_latents=true"], cwd=workdir, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        lock = workdir / "exps/term" / LOCK_NAME
+        deadline = time.time() + 180
+        while time.time() < deadline and not lock.exists() and proc.poll() is None:
+            time.sleep(0.02)
+        assert lock.exists(), "the run never locked its folder"
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+        assert "Traceback" not in stderr
+        assert not lock.exists()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
