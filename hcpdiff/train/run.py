@@ -46,7 +46,10 @@ def run_training(cfg, *, single_process: bool) -> str:
         trainer.cleanup()  # stopped on purpose, with a checkpoint written
         raise
     except BaseException:
-        trainer.cleanup(failed=True)
+        try:
+            trainer.cleanup(failed=True)
+        except Exception:  # noqa: BLE001 - the error that stopped the run is the one to report
+            logging.getLogger("hcpdiff.train").warning("cleanup after the failure did not finish", exc_info=True)
         raise
     trainer.cleanup()
     return str(trainer.exp_dir)

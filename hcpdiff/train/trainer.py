@@ -667,6 +667,8 @@ class Trainer:
                 accelerator.wait_for_everyone()  # no process tears down gloo while another still talks to it
             self._release_models()
             accelerator.end_training()  # destroys the process group (torch.distributed), if any
+        if not failed:
+            logger.info("done: %s", self.exp_dir)
         handler = getattr(self, "log_handler", None)
         if handler is not None:
             for name in ("hcpdiff", "hcpdiff.train.log"):
@@ -678,8 +680,6 @@ class Trainer:
             # Only a failed set-up leaves a folder of no use; once training ran, its train.log tells what happened.
             if failed and self.created_exp_dir and not self.training_started and remove_if_no_outputs(lock.parent):
                 logger.info("removed %s: the run failed before training", lock.parent)
-        if not failed:
-            logger.info("done: %s", self.exp_dir)
 
     def _release_models(self) -> None:
         """Drop this run's references to the wrapped (DDP) models and optimizer, so their hold on the process group
