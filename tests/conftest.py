@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -36,11 +38,48 @@ def workdir(tmp_path: Path, monkeypatch) -> Path:
 
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run `python -m ...` (or a console command when args[0] is not '-m') as a user would; capture output."""
+    """Run `python -m ...` (or a console command when args[0] is not '-m') as a user would; capture output.
+
+    The command runs in its own session, and on timeout its whole process group is killed: a launcher's workers
+    (torchrun, accelerate launch) would otherwise outlive a hung test as orphans.
+    """
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("HCP_DEBUG", None)
     command = [sys.executable, *args] if args[0] == "-m" else args
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_process_group(proc)
+        stdout, stderr = proc.communicate()
+        raise subprocess.TimeoutExpired(command, timeout, output=stdout, stderr=stderr) from None
+    finally:
+        if proc.poll() is None:  # interrupted (Ctrl-C in pytest): leave nothing running
+            kill_process_group(proc)
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def kill_process_group(proc: subprocess.Popen) -> None:
+    """SIGKILL every process in `proc`'s group (it was started with start_new_session=True) and reap `proc`."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def find_free_port() -> int:
+    """A TCP port free on this machine now (bound to port 0 and released), for a launcher's rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def free_port():
+    """The `find_free_port` helper: call it for each launcher port a test needs."""
+    return find_free_port
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from hcpdiff.data.prompts import PromptBuilder, load_templates
 from hcpdiff.data.sampler import BucketBatchSampler
 from hcpdiff.data.transforms import CaptionTransform, ImageTransform
 from hcpdiff.errors import ConfigError, DataError
+from hcpdiff.folders import make_folder
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +161,8 @@ def build_dataset(
     )
     served: ImageCaptionDataset | CachedLatentDataset = dataset
     if latent_encoder is not None and _latent_cache_allowed(spec, source_specs, key_path):
+        if spec.cache_dir:  # made here so a folder the disk refuses is named by its key
+            make_folder(spec.cache_dir, f"{key_path}.cache_dir")
         served, report = fill_latent_cache(
             dataset, latent_encoder, spec.cache_dir, num_replicas=num_replicas, rank=rank, barrier=barrier,
             show_progress=show_progress, desc=f"{key_path}: cache latents",

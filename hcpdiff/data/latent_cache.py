@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from hcpdiff.data.dataset import ImageCaptionDataset
 from hcpdiff.data.images import IMAGE_READ_ERRORS, load_for_bucket, read_image_size, to_tensor
 from hcpdiff.errors import DataError
+from hcpdiff.folders import make_folder
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class LatentStore:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._memory: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if self.cache_dir is not None:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            make_folder(self.cache_dir, "cache_dir")
 
     def file_of(self, key: str) -> Path:
         """Where the entry for `key` lives on disk."""

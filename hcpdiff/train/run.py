@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import warnings
+from contextlib import contextmanager
+from types import FrameType
+from typing import Iterator
 
 from hcpdiff.cli import cfg_parser
 from hcpdiff.config import load_config
@@ -31,13 +35,42 @@ def run_training(cfg, *, single_process: bool) -> str:
     """Set up and run one training from a resolved config; returns the experiment folder."""
     from hcpdiff.train.trainer import Trainer
 
+    from hcpdiff.train.signals import TrainingInterrupted
+
     trainer = Trainer(cfg, single_process=single_process)
-    trainer.setup()
     try:
-        trainer.train()
-    finally:
-        trainer.cleanup()
+        with terminate_unwinds():
+            trainer.setup()
+        trainer.train()  # handles SIGINT / SIGTERM itself: it saves a checkpoint first
+    except TrainingInterrupted:
+        trainer.cleanup()  # stopped on purpose, with a checkpoint written
+        raise
+    except BaseException:
+        try:
+            trainer.cleanup(failed=True)
+        except Exception:  # noqa: BLE001 - the error that stopped the run is the one to report
+            logging.getLogger("hcpdiff.train").warning("cleanup after the failure did not finish", exc_info=True)
+        raise
+    trainer.cleanup()
     return str(trainer.exp_dir)
+
+
+@contextmanager
+def terminate_unwinds() -> Iterator[None]:
+    """While active, SIGTERM exits through Python (status 143) instead of killing the process outright, so the
+    folder's lock and the process group are released on that path too."""
+    def terminate(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread: signals are the caller's
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def interrupted_exit(err) -> int:

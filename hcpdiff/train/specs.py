@@ -47,7 +47,8 @@ class TrainSpec:
     log_step: int = 10  # log loss and learning rates every N optimizer steps
     scale_lr: bool = False  # multiply every group's lr by the total batch size
     resume: str | None = None  # experiment folder (newest intact state) or one state/step-<N>.pt to continue from
-    ckpt_keep: int | None = None  # keep only the newest N checkpoints (and states); null keeps all
+    resume_overwrite: bool = False  # resuming a named earlier state deletes the folder's later steps (else refused)
+    ckpt_keep: int | None = None  # keep only the newest N checkpoints (and states) of this run; null keeps all
     optimizer: Any = None  # a `_target_` + `_partial_: true` node; receives the param groups
     scheduler: Any = None  # see SchedulerSpec
     loss: Any = None  # see LossSpec

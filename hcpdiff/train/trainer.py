@@ -1,6 +1,7 @@
 """The training run: setup() builds everything from the config, train() runs the step loop."""
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -27,7 +28,8 @@ from hcpdiff.lora import LoraGroupSpec, attach_lora, load_checkpoint, load_lora_
 from hcpdiff.lora.spec import AttachedGroup
 from hcpdiff.lora.state_io import lora_metadata
 from hcpdiff.models import cast_floats, enable_gradient_checkpointing, load_model_parts
-from hcpdiff.train.exp_dir import claim_exp_dir
+from hcpdiff.train.exp_dir import (claim_exp_dir, lock_exp_dir, remove_if_no_outputs, remove_stale_temp_files,
+                                   unlock_exp_dir)
 from hcpdiff.train.finetune import (FinetuneGroup, FinetuneGroupSpec, enable_finetuning, finetuned_state,
                                     load_finetuned, select_finetune_groups)
 from hcpdiff.train.logs import setup_run_logging
@@ -37,7 +39,8 @@ from hcpdiff.train.metrics import SmoothedValue, peak_memory_mib
 from hcpdiff.train.preview import render_previews, save_previews
 from hcpdiff.train.optim import build_lr_scheduler, build_optimizer, param_groups
 from hcpdiff.train.specs import ModelSpec, SchedulerSpec, TrainSpec
-from hcpdiff.train.state import (find_resume_state, prune_checkpoints, rng_state, save_state, set_rng_state)
+from hcpdiff.train.state import (ResumePoint, find_resume_state, folder_steps, load_checked_state, prune_checkpoints,
+                                 resume_dir_of, rng_state, save_state, set_rng_state, step_files)
 from hcpdiff.train.sharding import (
     SHARDED, align_deepspeed_config, check_sharded_run, gathered_for_saving, param_count, whole_weights_loading,
 )
@@ -81,6 +84,7 @@ class Trainer:
         self.cfg = cfg
         self.single_process = single_process
         self.global_step = 0
+        self.training_started = False
 
     # ----------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -178,18 +182,25 @@ class Trainer:
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
     def _setup_exp_dir(self) -> None:
-        # Only the main process creates the folder; the others learn its (possibly suffixed) name from it.
+        # Only the main process creates (or, resuming, locks) the folder; the others learn its name from it.
         # A resumed run goes on in the folder it resumes.
         self.resume_state = None
-        claimed = [None]
-        if self.train_spec.resume:
-            resume_dir, self.resume_state = find_resume_state(self.train_spec.resume)
-            claimed[0] = str(resume_dir)
-        elif self.accelerator.is_main_process:
-            claimed[0] = str(claim_exp_dir(self.cfg.get("exp_dir") or "exps/run"))
+        self.exp_lock: Path | None = None
+        self.created_exp_dir = False
+        claimed: list = [None, None, None]  # folder, resumed step, the error that stopped the main process
+        refused = None
+        if self.accelerator.is_main_process:
+            try:
+                claimed[:2] = self._claim_exp_dir()
+            except ConfigError as err:  # told to the other processes too, so none waits for a folder name forever
+                refused, claimed[2] = err, str(err)
         if self.accelerator.num_processes > 1:
             broadcast_object_list(claimed)
+        if claimed[2] is not None:
+            raise refused or ConfigError(claimed[2])
         self.exp_dir = Path(claimed[0])
+        if self.resume_state is None and claimed[1] is not None:  # the state the main process chose, checked again
+            self.resume_state = load_checked_state(self.exp_dir, int(claimed[1]))
         self.ckpt_dir = self.exp_dir / "ckpts"
         self.tracker = None
         if self.accelerator.is_main_process:
@@ -198,9 +209,51 @@ class Trainer:
             snapshot["exp_dir"] = str(self.exp_dir)
             cfg_name = f"cfg-resume-{self.resume_state['step']}.yaml" if self.resume_state else "cfg.yaml"
             (self.exp_dir / cfg_name).write_text(OmegaConf.to_yaml(OmegaConf.create(snapshot)))
-            setup_run_logging(self.exp_dir / "train.log")
+            self.log_handler = setup_run_logging(self.exp_dir / "train.log")
             self.tracker = TensorBoardTracker("tblog", logging_dir=self.exp_dir)
             self.tracker.start()
+
+    def _claim_exp_dir(self) -> tuple[str, int | None]:
+        """Main process: lock the folder to resume (and choose its state), or create and lock a new one."""
+        if self.train_spec.resume:
+            exp_dir = resume_dir_of(self.train_spec.resume)
+            self.exp_lock = lock_exp_dir(exp_dir)  # before reading: a live run may be writing its states
+            remove_stale_temp_files(exp_dir)
+            point = find_resume_state(self.train_spec.resume)
+            self._check_resume_point(point)
+            self.resume_state = point.state
+            return str(exp_dir), point.step
+        exp_dir = claim_exp_dir(self.cfg.get("exp_dir") or "exps/run")
+        self.created_exp_dir = True
+        self.exp_lock = lock_exp_dir(exp_dir)
+        return str(exp_dir), None
+
+    def _check_resume_point(self, point: ResumePoint) -> None:
+        """Refuse a resume that would do nothing or overwrite another run's later steps (main process)."""
+        spec = self.train_spec
+        if spec.train_epochs is None and spec.train_steps is not None and spec.train_steps <= point.step:
+            raise ConfigError(f"train.resume: the state is at step {point.step} and train.train_steps is "
+                              f"{spec.train_steps}, so there is nothing to train; "
+                              f"set train.train_steps above {point.step}")
+        later = [step for step in folder_steps(point.exp_dir) if step > point.step and step not in point.skipped]
+        if not later:
+            return
+        shown = ", ".join(map(str, later[:6])) + (", ..." if len(later) > 6 else "")
+        if not point.named_file:
+            # Resuming the folder continues its newest intact state; later files are a killed run's partial writes
+            # (a checkpoint without its state), which this run writes again.
+            logger.warning("%s: step(s) %s have no intact state and will be written again", point.exp_dir, shown)
+            return
+        if not spec.resume_overwrite:
+            raise ConfigError(
+                f"train.resume: '{point.exp_dir}' already holds step(s) {shown} after step {point.step}; resuming here "
+                f"would overwrite them and mix two runs in one folder. Copy the folder and resume the copy, or set "
+                f"train.resume_overwrite=true to delete steps after {point.step} and continue in this folder")
+        removed = [path for step in later for path in step_files(point.exp_dir, step)]
+        for path in removed:
+            path.unlink(missing_ok=True)
+        logger.warning("train.resume_overwrite: deleted step(s) %s of %s (%d files)",
+                       shown, point.exp_dir, len(removed))
 
     def _setup_models(self) -> None:
         spec = self.model_spec
@@ -337,17 +390,27 @@ class Trainer:
     def _restore(self, state: dict) -> None:
         """Continue from a saved state: LoRA weights, optimizer, lr schedule, step, data positions, RNG."""
         step = int(state["step"])
+        if step >= self.train_steps:  # train_epochs decides the length: known only now that the data is built
+            raise ConfigError(f"train.resume: the state is at step {step} and train.train_epochs="
+                              f"{self.train_spec.train_epochs} gives {self.train_steps} steps, so there is nothing to "
+                              "train; raise train.train_epochs")
         for part in self.trained:
             self.load_trained_weights(part, self.ckpt_dir / f"{part}-{step}.safetensors")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        for stream, stream_state in zip(self.streams, state["streams"]):
-            stream.restore(stream_state)
         rng_states = state["rng"]
         if len(rng_states) != self.accelerator.num_processes:
             raise ConfigError(f"train.resume: the state was saved by {len(rng_states)} processes, "
                               f"this run has {self.accelerator.num_processes}")
-        set_rng_state(rng_states[self.accelerator.process_index])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+            for stream, stream_state in zip(self.streams, state["streams"], strict=True):
+                stream.restore(stream_state)
+            set_rng_state(rng_states[self.accelerator.process_index])
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as err:
+            # A state of another config (other groups or datasets) or a hand-edited one: name the file, not a traceback.
+            reason = str(err).splitlines()[0] if str(err) else "a bad value"
+            raise ConfigError(f"train.resume: '{self.exp_dir / 'state' / f'step-{step}.pt'}' does not fit this run "
+                              f"({type(err).__name__}: {reason})") from err
         self.global_step = step
         logger.info("resumed %s at step %d", self.exp_dir, step)
 
@@ -370,6 +433,7 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------- train
     def train(self) -> None:
         """Run optimizer steps until train_steps, logging and saving checkpoints on the way."""
+        self.training_started = True
         trained_modules = [trained.forward for trained in self.trained.values()]
         for module in trained_modules:
             module.train()
@@ -575,13 +639,42 @@ class Trainer:
         }
         save_state(self.exp_dir / "state" / f"step-{self.global_step}.pt", state, checkpoint_files)
         if self.train_spec.ckpt_keep:
-            prune_checkpoints(self.exp_dir, self.train_spec.ckpt_keep)
+            prune_checkpoints(self.exp_dir, self.train_spec.ckpt_keep, up_to=self.global_step)
 
-    def cleanup(self) -> None:
-        """Flush logs and release the trackers."""
-        if self.tracker is not None:
+    def cleanup(self, failed: bool = False) -> None:
+        """Release everything the run holds, after success or failure: trackers, the process group, the folder's lock
+        (and the folder itself when this run created it and failed in set-up, before any output)."""
+        if getattr(self, "tracker", None) is not None:
             self.tracker.finish()
         for tracker in getattr(self, "extra_trackers", []):
             tracker.finish()
-        self.accelerator.end_training()
-        logger.info("done: %s", self.exp_dir)
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is not None:
+            if not failed and accelerator.num_processes > 1:
+                accelerator.wait_for_everyone()  # no process tears down gloo while another still talks to it
+            self._release_models()
+            accelerator.end_training()  # destroys the process group (torch.distributed), if any
+        if not failed:
+            logger.info("done: %s", self.exp_dir)
+        handler = getattr(self, "log_handler", None)
+        if handler is not None:
+            for name in ("hcpdiff", "hcpdiff.train.log"):
+                logging.getLogger(name).removeHandler(handler)
+            handler.close()
+        lock = getattr(self, "exp_lock", None)
+        if lock is not None:
+            unlock_exp_dir(lock)
+            # Only a failed set-up leaves a folder of no use; once training ran, its train.log tells what happened.
+            if failed and self.created_exp_dir and not self.training_started and remove_if_no_outputs(lock.parent):
+                logger.info("removed %s: the run failed before training", lock.parent)
+
+    def _release_models(self) -> None:
+        """Drop this run's references to the wrapped (DDP) models and optimizer, so their hold on the process group
+        ends here, before it is destroyed, and not in a destructor at interpreter exit (a gloo hang seen in tests)."""
+        self.accelerator.free_memory()
+        for trained in getattr(self, "trained", {}).values():
+            trained.forward = None
+        self.__dict__.pop("denoiser", None)
+        self.__dict__.pop("optimizer", None)
+        self.__dict__.pop("conditioner", None)  # it holds the trained text encoders' wrappers
+        gc.collect()

@@ -56,7 +56,7 @@ def test_random_crop_trains_uncached_after_one_warning(workdir, tiny_model, cli)
     assert "latent cache" not in result.stderr
 
 
-def test_two_processes_fill_one_disk_cache_in_shares(workdir, tiny_model, cli):
+def test_two_processes_fill_one_disk_cache_in_shares(workdir, tiny_model, cli, free_port):
     """Under torchrun each rank encodes its share into the shared cache_dir, then reads the others': the entries
     equal a single-process fill file for file, and a second two-process run encodes nothing."""
     from safetensors.torch import load_file
@@ -64,7 +64,7 @@ def test_two_processes_fill_one_disk_cache_in_shares(workdir, tiny_model, cli):
     data = make_demo_data(workdir / "data", num=4)
     common = train_args(tiny_model, data, "data.dataset1.cache_latents=true", "data.dataset1.batch_size=1",
                         "data.dataset1.source.data_source1.random_flip=true")[1:]  # drop "-m"
-    torchrun = ["torchrun", "--nproc_per_node", "2", "--master_port", "29523", "-m"]
+    torchrun = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m"]
     multi = [*torchrun, "hcpdiff.train_ac", *common[1:], "data.dataset1.cache_dir=cache_multi"]
     first = cli(multi + ["exp_dir=exps/first"], cwd=workdir)
     assert first.returncode == 0, first.stderr[-3000:]

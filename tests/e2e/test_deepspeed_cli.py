@@ -48,16 +48,18 @@ def train(cli, launcher: list[str], workdir: Path, tiny_model: Path, data: Path)
     return exp
 
 
-def test_zero2_and_zero3_train_the_same_lora_as_ddp(tmp_path, tiny_model, cli):
+def test_zero2_and_zero3_train_the_same_lora_as_ddp(tmp_path, tiny_model, cli, free_port):
     data = make_demo_data(tmp_path / "data", num=8)
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--mixed_precision", "no"]
     (tmp_path / "zero3.json").write_text(ZERO3_ALL_SHARDED)
     (tmp_path / "zero3.yaml").write_text(ZERO3_ACCELERATE.format(json=tmp_path / "zero3.json"))
-    ddp = train(cli, ["torchrun", "--nproc_per_node", "2", "--master_port", "29542"], tmp_path / "ddp", tiny_model, data)
+    ddp = train(cli, ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port())], tmp_path / "ddp",
+                tiny_model, data)
     runs = {
         "zero2": train(cli, [*accelerate, "--config_file", str(REPO / "cfgs/accelerate/deepspeed_zero2.yaml"),
-                             "--main_process_port", "29541"], tmp_path / "zero2", tiny_model, data),
-        "zero3": train(cli, [*accelerate, "--config_file", str(tmp_path / "zero3.yaml"), "--main_process_port", "29543"],
+                             "--main_process_port", str(free_port())], tmp_path / "zero2", tiny_model, data),
+        "zero3": train(cli, [*accelerate, "--config_file", str(tmp_path / "zero3.yaml"),
+                             "--main_process_port", str(free_port())],
                        tmp_path / "zero3", tiny_model, data),
     }
     reference = load_file(ddp / "ckpts" / "unet-4.safetensors")

@@ -245,10 +245,10 @@ def test_missing_captions_warn_once_and_train(workdir, tiny_model, cli):
     assert len(warnings) == 1 and "2 of 4" in warnings[0] and "1.png" in warnings[0]
 
 
-def test_two_processes_write_one_experiment_folder(workdir, tiny_model, cli):
+def test_two_processes_write_one_experiment_folder(workdir, tiny_model, cli, free_port):
     """hcpdiff.train_ac under torchrun with two CPU processes (gloo): one folder, one set of checkpoints."""
     data = make_demo_data(workdir / "data", num=4)
-    result = cli(["torchrun", "--nproc_per_node", "2", "--master_port", "29517", "-m", "hcpdiff.train_ac",
+    result = cli(["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "hcpdiff.train_ac",
                   "--cfg", "cfgs/train/examples/demo_tiny.yaml", f"model.pretrained_model_name_or_path={tiny_model}",
                   f"data.dataset1.source.data_source1.img_root={data}",
                   f"data.dataset1.source.data_source1.caption_file={data}", "train.train_steps=2",
@@ -262,9 +262,10 @@ def test_two_processes_write_one_experiment_folder(workdir, tiny_model, cli):
     assert "group lora_unet[0]: lr 0.0002 (effective)" in log  # scale_lr: 1e-4 x total batch 2
 
 
-def test_single_entry_refuses_several_processes(workdir, tiny_model, cli):
+def test_single_entry_refuses_several_processes(workdir, tiny_model, cli, free_port):
     data = make_demo_data(workdir / "data", num=2)
-    result = cli(["torchrun", "--nproc_per_node", "2", "--master_port", "29518", "-m", "hcpdiff.train_ac_single",
+    result = cli(["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m",
+                  "hcpdiff.train_ac_single",
                   "--cfg", "cfgs/train/examples/demo_tiny.yaml", f"model.pretrained_model_name_or_path={tiny_model}",
                   f"data.dataset1.source.data_source1.img_root={data}",
                   f"data.dataset1.source.data_source1.caption_file={data}"], cwd=workdir)
