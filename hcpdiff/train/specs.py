@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from hcpdiff.config.fields import Bound
+
+COUNT = Bound(ge=1)  # steps, epochs, intervals: a zero would divide by zero or never happen, a negative means nothing
 
 
 @dataclass
@@ -10,7 +14,7 @@ class SchedulerSpec:
     """`train.scheduler`: the learning-rate schedule, stepped once per optimizer step."""
 
     name: str = "constant_with_warmup"  # any name diffusers.optimization.get_scheduler knows
-    num_warmup_steps: int = 0  # optimizer steps of linear warm-up from 0
+    num_warmup_steps: Annotated[int, Bound(ge=0)] = 0  # optimizer steps of linear warm-up from 0
     scheduler_kwargs: dict = field(default_factory=dict)  # extra arguments: num_cycles, power, step_rules
 
 
@@ -18,13 +22,14 @@ class SchedulerSpec:
 class TrainSpec:
     """`train`: length of the run, batching, optimizer and checkpoints."""
 
-    train_steps: int | None = 1000  # optimizer steps (not micro-batches)
-    train_epochs: int | None = None  # passes over dataset1; when set it decides the length, not train_steps
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
-    workers: int = 2  # data-loader worker processes per dataset (0: load in the training process)
-    max_grad_norm: float | None = 1.0  # gradient clipping norm; null disables it
-    save_step: int = 100  # write a checkpoint every N optimizer steps (and at the end)
-    log_step: int = 10  # log loss and learning rates every N optimizer steps
+    train_steps: Annotated[int | None, COUNT] = 1000  # optimizer steps (not micro-batches)
+    train_epochs: Annotated[int | None, COUNT] = None  # passes over dataset1; when set it decides the length, not train_steps
+    gradient_accumulation_steps: Annotated[int, COUNT] = 1  # micro-batches per optimizer step
+    workers: Annotated[int, Bound(ge=0)] = 2  # data-loader worker processes per dataset (0: load in the training process)
+    # a negative norm would flip every gradient (clip_grad_norm_ scales by max_norm / norm): gradient ascent
+    max_grad_norm: Annotated[float | None, Bound(ge=0, finite=True, note="0 or null: no clipping")] = 1.0
+    save_step: Annotated[int, COUNT] = 100  # write a checkpoint every N optimizer steps (and at the end)
+    log_step: Annotated[int, COUNT] = 10  # log loss and learning rates every N optimizer steps
     scale_lr: bool = False  # multiply every group's lr by the total batch size
     resume: str | None = None  # experiment folder (newest intact state) or one state/step-<N>.pt to continue from
     ckpt_keep: int | None = None  # keep only the newest N checkpoints (and states); null keeps all
@@ -32,6 +37,14 @@ class TrainSpec:
     scheduler: Any = None  # see SchedulerSpec
     loss: Any = None  # see LossSpec
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])  # trackers: tensorboard (always), wandb
+
+
+@dataclass
+class RunSpec:
+    """The top-level scalar keys the trainer reads (`mixed_precision`); the other top-level keys have their own specs."""
+
+    # what accelerate does with these on our code paths is tested; its fp8 needs extra engines and a recent GPU
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # null / no: fp32
 
 
 @dataclass

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from hcpdiff.config import check_targets, instantiate, read_fields
 from hcpdiff.data import build_dataset
+from hcpdiff.data.builders import check_dataset_fields
 from hcpdiff.data.latent_cache import LatentEncoder, vae_identity
 from hcpdiff.errors import ConfigError, ConfigProblems
 from hcpdiff.lora import LoraGroupSpec, attach_lora, load_checkpoint, load_lora_into, lora_state_dict, save_lora
@@ -36,7 +37,7 @@ from hcpdiff.train.loss import (check_prediction_type, check_timestep_range, dif
 from hcpdiff.train.metrics import SmoothedValue, peak_memory_mib
 from hcpdiff.train.preview import render_previews, save_previews
 from hcpdiff.train.optim import build_lr_scheduler, build_optimizer, param_groups
-from hcpdiff.train.specs import ModelSpec, SchedulerSpec, TrainSpec
+from hcpdiff.train.specs import ModelSpec, RunSpec, SchedulerSpec, TrainSpec
 from hcpdiff.train.state import (find_resume_state, prune_checkpoints, rng_state, save_state, set_rng_state)
 from hcpdiff.train.sharding import (
     SHARDED, align_deepspeed_config, check_sharded_run, gathered_for_saving, param_count, whole_weights_loading,
@@ -95,6 +96,7 @@ class Trainer:
         problems = ConfigProblems()
         collect = problems.collect
         collect(check_targets, cfg)
+        collect(read_fields, {key: cfg.get(key) for key in ("mixed_precision",) if key in cfg}, "", RunSpec)
         self.train_spec = collect(read_fields, cfg.get("train", {}), "train", TrainSpec)
         self.model_spec = collect(read_fields, cfg.get("model", {}), "model", ModelSpec)
         self.scheduler_spec = None
@@ -123,11 +125,16 @@ class Trainer:
                 problems.add("train.optimizer: missing; give a `_target_` optimizer with `_partial_: true`")
         if self.model_spec is not None and not self.model_spec.pretrained_model_name_or_path:
             problems.add("model.pretrained_model_name_or_path: missing; give a diffusers folder or a hub id")
-        if not any(self.lora_specs.values()) and not any(self.finetune_specs.values()):
+        # groups that exist but failed to read have their own message; "none configured" would be false beside it
+        any_group = any(cfg.get(key) for key in LORA_PARTS.values()) or any(cfg.get(part) for part in LORA_PARTS)
+        if not any_group:
             problems.add("lora_unet / lora_text_encoder / lora_text_encoder_2: no LoRA group is configured "
                          "(nor a unet / text_encoder fine-tuning group), so nothing would train")
         if not cfg.get("data"):
             problems.add("data: no dataset is configured")
+        elif isinstance(cfg.get("data"), DictConfig):
+            for name, node in cfg.data.items():
+                check_dataset_fields(node, f"data.{name}", problems)
         problems.raise_any()
 
     def _setup_accelerator(self) -> None:
