@@ -13,7 +13,7 @@ from hcpdiff.config import Bound, read_fields
 from hcpdiff.data.buckets import Bucket
 from hcpdiff.data.captions import IMAGE_EXTENSIONS, Columns, image_key, image_stem, load_caption_entries
 from hcpdiff.data.dataset import DataItem, ImageCaptionDataset
-from hcpdiff.data.images import IMAGE_READ_ERRORS, read_image_size
+from hcpdiff.data.images import UnusableImage, scan_image
 from hcpdiff.data.latent_cache import CachedLatentDataset, LatentEncoder, fill_latent_cache
 from hcpdiff.data.prompts import PromptBuilder, load_templates
 from hcpdiff.data.sampler import BucketBatchSampler
@@ -44,6 +44,8 @@ class SourceSpec:
     caption_file: str | None = None  # a folder of .txt / a captions file, a .json/.yaml/.csv/.jsonl file, or null
     prompt_template: str | None = None  # a file of template lines; null means "{caption}"
     word_names: dict = field(default_factory=dict)  # placeholder -> word, e.g. {pt1: pt-cat1}
+    # null: Pillow's decompression-bomb limit (179 million pixels); larger images are skipped with a warning
+    max_image_pixels: Annotated[int | None, Bound(ge=1)] = None
     repeat: Annotated[int, Bound(ge=1)] = 1  # each image appears this many times per epoch
     bg_color: list[int] = field(default_factory=lambda: [255, 255, 255])  # fills transparent pixels
     tag_shuffle: bool = False  # shuffle the caption's comma-separated tags each time it is drawn
@@ -65,7 +67,7 @@ class SourceReport:
     num_images: int
     num_captioned: int
     missing_captions: list[str]  # image names with no caption (only when a caption_file is set)
-    unreadable: list[str]  # image names whose header cannot be read
+    unreadable: list[str]  # image names skipped: unreadable, truncated or over the pixel limit
 
 
 @dataclass
@@ -148,8 +150,9 @@ def build_dataset(
 
     bucket = _build_bucket(spec.bucket, f"{key_path}.bucket", image_sizes, pixel_step, instantiate)
     num_upscaled = _warn_upscaled(image_sizes, bucket, key_path)
+    limits = [s.max_image_pixels for s in source_specs.values() if s.max_image_pixels is not None]
     dataset = ImageCaptionDataset(
-        items, bucket, prompt_builders, bg_colors, seed=seed,
+        items, bucket, prompt_builders, bg_colors, seed=seed, max_image_pixels=max(limits, default=None),
         caption_transforms=[_caption_transform(s) for s in source_specs.values()],
         image_transforms=[ImageTransform(s.random_flip, s.crop) for s in source_specs.values()],
     )
@@ -254,17 +257,19 @@ def _scan_source(
         if "/" in entry and Path(entry).suffix.lower() in IMAGE_EXTENSIONS and (img_root / entry).is_file():
             image_paths.add(img_root / entry)
     sizes: dict[str, tuple[int, int]] = {}
-    unreadable: list[str] = []
+    reasons: dict[str, str] = {}  # skipped image name -> why
     for path in sorted(image_paths):
         try:
-            sizes[str(path)] = read_image_size(path)
-        except IMAGE_READ_ERRORS:
-            unreadable.append(path.relative_to(img_root).as_posix())
+            sizes[str(path)] = scan_image(path, source.max_image_pixels)
+        except UnusableImage as err:  # skipped here, once: not counted, never substituted epoch after epoch
+            reasons[path.relative_to(img_root).as_posix()] = str(err)
+    unreadable = list(reasons)
     if unreadable:
-        logger.warning(
-            "%d image(s) in %s cannot be read and are skipped (%s).",
-            len(unreadable), source.img_root, _first_names(unreadable),
-        )
+        shown = "; ".join(f"{name}: {reason}" for name, reason in list(reasons.items())[:3])
+        too_large = any("pixels" in reason for reason in reasons.values())
+        hint = f"; to use larger images, set {where}.max_image_pixels (pixels per image)" if too_large else ""
+        logger.warning("%d image(s) in %s cannot be read and are skipped (%s%s)%s.", len(unreadable),
+                       source.img_root, shown, "; ..." if len(reasons) > 3 else "", hint)
     if not sizes:
         raise DataError(
             f"{where}.img_root: folder '{source.img_root}' holds no readable images ({', '.join(IMAGE_EXTENSIONS)})."
