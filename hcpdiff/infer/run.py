@@ -42,7 +42,7 @@ def generate(cfg: DictConfig) -> list[Path]:
     prompts = prompt_list(spec.prompt)
     parts = load_model_parts(spec.pretrained_model, where="pretrained_model")
     pipe = build_pipeline(parts, spec.new_components)
-    lora_paths = merge_all(pipe, spec.merge)  # once, before sampling; fp32 weights, then cast
+    lora_paths = merge_all(pipe, spec.merge, spec.pretrained_model)  # once, before sampling; fp32 weights, then cast
     pipe.to(pick_device(spec.device))
     if spec.dtype != "fp32":
         pipe.to(dtype=DTYPES[spec.dtype])
