@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from hcpdiff.errors import ModelError
 from hcpdiff.lora.state_io import check_lora_state, same_base_model, save_lora
 
-LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"  # Linear(32, 32) in the tiny U-Net
+LAYER = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k"  # Linear(64, 64) in the tiny U-Net
 SMALL = ["infer_args.width=64", "infer_args.height=64", "infer_args.num_inference_steps=2"]
 
 
@@ -26,8 +26,8 @@ def one_error_line(result) -> str:
 
 def layer(rank_a: int = 4, rank_b: int = 4, alpha: float = 2.0, dtype=torch.float32) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
-    return {f"{LAYER}.lora_A.weight": (torch.randn(rank_a, 32, generator=gen) * 0.1).to(dtype),
-            f"{LAYER}.lora_B.weight": (torch.randn(32, rank_b, generator=gen) * 0.1).to(dtype),
+    return {f"{LAYER}.lora_A.weight": (torch.randn(rank_a, 64, generator=gen) * 0.1).to(dtype),
+            f"{LAYER}.lora_B.weight": (torch.randn(64, rank_b, generator=gen) * 0.1).to(dtype),
             f"{LAYER}.alpha": torch.tensor(alpha)}
 
 
@@ -78,7 +78,7 @@ BAD_STATES = {
     "rank mismatch": (layer(rank_a=8, rank_b=4), "disagree on the rank"),
     "integer dtype": (layer(dtype=torch.int32), "dtype int32"),
     "nan alpha": (layer(alpha=float("nan")), "NaN or inf"),
-    "inf weights": ({**layer(), f"{LAYER}.lora_B.weight": torch.full((32, 4), float("inf"))}, "NaN or inf"),
+    "inf weights": ({**layer(), f"{LAYER}.lora_B.weight": torch.full((64, 4), float("inf"))}, "NaN or inf"),
     "missing lora_B": ({k: v for k, v in layer().items() if "lora_B" not in k}, "lack"),
     "alpha not a scalar": ({**layer(), f"{LAYER}.alpha": torch.ones(3)}, "not one number"),
 }
