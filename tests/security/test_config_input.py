@@ -100,6 +100,16 @@ def test_bound_is_declarative_for_any_spec():
                                "`x.scale`: must be > 0 and finite, got -inf.")
 
 
+def test_visualizer_counts_must_be_positive():
+    from hcpdiff.infer.specs import InferArgs, VisualizerSpec
+
+    with pytest.raises(ConfigError) as info:
+        read_fields({"pretrained_model": "m", "prompt": "p", "num": 0, "bs": -1}, "", VisualizerSpec)
+    assert "`num`: must be >= 1" in str(info.value) and "`bs`: must be >= 1" in str(info.value)
+    with pytest.raises(ConfigError, match=r"`infer_args.num_inference_steps`: must be >= 1"):
+        read_fields({"num_inference_steps": 0}, "infer_args", InferArgs)
+
+
 @pytest.mark.e2e
 def test_every_bad_value_is_reported_together_in_one_line(cli, workdir, tiny_model):
     (workdir / "bad.yaml").write_text(textwrap.dedent("""\
