@@ -27,8 +27,8 @@ class ConfigProblems:
             return None
 
     def raise_any(self) -> None:
-        if self.messages:
-            raise ConfigError("; ".join(self.messages))
+        if self.messages:  # each message may end its own sentence; the joined line ends once
+            raise ConfigError("; ".join(message.rstrip(".") for message in self.messages) + ".")
 
 
 class DataError(HcpError):

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
-from typing import Any, Literal, Mapping, TypeVar, Union
+from typing import Annotated, Any, Literal, Mapping, TypeVar, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -13,6 +14,43 @@ from hcpdiff.config.keypaths import did_you_mean, join_key
 from hcpdiff.errors import ConfigError
 
 SpecT = TypeVar("SpecT")
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """A per-field value constraint for `read_fields`, written in the annotation: `Annotated[int, Bound(ge=1)]`.
+
+    None always passes (whether None is allowed is the type's business); NaN fails every bound; `note` says what
+    a boundary value means ("0 or null: off").
+    """
+
+    ge: float | None = None  # value >= ge
+    gt: float | None = None  # value > gt
+    lt: float | None = None  # value < lt
+    finite: bool = False  # refuse inf and NaN
+    note: str = ""
+
+    def problem(self, value: Any) -> str | None:
+        """Why `value` breaks this bound, or None."""
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        wanted = [f">= {self.ge:g}" if self.ge is not None else "", f"> {self.gt:g}" if self.gt is not None else "",
+                  f"< {self.lt:g}" if self.lt is not None else "", "finite" if self.finite else ""]
+        broken = (math.isnan(value)
+                  or (self.ge is not None and not value >= self.ge) or (self.gt is not None and not value > self.gt)
+                  or (self.lt is not None and not value < self.lt) or (self.finite and not math.isfinite(value)))
+        if not broken:
+            return None
+        note = f" ({self.note})" if self.note else ""
+        return f"must be {' and '.join(part for part in wanted if part)}{note}, got {value!r}"
+
+
+def _split_annotated(annotation: Any) -> tuple[Any, list[Bound]]:
+    """(the plain type, its Bound constraints) of a possibly `Annotated[...]` field type."""
+    if typing.get_origin(annotation) is Annotated:
+        plain, *extras = typing.get_args(annotation)
+        return plain, [extra for extra in extras if isinstance(extra, Bound)]
+    return annotation, []
 
 
 def _fits(value: Any, annotation: Any) -> bool:
@@ -54,6 +92,13 @@ def _coerce(value: Any, annotation: Any) -> Any:
 
 
 def _type_name(annotation: Any) -> str:
+    """How a field type reads in an error: `int`, `one of 'no', 'fp16' or null`, ..."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (Union, types.UnionType) else ()
+    literals = [arg for arg in options if typing.get_origin(arg) is Literal]
+    if typing.get_origin(annotation) is Literal or (literals and len(literals) == len(options) - 1):
+        values = typing.get_args(annotation if not literals else literals[0])
+        tail = " or null" if literals else ""
+        return "one of " + ", ".join(repr(value) for value in values) + tail
     return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
 
 
@@ -79,7 +124,7 @@ def read_fields(node: Any, key_path: str, spec_cls: type[SpecT]) -> SpecT:
     names = [field.name for field in fields]
     mapping = _as_plain_mapping(node, key_path, names)
     try:
-        hints = typing.get_type_hints(spec_cls)
+        hints = typing.get_type_hints(spec_cls, include_extras=True)
     except Exception:  # an unresolvable annotation only costs us the type check
         hints = {}
 
@@ -95,9 +140,13 @@ def read_fields(node: Any, key_path: str, spec_cls: type[SpecT]) -> SpecT:
             if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
                 problems.append(f"`{path}`: required key is missing")
             continue
-        value, annotation = mapping[field.name], hints.get(field.name, Any)
+        value, (annotation, bounds) = mapping[field.name], _split_annotated(hints.get(field.name, Any))
         if not _fits(value, annotation):
             problems.append(f"`{path}`: expected {_type_name(annotation)}, got {type(value).__name__} {value!r}")
+            continue
+        broken = [problem for bound in bounds if (problem := bound.problem(value)) is not None]
+        if broken:
+            problems.append(f"`{path}`: {'; '.join(broken)}")
             continue
         values[field.name] = _coerce(value, annotation)
     if problems:

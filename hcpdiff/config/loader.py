@@ -39,15 +39,28 @@ def _base_entries(value: Any, file: Path) -> list[str]:
     return entries
 
 
+def config_root(file: Path) -> Path | None:
+    """The nearest folder above `file` that holds a `cfgs/` folder: where the shipped configs' repo-relative
+    `_base_` paths (`cfgs/train/...`) start."""
+    for folder in file.resolve().parents:
+        if (folder / "cfgs").is_dir():
+            return folder
+    return None
+
+
 def find_base(entry: str, including_file: Path) -> Path:
-    """Resolve a `_base_` entry: relative to the working directory first, then to the including file's folder."""
-    candidates = [Path(entry)] if Path(entry).is_absolute() else [Path.cwd() / entry, including_file.parent / entry]
+    """Resolve a `_base_` entry: relative to the working directory, then to the including file's folder, then to
+    the folder holding the `cfgs/` the including file lives in (so shipped configs load from anywhere)."""
+    root = config_root(including_file)
+    candidates = [Path(entry)] if Path(entry).is_absolute() else [
+        Path.cwd() / entry, including_file.parent / entry, *([root / entry] if root is not None else [])]
     for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()
+    places = [shown_path(including_file.parent) or "."] + ([shown_path(root) or "."] if root is not None else [])
     raise ConfigError(
         f"{shown_path(including_file)}: `_base_` file '{entry}' not found (looked in the working directory "
-        f"and in {shown_path(including_file.parent) or '.'}).")
+        f"and in {' and '.join(places)}).")
 
 
 def load_tree(file: Path, origins: Origins, chain: tuple[Path, ...] = ()) -> dict:
@@ -99,6 +112,52 @@ def _nearest_origin(path: str, origins: Origins) -> str:
     return "?"
 
 
+# A plain interpolation inside a value: `${unet_lr}`, `${hcp.eval:${expr}}` refers to `expr`.
+_REFERENCE = re.compile(r"\$\{([A-Za-z_][\w]*(?:(?:\.[\w]+)|(?:\[\d+\]))*)\}")
+
+
+def _dotted(key: str) -> str:
+    """OmegaConf's `lora_unet[0].lr` as the tree's `lora_unet.0.lr`."""
+    return re.sub(r"\[(\d+)\]", r".\1", key)
+
+
+def _raw_value(tree: Any, key: str) -> Any:
+    """The unresolved value at a dotted path of the merged tree, or None."""
+    node = tree
+    for part in _dotted(key).split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
+def _resolves(cfg: DictConfig, key: str) -> bool:
+    try:
+        OmegaConf.select(cfg, key, throw_on_resolution_failure=True)
+        return True
+    except OmegaConfBaseException:
+        return False
+
+
+def _blame(cfg: DictConfig, key: str, tree: dict, origins: Origins, seen: frozenset[str] = frozenset()) -> str:
+    """`key` (in file); when its value only refers to a key that fails on its own, that key and the file that
+    wrote it instead, since that is where the bad expression is (`lr: ${unet_lr}` in a base, the bad
+    `unet_lr` in the user's file)."""
+    raw = _raw_value(tree, key)
+    references = [ref for ref in (_REFERENCE.findall(raw) if isinstance(raw, str) else [])
+                  if _raw_value(tree, ref) is not None]  # a missing key is the error itself, not its source
+    for reference in references:
+        if reference not in seen and reference != key and not _resolves(cfg, reference):
+            return _blame(cfg, reference, tree, origins, seen | {key})
+    where = f"`{key}` (in {_nearest_origin(_dotted(key), origins)})"
+    used = [f"`{ref}` (in {_nearest_origin(_dotted(ref), origins)})" for ref in references
+            if _nearest_origin(_dotted(ref), origins) != _nearest_origin(_dotted(key), origins)]
+    return where + (f" using {', '.join(used)}" if used else "")
+
+
 def _resolve(tree: dict, origins: Origins, clock: RunClock) -> DictConfig:
     """Turn the merged tree into a DictConfig with every interpolation resolved."""
     register_resolvers()
@@ -112,7 +171,7 @@ def _resolve(tree: dict, origins: Origins, clock: RunClock) -> DictConfig:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or _failing_key(cfg) or "?"
-        raise ConfigError(f"`{key}` (in {_nearest_origin(key, origins)}): {_short_message(err)}.") from err
+        raise ConfigError(f"{_blame(cfg, key, tree, origins)}: {_short_message(err)}.") from err
     finally:
         del cfg[RUN_TIME_KEY]
     return cfg

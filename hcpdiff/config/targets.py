@@ -22,6 +22,20 @@ TARGET_KEY = "_target_"
 OPTIONAL_PACKAGES = {"bitsandbytes": "bitsandbytes", "prodigyopt": "prodigyopt", "lion_pytorch": "lion-pytorch",
                      "dadaptation": "dadaptation", "schedulefree": "schedulefree", "came_pytorch": "came-pytorch"}
 
+# A config must not be able to call whatever Python it names (hydra's own blocklist misses `builtins.open`,
+# `torch.load`, ...). A target is looked at only when its module is under one of these roots, so nothing else is
+# even imported; what it may then be is decided by `_refusal`.
+TRUSTED_ROOTS = ("hcpdiff", "diffusers", "transformers", "torch.optim", *OPTIONAL_PACKAGES)
+# Roots whose every callable may be a target (the project's own buckets, sources, ...).
+PROJECT_ROOTS = ("hcpdiff",)
+# Loaders a component class may be built through; the class itself must pass `_is_component_class`.
+COMPONENT_LOADERS = ("from_pretrained", "from_single_file", "from_config")
+# Arguments that would run code shipped with a model folder or the hub.
+CODE_RUNNING_ARGS = ("trust_remote_code", "custom_pipeline")
+ALLOWED_TARGETS_HINT = ("a `_target_` may be anything in hcpdiff, an optimizer or lr scheduler class (torch.optim, "
+                        f"{', '.join(OPTIONAL_PACKAGES)}), or a diffusers / transformers model, scheduler, tokenizer, "
+                        f"processor or pipeline class or its {' / '.join(COMPONENT_LOADERS)}")
+
 
 def _is_special_key(key: Any) -> bool:
     """hydra's own keys (`_target_`, `_partial_`, `_args_`, ...) are not arguments of the target."""
@@ -52,6 +66,15 @@ def _one_line(err: BaseException) -> str:
 def instantiate(node: Any, key_path: str, **kwargs: Any) -> Any:
     """hydra's `instantiate(node, **kwargs)`; any failure is a ConfigError naming `key_path` and the target."""
     target = node.get(TARGET_KEY, "?") if isinstance(node, (Mapping, DictConfig)) else "?"
+    # Checked here too, not only by check_targets: a caller may build a node no config check has seen.
+    try:
+        tree = OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"`{key_path}`: {str(err).splitlines()[0]}.") from err
+    problems: list[str] = []
+    _policy_problems(tree, key_path, problems)
+    if problems:
+        raise ConfigError("; ".join(problems) + ".")
     try:
         return hydra_instantiate(node, **kwargs)
     except (HydraException, OmegaConfBaseException, ImportError, TypeError, ValueError) as err:
@@ -89,22 +112,83 @@ def _why_unimportable(target: str) -> str:
     return f"no module named '{parts[0]}'"
 
 
-def _check_node(node: dict, key_path: str, problems: list[str]) -> None:
-    """Append to `problems` what is wrong with one `_target_` mapping."""
+def _under(name: str, roots: tuple[str, ...]) -> bool:
+    """True when the dotted `name` is one of `roots` or inside one of them."""
+    return any(name == root or name.startswith(root + ".") for root in roots)
+
+
+def _component_bases() -> tuple[type, ...]:
+    """The library base classes a buildable component derives from (imported on first use: they are heavy)."""
+    import diffusers
+    import torch
+    import transformers
+
+    return (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler,
+            diffusers.ModelMixin, diffusers.SchedulerMixin, diffusers.DiffusionPipeline,
+            transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase, transformers.ProcessorMixin,
+            transformers.ImageProcessingMixin, transformers.FeatureExtractionMixin, transformers.PretrainedConfig)
+
+
+def _is_component_class(obj: Any) -> bool:
+    """A class that is an optimizer, lr scheduler, or a diffusers / transformers model, scheduler, tokenizer, ..."""
+    if not inspect.isclass(obj):
+        return False
+    # AutoModel / AutoTokenizer / AutoPipeline... derive from none of the bases; they only dispatch to classes that do.
+    if _under(obj.__module__, ("transformers.models.auto", "diffusers.pipelines.auto_pipeline",
+                               "diffusers.models.auto_model")):
+        return True
+    return issubclass(obj, _component_bases())
+
+
+def _may_build(target: str, target_obj: Any) -> bool:
+    """True when a located target is something a config may call (see TRUSTED_ROOTS)."""
+    if _under(target, PROJECT_ROOTS) or _is_component_class(target_obj):
+        return True
+    owner = getattr(target_obj, "__self__", None)  # a bound classmethod: `AutoencoderKL.from_pretrained`
+    return target.rpartition(".")[2] in COMPONENT_LOADERS and _is_component_class(owner)
+
+
+def target_problem(node: Mapping, key_path: str) -> tuple[str | None, Any]:
+    """(What makes this `_target_` mapping unsafe or unimportable, or None; the located target when it was)."""
     target = node[TARGET_KEY]
     target_key = join_key(key_path, TARGET_KEY)
     if not isinstance(target, str) or not target:
-        problems.append(f"`{target_key}`: expected a dotted import path, got {target!r}")
-        return
+        return f"`{target_key}`: expected a dotted import path, got {target!r}", None
+    if not _under(target, TRUSTED_ROOTS + PROJECT_ROOTS):
+        return f"`{target_key}`: '{target}' is not allowed ({ALLOWED_TARGETS_HINT})", None
+    for arg in CODE_RUNNING_ARGS:
+        if node.get(arg):
+            return (f"`{join_key(key_path, arg)}`: '{arg}' would run code from the model folder or hub; "
+                    f"it is not allowed in a config"), None
     try:
         target_obj = _locate(target)
     except Exception:  # _locate raises ImportError, but a module's own import may raise anything
         package = OPTIONAL_PACKAGES.get(target.split(".")[0])
         if package is not None and importlib.util.find_spec(target.split(".")[0]) is None:
-            problems.append(f"`{target_key}`: '{target}' needs the {package} package, which is not installed; "
-                            f"run `pip install {package}`")
-        else:
-            problems.append(f"`{target_key}`: cannot import '{target}' ({_why_unimportable(target)})")
+            return (f"`{target_key}`: '{target}' needs the {package} package, which is not installed; "
+                    f"run `pip install {package}`"), None
+        return f"`{target_key}`: cannot import '{target}' ({_why_unimportable(target)})", None
+    if not _may_build(target, target_obj):
+        return f"`{target_key}`: '{target}' is not allowed ({ALLOWED_TARGETS_HINT})", None
+    return None, target_obj
+
+
+def _policy_problems(node: Any, key_path: str, problems: list[str]) -> None:
+    """Append the target problems of every `_target_` mapping in a plain tree (no signature checks)."""
+    if isinstance(node, Mapping) and TARGET_KEY in node:
+        problem, _ = target_problem(node, key_path)
+        if problem is not None:
+            problems.append(problem)
+    for key, child in iter_children(node):
+        _policy_problems(child, join_key(key_path, key), problems)
+
+
+def _check_node(node: dict, key_path: str, problems: list[str]) -> None:
+    """Append to `problems` what is wrong with one `_target_` mapping."""
+    target = node[TARGET_KEY]
+    problem, target_obj = target_problem(node, key_path)
+    if problem is not None:
+        problems.append(problem)
         return
     try:
         signature = inspect.signature(target_obj)

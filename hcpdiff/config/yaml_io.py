@@ -23,8 +23,60 @@ _FLOAT_PATTERN = re.compile(
 )
 
 
-class ConfigYamlLoader(yaml.SafeLoader):
-    """SafeLoader with scientific-notation floats, no timestamps, and duplicate keys refused."""
+# Aliases let a few lines describe an enormous tree ("billion laughs": 5.5 GB, then MemoryError, once OmegaConf
+# copies it) or a tree that contains itself (`a: &a [*a]`: RecursionError). A real config expands to a few hundred
+# nodes; this bound is far above any of them and far below harm.
+MAX_EXPANDED_NODES = 100_000
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """Nodes in `node`'s tree with every alias expanded; a ComposerError for a cycle or a tree past the bound."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise yaml.composer.ComposerError(None, None, "an alias refers to a node that contains it (a recursive "
+                                          "structure)", node.start_mark)
+    open_nodes.add(key)
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [part for pair in node.value for part in pair]
+    else:
+        children = []
+    size = 1
+    for child in children:
+        size += _expanded_size(child, sizes, open_nodes)
+        if size > MAX_EXPANDED_NODES:
+            raise yaml.composer.ComposerError(
+                None, None, f"its aliases expand to more than {MAX_EXPANDED_NODES} values (an alias bomb?)",
+                node.start_mark)
+    open_nodes.discard(key)
+    sizes[key] = size
+    return size
+
+
+class BoundedAliasComposer(yaml.composer.Composer):
+    """A composer that refuses documents whose aliases expand past MAX_EXPANDED_NODES or into a cycle."""
+
+    def compose_document(self) -> yaml.Node | None:
+        node = super().compose_document()
+        if node is not None:  # before construction: nothing large or cyclic is ever built
+            _expanded_size(node, {}, set())
+        return node
+
+
+class SafeBoundedLoader(yaml.SafeLoader, BoundedAliasComposer):
+    """PyYAML's SafeLoader with bounded aliases: for data files (captions) read with the standard YAML types."""
+
+
+def safe_load_bounded(text: str) -> Any:
+    """`yaml.safe_load(text)` with aliases bounded (see MAX_EXPANDED_NODES)."""
+    return yaml.load(text, Loader=SafeBoundedLoader)
+
+
+class ConfigYamlLoader(SafeBoundedLoader):
+    """SafeLoader with bounded aliases, scientific-notation floats, no timestamps, and duplicate keys refused."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set[Any] = set()

@@ -6,19 +6,19 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from hcpdiff.config import instantiate as config_instantiate
-from hcpdiff.config import read_fields
+from hcpdiff.config import Bound, read_fields
 from hcpdiff.data.buckets import Bucket
 from hcpdiff.data.captions import IMAGE_EXTENSIONS, Columns, image_key, image_stem, load_caption_entries
 from hcpdiff.data.dataset import DataItem, ImageCaptionDataset
-from hcpdiff.data.images import IMAGE_READ_ERRORS, read_image_size
+from hcpdiff.data.images import UnusableImage, scan_image
 from hcpdiff.data.latent_cache import CachedLatentDataset, LatentEncoder, fill_latent_cache
 from hcpdiff.data.prompts import PromptBuilder, load_templates
 from hcpdiff.data.sampler import BucketBatchSampler
 from hcpdiff.data.transforms import CaptionTransform, ImageTransform
-from hcpdiff.errors import ConfigError, DataError
+from hcpdiff.errors import ConfigError, ConfigProblems, DataError
 from hcpdiff.folders import make_folder
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ class DatasetSpec:
 
     source: dict  # source name -> SourceSpec fields
     bucket: dict  # a `_target_` node, built as a partial and called with image_sizes (and step_size)
-    batch_size: int = 1
+    batch_size: Annotated[int, Bound(ge=1)] = 1
     loss_weight: float = 1.0
     cache_latents: bool = False  # VAE-encode each image once (bucket size, crop, both flips) and train on stored latents
     cache_dir: str | None = None  # null: the latent cache lives in memory; a folder: on disk, reused across runs
@@ -45,7 +45,9 @@ class SourceSpec:
     caption_file: str | None = None  # a folder of .txt / a captions file, a .json/.yaml/.csv/.jsonl file, or null
     prompt_template: str | None = None  # a file of template lines; null means "{caption}"
     word_names: dict = field(default_factory=dict)  # placeholder -> word, e.g. {pt1: pt-cat1}
-    repeat: int = 1  # each image appears this many times per epoch
+    # null: Pillow's decompression-bomb limit (179 million pixels); larger images are skipped with a warning
+    max_image_pixels: Annotated[int | None, Bound(ge=1)] = None
+    repeat: Annotated[int, Bound(ge=1)] = 1  # each image appears this many times per epoch
     bg_color: list[int] = field(default_factory=lambda: [255, 255, 255])  # fills transparent pixels
     tag_shuffle: bool = False  # shuffle the caption's comma-separated tags each time it is drawn
     keep_tokens: int = 0  # the first N tags stay in place (never shuffled or dropped)
@@ -66,7 +68,7 @@ class SourceReport:
     num_images: int
     num_captioned: int
     missing_captions: list[str]  # image names with no caption (only when a caption_file is set)
-    unreadable: list[str]  # image names whose header cannot be read
+    unreadable: list[str]  # image names skipped: unreadable, truncated or over the pixel limit
 
 
 @dataclass
@@ -112,8 +114,6 @@ def build_dataset(
     cache, filled here; `barrier` lets the processes of a distributed run share a disk cache.
     """
     spec = read_fields(node, key_path, DatasetSpec)
-    if spec.batch_size < 1:
-        raise ConfigError(f"{key_path}.batch_size must be at least 1, got {spec.batch_size}.")
     source_specs = _read_sources(spec.source, f"{key_path}.source")
     cache_text = _text_cache_wanted(spec.cache_text_embeds, source_specs, key_path, text_encoder_trained)
 
@@ -151,8 +151,9 @@ def build_dataset(
 
     bucket = _build_bucket(spec.bucket, f"{key_path}.bucket", image_sizes, pixel_step, instantiate)
     num_upscaled = _warn_upscaled(image_sizes, bucket, key_path)
+    limits = [s.max_image_pixels for s in source_specs.values() if s.max_image_pixels is not None]
     dataset = ImageCaptionDataset(
-        items, bucket, prompt_builders, bg_colors, seed=seed,
+        items, bucket, prompt_builders, bg_colors, seed=seed, max_image_pixels=max(limits, default=None),
         caption_transforms=[_caption_transform(s) for s in source_specs.values()],
         image_transforms=[ImageTransform(s.random_flip, s.crop) for s in source_specs.values()],
     )
@@ -214,6 +215,14 @@ def _text_cache_wanted(
     return not reasons
 
 
+def check_dataset_fields(node: Any, key_path: str, problems: ConfigProblems) -> None:
+    """Read a dataset's and its sources' fields only (no file is touched), so their errors join the trainer's others."""
+    spec = problems.collect(read_fields, node, key_path, DatasetSpec)
+    if spec is not None and isinstance(spec.source, Mapping):
+        for name, source_node in spec.source.items():
+            problems.collect(read_fields, source_node, f"{key_path}.source.{name}", SourceSpec)
+
+
 def _read_sources(sources: Any, key_path: str) -> dict[str, SourceSpec]:
     if not isinstance(sources, Mapping) or not sources:
         raise ConfigError(f"{key_path} must map source names to sources (each with an img_root).")
@@ -223,8 +232,6 @@ def _read_sources(sources: Any, key_path: str) -> dict[str, SourceSpec]:
         spec = read_fields(source_node, where, SourceSpec)
         if spec.img_root is None:
             raise DataError(f"{where}.img_root is not set; point it at the folder of training images.")
-        if spec.repeat < 1:
-            raise ConfigError(f"{where}.repeat must be at least 1, got {spec.repeat}.")
         if len(spec.bg_color) != 3 or not all(0 <= c <= 255 for c in spec.bg_color):
             raise ConfigError(f"{where}.bg_color must be three ints in 0..255 (an RGB color), got {spec.bg_color}.")
         _caption_transform(spec).check(where)
@@ -253,17 +260,19 @@ def _scan_source(
         if "/" in entry and Path(entry).suffix.lower() in IMAGE_EXTENSIONS and (img_root / entry).is_file():
             image_paths.add(img_root / entry)
     sizes: dict[str, tuple[int, int]] = {}
-    unreadable: list[str] = []
+    reasons: dict[str, str] = {}  # skipped image name -> why
     for path in sorted(image_paths):
         try:
-            sizes[str(path)] = read_image_size(path)
-        except IMAGE_READ_ERRORS:
-            unreadable.append(path.relative_to(img_root).as_posix())
+            sizes[str(path)] = scan_image(path, source.max_image_pixels)
+        except UnusableImage as err:  # skipped here, once: not counted, never substituted epoch after epoch
+            reasons[path.relative_to(img_root).as_posix()] = str(err)
+    unreadable = list(reasons)
     if unreadable:
-        logger.warning(
-            "%d image(s) in %s cannot be read and are skipped (%s).",
-            len(unreadable), source.img_root, _first_names(unreadable),
-        )
+        shown = "; ".join(f"{name}: {reason}" for name, reason in list(reasons.items())[:3])
+        too_large = any("pixels" in reason for reason in reasons.values())
+        hint = f"; to use larger images, set {where}.max_image_pixels (pixels per image)" if too_large else ""
+        logger.warning("%d image(s) in %s cannot be read and are skipped (%s%s)%s.", len(unreadable),
+                       source.img_root, shown, "; ..." if len(reasons) > 3 else "", hint)
     if not sizes:
         raise DataError(
             f"{where}.img_root: folder '{source.img_root}' holds no readable images ({', '.join(IMAGE_EXTENSIONS)})."

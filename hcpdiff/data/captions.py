@@ -11,6 +11,7 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
+from hcpdiff.config.yaml_io import safe_load_bounded
 from hcpdiff.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -99,13 +100,15 @@ def _load_table(path: Path, columns: Columns) -> dict[str, str]:
 def _parse_json(path: Path) -> object:
     try:
         return json.loads(_read_text(path))
+    except RecursionError as exc:  # `[[[[...]]]]` nested deeper than Python's stack
+        raise DataError(f"Caption file '{path}' nests arrays or objects too deeply to read.") from exc
     except json.JSONDecodeError as exc:
         raise DataError(f"Caption file '{path}' is not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}.") from exc
 
 
 def _parse_yaml(path: Path) -> object:
     try:
-        return yaml.safe_load(_read_text(path))
+        return safe_load_bounded(_read_text(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at_line = f" at line {mark.line + 1}" if mark is not None else ""
@@ -171,6 +174,8 @@ def _jsonl_rows(path: Path, columns: Columns) -> Iterable[tuple[str, object, str
             continue
         try:
             records.append((line_number, json.loads(line)))
+        except RecursionError as exc:
+            raise DataError(f"Caption file '{path}' line {line_number} nests too deeply to read.") from exc
         except json.JSONDecodeError as exc:
             raise DataError(f"Caption file '{path}' line {line_number} is not valid JSON: {exc.msg}.") from exc
     return _record_rows([record for _, record in records], path, columns, "line", [n for n, _ in records])

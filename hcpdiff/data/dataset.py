@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from hcpdiff.data.buckets import Bucket
-from hcpdiff.data.images import IMAGE_READ_ERRORS, load_for_bucket, to_tensor
+from hcpdiff.data.images import IMAGE_READ_ERRORS, allow_image_pixels, load_for_bucket, to_tensor
 from hcpdiff.data.prompts import PromptBuilder
 from hcpdiff.data.transforms import CaptionTransform, ImageTransform
 from hcpdiff.errors import DataError
@@ -43,6 +43,7 @@ class ImageCaptionDataset(Dataset):
         seed: int = 0,
         caption_transforms: Sequence[CaptionTransform] | None = None,
         image_transforms: Sequence[ImageTransform] | None = None,
+        max_image_pixels: int | None = None,
     ) -> None:
         if not items:
             raise DataError("The dataset has no images.")
@@ -51,6 +52,8 @@ class ImageCaptionDataset(Dataset):
         self.prompt_builders = list(prompt_builders)
         self.bg_colors = list(bg_colors) if bg_colors is not None else [(255, 255, 255)] * len(self.prompt_builders)
         self.seed = seed
+        # the largest `max_image_pixels` of the sources: Pillow's limit is per process, so workers raise it again
+        self.max_image_pixels = max_image_pixels
         num_sources = len(self.prompt_builders)
         self.caption_transforms = list(caption_transforms or [CaptionTransform()] * num_sources)
         self.image_transforms = list(image_transforms or [ImageTransform()] * num_sources)
@@ -124,6 +127,8 @@ class ImageCaptionDataset(Dataset):
         self, item: DataItem, bucket_wh: tuple[int, int], image_rng: random.Random
     ) -> tuple[Image.Image, tuple[int, int], tuple[int, int]] | None:
         crop = self.image_transforms[item.source_index].crop
+        if self.max_image_pixels is not None:
+            allow_image_pixels(self.max_image_pixels)
         try:
             return load_for_bucket(item.path, bucket_wh, self.bg_colors[item.source_index], crop, image_rng)
         except IMAGE_READ_ERRORS as exc:

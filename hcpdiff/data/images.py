@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 _EXIF_ORIENTATION_TAG = 0x0112
 # EXIF orientations 5-8 rotate by 90 degrees, so the stored width and height swap.
@@ -19,6 +19,72 @@ _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 # A JPEG draft keeps at least this many times the resized size, for the resampling pass (Pillow's thumbnail default).
 _DRAFT_GAP = 2.0
 IMAGE_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class UnusableImage(Exception):
+    """An image file the data scan skips; the message says why in a few words."""
+
+
+def allow_image_pixels(max_pixels: int) -> None:
+    """Let Pillow open images of up to `max_pixels` pixels (a source's `max_image_pixels`).
+
+    Pillow refuses, as a possible decompression bomb, any image over 2 x `Image.MAX_IMAGE_PIXELS` (179 million
+    pixels by default), and that limit is one per process. It is only ever raised here, never lowered, so sources
+    (and threads) asking for different limits cannot undo each other; each source's own limit is enforced by
+    `scan_image`.
+    """
+    current = Image.MAX_IMAGE_PIXELS
+    if current is not None and current < max_pixels:  # Pillow warns above this and refuses above twice it
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def _is_complete(path: str | os.PathLike) -> bool:
+    """Whether a PNG reaches its IEND chunk, a JPEG its end-of-image marker, a WebP its RIFF size (read from the
+    file's structure, no pixels decoded); other formats are taken as whole."""
+    with open(path, "rb") as file:
+        head = file.read(12)
+        file.seek(0, os.SEEK_END)
+        size = file.tell()
+        if head.startswith(b"\x89PNG\r\n\x1a\n"):
+            position = 8
+            while position + 8 <= size:  # chunk: length (4), type (4), data, crc (4)
+                file.seek(position)
+                header = file.read(8)
+                length, kind = int.from_bytes(header[:4], "big"), header[4:]
+                position += 12 + length
+                if kind == b"IEND":
+                    return position <= size
+            return False
+        if head.startswith(b"\xff\xd8"):
+            # 0xFF in entropy-coded data is always stuffed (FF 00), so FF D9 near the end is the end-of-image marker
+            file.seek(max(0, size - 1024))
+            return b"\xff\xd9" in file.read()
+        if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+            return int.from_bytes(head[4:8], "little") + 8 <= size
+    return True
+
+
+def scan_image(path: str | os.PathLike, max_pixels: int | None = None) -> tuple[int, int]:
+    """(width, height) upright of an image that is whole and within the pixel limit; else UnusableImage saying why.
+
+    `max_pixels` None keeps Pillow's decompression-bomb limit; a number replaces it (see allow_image_pixels).
+    """
+    if max_pixels is not None:
+        allow_image_pixels(max_pixels)
+    try:
+        width, height = read_image_size(path)
+    except Image.DecompressionBombError as err:
+        limit = 2 * Image.MAX_IMAGE_PIXELS
+        raise UnusableImage(f"over Pillow's decompression-bomb limit of {limit} pixels ({err})") from err
+    except UnidentifiedImageError as err:
+        raise UnusableImage("not an image") from err
+    except IMAGE_READ_ERRORS as err:  # the header itself is cut short or broken
+        raise UnusableImage(f"unreadable ({str(err).replace(str(path), 'file')})") from err
+    if max_pixels is not None and width * height > max_pixels:
+        raise UnusableImage(f"{width}x{height} is over max_image_pixels {max_pixels}")
+    if not _is_complete(path):
+        raise UnusableImage("truncated (the file ends before its image data does)")
+    return width, height
 
 
 def read_image_size(path: str | os.PathLike) -> tuple[int, int]:

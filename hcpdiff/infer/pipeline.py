@@ -1,6 +1,7 @@
 """Build the diffusers pipeline once: base parts, replaced components, LoRAs merged into the weights."""
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -12,7 +13,7 @@ from hcpdiff.errors import ConfigError
 from hcpdiff.families import Family
 from hcpdiff.infer.specs import LoraItem, MergeGroup
 from hcpdiff.lora import load_checkpoint, merge_full_weights, merge_lora
-from hcpdiff.lora.state_io import layer_states
+from hcpdiff.lora.state_io import layer_states, same_base_model
 from hcpdiff.models.parts import ModelParts
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -84,10 +85,12 @@ def merge_groups_of(merge: Any) -> list[tuple[str, Any]]:
     raise ConfigError("`merge`: expected a mapping of groups ({type, base_model_alpha, lora: [...]}) or null.")
 
 
-def merge_all(pipe: Any, merge: Any, family: Family) -> list[str]:
+def merge_all(pipe: Any, merge: Any, family: Family, base_model: str = "") -> list[str]:
     """Merge every group's LoRAs into the pipeline's weights (alpha 0 leaves them exactly as they were); returns paths.
 
-    A group's `type` names the part it merges into (unet, transformer, text_encoder, ..., or v1's TE / TE2)."""
+    A group's `type` names the part it merges into (unet, transformer, text_encoder, ..., or v1's TE / TE2). A LoRA
+    whose `base_model` metadata names another model than `base_model` (see same_base_model) gets one warning.
+    """
     merged_paths: list[str] = []
     for where, node in merge_groups_of(merge):
         group = read_fields(node, where, MergeGroup)
@@ -98,7 +101,16 @@ def merge_all(pipe: Any, merge: Any, family: Family) -> list[str]:
                               f"use one of {', '.join([*family.trainable_parts, *aliases])}.")
         model = getattr(pipe, part)
         items = [read_fields(item, f"{where}.lora.{i}", LoraItem) for i, item in enumerate(group.lora)]
-        loaded = [(item, *load_checkpoint(item.path)[:2]) for item in items if item.path]
+        loaded = []
+        for item in items:
+            if item.path:
+                state, full, metadata = load_checkpoint(item.path)
+                trained_on = metadata.get("base_model", "")
+                if not same_base_model(trained_on, base_model):
+                    logging.getLogger("hcpdiff.infer").warning(
+                        "warning: LoRA file '%s' was trained on '%s', not on '%s'; it may not fit this model.",
+                        item.path, trained_on, base_model)
+                loaded.append((item, state, full))
         if group.base_model_alpha != 1.0:
             scale_base(model, {layer for _, state, _ in loaded for layer in layer_states(state)}, group.base_model_alpha)
         for i, (item, state, full) in enumerate(loaded):
@@ -107,7 +119,8 @@ def merge_all(pipe: Any, merge: Any, family: Family) -> list[str]:
                 merge_full_weights(model, select_full_tensors(full, item.layers, f"{where}.lora.{i}"), item.alpha,
                                    str(item.path))
             if state and item.alpha != 0:
-                merge_lora(model, select_lora_layers(state, item.layers, f"{where}.lora.{i}"), item.alpha)
+                merge_lora(model, select_lora_layers(state, item.layers, f"{where}.lora.{i}"), item.alpha,
+                           source=str(item.path))
             merged_paths.append(str(item.path))
     return merged_paths
 

@@ -41,7 +41,8 @@ def generate(cfg: DictConfig) -> list[Path]:
     prompts = prompt_list(spec.prompt)
     parts = load_model_parts(spec.pretrained_model, where="pretrained_model")
     pipe = build_pipeline(parts, spec.new_components)
-    lora_paths = merge_all(pipe, spec.merge, parts.family)  # once, before sampling; fp32 weights, then cast
+    # once, before sampling; fp32 weights, then cast
+    lora_paths = merge_all(pipe, spec.merge, parts.family, spec.pretrained_model)
     pipe.to(pick_device(spec.device))
     if spec.dtype != "fp32":
         pipe.to(dtype=DTYPES[spec.dtype])

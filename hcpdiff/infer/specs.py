@@ -2,17 +2,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
+
+from hcpdiff.config.fields import Bound
+
+AT_LEAST_ONE = Bound(ge=1)
 
 
 @dataclass
 class InferArgs:
     """Sampling settings passed to the diffusers pipeline."""
 
-    width: int = 512
-    height: int = 512
-    guidance_scale: float = 7.5
-    num_inference_steps: int = 30
+    width: Annotated[int, AT_LEAST_ONE] = 512
+    height: Annotated[int, AT_LEAST_ONE] = 512
+    guidance_scale: Annotated[float, Bound(finite=True)] = 7.5
+    num_inference_steps: Annotated[int, AT_LEAST_ONE] = 30
 
 
 @dataclass
@@ -51,8 +55,8 @@ class VisualizerSpec:
     prompt: Any  # str or list of str
     neg_prompt: str = ""
     seed: int = 42
-    num: int = 1  # images per prompt
-    bs: int = 1  # images per pipeline call
+    num: Annotated[int, AT_LEAST_ONE] = 1  # images per prompt
+    bs: Annotated[int, AT_LEAST_ONE] = 1  # images per pipeline call
     dtype: str = "fp32"  # fp32 | fp16 | bf16
     device: str = "auto"  # auto: cuda when available, else cpu
     clip_skip: int = 0

@@ -19,20 +19,25 @@ def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
     return torch.einsum("or,rikl->oikl", lora_b.flatten(1), lora_a)
 
 
-def merge_lora(model: nn.Module, state: dict[str, torch.Tensor], alpha_scale: float = 1.0) -> None:
+def merge_lora(model: nn.Module, state: dict[str, torch.Tensor], alpha_scale: float = 1.0, source: str = "") -> None:
     """Merge every layer in `state` into `model` in place (a model without adapters), its scale times alpha_scale.
 
     Plain LoRA: W += alpha_scale * (alpha / rank) * B @ A. DoRA, LoHa and LoKr: peft's own layer of that type is
     built around the layer, filled with the weights and merged, so the result is exactly what training computed.
+    `source` (the file) prefixes errors. Every layer is looked up before any is merged.
     """
+    prefix = f"LoRA file '{source}', layer" if source else "LoRA layer"
+    by_layer = layer_states(state)
+    for name in by_layer:
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError as err:
+            raise ModelError(f"{prefix} '{name}' does not exist in the model.") from err
+        if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+            raise ModelError(f"{prefix} '{name}' is a {type(layer).__name__}, not a Linear or Conv2d layer.")
     with torch.no_grad():
-        for name, parts in layer_states(state).items():
-            try:
-                layer = model.get_submodule(name)
-            except AttributeError as err:
-                raise ModelError(f"LoRA layer '{name}' does not exist in the model.") from err
-            if not isinstance(layer, (nn.Linear, nn.Conv2d)):
-                raise ModelError(f"LoRA layer '{name}' is a {type(layer).__name__}, not a Linear or Conv2d layer.")
+        for name, parts in by_layer.items():
+            layer = model.get_submodule(name)
             if set(parts) == PLAIN_LORA:
                 merge_plain_lora(name, layer, parts, alpha_scale)
             else:

@@ -189,7 +189,73 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise ModelError(f"LoRA file '{path}' lists fully trained tensor '{absent[0]}' but does not hold it.")
     full = {key: tensor for key, tensor in state.items() if key in full_names}
     lora = {key: tensor for key, tensor in state.items() if key not in full_names}
+    check_lora_state(lora, str(path))
     return lora, full, metadata
+
+
+# Rank axes that must agree within one layer (suffix, dim): a LoRA's A rows and B columns, each LoHa pair likewise.
+RANK_AXES = {
+    "lora": ((".lora_A.weight", 0), (".lora_B.weight", 1)),
+    "loha": ((".hada_w1_a", 1), (".hada_w1_b", 0), (".hada_w2_a", 1), (".hada_w2_b", 0)),
+}
+
+
+def _layer_problem(parts: dict[str, torch.Tensor]) -> str | None:
+    """What makes one layer's native tensors unusable (dtype, non-finite values, ranks that disagree), or None."""
+    for suffix, tensor in sorted(parts.items()):
+        if not tensor.is_floating_point():
+            return f"'{suffix[1:]}' has dtype {str(tensor.dtype).replace('torch.', '')}, not a float type"
+        if not bool(torch.isfinite(tensor).all()):
+            return f"'{suffix[1:]}' holds NaN or inf values"
+    for suffix in (".alpha", ".rank"):
+        if suffix in parts and parts[suffix].numel() != 1:
+            return f"'{suffix[1:]}' has shape {tuple(parts[suffix].shape)}, not one number"
+    kind = layer_kind(parts)
+    axes = [(suffix, dim) for suffix, dim in RANK_AXES.get(kind, ()) if suffix in parts]
+    if any(parts[suffix].dim() <= dim for suffix, dim in axes):
+        return f"its {kind} weights have shapes {_shapes(parts)}, which are not matrices"
+    ranks = {parts[suffix].shape[dim] for suffix, dim in axes}
+    if len(ranks) > 1:
+        return f"its {kind} weights disagree on the rank: {_shapes(parts)}"
+    if ranks == {0} or (".rank" in parts and float(parts[".rank"]) <= 0):
+        return "its rank is 0"
+    return None
+
+
+def _shapes(parts: dict[str, torch.Tensor]) -> str:
+    return ", ".join(f"{suffix[1:]} {list(tensor.shape)}" for suffix, tensor in sorted(parts.items())
+                     if suffix not in (".alpha", ".rank"))
+
+
+def check_lora_state(state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse a native LoRA state that would merge into garbage or crash later: unknown keys, a layer missing a
+    tensor, integer tensors, NaN / inf, ranks that disagree; the error names `source` (the file) and the layer."""
+    try:
+        by_layer = layer_states(state)
+    except ModelError as err:
+        raise ModelError(f"LoRA file '{source}': {err}") from None
+    for layer, parts in by_layer.items():
+        problem = _layer_problem(parts)
+        if problem is not None:
+            raise ModelError(f"LoRA file '{source}', layer '{layer}': {problem}.")
+
+
+def same_base_model(lora_base: str, model: str) -> bool:
+    """Whether a LoRA's `base_model` metadata and the model it is merged into name the same model: the same
+    folder once resolved, else the same last name part (`runwayml/stable-diffusion-v1-5` and a local folder
+    `models/stable-diffusion-v1-5`, `model.safetensors` and `model`), compared case-insensitively; an empty
+    `base_model` (converted files) is taken as the same."""
+    if not lora_base or not model:
+        return True
+    lora_path, model_path = Path(lora_base), Path(model)
+    if lora_path.exists() and model_path.exists() and lora_path.resolve() == model_path.resolve():
+        return True
+
+    def name(text: str) -> str:
+        last = Path(text.rstrip("/\\")).name
+        return (Path(last).stem if Path(last).suffix in (".safetensors", ".ckpt") else last).lower()
+
+    return name(lora_base) == name(model)
 
 
 def load_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

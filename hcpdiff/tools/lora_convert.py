@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -19,8 +20,8 @@ from safetensors.torch import save_file
 from hcpdiff.cli import run_cli
 from hcpdiff.errors import ModelError
 from hcpdiff.lora.ldm_names import SDXL_UNET_CONFIG, ldm_unet_names
-from hcpdiff.lora.state_io import (FORMAT, FORMAT_VERSION, layer_kind, layer_rank, layer_states, load_lora,
-                                   save_lora)
+from hcpdiff.lora.state_io import (FORMAT, FORMAT_VERSION, check_lora_state, layer_kind, layer_rank, layer_states,
+                                   load_lora, save_lora)
 from hcpdiff.lora.webui_format import (SDXL_WEBUI_PREFIX, WEBUI_PREFIX, is_sdxl_webui_state, is_webui_state,
                                        native_to_diffusers, native_to_webui, webui_to_native)
 
@@ -63,6 +64,7 @@ def native_parts(
                 raise ModelError(f"{flag} '{path}' is a {metadata['part']} LoRA; {flag} takes the {part} one.")
             if not sdxl and (part == "text_encoder_2" or base_model_is_sdxl(metadata.get("base_model", ""))):
                 raise ModelError(f"{flag} '{path}' is an SDXL LoRA; add --sdxl (kohya's SDXL names: lora_te1_ / lora_te2_).")
+            check_layers_exist(state, path, part, metadata.get("base_model", ""))
             parts[part] = (state, metadata)
     return parts
 
@@ -70,6 +72,19 @@ def native_parts(
 def is_model_folder(path: str | None) -> bool:
     """Whether `path` is a local diffusers model folder (a native base_model may be a hub id or a folder since gone)."""
     return bool(path) and (Path(path) / "unet" / "config.json").is_file()
+
+
+def check_layers_exist(state: dict[str, torch.Tensor], path: str, part: str, base_model: str) -> None:
+    """Every layer of a native file must be a module of its base model when the metadata names a local model
+    folder; a converted file with names no loader knows would load as nothing. (Without a local folder the layout
+    is unknown: SD1.x, SD2.x, tiny and custom U-Nets name their blocks differently.)"""
+    if not is_model_folder(base_model):
+        return
+    names = set(module_names(meta_models(base_model)).get(part, []))
+    unknown = sorted(layer for layer in layer_states(state) if layer not in names)
+    if unknown:
+        raise ModelError(f"LoRA file '{path}', layer '{unknown[0]}': no such {part} layer in its base model "
+                         f"'{base_model}' ({len(unknown)} such layers).")
 
 
 def meta_models(model_path: str | None, sdxl: bool = False) -> dict[str, torch.nn.Module]:
@@ -243,6 +258,7 @@ def from_webui(args: argparse.Namespace) -> None:
     out_dir = Path(args.dump_path)
     for part, part_state in states.items():
         path = out_dir / f"{part}-{Path(args.lora_path).stem}.safetensors"
+        check_lora_state(part_state, args.lora_path)  # what it would write must be readable back
         layers = layer_states(part_state).values()
         ranks = sorted({layer_rank(parts) for parts in layers})
         kinds = sorted({layer_kind(parts) for parts in layers})
@@ -252,6 +268,32 @@ def from_webui(args: argparse.Namespace) -> None:
                 "base_model": args.model or "", "groups": json.dumps(groups)}
         save_lora(path, part_state, info)
         print(f"wrote {path}")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: equal once resolved (relative paths, symlinks), or hard links of it."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist yet: not the same file
+        return False
+
+
+def refuse_overwriting_sources(args: argparse.Namespace) -> None:
+    """An output that is one of the input files would destroy it (a native file's metadata, a webui original)."""
+    sources = {flag: Path(path) for flag, path in (("--lora_path", args.lora_path), ("--lora_path_TE", args.lora_path_TE),
+                                                   ("--lora_path_TE2", args.lora_path_TE2)) if path}
+    if args.from_webui:  # the folder's files, named as from_webui names them
+        outputs = [Path(args.dump_path) / f"{part}-{Path(args.lora_path).stem}.safetensors" for part in PARTS]
+        outputs.append(Path(args.dump_path))
+    else:
+        outputs = [Path(args.dump_path)]
+    for output in outputs:
+        for flag, source in sources.items():
+            if _same_file(output, source):
+                raise ModelError(f"--dump_path '{args.dump_path}' would overwrite the input {flag} '{source}'; "
+                                 "write the converted file elsewhere.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,6 +327,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.auto_scale_alpha:
         print("note: --auto_scale_alpha: hcpdiff alphas already use the webui's alpha / rank scale; copied unchanged.")
+    refuse_overwriting_sources(args)
     if args.from_webui:
         from_webui(args)
     elif args.to_webui:

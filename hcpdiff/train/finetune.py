@@ -7,18 +7,20 @@ are saved under the model's own parameter names, so `model.load_state_dict(file,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
 from torch import nn
 
 from hcpdiff.errors import ConfigError, ModelError
 from hcpdiff.lora.layer_select import close_names, match_modules
+from hcpdiff.lora.spec import GROUP_LR
 
 @dataclass
 class FinetuneGroupSpec:
     """One entry of `unet:` / `text_encoder:` / `text_encoder_2:`."""
 
-    lr: float  # learning rate of this group's optimizer param group
+    lr: Annotated[float, GROUP_LR]  # learning rate of this group's optimizer param group
     layers: list[str]  # same patterns as LoRA groups; every parameter inside a matched module is trained
 
 
@@ -46,8 +48,6 @@ def select_finetune_groups(model: nn.Module, specs: list[FinetuneGroupSpec], whe
         label = f"{where}[{index}]"
         if not spec.layers:
             raise ConfigError(f"{label}.layers: empty; give at least one pattern ('' trains the whole {where})")
-        if spec.lr < 0:
-            raise ConfigError(f"{label}.lr: must be >= 0, got {spec.lr}")
         matched_modules: list[str] = []
         named: dict[str, nn.Parameter] = {}
         for pattern in spec.layers:

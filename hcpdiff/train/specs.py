@@ -2,27 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Iterable
+from typing import Annotated, Any, Iterable, Literal
 
+from hcpdiff.config.fields import Bound
 
-@dataclass
-class RunSpec:
-    """The top level of a training config (besides `lora_<part>` / `<part>:` groups and `<part>_lr` variables)."""
-
-    exp_dir: str | None = None  # experiment folder; an existing one is never reused (-1, -2 ... suffix)
-    seed: int = 0  # seeds python, numpy and torch, and the data order
-    mixed_precision: str | None = None  # null (fp32) | fp16 | bf16
-    allow_tf32: bool = True  # TF32 matmuls on Ampere and newer GPUs
-    model: Any = None  # see ModelSpec
-    train: Any = None  # see TrainSpec
-    data: Any = None  # datasets by name
-    previewer: Any = None  # see PreviewSpec
-
-
-def top_level_keys(parts: Iterable[str]) -> set[str]:
-    """Every key a training config may set at its top level, for models with these trainable parts."""
-    part_keys = {key for part in parts for key in (f"lora_{part}", part, f"{part}_lr")}
-    return {f.name for f in fields(RunSpec)} | part_keys
+COUNT = Bound(ge=1)  # steps, epochs, intervals: a zero would divide by zero or never happen, a negative means nothing
 
 
 @dataclass
@@ -30,7 +14,7 @@ class SchedulerSpec:
     """`train.scheduler`: the learning-rate schedule, stepped once per optimizer step."""
 
     name: str = "constant_with_warmup"  # any name diffusers.optimization.get_scheduler knows
-    num_warmup_steps: int = 0  # optimizer steps of linear warm-up from 0
+    num_warmup_steps: Annotated[int, Bound(ge=0)] = 0  # optimizer steps of linear warm-up from 0
     scheduler_kwargs: dict = field(default_factory=dict)  # extra arguments: num_cycles, power, step_rules
 
 
@@ -38,13 +22,14 @@ class SchedulerSpec:
 class TrainSpec:
     """`train`: length of the run, batching, optimizer and checkpoints."""
 
-    train_steps: int | None = 1000  # optimizer steps (not micro-batches)
-    train_epochs: int | None = None  # passes over dataset1; when set it decides the length, not train_steps
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
-    workers: int = 2  # data-loader worker processes per dataset (0: load in the training process)
-    max_grad_norm: float | None = 1.0  # gradient clipping norm; null disables it
-    save_step: int = 100  # write a checkpoint every N optimizer steps (and at the end)
-    log_step: int = 10  # log loss and learning rates every N optimizer steps
+    train_steps: Annotated[int | None, COUNT] = 1000  # optimizer steps (not micro-batches)
+    train_epochs: Annotated[int | None, COUNT] = None  # passes over dataset1; when set it decides the length, not train_steps
+    gradient_accumulation_steps: Annotated[int, COUNT] = 1  # micro-batches per optimizer step
+    workers: Annotated[int, Bound(ge=0)] = 2  # data-loader worker processes per dataset (0: load in the training process)
+    # a negative norm would flip every gradient (clip_grad_norm_ scales by max_norm / norm): gradient ascent
+    max_grad_norm: Annotated[float | None, Bound(ge=0, finite=True, note="0 or null: no clipping")] = 1.0
+    save_step: Annotated[int, COUNT] = 100  # write a checkpoint every N optimizer steps (and at the end)
+    log_step: Annotated[int, COUNT] = 10  # log loss and learning rates every N optimizer steps
     scale_lr: bool = False  # multiply every group's lr by the total batch size
     resume: str | None = None  # experiment folder (newest intact state) or one state/step-<N>.pt to continue from
     resume_overwrite: bool = False  # resuming a named earlier state deletes the folder's later steps (else refused)
@@ -53,6 +38,30 @@ class TrainSpec:
     scheduler: Any = None  # see SchedulerSpec
     loss: Any = None  # see LossSpec
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])  # trackers: tensorboard (always), wandb
+
+
+@dataclass
+class RunSpec:
+    """The top level of a training config (besides `lora_<part>` / `<part>:` groups and `<part>_lr` variables)."""
+
+    exp_dir: str | None = None  # experiment folder; an existing one is never reused (-1, -2 ... suffix)
+    seed: int = 0  # seeds python, numpy and torch, and the data order
+    # what accelerate does with these on our code paths is tested; its fp8 needs extra engines and a recent GPU
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # null / no: fp32
+    allow_tf32: bool = True  # TF32 matmuls on Ampere and newer GPUs
+    model: Any = None  # see ModelSpec
+    train: Any = None  # see TrainSpec
+    data: Any = None  # datasets by name
+    previewer: Any = None  # see PreviewSpec
+
+
+RUN_SCALARS = ("exp_dir", "seed", "mixed_precision", "allow_tf32")  # read through RunSpec; the sections have specs
+
+
+def top_level_keys(parts: Iterable[str]) -> set[str]:
+    """Every key a training config may set at its top level, for models with these trainable parts."""
+    part_keys = {key for part in parts for key in (f"lora_{part}", part, f"{part}_lr")}
+    return {f.name for f in fields(RunSpec)} | part_keys
 
 
 @dataclass

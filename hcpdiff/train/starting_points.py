@@ -29,7 +29,7 @@ def fuse_preset_loras(parts: Any, entries: list, where: str = "model.preset_lora
         model = getattr(parts, part, None)
         if model is None:
             raise ConfigError(f"{where}[{i}].path: '{preset.path}' is a LoRA for '{part}', which this model lacks")
-        merge_lora(model, state, alpha_scale=preset.alpha)
+        merge_lora(model, state, alpha_scale=preset.alpha, source=str(preset.path))
         logger.info("fused %s into the base %s at alpha %g", preset.path, part, preset.alpha)
 
 

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from hcpdiff.config import check_targets, instantiate, read_fields
 from hcpdiff.data import build_dataset
+from hcpdiff.data.builders import check_dataset_fields
 from hcpdiff.data.latent_cache import LatentEncoder, vae_identity
 from hcpdiff.errors import ConfigError, ConfigProblems
 from hcpdiff.families import TRAINABLE_PARTS
@@ -38,7 +39,7 @@ from hcpdiff.train.ema import EmaWeights
 from hcpdiff.train.metrics import SmoothedValue, peak_memory_mib
 from hcpdiff.train.preview import render_previews, save_previews
 from hcpdiff.train.optim import build_lr_scheduler, build_optimizer, param_groups
-from hcpdiff.train.specs import ModelSpec, SchedulerSpec, TrainSpec
+from hcpdiff.train.specs import RUN_SCALARS, ModelSpec, RunSpec, SchedulerSpec, TrainSpec
 from hcpdiff.train.state import (ResumePoint, find_resume_state, folder_steps, load_checked_state, prune_checkpoints,
                                  resume_dir_of, rng_state, save_state, set_rng_state, step_files)
 from hcpdiff.train.sharding import (
@@ -106,6 +107,7 @@ class Trainer:
         problems = ConfigProblems()
         collect = problems.collect
         collect(check_targets, cfg)
+        collect(read_fields, {key: cfg.get(key) for key in RUN_SCALARS if key in cfg}, "", RunSpec)
         self.train_spec = collect(read_fields, cfg.get("train", {}), "train", TrainSpec)
         self.model_spec = collect(read_fields, cfg.get("model", {}), "model", ModelSpec)
         self.scheduler_spec = None
@@ -136,11 +138,16 @@ class Trainer:
                 problems.add("train.optimizer: missing; give a `_target_` optimizer with `_partial_: true`")
         if self.model_spec is not None and not self.model_spec.pretrained_model_name_or_path:
             problems.add("model.pretrained_model_name_or_path: missing; give a diffusers folder or a hub id")
-        if not any(self.lora_specs.values()) and not any(self.finetune_specs.values()):
+        # groups that exist but failed to read have their own message; "none configured" would be false beside it
+        any_group = any(cfg.get(f"lora_{part}") or cfg.get(part) for part in TRAINABLE_PARTS)
+        if not any_group:
             problems.add(f"{' / '.join('lora_' + part for part in TRAINABLE_PARTS)}: no LoRA group is configured "
                          f"(nor a {' / '.join(TRAINABLE_PARTS)} fine-tuning group), so nothing would train")
         if not cfg.get("data"):
             problems.add("data: no dataset is configured")
+        elif isinstance(cfg.get("data"), DictConfig):
+            for name, node in cfg.data.items():
+                check_dataset_fields(node, f"data.{name}", problems)
         problems.raise_any()
 
     def _setup_accelerator(self) -> None:

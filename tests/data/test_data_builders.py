@@ -156,7 +156,8 @@ def test_unreadable_images_skipped_with_one_warning(image_folder, caplog):
     with caplog.at_level(logging.WARNING, logger="hcpdiff.data"):
         built = build(dataset_node(image_folder))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == [f"4 image(s) in {image_folder} cannot be read and are skipped (bad1.png, bad2.jpg, bad3.webp, ...)."]
+    assert warnings == [f"4 image(s) in {image_folder} cannot be read and are skipped (bad1.png: not an image; "
+                        "bad2.jpg: not an image; bad3.webp: not an image; ...)."]
     assert built.num_images == 6
 
 

@@ -7,7 +7,8 @@ import logging
 import torch
 from torch.utils.data import DataLoader
 
-from hcpdiff.data import BucketBatchSampler, DataItem, FixedBucket, ImageCaptionDataset, PromptBuilder, RatioBucket
+from hcpdiff.data import (BucketBatchSampler, DataItem, FixedBucket, ImageCaptionDataset, PromptBuilder, RatioBucket,
+                          build_dataset)
 from hcpdiff.data.images import read_image_size
 
 from data_helpers import write_image, write_truncated_jpeg
@@ -62,13 +63,35 @@ def test_template_choice_reproducible_and_varies_between_fetches(image_folder):
     assert first_run[0] != first_run[1]
 
 
-def test_truncated_image_is_substituted_and_warned_once(tmp_path, caplog):
+def test_truncated_image_is_skipped_at_scan_and_warned_once(tmp_path, caplog):
     folder = tmp_path / "imgs"
     folder.mkdir()
     write_image(folder / "a.png", (64, 64), seed=1)
     write_image(folder / "b.png", (64, 64), seed=2)
     write_truncated_jpeg(folder / "c.jpg", (64, 64))
+    for name in ("a", "b", "c"):
+        (folder / f"{name}.txt").write_text(name.upper())
+    node = {"source": {"s1": {"img_root": str(folder), "caption_file": str(folder)}},
+            "bucket": {"_target_": "hcpdiff.data.FixedBucket", "target_size": 32}, "batch_size": 1}
+    with caplog.at_level(logging.WARNING, logger="hcpdiff.data"):
+        built = build_dataset(node, "data.dataset1", pixel_step=32, seed=0, show_progress=False)
+        prompts = [built.dataset[index]["prompt"] for _ in range(3) for index in range(len(built.dataset))]
+    # not counted, never drawn (so never replaced by a copy of another image), named once with its reason
+    assert len(built.dataset) == 2 and built.num_images == 2
+    assert sorted(set(prompts)) == ["A", "B"]
+    warnings = [r.getMessage() for r in caplog.records if "c.jpg" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("1 image(s) in") and "truncated" in warnings[0]
+    assert built.sources[0].unreadable == ["c.jpg"]
+
+
+def test_an_image_broken_after_the_scan_is_substituted_and_warned_once(tmp_path, caplog):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    write_image(folder / "a.png", (64, 64), seed=1)
+    write_image(folder / "b.png", (64, 64), seed=2)
+    write_image(folder / "c.jpg", (64, 64), seed=3)
     dataset = make_dataset(folder, lambda **kw: FixedBucket(32, **kw), captions={"a": "A", "b": "B", "c": "C"})
+    write_truncated_jpeg(folder / "c.jpg", (64, 64))  # changed on disk while training
     broken_index = [item.key for item in dataset.items].index("c.jpg")
     with caplog.at_level(logging.WARNING, logger="hcpdiff.data"):
         first = dataset[broken_index]

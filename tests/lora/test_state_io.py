@@ -89,14 +89,15 @@ def test_load_into_refuses_layers_without_adapter(trained_unet, tiny_unet_factor
 
 def test_failed_save_keeps_the_old_file_and_no_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "unet-1.safetensors"
-    save_lora(path, {"conv_in.alpha": torch.tensor(1.0)}, {})
+    layer = {"conv_in.lora_A.weight": torch.zeros(2, 4), "conv_in.lora_B.weight": torch.zeros(4, 2)}
+    save_lora(path, {**layer, "conv_in.alpha": torch.tensor(1.0)}, {})
 
     def no_rename(src, dst) -> None:
         raise OSError("disk gone")
 
     monkeypatch.setattr("hcpdiff.lora.state_io.os.replace", no_rename)
     with pytest.raises(OSError, match="disk gone"):
-        save_lora(path, {"conv_in.alpha": torch.tensor(2.0)}, {})
+        save_lora(path, {**layer, "conv_in.alpha": torch.tensor(2.0)}, {})
     assert [p.name for p in tmp_path.iterdir()] == ["unet-1.safetensors"]
     assert float(load_lora(path)[0]["conv_in.alpha"]) == 1.0
 
