@@ -284,7 +284,7 @@ def refuse_overwriting_sources(args: argparse.Namespace) -> None:
     """An output that is one of the input files would destroy it (a native file's metadata, a webui original)."""
     sources = {flag: Path(path) for flag, path in (("--lora_path", args.lora_path), ("--lora_path_TE", args.lora_path_TE),
                                                    ("--lora_path_TE2", args.lora_path_TE2)) if path}
-    if args.from_webui:  # the folder's files, named as from_webui names them
+    if args.from_webui and args.lora_path:  # the folder's files, named as from_webui names them
         outputs = [Path(args.dump_path) / f"{part}-{Path(args.lora_path).stem}.safetensors" for part in PARTS]
         outputs.append(Path(args.dump_path))
     else:
