@@ -86,3 +86,18 @@ def free_port():
 def cli():
     """The `run_cli` helper, as a fixture so test modules need no imports from conftest."""
     return run_cli
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess) -> str:
+    """The run exited with status 2, printed exactly one `error:` line and no traceback; returns that line."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+@pytest.fixture
+def one_error_line():
+    """`assert_one_error_line`, as a fixture so test modules need no imports from conftest."""
+    return assert_one_error_line

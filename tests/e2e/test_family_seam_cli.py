@@ -16,14 +16,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_TRAIN = sorted(p.relative_to(REPO_ROOT) for p in (REPO_ROOT / "cfgs" / "train").rglob("*.yaml"))
 
 
-def one_error_line(result) -> str:
-    """The single `error:` line of a run that exited with status 2 and no traceback."""
-    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
-    assert "Traceback" not in result.stderr
-    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    return line
-
-
 @pytest.fixture
 def demo_args(workdir, tiny_model):
     data = make_demo_data(workdir / "data", num=2)
@@ -31,7 +23,7 @@ def demo_args(workdir, tiny_model):
             f"data.dataset1.source.data_source1.caption_file={data}", "train.train_steps=1"]
 
 
-def test_top_level_typo_in_a_file_names_the_file_and_the_key(workdir, demo_args, cli):
+def test_top_level_typo_in_a_file_names_the_file_and_the_key(workdir, demo_args, cli, one_error_line):
     config = workdir / "my_run.yaml"
     config.write_text("_base_: cfgs/train/examples/demo_tiny.yaml\nmixed_precison: bf16\n")
     result = cli(["-m", "hcpdiff.train_ac_single", "--cfg", str(config), *demo_args], cwd=workdir)
@@ -48,7 +40,7 @@ def test_variables_that_values_interpolate_stay_allowed(workdir, demo_args, cli)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_group_for_a_part_the_model_lacks_names_the_parts_it_has(workdir, demo_args, cli):
+def test_group_for_a_part_the_model_lacks_names_the_parts_it_has(workdir, demo_args, cli, one_error_line):
     result = cli(["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/demo_tiny.yaml", *demo_args,
                   "lora_text_encoder_2=[{lr: 1e-4, layers: ['re:.*q_proj$']}]"], cwd=workdir)
     line = one_error_line(result)

@@ -11,15 +11,6 @@ from hcpdiff.config import check_targets, instantiate
 from hcpdiff.errors import ConfigError
 
 
-def one_error_line(result) -> str:
-    """The process failed with status 2 and printed exactly one `error:` line and no traceback."""
-    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr
-    return errors[0]
-
-
 class Payload:
     """Unpickling this creates a marker file: proof that `torch.load(weights_only=False)` ran."""
 
@@ -31,7 +22,7 @@ class Payload:
 
 
 @pytest.mark.e2e
-def test_visualizer_refuses_builtins_open_and_leaves_the_file_alone(cli, workdir, tiny_model):
+def test_visualizer_refuses_builtins_open_and_leaves_the_file_alone(cli, workdir, tiny_model, one_error_line):
     victim = workdir / "precious.txt"
     victim.write_text("keep me")
     result = cli(["-m", "hcpdiff.visualizer", "--cfg", "cfgs/infer/text2img.yaml", f"pretrained_model={tiny_model}",
@@ -44,7 +35,7 @@ def test_visualizer_refuses_builtins_open_and_leaves_the_file_alone(cli, workdir
 
 
 @pytest.mark.e2e
-def test_visualizer_refuses_torch_load_and_the_pickle_never_runs(cli, workdir, tiny_model):
+def test_visualizer_refuses_torch_load_and_the_pickle_never_runs(cli, workdir, tiny_model, one_error_line):
     marker = workdir / "pwned"
     with open(workdir / "evil.pt", "wb") as file:
         pickle.dump(Payload(marker), file)
@@ -57,7 +48,7 @@ def test_visualizer_refuses_torch_load_and_the_pickle_never_runs(cli, workdir, t
 
 
 @pytest.mark.e2e
-def test_training_config_refuses_a_payload_target_before_anything_runs(cli, workdir, tiny_model):
+def test_training_config_refuses_a_payload_target_before_anything_runs(cli, workdir, tiny_model, one_error_line):
     marker = workdir / "pwned"
     result = cli(["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/demo_tiny.yaml",
                   f"model.pretrained_model_name_or_path={tiny_model}",

@@ -20,15 +20,6 @@ from hcpdiff.train.specs import RunSpec, TrainSpec
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def one_error_line(result) -> str:
-    """The process failed with status 2 and printed exactly one `error:` line and no traceback."""
-    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr
-    return errors[0]
-
-
 def demo_args(tiny_model: Path) -> list[str]:
     return ["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/demo_tiny.yaml",
             f"model.pretrained_model_name_or_path={tiny_model}"]
@@ -111,7 +102,7 @@ def test_visualizer_counts_must_be_positive():
 
 
 @pytest.mark.e2e
-def test_every_bad_value_is_reported_together_in_one_line(cli, workdir, tiny_model):
+def test_every_bad_value_is_reported_together_in_one_line(cli, workdir, tiny_model, one_error_line):
     (workdir / "bad.yaml").write_text(textwrap.dedent("""\
         _base_: [cfgs/train/examples/demo_tiny.yaml]
         train:
@@ -147,7 +138,7 @@ def billion_laughs() -> str:
     ("a: &a [*a]\n", "recursive"),
     ("a: &a {b: *a}\n", "recursive"),
 ])
-def test_alias_bombs_are_one_line_naming_the_file(cli, tmp_path, text, needle):
+def test_alias_bombs_are_one_line_naming_the_file(cli, tmp_path, text, needle, one_error_line):
     (tmp_path / "bomb.yaml").write_text(text)
     result = cli(["-m", "hcpdiff.tools.show_config", "--cfg", "bomb.yaml"], cwd=tmp_path, timeout=120)
     error = one_error_line(result)
@@ -185,7 +176,7 @@ def test_alias_bomb_in_a_yaml_caption_file(tmp_path):
 # --- item 7: messages --------------------------------------------------------------------------------------------
 
 @pytest.mark.e2e
-def test_a_type_error_in_a_group_is_the_only_line(cli, workdir, tiny_model):
+def test_a_type_error_in_a_group_is_the_only_line(cli, workdir, tiny_model, one_error_line):
     error = one_error_line(cli([*demo_args(tiny_model), "unet_lr=abc"], cwd=workdir))
     assert "`lora_unet[0].lr`: expected float, got str 'abc'" in error
     assert "no LoRA group" not in error

@@ -15,15 +15,6 @@ LAYER = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k"  # Linear(6
 SMALL = ["infer_args.width=64", "infer_args.height=64", "infer_args.num_inference_steps=2"]
 
 
-def one_error_line(result) -> str:
-    """The process failed with status 2 and printed exactly one `error:` line and no traceback."""
-    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr
-    return errors[0]
-
-
 def layer(rank_a: int = 4, rank_b: int = 4, alpha: float = 2.0, dtype=torch.float32) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     return {f"{LAYER}.lora_A.weight": (torch.randn(rank_a, 64, generator=gen) * 0.1).to(dtype),
@@ -44,7 +35,7 @@ def convert(cli, cwd: Path, *args: str):
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("mode", ["--to_webui", "--to_diffusers"])
-def test_dump_path_equal_to_an_input_is_refused_and_the_input_kept(cli, tmp_path, tiny_model, mode):
+def test_dump_path_equal_to_an_input_is_refused_and_the_input_kept(cli, tmp_path, tiny_model, mode, one_error_line):
     source = write_lora(tmp_path / "unet-1.safetensors", layer(), str(tiny_model))
     before = source.read_bytes()
     (tmp_path / "link.safetensors").symlink_to(source)
@@ -96,7 +87,7 @@ def test_inconsistent_state_names_file_and_layer(name):
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("name", ["rank mismatch", "integer dtype", "nan alpha", "missing lora_B"])
-def test_lora_convert_refuses_an_inconsistent_file_and_writes_nothing(cli, tmp_path, tiny_model, name):
+def test_lora_convert_refuses_an_inconsistent_file_and_writes_nothing(cli, tmp_path, tiny_model, name, one_error_line):
     source = write_lora(tmp_path / "bad.safetensors", BAD_STATES[name][0], str(tiny_model))
     error = one_error_line(convert(cli, tmp_path, "--to_webui", "--lora_path", str(source),
                                    "--dump_path", "out.safetensors"))
@@ -105,7 +96,7 @@ def test_lora_convert_refuses_an_inconsistent_file_and_writes_nothing(cli, tmp_p
 
 
 @pytest.mark.e2e
-def test_lora_convert_refuses_layers_its_base_model_lacks(cli, tmp_path, tiny_model):
+def test_lora_convert_refuses_layers_its_base_model_lacks(cli, tmp_path, tiny_model, one_error_line):
     state = {key.replace(LAYER, "down_blocks.7.attn.to_k"): value for key, value in layer().items()}
     source = write_lora(tmp_path / "alien.safetensors", state, str(tiny_model))
     error = one_error_line(convert(cli, tmp_path, "--to_webui", "--lora_path", str(source),
@@ -116,7 +107,7 @@ def test_lora_convert_refuses_layers_its_base_model_lacks(cli, tmp_path, tiny_mo
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("name", ["rank mismatch", "nan alpha", "unknown layer"])
-def test_visualizer_refuses_an_inconsistent_lora_before_rendering(cli, workdir, tiny_model, name):
+def test_visualizer_refuses_an_inconsistent_lora_before_rendering(cli, workdir, tiny_model, name, one_error_line):
     if name == "unknown layer":
         state = {key.replace(LAYER, "down_blocks.7.attn.to_k"): value for key, value in layer().items()}
     else:

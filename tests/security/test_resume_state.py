@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from hcpdiff.errors import ConfigError
-from hcpdiff.tools.make_demo_data import make_demo_data
 from hcpdiff.train.state import (STATE_FORMAT, find_resume_state, prune_checkpoints, read_state_file, rng_state,
                                  save_state, set_rng_state)
 
@@ -130,27 +129,9 @@ def test_pruning_keeps_what_this_run_just_wrote(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- as a user runs it
-@pytest.fixture
-def demo_args(workdir, tiny_model):
-    """demo_tiny.yaml on the tiny model and three images."""
-    data = make_demo_data(workdir / "data", num=3)
-    return ["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/demo_tiny.yaml",
-            f"model.pretrained_model_name_or_path={tiny_model}",
-            f"data.dataset1.source.data_source1.img_root={data}",
-            f"data.dataset1.source.data_source1.caption_file={data}",
-            'data.dataset1.bucket.target_area=${hcp.eval:"64*64"}']
-
-
-def error_line(stderr: str) -> str:
-    """The last line of stderr, checked to be the only 'error:' line and no traceback."""
-    assert "Traceback" not in stderr, stderr[-3000:]
-    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, stderr[-3000:]
-    return errors[0]
-
 
 @pytest.mark.e2e
-def test_cli_refuses_a_crafted_state_without_running_it(workdir, demo_args, cli):
+def test_cli_refuses_a_crafted_state_without_running_it(workdir, demo_args, cli, error_line):
     """A resume folder whose state file was replaced by one carrying a payload: exit 2, one line, nothing ran."""
     first = cli([*demo_args, "train.train_steps=2", "exp_dir=exps/run"], cwd=workdir)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -170,7 +151,7 @@ def test_cli_refuses_a_crafted_state_without_running_it(workdir, demo_args, cli)
 
 
 @pytest.mark.e2e
-def test_cli_random_bytes_state_is_one_error_line(workdir, demo_args, cli):
+def test_cli_random_bytes_state_is_one_error_line(workdir, demo_args, cli, error_line):
     first = cli([*demo_args, "train.train_steps=1", "exp_dir=exps/run"], cwd=workdir)
     assert first.returncode == 0, first.stderr[-3000:]
     (workdir / "exps/run/state/step-1.pt").write_bytes(random.Random(1).randbytes(2048))

@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 
 from hcpdiff.errors import ConfigError
 from hcpdiff.folders import make_folder
-from hcpdiff.tools.make_demo_data import make_demo_data
 from hcpdiff.train.exp_dir import (LOCK_NAME, claim_exp_dir, lock_exp_dir, remove_if_no_outputs,
                                    remove_stale_temp_files, unlock_exp_dir)
 
@@ -134,27 +133,9 @@ def test_failed_run_folder_is_removed_only_when_it_holds_no_outputs(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- as a user runs it
-@pytest.fixture
-def demo_args(workdir, tiny_model):
-    """demo_tiny.yaml on the tiny model and three images."""
-    data = make_demo_data(workdir / "data", num=3)
-    return ["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/demo_tiny.yaml",
-            f"model.pretrained_model_name_or_path={tiny_model}",
-            f"data.dataset1.source.data_source1.img_root={data}",
-            f"data.dataset1.source.data_source1.caption_file={data}",
-            'data.dataset1.bucket.target_area=${hcp.eval:"64*64"}']
-
-
-def error_line(stderr: str) -> str:
-    """The only 'error:' line of stderr (and no traceback)."""
-    assert "Traceback" not in stderr, stderr[-3000:]
-    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, stderr[-3000:]
-    return errors[0]
-
 
 @pytest.mark.e2e
-def test_cli_exp_dir_under_a_dangling_link(workdir, demo_args, cli):
+def test_cli_exp_dir_under_a_dangling_link(workdir, demo_args, cli, error_line):
     (workdir / "exps").symlink_to("/missing/disk")
     result = cli([*demo_args, "train.train_steps=1", "exp_dir=exps/run"], cwd=workdir, timeout=120)
     assert result.returncode == 2
@@ -162,7 +143,7 @@ def test_cli_exp_dir_under_a_dangling_link(workdir, demo_args, cli):
 
 
 @pytest.mark.e2e
-def test_cli_failed_runs_leave_no_empty_folder(workdir, demo_args, cli, tiny_model):
+def test_cli_failed_runs_leave_no_empty_folder(workdir, demo_args, cli, tiny_model, error_line):
     """A model that does not load, and a cache_dir the disk refuses (found after the folder was made): one error
     line each, and no experiment folder is left behind."""
     bad_model = cli([*demo_args, "train.train_steps=1", "exp_dir=exps/bad_model",
@@ -179,7 +160,7 @@ def test_cli_failed_runs_leave_no_empty_folder(workdir, demo_args, cli, tiny_mod
 
 
 @pytest.mark.e2e
-def test_cli_resume_refuses_later_steps_and_pointless_lengths(workdir, demo_args, cli):
+def test_cli_resume_refuses_later_steps_and_pointless_lengths(workdir, demo_args, cli, error_line):
     """Resuming state/step-2.pt of a finished 4-step run: refused naming steps 3, 4 (the folder would mix two runs);
     with train.resume_overwrite=true it replaces them, and ckpt_keep keeps this run's newest writes. A resume whose
     train_steps is not above the saved step is refused naming both numbers."""
@@ -213,7 +194,7 @@ def test_cli_resume_refuses_later_steps_and_pointless_lengths(workdir, demo_args
 
 
 @pytest.mark.e2e
-def test_cli_resume_while_the_run_still_trains_is_refused(workdir, demo_args):
+def test_cli_resume_while_the_run_still_trains_is_refused(workdir, demo_args, error_line):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("HCP_DEBUG", None)
     running = subprocess.Popen([sys.executable, *demo_args, "train.train_steps=500", "train.save_step=1",
