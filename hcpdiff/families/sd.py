@@ -67,8 +67,10 @@ class StableDiffusion(Family):
                                            tokenizer_repeats=tokenizer_repeats, clip_skip=clip_skip))
 
     def build_objective(self, noise_scheduler: Any, loss_spec: Any) -> Any:
-        from hcpdiff.objectives.ddpm import DDPMObjective
+        from hcpdiff.objectives.ddpm import DDPMObjective, refuse_other_objective_keys
+        from hcpdiff.objectives.flow_matching import FLOW_LOSS_KEYS
 
+        refuse_other_objective_keys(loss_spec, FLOW_LOSS_KEYS, "flow-matching", "the DDPM objective", self.description)
         return DDPMObjective.from_spec(noise_scheduler, loss_spec)
 
     def denoise(self, denoiser: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
