@@ -59,7 +59,8 @@ class StableDiffusion(Family):
         """vae factor x 2^(U-Net levels - 1): 64 for SD, so every U-Net level divides evenly."""
         return self.vae_scale_factor(read_config) * 2 ** (len(read_config("unet")["block_out_channels"]) - 1)
 
-    def build_conditioner(self, components: dict[str, Any], tokenizer_repeats: int, clip_skip: int) -> Any:
+    def build_conditioner(self, components: dict[str, Any], tokenizer_repeats: int, clip_skip: int, *,
+                          max_sequence_length: int | None = None, guidance: float | None = None) -> Any:
         from hcpdiff.models.conditioning import SDConditioner
         from hcpdiff.models.prompt_encoder import PromptEncoder
 

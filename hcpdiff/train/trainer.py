@@ -275,7 +275,10 @@ class Trainer:
                 module.requires_grad_(False)
         self._check_parts_exist()
         fuse_preset_loras(self.parts, spec.preset_lora)
-        self.conditioner = self.family.build_conditioner(self.parts.components, spec.tokenizer_repeats, spec.clip_skip)
+        self.family.check_run(self.cfg.get("mixed_precision"))
+        self.conditioner = self.family.build_conditioner(self.parts.components, spec.tokenizer_repeats, spec.clip_skip,
+                                                         max_sequence_length=spec.max_sequence_length,
+                                                         guidance=self.train_spec.guidance)
 
     def _check_parts_exist(self) -> None:
         """Groups for a part this model's family does not have: one error naming the parts it has."""
