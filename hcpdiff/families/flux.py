@@ -110,8 +110,10 @@ class Flux(Family):
     def matches(cls, index: dict[str, Any], read_config: ConfigReader) -> bool:
         if index.get("_class_name") == "FluxPipeline":
             return True
+        # text-to-image FLUX only: Fill / Depth / Canny transformers take extra image channels (384 / 128 inputs)
         transformer = read_config("transformer")
-        return transformer is not None and transformer.get("_class_name") == "FluxTransformer2DModel"
+        return (transformer is not None and transformer.get("_class_name") == "FluxTransformer2DModel"
+                and transformer.get("in_channels", 64) == 64)
 
     def make_tiny(self, out_dir: Path, seed: int = 0, variant: str | None = None) -> Path:
         from hcpdiff.tools.tiny_flux import make_tiny_flux

@@ -49,6 +49,14 @@ def test_tiny_models_are_detected_as_flux_with_pixel_step_16(tiny_flux, tiny_sch
     assert parts.vae.config.latent_channels == 16 and parts.vae.config.shift_factor
 
 
+def test_flux_fill_and_control_transformers_are_not_detected_as_text_to_image_flux():
+    flux = family_named("flux")
+    configs = {"transformer": {"_class_name": "FluxTransformer2DModel", "in_channels": 384}}
+    assert not flux.matches({"_class_name": "FluxFillPipeline"}, configs.get)
+    configs["transformer"]["in_channels"] = 64
+    assert flux.matches({}, configs.get)
+
+
 def test_packing_and_ids_equal_flux_pipeline(flux_pipe):
     height_px, width_px = 64, 96
     packed, ids = flux_pipe.prepare_latents(2, 16, height_px, width_px, torch.float32, torch.device("cpu"),
