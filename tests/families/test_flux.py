@@ -135,12 +135,18 @@ def train_args(model: Path, data: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.e2e
-def test_fp16_on_flux_is_refused_in_one_line(workdir, tiny_flux, cli):
+@pytest.mark.parametrize("override, message", [
+    ("mixed_precision=fp16", "error: mixed_precision: fp16 makes FLUX.1 train NaN losses; use bf16"),
+    ("train.loss.min_snr_gamma=5", "error: train.loss.min_snr_gamma: min_snr_gamma is a DDPM option, but a FLUX.1"),
+])
+def test_settings_flux_cannot_train_with_are_one_error_line(workdir, tiny_flux, cli, override, message):
     data = make_demo_data(workdir / "data", num=1)
-    result = cli(train_args(tiny_flux, data, "mixed_precision=fp16", "train.train_steps=1"), cwd=workdir)
+    result = cli(train_args(tiny_flux, data, override, "train.train_steps=1"), cwd=workdir)
     assert result.returncode == 2
-    assert "mixed_precision: fp16 makes FLUX.1 train NaN losses; use bf16" in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(message), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+    assert "latent cache" not in result.stderr  # refused before any image is read or encoded
 
 
 @pytest.mark.e2e
