@@ -67,6 +67,9 @@ class Family:
         """Build a tiny random-weight model of this family in diffusers format (tests, the demo, benchmarks)."""
         raise NotImplementedError
 
+    def check_run(self, mixed_precision: str | None) -> None:
+        """Refuse run settings this family cannot train with (one ConfigError); the default accepts all."""
+
     # ---------------------------------------------------------------------------------------- latents
     def vae_scale_factor(self, read_config: ConfigReader) -> int:
         """Pixels per latent cell per side, from the VAE config (8 for real SD; tiny models keep the ratio)."""
@@ -89,8 +92,11 @@ class Family:
         return ((dist.mean - shift) * scale).float(), (dist.std * scale).float()
 
     # ---------------------------------------------------------------------------------------- conditioning and step
-    def build_conditioner(self, components: dict[str, Any], tokenizer_repeats: int, clip_skip: int) -> Any:
-        """prompts (+ batch extras) -> the denoiser's keyword arguments; has `set_text_encoder(module, index)`."""
+    def build_conditioner(self, components: dict[str, Any], tokenizer_repeats: int, clip_skip: int, *,
+                          max_sequence_length: int | None = None, guidance: float | None = None) -> Any:
+        """prompts (+ batch extras) -> the denoiser's keyword arguments; has `set_text_encoder(module, index)`.
+        `max_sequence_length` (T5 tokens, null: the family's) and `guidance` (a guidance embedding's training value)
+        matter only to families whose encoders / denoisers have them."""
         raise NotImplementedError
 
     def build_objective(self, noise_scheduler: Any, loss_spec: Any) -> Any:

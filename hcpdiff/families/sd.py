@@ -59,7 +59,8 @@ class StableDiffusion(Family):
         """vae factor x 2^(U-Net levels - 1): 64 for SD, so every U-Net level divides evenly."""
         return self.vae_scale_factor(read_config) * 2 ** (len(read_config("unet")["block_out_channels"]) - 1)
 
-    def build_conditioner(self, components: dict[str, Any], tokenizer_repeats: int, clip_skip: int) -> Any:
+    def build_conditioner(self, components: dict[str, Any], tokenizer_repeats: int, clip_skip: int, *,
+                          max_sequence_length: int | None = None, guidance: float | None = None) -> Any:
         from hcpdiff.models.conditioning import SDConditioner
         from hcpdiff.models.prompt_encoder import PromptEncoder
 
@@ -67,8 +68,10 @@ class StableDiffusion(Family):
                                            tokenizer_repeats=tokenizer_repeats, clip_skip=clip_skip))
 
     def build_objective(self, noise_scheduler: Any, loss_spec: Any) -> Any:
-        from hcpdiff.objectives.ddpm import DDPMObjective
+        from hcpdiff.objectives.ddpm import DDPMObjective, refuse_other_objective_keys
+        from hcpdiff.objectives.flow_matching import FLOW_LOSS_KEYS
 
+        refuse_other_objective_keys(loss_spec, FLOW_LOSS_KEYS, "flow-matching", "the DDPM objective", self.description)
         return DDPMObjective.from_spec(noise_scheduler, loss_spec)
 
     def denoise(self, denoiser: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,

@@ -49,7 +49,8 @@ class StableDiffusionXL(StableDiffusion):
         return {name: getattr(pipe, name) for name in ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2",
                                                        "tokenizer_2", "scheduler")}
 
-    def build_conditioner(self, components: dict[str, Any], tokenizer_repeats: int, clip_skip: int) -> Any:
+    def build_conditioner(self, components: dict[str, Any], tokenizer_repeats: int, clip_skip: int, *,
+                          max_sequence_length: int | None = None, guidance: float | None = None) -> Any:
         from hcpdiff.models.prompt_encoder import PromptEncoder
         from hcpdiff.models.sdxl import SDXLConditioner
 

@@ -28,9 +28,9 @@ def inference_scheduler(parts: ModelParts) -> Any:
     try:
         shipped = diffusers.DDPMScheduler.load_config(parts.name_or_path, subfolder="scheduler", local_files_only=True)
         config, class_name = shipped, shipped.get("_class_name", "DDPMScheduler")
-    except (OSError, ValueError):
-        class_name = "DDPMScheduler"
-    return getattr(diffusers, class_name, diffusers.DDPMScheduler).from_config(config)
+    except (OSError, ValueError):  # a single checkpoint file: the family's training scheduler, as loaded
+        class_name = type(parts.noise_scheduler).__name__
+    return getattr(diffusers, class_name, type(parts.noise_scheduler)).from_config(config)
 
 
 def build_pipeline(parts: ModelParts, new_components: DictConfig | dict) -> Any:

@@ -12,7 +12,8 @@ from hcpdiff.lora.state_io import layer_states
 WEBUI_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 # kohya's SDXL files: U-Net layers by their original-layout names (ldm_names), te1 / te2 per encoder
 SDXL_WEBUI_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
-DIFFUSERS_PREFIX = {"unet": "unet.", "text_encoder": "text_encoder.", "text_encoder_2": "text_encoder_2."}
+DIFFUSERS_PREFIX = {"unet": "unet.", "transformer": "transformer.", "text_encoder": "text_encoder.",
+                    "text_encoder_2": "text_encoder_2."}
 
 
 def webui_layer_name(layer: str, part: str, prefixes: dict[str, str] = WEBUI_PREFIX,

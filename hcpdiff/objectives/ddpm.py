@@ -5,6 +5,7 @@ defaults every function draws the same random numbers and returns the same value
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,17 @@ from diffusers import DDPMScheduler
 from hcpdiff.errors import ConfigError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+DDPM_LOSS_KEYS = ("noise_offset", "min_snr_gamma", "prediction_type", "timestep_min", "timestep_max")
+
+
+def refuse_other_objective_keys(spec: Any, foreign_keys: tuple[str, ...], foreign: str, own: str, family: str) -> None:
+    """One error naming the `train.loss` keys of another objective that this config sets (away from their defaults)."""
+    defaults = {field.name: field.default for field in dataclasses.fields(spec)}
+    written = [key for key in foreign_keys if getattr(spec, key) != defaults[key]]
+    if written:
+        raise ConfigError(f"train.loss.{written[0]}: {', '.join(written)} {'is a' if len(written) == 1 else 'are'} "
+                          f"{foreign} option{'s' * (len(written) > 1)}, but a {family} model trains with {own}; "
+                          "remove it")
 
 
 def sample_noise(latents: torch.Tensor, noise_offset: float = 0.0) -> torch.Tensor:
@@ -105,7 +117,7 @@ class Noised:
     """One batch prepared for the denoiser: its input, the timesteps it is told, and what it should predict."""
 
     noisy_latents: torch.Tensor  # [B, C, H, W]
-    timesteps: torch.Tensor  # [B] integer DDPM timesteps
+    timesteps: torch.Tensor  # [B] integer DDPM timesteps, or flow-matching sigmas in [0, 1]
     target: torch.Tensor  # like the latents: noise, velocity or the clean latents
     weights: torch.Tensor | None  # [B] per-sample loss weights, or None for the plain mean
 

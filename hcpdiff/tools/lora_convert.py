@@ -28,6 +28,13 @@ from hcpdiff.lora.webui_format import (SDXL_WEBUI_PREFIX, WEBUI_PREFIX, is_sdxl_
 PARTS = ("unet", "text_encoder", "text_encoder_2")
 
 
+def denoiser_parts() -> tuple[str, ...]:
+    """Every family's denoiser part (unet, transformer): what `--lora_path` takes."""
+    from hcpdiff.families import FAMILIES
+
+    return tuple(dict.fromkeys(family.denoiser for family in FAMILIES))
+
+
 def base_model_is_sdxl(base_model: str) -> bool:
     """Whether a native file's `base_model` is a local SDXL folder (its U-Net takes text_time conditioning)."""
     config = Path(base_model) / "unet" / "config.json" if base_model else None
@@ -60,6 +67,8 @@ def native_parts(
                              ("text_encoder_2", lora_path_te2, "--lora_path_TE2")):
         if path:
             state, metadata = load_lora(path)
+            if flag == "--lora_path" and metadata.get("part") in denoiser_parts():
+                part = metadata["part"]  # the denoiser of the file's family: a U-Net, or FLUX's transformer
             if metadata.get("part", part) != part:
                 raise ModelError(f"{flag} '{path}' is a {metadata['part']} LoRA; {flag} takes the {part} one.")
             if not sdxl and (part == "text_encoder_2" or base_model_is_sdxl(metadata.get("base_model", ""))):
@@ -208,11 +217,27 @@ def kohya_metadata(states: dict[str, dict[str, torch.Tensor]], sdxl: bool, v2: b
     }
 
 
+def refuse_unwritable_webui_parts(parts: dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]],
+                                  prefixes: dict[str, str]) -> None:
+    """One error for a part whose kohya / webui names this converter does not write (FLUX's transformer, in BFL's
+    fused layout), or whose family names it with another prefix than it would write; nothing is silently dropped."""
+    from hcpdiff.families import family_named
+
+    for part, (_, metadata) in parts.items():
+        family = family_named(metadata["family"]) if metadata.get("family") else None
+        wanted = family.webui_prefixes.get(part) if family is not None else prefixes.get(part)
+        if part not in prefixes or wanted != prefixes[part]:
+            shown = family.description if family is not None else part
+            raise ModelError(f"--to_webui: a {shown} {part} LoRA has no webui / kohya layout in hcpdiff yet "
+                             "(FLUX's is BFL's fused one); convert it with --to_diffusers")
+
+
 def to_webui(args: argparse.Namespace) -> None:
     """Write one webui file holding the U-Net and text-encoder LoRAs given, with the metadata kohya writes."""
     webui: dict[str, torch.Tensor] = {}
     prefixes = SDXL_WEBUI_PREFIX if args.sdxl else WEBUI_PREFIX
     parts = native_parts(args.lora_path, args.lora_path_TE, args.lora_path_TE2, args.sdxl)
+    refuse_unwritable_webui_parts(parts, prefixes)
     states = {part: state for part, (state, _) in parts.items()}
     base_model = args.model or next(
         (meta["base_model"] for _, meta in parts.values() if is_model_folder(meta.get("base_model"))), None)
@@ -305,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--from_webui", action="store_true", help="webui/kohya file -> native files in --dump_path/")
     mode.add_argument("--to_diffusers", action="store_true", help="native -> pytorch_lora_weights.safetensors")
     parser.add_argument("--lora_path", default=None,
-                        help="U-Net LoRA (native), if any; with --from_webui the webui file (required)")
+                        help="the denoiser's LoRA (native: U-Net, or FLUX's transformer), if any; with --from_webui "
+                             "the webui file (required)")
     parser.add_argument("--lora_path_TE", default=None, help="text-encoder LoRA (native), if any")
     parser.add_argument("--lora_path_TE2", default=None, help="SDXL: second text-encoder LoRA (native), if any")
     parser.add_argument("--sdxl", action="store_true",

@@ -37,6 +37,7 @@ class TrainSpec:
     optimizer: Any = None  # a `_target_` + `_partial_: true` node; receives the param groups
     scheduler: Any = None  # see SchedulerSpec
     loss: Any = None  # see LossSpec
+    guidance: float = 1.0  # the guidance embedding's value while training (FLUX-dev); models without one ignore it
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])  # trackers: tensorboard (always), wandb
 
 
@@ -73,6 +74,7 @@ class ModelSpec:
     single_file_config: str | None = None  # diffusers folder giving the part configs of a single .safetensors/.ckpt
     tokenizer_repeats: int = 1  # prompt length in 75-token chunks, encoded separately and concatenated
     clip_skip: int = 0  # 0: last text-encoder layer; 1: penultimate (a1111's "clip skip 2"); ...
+    max_sequence_length: Annotated[int | None, Bound(ge=1)] = None  # T5 tokens (FLUX); null: 512 dev, 256 schnell
     gradient_checkpointing: bool = False  # trade compute for memory in the U-Net (and trained text encoder)
     preset_lora: list = field(default_factory=list)  # [{path, alpha}]: native LoRAs fused into the base before training
     init_lora: dict = field(default_factory=dict)  # {unet: path, text_encoder: path}: adapters start from these weights
@@ -81,13 +83,27 @@ class ModelSpec:
 
 @dataclass
 class LossSpec:
-    """`train.loss`: how latents are noised and how the U-Net's error is weighted. The defaults change nothing."""
+    """`train.loss`: how latents are noised and how the denoiser's error is weighted. The defaults change nothing.
+
+    The first five keys are the DDPM objective's (SD, SDXL), the rest the flow-matching objective's (FLUX); setting
+    a key of the other objective than the model trains with is one error.
+    """
 
     noise_offset: float = 0.0  # add offset * randn(B, C, 1, 1) to the noise (0.05-0.1 helps very dark / light images)
     min_snr_gamma: float | None = None  # min-SNR-gamma loss weighting (5 is the paper's value); null: plain mean
     prediction_type: str | None = None  # epsilon | v_prediction | sample; null: the model's scheduler config
     timestep_min: int = 0  # timesteps are drawn from [timestep_min, timestep_max)
     timestep_max: int | None = None  # null: the scheduler's num_train_timesteps (1000 for SD)
+    sigma_sampling: str | None = None  # uniform | logit_normal | mode | sigmoid; null: logit_normal
+    logit_mean: float | None = None  # logit_normal: mean of the normal before the sigmoid (null: 0)
+    logit_std: float | None = None  # logit_normal: its std (null: 1)
+    mode_scale: float | None = None  # mode: SD3's mode-sampling scale (null: 1.29)
+    sigmoid_scale: float | None = None  # sigmoid: sigma = sigmoid(scale * randn) (null: 1)
+    # none | static | resolution (FLUX inference's shift for the image's token count, from the scheduler config);
+    # null: resolution when the scheduler shifts dynamically (FLUX-dev), else static at its shift (schnell: 1)
+    shift: str | None = None
+    shift_value: float | None = None  # static: sigma' = v * s / (1 + (v - 1) * s) (3.0 is SD3's)
+    weighting: str | None = None  # none | sigma_sqrt | cosmap (SD3 paper's loss weights); null: none
 
 
 @dataclass

@@ -44,4 +44,5 @@ class CachedConditioner:
 
 def can_cache_text(conditioner: Any) -> bool:
     """Whether `conditioner`'s outputs are a function of the prompt strings alone."""
-    return type(conditioner) in PROMPT_ONLY_CONDITIONERS
+    # a family's own conditioner says so with a `prompt_only = True` class attribute
+    return type(conditioner) in PROMPT_ONLY_CONDITIONERS or getattr(type(conditioner), "prompt_only", False) is True

@@ -275,7 +275,12 @@ class Trainer:
                 module.requires_grad_(False)
         self._check_parts_exist()
         fuse_preset_loras(self.parts, spec.preset_lora)
-        self.conditioner = self.family.build_conditioner(self.parts.components, spec.tokenizer_repeats, spec.clip_skip)
+        # the family's checks of the run and of train.loss, before any data is read or latents are cached
+        self.family.check_run(self.cfg.get("mixed_precision"))
+        self.objective = self.family.build_objective(self.parts.noise_scheduler, self.extras.loss)
+        self.conditioner = self.family.build_conditioner(self.parts.components, spec.tokenizer_repeats, spec.clip_skip,
+                                                         max_sequence_length=spec.max_sequence_length,
+                                                         guidance=self.train_spec.guidance)
 
     def _check_parts_exist(self) -> None:
         """Groups for a part this model's family does not have: one error naming the parts it has."""
@@ -563,8 +568,7 @@ class Trainer:
                 self.global_step, self.train_steps, loss, smoothed, lr_text, step_time, images_per_s, peak_mib)
 
     def _setup_extras(self) -> None:
-        """Loss options checked against the model, EMA shadows, the preview pipeline's settings, extra trackers."""
-        self.objective = self.family.build_objective(self.parts.noise_scheduler, self.extras.loss)
+        """EMA shadows, the preview pipeline's settings, extra trackers (the objective is built with the models)."""
         self.smoothed_loss = SmoothedValue(0.9)
         self.ema = EmaWeights(self.trained_params(), self.extras.ema.decay) if self.extras.ema else None
         resumed = getattr(self, "resume_state", None)

@@ -1,0 +1,127 @@
+"""The rectified-flow objective (FLUX.1, SD3): x_t = (1 - s) x0 + s e, and the denoiser predicts e - x0.
+
+Sigma sampling and loss weighting reuse diffusers.training_utils (the SD3 paper's schemes); the resolution shift is
+FluxPipeline's own `calculate_shift` fed to the scheduler's own `time_shift`, so training shifts sigmas exactly as
+inference does. FlowMatchingObjective is configured by the flow-matching keys of `train.loss` (LossSpec).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+from hcpdiff.errors import ConfigError
+from hcpdiff.objectives.ddpm import Noised, diffusion_loss
+
+SIGMA_SAMPLINGS = ("uniform", "logit_normal", "mode", "sigmoid")
+SHIFTS = ("none", "static", "resolution")
+WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+# option key -> the sigma_sampling / shift it belongs to; set for another one it would silently do nothing
+OPTION_OWNERS = {"logit_mean": ("sigma_sampling", "logit_normal"), "logit_std": ("sigma_sampling", "logit_normal"),
+                 "mode_scale": ("sigma_sampling", "mode"), "sigmoid_scale": ("sigma_sampling", "sigmoid"),
+                 "shift_value": ("shift", "static")}
+FLOW_LOSS_KEYS = ("sigma_sampling", "logit_mean", "logit_std", "mode_scale", "sigmoid_scale", "shift", "shift_value",
+                  "weighting")
+PATCH_SIZE = 2  # FLUX packs 2x2 latent cells into one token: the sequence length the shift is computed over
+
+
+def sample_sigmas(sampling: str, batch_size: int, *, logit_mean: float = 0.0, logit_std: float = 1.0,
+                  mode_scale: float = 1.29, sigmoid_scale: float = 1.0,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """Unshifted sigmas [B] in [0, 1]: uniform, logit-normal, SD3's mode sampling, or sigmoid(scale * randn)."""
+    if sampling == "sigmoid":
+        return torch.sigmoid(sigmoid_scale * torch.randn(batch_size, device=device))
+    # diffusers names its uniform scheme "none"
+    scheme = "none" if sampling == "uniform" else sampling
+    return compute_density_for_timestep_sampling(scheme, batch_size, logit_mean=logit_mean, logit_std=logit_std,
+                                                 mode_scale=mode_scale, device=device)
+
+
+def resolution_mu(scheduler_config: Any, image_seq_len: int) -> float:
+    """FLUX's resolution-dependent shift exponent for `image_seq_len` packed tokens (FluxPipeline's calculate_shift)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    return calculate_shift(image_seq_len, scheduler_config.get("base_image_seq_len", 256),
+                           scheduler_config.get("max_image_seq_len", 4096), scheduler_config.get("base_shift", 0.5),
+                           scheduler_config.get("max_shift", 1.15))
+
+
+def static_shift(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's constant shift: shift * s / (1 + (shift - 1) * s) (FlowMatchEulerDiscreteScheduler without dynamics)."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def flow_loss_weights(weighting: str, sigmas: torch.Tensor) -> torch.Tensor | None:
+    """Per-sample loss weights [B] (diffusers' compute_loss_weighting_for_sd3), or None for the plain mean."""
+    if weighting == "none":
+        return None
+    return compute_loss_weighting_for_sd3(weighting, sigmas)
+
+
+@dataclass
+class FlowMatchingObjective:
+    """Sigmas from a sampler, shifted; noisy latents interpolate clean latents and noise; target = noise - latents."""
+
+    scheduler: Any  # FlowMatchEulerDiscreteScheduler: its config gives the shift, its time_shift applies it
+    sigma_sampling: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    sigmoid_scale: float = 1.0
+    shift: str = "resolution"
+    shift_value: float = 1.0  # the static shift
+    weighting: str = "none"
+
+    @classmethod
+    def from_spec(cls, scheduler: Any, spec: Any) -> "FlowMatchingObjective":
+        """From the flow-matching keys of `train.loss` (LossSpec); unset keys take the model's defaults: resolution
+        shift when its scheduler shifts dynamically (FLUX-dev), else its static shift (schnell: 1, i.e. none)."""
+        config = scheduler.config
+        values = {key: getattr(spec, key) for key in FLOW_LOSS_KEYS if getattr(spec, key) is not None}
+        check_choice("sigma_sampling", values.get("sigma_sampling"), SIGMA_SAMPLINGS)
+        check_choice("shift", values.get("shift"), SHIFTS)
+        check_choice("weighting", values.get("weighting"), WEIGHTINGS)
+        if "shift" not in values:
+            values["shift"] = "resolution" if config.get("use_dynamic_shifting") else "static"
+            if values["shift"] == "static" and "shift_value" not in values:
+                values["shift_value"] = float(config.get("shift", 1.0))
+        chosen = {"sigma_sampling": values.get("sigma_sampling", cls.sigma_sampling), "shift": values["shift"]}
+        for key, (owner, wanted) in OPTION_OWNERS.items():
+            if key in values and chosen[owner] != wanted and getattr(spec, key) is not None:
+                raise ConfigError(f"train.loss.{key}: only used with {owner}: {wanted}, "
+                                  f"but {owner} is {chosen[owner]}")
+        if values.get("logit_std", 1.0) <= 0 or values.get("shift_value", 1.0) <= 0:
+            raise ConfigError("train.loss.logit_std / shift_value: must be > 0")
+        return cls(scheduler=scheduler, **values)
+
+    def sample_sigmas(self, latents: torch.Tensor) -> torch.Tensor:
+        """Shifted sigmas [B] for latents [B, C, H, W]."""
+        sigmas = sample_sigmas(self.sigma_sampling, latents.shape[0], logit_mean=self.logit_mean,
+                               logit_std=self.logit_std, mode_scale=self.mode_scale,
+                               sigmoid_scale=self.sigmoid_scale, device=latents.device)
+        if self.shift == "static":
+            return static_shift(sigmas, self.shift_value)
+        if self.shift == "resolution":
+            seq_len = (latents.shape[-2] // PATCH_SIZE) * (latents.shape[-1] // PATCH_SIZE)
+            return self.scheduler.time_shift(resolution_mu(self.scheduler.config, seq_len), 1.0, sigmas)
+        return sigmas
+
+    def noised(self, latents: torch.Tensor) -> Noised:
+        """Draw noise, then sigmas; the denoiser is told sigma in [0, 1] (FLUX's transformer scales it by 1000)."""
+        noise = torch.randn_like(latents)
+        sigmas = self.sample_sigmas(latents)
+        expanded = sigmas.view(-1, *([1] * (latents.ndim - 1))).to(latents.dtype)
+        noisy_latents = (1.0 - expanded) * latents + expanded * noise
+        return Noised(noisy_latents, sigmas, noise - latents, flow_loss_weights(self.weighting, sigmas))
+
+    def loss(self, prediction: torch.Tensor, noised: Noised) -> torch.Tensor:
+        """The weighted mean squared error of the predicted velocity (fp32)."""
+        return diffusion_loss(prediction, noised.target, noised.weights)
+
+
+def check_choice(key: str, value: str | None, choices: tuple[str, ...]) -> None:
+    """One error naming `train.loss.<key>` when a value is not one of its choices."""
+    if value is not None and value not in choices:
+        raise ConfigError(f"train.loss.{key}: {value!r} is not one of {', '.join(choices)}")
