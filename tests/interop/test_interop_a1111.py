@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import checkout, layer_weight, load_part, restore_modules, stub_modules
+from interop_helpers import checkout, layer_weight, load_part, restore_modules, stub_modules
 from kohya_sd_scripts_naming import kohya_sdxl_module_name
 
 A1111_MODULES = ("network", "networks", "network_lora", "network_hada", "network_lokr", "lyco_helpers")

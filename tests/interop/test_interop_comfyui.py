@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import checkout, layer_weight, restore_modules, stub_modules
+from interop_helpers import checkout, layer_weight, restore_modules, stub_modules
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import load_part
+from interop_helpers import load_part
 from kohya_sd_scripts_naming import (LORA_PREFIX_TEXT_ENCODER, LORA_PREFIX_TEXT_ENCODER1, LORA_PREFIX_TEXT_ENCODER2,
                                      LORA_PREFIX_UNET, TEXT_ENCODER_TARGET_REPLACE_MODULE, UNET_TARGET_REPLACE_MODULE,
                                      UNET_TARGET_REPLACE_MODULE_CONV2D_3X3, kohya_lora_names, kohya_sdxl_module_name)

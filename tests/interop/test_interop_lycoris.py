@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import layer_weight
+from interop_helpers import layer_weight
 
 lycoris_functional = pytest.importorskip("lycoris.functional", reason="lycoris-lora is not installed (pip install lycoris-lora)")
 
