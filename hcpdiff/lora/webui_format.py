@@ -6,12 +6,14 @@ from typing import Iterable
 import torch
 
 from hcpdiff.errors import ModelError
+from hcpdiff.families.sd import StableDiffusion
+from hcpdiff.families.sdxl import StableDiffusionXL
 from hcpdiff.lora.lycoris_format import WEBUI_SUFFIXES, native_tensors, webui_tensors
 from hcpdiff.lora.state_io import layer_states
 
-WEBUI_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
-# kohya's SDXL files: U-Net layers by their original-layout names (ldm_names), te1 / te2 per encoder
-SDXL_WEBUI_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+# The families say their kohya prefixes; SDXL's U-Net layers go by their original-layout names (ldm_names).
+WEBUI_PREFIX = StableDiffusion.webui_prefixes
+SDXL_WEBUI_PREFIX = StableDiffusionXL.webui_prefixes
 DIFFUSERS_PREFIX = {"unet": "unet.", "transformer": "transformer.", "text_encoder": "text_encoder.",
                     "text_encoder_2": "text_encoder_2."}
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from accelerate import Accelerator
