@@ -1,11 +1,20 @@
 """Shared fixtures: one tiny random SD model per test session, datasets made per test."""
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import logging
 import os
+import resource
+import runpy
 import signal
 import socket
 import subprocess
 import sys
+import time
+import traceback
+import warnings
 from pathlib import Path
 
 import pytest
@@ -46,6 +55,7 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.Comple
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("HCP_DEBUG", None)
     command = [sys.executable, *args] if args[0] == "-m" else args
+    started, cpu_before = time.perf_counter(), _children_cpu()
     proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -57,7 +67,77 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.Comple
     finally:
         if proc.poll() is None:  # interrupted (Ctrl-C in pytest): leave nothing running
             kill_process_group(proc)
+    _log_cli_run(command, proc.returncode, time.perf_counter() - started, _children_cpu() - cpu_before)
     return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def run_in_process(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m module ...` run inside this test process (runpy, `__main__`, same argv), output captured.
+
+    For the many runs that stop at a config or input error: the entry point, its one-line error and exit status
+    are exactly the subprocess's, without ~5 s of torch / diffusers imports per run. Training runs that get past
+    setup belong in `run_cli` (a real process: accelerate state, signal handlers, threads). State an entry point
+    leaves in this process (logging handlers, warning filters, accelerate's singleton, the working directory) is
+    put back afterwards.
+    """
+    assert args[0] == "-m", args
+    loggers = [logging.getLogger(name) for name in ("hcpdiff", "hcpdiff.train.log")]
+    saved = [(list(logger.handlers), logger.level, logger.propagate) for logger in loggers]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    old_cwd, old_argv, old_env = os.getcwd(), sys.argv, dict(os.environ)
+    os.chdir(cwd)
+    sys.argv = [args[1], *args[2:]]
+    os.environ.pop("HCP_DEBUG", None)
+    code = 0
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            warnings.simplefilter("ignore")  # as run_cli's PYTHONWARNINGS=ignore
+            try:
+                runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+            except BaseException:  # what the interpreter would print and exit 1 with
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(old_cwd)
+        sys.argv = old_argv
+        os.environ.clear()
+        os.environ.update(old_env)
+        for logger, (handlers, level, propagate) in zip(loggers, saved):
+            for handler in logger.handlers:
+                if handler not in handlers:
+                    handler.close()
+            logger.handlers[:] = handlers
+            logger.setLevel(level)
+            logger.propagate = propagate
+        _reset_accelerate_state()
+    return subprocess.CompletedProcess([sys.executable, *args], code, stdout.getvalue(), stderr.getvalue())
+
+
+def _reset_accelerate_state() -> None:
+    if "accelerate" in sys.modules:
+        from accelerate.state import AcceleratorState, PartialState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        PartialState._reset_state()
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _log_cli_run(command: list[str], returncode: int, wall: float, cpu: float) -> None:
+    """With HCP_TEST_CLI_LOG=<file>, append one JSON line per CLI run (test, command, wall and CPU seconds): the
+    suite's time is mostly these runs, and this says which tests pay for how many."""
+    log = os.environ.get("HCP_TEST_CLI_LOG")
+    if not log:
+        return
+    record = {"test": os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0], "rc": returncode,
+              "wall": round(wall, 2), "cpu": round(cpu, 2), "cmd": " ".join(command[1:4])}
+    with open(log, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
 
 
 def kill_process_group(proc: subprocess.Popen) -> None:
@@ -74,6 +154,12 @@ def find_free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture
+def cli_in_process():
+    """The `run_in_process` helper: a CLI run that ends at an input error, without a new interpreter."""
+    return run_in_process
 
 
 @pytest.fixture

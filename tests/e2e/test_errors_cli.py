@@ -1,4 +1,8 @@
-"""Bad input: one line naming the key, file or pattern; exit status 2; no traceback."""
+"""Bad input: one line naming the key, file or pattern; exit status 2; no traceback.
+
+The first and last tests start the command as a user does (a new process); the cases between run the same entry point
+in-process (`cli_in_process`), which stops at the same error without paying the imports again.
+"""
 from __future__ import annotations
 
 import time
@@ -37,43 +41,43 @@ def test_unknown_override_key_suggests_nearest(workdir, demo_args, cli):
     assert not (workdir / "exps").exists()
 
 
-def test_missing_img_root_names_key_and_path(workdir, demo_args, cli):
-    result = cli([*demo_args, "data.dataset1.source.data_source1.img_root=no/such/folder"], cwd=workdir)
+def test_missing_img_root_names_key_and_path(workdir, demo_args, cli_in_process):
+    result = cli_in_process([*demo_args, "data.dataset1.source.data_source1.img_root=no/such/folder"], cwd=workdir)
     assert_one_line_error(result, "data.dataset1.source.data_source1.img_root", "no/such/folder")
 
 
-def test_caption_file_that_does_not_parse_names_file(workdir, demo_args, cli):
+def test_caption_file_that_does_not_parse_names_file(workdir, demo_args, cli_in_process):
     bad = workdir / "captions.json"
     bad.write_text('{"0": "a red circle",,}')
-    result = cli([*demo_args, f"data.dataset1.source.data_source1.caption_file={bad}"], cwd=workdir)
+    result = cli_in_process([*demo_args, f"data.dataset1.source.data_source1.caption_file={bad}"], cwd=workdir)
     assert_one_line_error(result, "captions.json")
 
 
-def test_lora_pattern_matching_no_layer_names_pattern(workdir, demo_args, cli):
-    result = cli([*demo_args, "lora_unet=[{lr: 1e-4, layers: ['re:.*\\.to_kk$']}]"], cwd=workdir)
+def test_lora_pattern_matching_no_layer_names_pattern(workdir, demo_args, cli_in_process):
+    result = cli_in_process([*demo_args, "lora_unet=[{lr: 1e-4, layers: ['re:.*\\.to_kk$']}]"], cwd=workdir)
     assert_one_line_error(result, "lora_unet", "to_kk")
 
 
-def test_typo_in_lora_group_field_is_refused(workdir, demo_args, cli):
-    result = cli([*demo_args, "lora_unet=[{lr: 1e-4, rnak: 8, layers: ['re:.*\\.to_k$']}]"], cwd=workdir)
+def test_typo_in_lora_group_field_is_refused(workdir, demo_args, cli_in_process):
+    result = cli_in_process([*demo_args, "lora_unet=[{lr: 1e-4, rnak: 8, layers: ['re:.*\\.to_k$']}]"], cwd=workdir)
     assert_one_line_error(result, "rnak", "rank")
 
 
-def test_unreachable_model_id_is_one_sentence_and_quick(workdir, demo_args, cli):
+def test_unreachable_model_id_is_one_sentence_and_quick(workdir, demo_args, cli_in_process):
     start = time.perf_counter()
-    result = cli([*demo_args, "model.pretrained_model_name_or_path=someone/not-cached-model"], cwd=workdir)
+    result = cli_in_process([*demo_args, "model.pretrained_model_name_or_path=someone/not-cached-model"], cwd=workdir)
     assert_one_line_error(result, "someone/not-cached-model")
     assert time.perf_counter() - start < 60  # no minutes of download retries
 
 
-def test_hcp_eval_refuses_code(workdir, demo_args, cli):
-    result = cli([*demo_args, "data.dataset1.bucket.target_area=${hcp.eval:\"__import__('os').getcwd()\"}"],
-                 cwd=workdir)
+def test_hcp_eval_refuses_code(workdir, demo_args, cli_in_process):
+    result = cli_in_process([*demo_args, "data.dataset1.bucket.target_area=${hcp.eval:\"__import__('os').getcwd()\"}"],
+                            cwd=workdir)
     assert_one_line_error(result, "hcp.eval")
 
 
-def test_bad_optimizer_argument_is_caught_before_loading_the_model(workdir, demo_args, cli):
-    result = cli([*demo_args, "+train.optimizer.weight_decy=0.1"], cwd=workdir)
+def test_bad_optimizer_argument_is_caught_before_loading_the_model(workdir, demo_args, cli_in_process):
+    result = cli_in_process([*demo_args, "+train.optimizer.weight_decy=0.1"], cwd=workdir)
     assert_one_line_error(result, "weight_decy", "train.optimizer")
 
 

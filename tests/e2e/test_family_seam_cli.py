@@ -23,10 +23,10 @@ def demo_args(workdir, tiny_model):
             f"data.dataset1.source.data_source1.caption_file={data}", "train.train_steps=1"]
 
 
-def test_top_level_typo_in_a_file_names_the_file_and_the_key(workdir, demo_args, cli, one_error_line):
+def test_top_level_typo_in_a_file_names_the_file_and_the_key(workdir, demo_args, cli_in_process, one_error_line):
     config = workdir / "my_run.yaml"
     config.write_text("_base_: cfgs/train/examples/demo_tiny.yaml\nmixed_precison: bf16\n")
-    result = cli(["-m", "hcpdiff.train_ac_single", "--cfg", str(config), *demo_args], cwd=workdir)
+    result = cli_in_process(["-m", "hcpdiff.train_ac_single", "--cfg", str(config), *demo_args], cwd=workdir)
     line = one_error_line(result)
     assert "`mixed_precison`" in line and "my_run.yaml" in line and "'mixed_precision'" in line
     assert not (workdir / "exps").exists()
@@ -40,9 +40,9 @@ def test_variables_that_values_interpolate_stay_allowed(workdir, demo_args, cli)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_group_for_a_part_the_model_lacks_names_the_parts_it_has(workdir, demo_args, cli, one_error_line):
-    result = cli(["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/demo_tiny.yaml", *demo_args,
-                  "lora_text_encoder_2=[{lr: 1e-4, layers: ['re:.*q_proj$']}]"], cwd=workdir)
+def test_group_for_a_part_the_model_lacks_names_the_parts_it_has(workdir, demo_args, cli_in_process, one_error_line):
+    result = cli_in_process(["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/demo_tiny.yaml",
+                             *demo_args, "lora_text_encoder_2=[{lr: 1e-4, layers: ['re:.*q_proj$']}]"], cwd=workdir)
     line = one_error_line(result)
     assert "lora_text_encoder_2" in line and "has no text_encoder_2" in line and "unet, text_encoder" in line
 

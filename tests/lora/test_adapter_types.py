@@ -200,13 +200,13 @@ def test_lora_convert_webui_round_trip_keeps_every_adapter_type(case: str, tiny_
         assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
 
 
-def test_to_webui_refuses_dora_in_one_line_naming_each_tool(cli, tiny_unet_factory, tmp_path: Path) -> None:
+def test_to_webui_refuses_dora_in_one_line_naming_each_tool(cli_in_process, tiny_unet_factory, tmp_path: Path) -> None:
     """No webui file renders peft's DoRA in both ComfyUI (base-weight norm) and A1111 (per-input-column scale only)."""
     unet = tiny_unet_factory()
     groups = trained(unet, "dora")
     save_lora(tmp_path / "unet-2.safetensors", lora_state_dict(unet), lora_metadata("unet", "tiny", groups, step=2))
-    done = cli(["-m", "hcpdiff.tools.lora_convert", "--to_webui", "--lora_path", "unet-2.safetensors",
-                "--dump_path", "webui.safetensors"], cwd=tmp_path)
+    done = cli_in_process(["-m", "hcpdiff.tools.lora_convert", "--to_webui", "--lora_path", "unet-2.safetensors",
+                           "--dump_path", "webui.safetensors"], cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), done.stderr
@@ -244,14 +244,14 @@ def test_from_webui_reads_lycoris_files_other_trainers_wrote(cli, tiny_unet_fact
         torch.testing.assert_close(unet.get_submodule(name).weight, want, atol=1e-5, rtol=1e-5)
 
 
-def test_from_webui_names_a_dora_scale_over_input_columns(cli, tiny_model_dir, tmp_path: Path) -> None:
+def test_from_webui_names_a_dora_scale_over_input_columns(cli_in_process, tiny_model_dir, tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     name = "lora_unet_" + TO_K.replace(".", "_")
     save_file({f"{name}.lora_down.weight": torch.zeros(2, 64), f"{name}.lora_up.weight": torch.zeros(64, 2),
                f"{name}.dora_scale": torch.ones(1, 64)}, str(tmp_path / "dora.safetensors"))
-    done = cli(["-m", "hcpdiff.tools.lora_convert", "--from_webui", "--lora_path", "dora.safetensors",
-                "--dump_path", "out", "--model", str(tiny_model_dir)], cwd=tmp_path)
+    done = cli_in_process(["-m", "hcpdiff.tools.lora_convert", "--from_webui", "--lora_path", "dora.safetensors",
+                           "--dump_path", "out", "--model", str(tiny_model_dir)], cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and name in last and "output row" in last, done.stderr

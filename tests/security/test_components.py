@@ -22,12 +22,14 @@ class Payload:
 
 
 @pytest.mark.e2e
-def test_visualizer_refuses_builtins_open_and_leaves_the_file_alone(cli, workdir, tiny_model, one_error_line):
+def test_visualizer_refuses_builtins_open_and_leaves_the_file_alone(cli_in_process, workdir, tiny_model,
+                                                                    one_error_line):
     victim = workdir / "precious.txt"
     victim.write_text("keep me")
-    result = cli(["-m", "hcpdiff.visualizer", "--cfg", "cfgs/infer/text2img.yaml", f"pretrained_model={tiny_model}",
-                  "prompt=a cat", "save.out_dir=imgs",
-                  f"new_components={{vae: {{_target_: builtins.open, file: {victim}, mode: w}}}}"], cwd=workdir)
+    result = cli_in_process(["-m", "hcpdiff.visualizer", "--cfg", "cfgs/infer/text2img.yaml",
+                             f"pretrained_model={tiny_model}", "prompt=a cat", "save.out_dir=imgs",
+                             f"new_components={{vae: {{_target_: builtins.open, file: {victim}, mode: w}}}}"],
+                            cwd=workdir)
     error = one_error_line(result)
     assert "new_components.vae._target_" in error and "builtins.open" in error
     assert victim.read_text() == "keep me"
@@ -35,24 +37,26 @@ def test_visualizer_refuses_builtins_open_and_leaves_the_file_alone(cli, workdir
 
 
 @pytest.mark.e2e
-def test_visualizer_refuses_torch_load_and_the_pickle_never_runs(cli, workdir, tiny_model, one_error_line):
+def test_visualizer_refuses_torch_load_and_the_pickle_never_runs(cli_in_process, workdir, tiny_model, one_error_line):
     marker = workdir / "pwned"
     with open(workdir / "evil.pt", "wb") as file:
         pickle.dump(Payload(marker), file)
-    result = cli(["-m", "hcpdiff.visualizer", "--cfg", "cfgs/infer/text2img.yaml", f"pretrained_model={tiny_model}",
-                  "prompt=a cat", "save.out_dir=imgs",
-                  "new_components={unet: {_target_: torch.load, f: evil.pt, weights_only: false}}"], cwd=workdir)
+    result = cli_in_process(["-m", "hcpdiff.visualizer", "--cfg", "cfgs/infer/text2img.yaml",
+                             f"pretrained_model={tiny_model}", "prompt=a cat", "save.out_dir=imgs",
+                             "new_components={unet: {_target_: torch.load, f: evil.pt, weights_only: false}}"],
+                            cwd=workdir)
     error = one_error_line(result)
     assert "new_components.unet._target_" in error and "torch.load" in error
     assert not marker.exists()
 
 
 @pytest.mark.e2e
-def test_training_config_refuses_a_payload_target_before_anything_runs(cli, workdir, tiny_model, one_error_line):
+def test_training_config_refuses_a_payload_target_before_anything_runs(cli_in_process, workdir, tiny_model,
+                                                                       one_error_line):
     marker = workdir / "pwned"
-    result = cli(["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/demo_tiny.yaml",
-                  f"model.pretrained_model_name_or_path={tiny_model}",
-                  f"train.optimizer={{_target_: os.system, command: 'touch {marker}'}}"], cwd=workdir)
+    result = cli_in_process(["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/demo_tiny.yaml",
+                             f"model.pretrained_model_name_or_path={tiny_model}",
+                             f"train.optimizer={{_target_: os.system, command: 'touch {marker}'}}"], cwd=workdir)
     error = one_error_line(result)
     assert "train.optimizer._target_" in error and "os.system" in error
     assert not marker.exists()

@@ -102,18 +102,18 @@ def test_visualizer_counts_must_be_positive():
 
 
 @pytest.mark.e2e
-def test_every_bad_value_is_reported_together_in_one_line(cli, workdir, tiny_model, one_error_line):
+def test_every_bad_value_is_reported_together_in_one_line(cli_in_process, workdir, tiny_model, one_error_line):
     (workdir / "bad.yaml").write_text(textwrap.dedent("""\
         _base_: [cfgs/train/examples/demo_tiny.yaml]
         train:
           max_grad_norm: -1
           save_step: 0
         """))
-    result = cli(["-m", "hcpdiff.train_ac_single", "--cfg", "bad.yaml",
-                  f"model.pretrained_model_name_or_path={tiny_model}", "unet_lr=-1", "train.train_steps=-5",
-                  "train.log_step=0", "train.gradient_accumulation_steps=0", "train.workers=-1",
-                  "mixed_precision=fp8", "data.dataset1.batch_size=0", "lora_unet.0.rank=0",
-                  "lora_unet.0.alpha=.nan"], cwd=workdir)
+    result = cli_in_process(["-m", "hcpdiff.train_ac_single", "--cfg", "bad.yaml",
+                             f"model.pretrained_model_name_or_path={tiny_model}", "unet_lr=-1",
+                             "train.train_steps=-5", "train.log_step=0", "train.gradient_accumulation_steps=0", "train.workers=-1",
+                             "mixed_precision=fp8", "data.dataset1.batch_size=0", "lora_unet.0.rank=0",
+                             "lora_unet.0.alpha=.nan"], cwd=workdir)
     error = one_error_line(result)
     for key in ("train.max_grad_norm", "train.save_step", "lora_unet[0].lr", "train.train_steps", "train.log_step",
                 "train.gradient_accumulation_steps", "train.workers", "mixed_precision",
@@ -176,8 +176,8 @@ def test_alias_bomb_in_a_yaml_caption_file(tmp_path):
 # --- item 7: messages --------------------------------------------------------------------------------------------
 
 @pytest.mark.e2e
-def test_a_type_error_in_a_group_is_the_only_line(cli, workdir, tiny_model, one_error_line):
-    error = one_error_line(cli([*demo_args(tiny_model), "unet_lr=abc"], cwd=workdir))
+def test_a_type_error_in_a_group_is_the_only_line(cli_in_process, workdir, tiny_model, one_error_line):
+    error = one_error_line(cli_in_process([*demo_args(tiny_model), "unet_lr=abc"], cwd=workdir))
     assert "`lora_unet[0].lr`: expected float, got str 'abc'" in error
     assert "no LoRA group" not in error
 
@@ -194,9 +194,9 @@ def test_hcp_eval_error_names_the_file_that_wrote_the_expression(tmp_path, monke
 
 
 @pytest.mark.e2e
-def test_shipped_configs_load_from_any_working_directory(cli, tmp_path):
+def test_shipped_configs_load_from_any_working_directory(cli_in_process, tmp_path):
     for cfg in ("cfgs/train/examples/lora_conventional.yaml", "cfgs/infer/t2i_dpmpp_vae.yaml"):
-        result = cli(["-m", "hcpdiff.tools.show_config", "--cfg", str(REPO_ROOT / cfg)], cwd=tmp_path)
+        result = cli_in_process(["-m", "hcpdiff.tools.show_config", "--cfg", str(REPO_ROOT / cfg)], cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         assert "Traceback" not in result.stderr
 

@@ -1,4 +1,8 @@
-"""LoRA files: a conversion never overwrites its input; an inconsistent file is one line naming file and layer."""
+"""LoRA files: a conversion never overwrites its input; an inconsistent file is one line naming file and layer.
+
+Refused runs go through the entry points in-process (`refuse`: same argv, exit status and stderr); the runs that
+convert or render start a process as a user does.
+"""
 from __future__ import annotations
 
 import os
@@ -27,31 +31,37 @@ def write_lora(path: Path, state: dict[str, torch.Tensor], base_model: str) -> P
     return path
 
 
-def convert(cli, cwd: Path, *args: str):
-    return cli(["-m", "hcpdiff.tools.lora_convert", *args], cwd=cwd)
+def convert(run, cwd: Path, *args: str):
+    return run(["-m", "hcpdiff.tools.lora_convert", *args], cwd=cwd)
+
+
+@pytest.fixture
+def refuse(cli_in_process):
+    """Runs a command expected to stop at an error, in-process (the conversions that succeed start a process)."""
+    return cli_in_process
 
 
 # --- item 2: a conversion never overwrites its source --------------------------------------------------------------
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("mode", ["--to_webui", "--to_diffusers"])
-def test_dump_path_equal_to_an_input_is_refused_and_the_input_kept(cli, tmp_path, tiny_model, mode, one_error_line):
+def test_dump_path_equal_to_an_input_is_refused_and_the_input_kept(refuse, tmp_path, tiny_model, mode, one_error_line):
     source = write_lora(tmp_path / "unet-1.safetensors", layer(), str(tiny_model))
     before = source.read_bytes()
     (tmp_path / "link.safetensors").symlink_to(source)
     for dump in (str(source), "unet-1.safetensors", "./sub/../unet-1.safetensors", "link.safetensors"):
         (tmp_path / "sub").mkdir(exist_ok=True)
-        error = one_error_line(convert(cli, tmp_path, mode, "--lora_path", str(source), "--dump_path", dump))
+        error = one_error_line(convert(refuse, tmp_path, mode, "--lora_path", str(source), "--dump_path", dump))
         assert "--dump_path" in error and "--lora_path" in error and "unet-1.safetensors" in error
         assert source.read_bytes() == before
     te = tmp_path / "te.safetensors"
     save_lora(te, {}, {"part": "text_encoder", "base_model": "", "step": "1", "groups": "[]"})
     te_before = te.read_bytes()
-    error = one_error_line(convert(cli, tmp_path, mode, "--lora_path", str(source), "--lora_path_TE", str(te),
+    error = one_error_line(convert(refuse, tmp_path, mode, "--lora_path", str(source), "--lora_path_TE", str(te),
                                    "--dump_path", "te.safetensors"))
     assert "--lora_path_TE" in error and te.read_bytes() == te_before
     os.link(source, tmp_path / "hard.safetensors")
-    one_error_line(convert(cli, tmp_path, mode, "--lora_path", str(source), "--dump_path", "hard.safetensors"))
+    one_error_line(convert(refuse, tmp_path, mode, "--lora_path", str(source), "--dump_path", "hard.safetensors"))
     assert source.read_bytes() == before
 
 
@@ -87,19 +97,20 @@ def test_inconsistent_state_names_file_and_layer(name):
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("name", ["rank mismatch", "integer dtype", "nan alpha", "missing lora_B"])
-def test_lora_convert_refuses_an_inconsistent_file_and_writes_nothing(cli, tmp_path, tiny_model, name, one_error_line):
+def test_lora_convert_refuses_an_inconsistent_file_and_writes_nothing(refuse, tmp_path, tiny_model, name,
+                                                                      one_error_line):
     source = write_lora(tmp_path / "bad.safetensors", BAD_STATES[name][0], str(tiny_model))
-    error = one_error_line(convert(cli, tmp_path, "--to_webui", "--lora_path", str(source),
+    error = one_error_line(convert(refuse, tmp_path, "--to_webui", "--lora_path", str(source),
                                    "--dump_path", "out.safetensors"))
     assert "bad.safetensors" in error and LAYER in error
     assert not (tmp_path / "out.safetensors").exists()
 
 
 @pytest.mark.e2e
-def test_lora_convert_refuses_layers_its_base_model_lacks(cli, tmp_path, tiny_model, one_error_line):
+def test_lora_convert_refuses_layers_its_base_model_lacks(refuse, tmp_path, tiny_model, one_error_line):
     state = {key.replace(LAYER, "down_blocks.7.attn.to_k"): value for key, value in layer().items()}
     source = write_lora(tmp_path / "alien.safetensors", state, str(tiny_model))
-    error = one_error_line(convert(cli, tmp_path, "--to_webui", "--lora_path", str(source),
+    error = one_error_line(convert(refuse, tmp_path, "--to_webui", "--lora_path", str(source),
                                    "--dump_path", "out.safetensors"))
     assert "alien.safetensors" in error and "down_blocks.7.attn.to_k" in error
     assert not (tmp_path / "out.safetensors").exists()
@@ -107,14 +118,14 @@ def test_lora_convert_refuses_layers_its_base_model_lacks(cli, tmp_path, tiny_mo
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("name", ["rank mismatch", "nan alpha", "unknown layer"])
-def test_visualizer_refuses_an_inconsistent_lora_before_rendering(cli, workdir, tiny_model, name, one_error_line):
+def test_visualizer_refuses_an_inconsistent_lora_before_rendering(refuse, workdir, tiny_model, name, one_error_line):
     if name == "unknown layer":
         state = {key.replace(LAYER, "down_blocks.7.attn.to_k"): value for key, value in layer().items()}
     else:
         state = BAD_STATES[name][0]
     source = write_lora(workdir / "bad.safetensors", state, str(tiny_model))
-    result = cli(["-m", "hcpdiff.visualizer", "--cfg", "cfgs/infer/t2i_lora.yaml", f"pretrained_model={tiny_model}",
-                  f"lora_path={source}", "prompt=a cat", "save.out_dir=imgs", *SMALL], cwd=workdir)
+    result = refuse(["-m", "hcpdiff.visualizer", "--cfg", "cfgs/infer/t2i_lora.yaml", f"pretrained_model={tiny_model}",
+                     f"lora_path={source}", "prompt=a cat", "save.out_dir=imgs", *SMALL], cwd=workdir)
     error = one_error_line(result)
     assert "bad.safetensors" in error and ("down_blocks.7.attn.to_k" in error or LAYER in error)
     assert not list(workdir.glob("imgs/*.png"))
