@@ -118,8 +118,8 @@ def test_render_blends_fine_tuned_tensors_by_alpha(workdir, demo_args, tiny_mode
     ("unet=[{lr: 1e-3, layer: [conv_in]}]", ["unet[0]", "layer"]),
     ("text_encoder_2=[{lr: 1e-3, layers: ['']}]", ["text_encoder_2"]),
 ])
-def test_bad_fine_tuning_group_is_one_line(workdir, demo_args, cli, override, words):
-    result = cli([*demo_args, override], cwd=workdir)
+def test_bad_fine_tuning_group_is_one_line(workdir, demo_args, cli_in_process, override, words):
+    result = cli_in_process([*demo_args, override], cwd=workdir)
     assert result.returncode == 2, result.stderr[-2000:]
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("error:") and all(word in line for word in words), line

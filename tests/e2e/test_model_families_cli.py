@@ -56,13 +56,13 @@ def test_single_file_checkpoint_trains(workdir, tiny_model, cli):
         assert opened.metadata()["base_model"] == str(single)
 
 
-def test_single_file_without_config_offline_fails_in_one_line(workdir, tiny_model, cli, monkeypatch):
+def test_single_file_without_config_offline_fails_in_one_line(workdir, tiny_model, cli_in_process, monkeypatch):
     from hcpdiff.tools.export_single_file import write_original_checkpoint
 
     single = write_original_checkpoint(tiny_model, workdir / "tiny-a1111.safetensors")
     data = make_demo_data(workdir / "data", num=1)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    result = cli(train_args(single, data), cwd=workdir)
+    result = cli_in_process(train_args(single, data), cwd=workdir)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "model.single_file_config" in errors[0], result.stderr[-2000:]

@@ -69,11 +69,11 @@ def test_sigterm_saves_a_resumable_checkpoint(workdir, demo_args):
     assert (workdir / f"exps/sig/ckpts/unet-{step}.safetensors").exists()
 
 
-def test_corrupt_checkpoint_is_named_not_loaded(workdir, demo_args, cli):
+def test_corrupt_checkpoint_is_named_not_loaded(workdir, demo_args, cli, cli_in_process):
     assert cli([*demo_args, "train.train_steps=2", "exp_dir=exps/run"], cwd=workdir).returncode == 0
     ckpt = workdir / "exps/run/ckpts/unet-2.safetensors"
     ckpt.write_bytes(ckpt.read_bytes()[:-100])  # a partial write
-    result = cli([*demo_args, "train.train_steps=4", "train.resume=exps/run"], cwd=workdir)
+    result = cli_in_process([*demo_args, "train.train_steps=4", "train.resume=exps/run"], cwd=workdir)
     assert result.returncode == 2
     assert "unet-2.safetensors" in result.stderr.strip().splitlines()[-1]
 

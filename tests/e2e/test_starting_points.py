@@ -35,9 +35,9 @@ def test_init_lora_continues_from_saved_weights(workdir, overrides, cli):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_init_lora_for_an_untrained_part_is_refused(workdir, overrides, cli):
-    result = cli(["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/demo_tiny.yaml", *overrides,
-                  "model.init_lora={text_encoder: x.safetensors}"], cwd=workdir)
+def test_init_lora_for_an_untrained_part_is_refused(workdir, overrides, cli_in_process):
+    result = cli_in_process(["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/demo_tiny.yaml",
+                             *overrides, "model.init_lora={text_encoder: x.safetensors}"], cwd=workdir)
     assert result.returncode == 2 and "model.init_lora.text_encoder" in result.stderr
 
 

@@ -131,7 +131,7 @@ def test_pruning_keeps_what_this_run_just_wrote(tmp_path):
 # ----------------------------------------------------------------------------------------------- as a user runs it
 
 @pytest.mark.e2e
-def test_cli_refuses_a_crafted_state_without_running_it(workdir, demo_args, cli, error_line):
+def test_cli_refuses_a_crafted_state_without_running_it(workdir, demo_args, cli, cli_in_process, error_line):
     """A resume folder whose state file was replaced by one carrying a payload: exit 2, one line, nothing ran."""
     first = cli([*demo_args, "train.train_steps=2", "exp_dir=exps/run"], cwd=workdir)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -139,7 +139,7 @@ def test_cli_refuses_a_crafted_state_without_running_it(workdir, demo_args, cli,
     state = workdir / "exps/run/state/step-2.pt"
     good = torch.load(state, weights_only=True)
     torch.save({**good, "lr_scheduler": Payload(marker)}, state)
-    result = cli([*demo_args, "train.train_steps=4", "train.resume=exps/run"], cwd=workdir)
+    result = cli_in_process([*demo_args, "train.train_steps=4", "train.resume=exps/run"], cwd=workdir)
     assert result.returncode == 2
     assert "step-2.pt" in error_line(result.stderr)
     assert not marker.exists(), "the state's payload ran"
@@ -151,11 +151,11 @@ def test_cli_refuses_a_crafted_state_without_running_it(workdir, demo_args, cli,
 
 
 @pytest.mark.e2e
-def test_cli_random_bytes_state_is_one_error_line(workdir, demo_args, cli, error_line):
+def test_cli_random_bytes_state_is_one_error_line(workdir, demo_args, cli, cli_in_process, error_line):
     first = cli([*demo_args, "train.train_steps=1", "exp_dir=exps/run"], cwd=workdir)
     assert first.returncode == 0, first.stderr[-3000:]
     (workdir / "exps/run/state/step-1.pt").write_bytes(random.Random(1).randbytes(2048))
-    result = cli([*demo_args, "train.train_steps=2", "train.resume=exps/run"], cwd=workdir)
+    result = cli_in_process([*demo_args, "train.train_steps=2", "train.resume=exps/run"], cwd=workdir)
     assert result.returncode == 2
     assert "exps/run/state/step-1.pt" in error_line(result.stderr)
     assert not (workdir / "exps/run/.hcpdiff.lock").exists()  # the refused resume let go of the folder

@@ -137,22 +137,23 @@ def test_failed_run_folder_is_removed_only_when_it_holds_no_outputs(tmp_path):
 @pytest.mark.e2e
 def test_cli_exp_dir_under_a_dangling_link(workdir, demo_args, cli, error_line):
     (workdir / "exps").symlink_to("/missing/disk")
-    result = cli([*demo_args, "train.train_steps=1", "exp_dir=exps/run"], cwd=workdir, timeout=120)
+    result = cli([*demo_args, "train.train_steps=1", "exp_dir=exps/run"], cwd=workdir, timeout=120)  # it once hung
     assert result.returncode == 2
     assert "/missing/disk" in error_line(result.stderr)
 
 
 @pytest.mark.e2e
-def test_cli_failed_runs_leave_no_empty_folder(workdir, demo_args, cli, tiny_model, error_line):
+def test_cli_failed_runs_leave_no_empty_folder(workdir, demo_args, cli_in_process, tiny_model, error_line):
     """A model that does not load, and a cache_dir the disk refuses (found after the folder was made): one error
     line each, and no experiment folder is left behind."""
-    bad_model = cli([*demo_args, "train.train_steps=1", "exp_dir=exps/bad_model",
-                     f"model.pretrained_model_name_or_path={workdir / 'no_model'}"], cwd=workdir)
+    bad_model = cli_in_process([*demo_args, "train.train_steps=1", "exp_dir=exps/bad_model",
+                                f"model.pretrained_model_name_or_path={workdir / 'no_model'}"], cwd=workdir)
     assert bad_model.returncode == 2
     assert "no_model" in error_line(bad_model.stderr)
     (workdir / "disk").write_text("a file")
-    bad_cache = cli([*demo_args, "train.train_steps=1", "exp_dir=exps/bad_cache", "data.dataset1.cache_latents=true",
-                     "data.dataset1.cache_dir=disk/latents"], cwd=workdir)
+    bad_cache = cli_in_process([*demo_args, "train.train_steps=1", "exp_dir=exps/bad_cache",
+                                "data.dataset1.cache_latents=true", "data.dataset1.cache_dir=disk/latents"],
+                               cwd=workdir)
     assert bad_cache.returncode == 2
     line = error_line(bad_cache.stderr)
     assert "data.dataset1.cache_dir" in line and "disk/latents" in line
@@ -160,7 +161,7 @@ def test_cli_failed_runs_leave_no_empty_folder(workdir, demo_args, cli, tiny_mod
 
 
 @pytest.mark.e2e
-def test_cli_resume_refuses_later_steps_and_pointless_lengths(workdir, demo_args, cli, error_line):
+def test_cli_resume_refuses_later_steps_and_pointless_lengths(workdir, demo_args, cli, cli_in_process, error_line):
     """Resuming state/step-2.pt of a finished 4-step run: refused naming steps 3, 4 (the folder would mix two runs);
     with train.resume_overwrite=true it replaces them, and ckpt_keep keeps this run's newest writes. A resume whose
     train_steps is not above the saved step is refused naming both numbers."""
@@ -169,12 +170,12 @@ def test_cli_resume_refuses_later_steps_and_pointless_lengths(workdir, demo_args
     ckpts = workdir / "exps/run/ckpts"
     original_4 = load_file(ckpts / "unet-4.safetensors")
 
-    nothing = cli([*demo_args, "train.train_steps=4", "train.resume=exps/run"], cwd=workdir)
+    nothing = cli_in_process([*demo_args, "train.train_steps=4", "train.resume=exps/run"], cwd=workdir)
     assert nothing.returncode == 2
     line = error_line(nothing.stderr)
     assert "step 4" in line and "train.train_steps is 4" in line
 
-    back = cli([*demo_args, "train.train_steps=4", "train.resume=exps/run/state/step-2.pt"], cwd=workdir)
+    back = cli_in_process([*demo_args, "train.train_steps=4", "train.resume=exps/run/state/step-2.pt"], cwd=workdir)
     assert back.returncode == 2
     line = error_line(back.stderr)
     assert "3, 4" in line and "train.resume_overwrite=true" in line

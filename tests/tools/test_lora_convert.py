@@ -93,12 +93,12 @@ def test_kohya_named_file_converts_with_default_layout(cli, tmp_path):
         (["--to_webui", "--lora_path", "TE"], "text_encoder LoRA"),
     ],
 )
-def test_wrong_input_is_one_error_line(cli, tmp_path, native_files, args, words):
+def test_wrong_input_is_one_error_line(cli_in_process, tmp_path, native_files, args, words):
     webui = tmp_path / "w.safetensors"
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}, str(webui))
     names = {"WEBUI": str(webui), "NATIVE": str(native_files[0]), "TE": str(native_files[1])}
     args = [names.get(a, a) for a in args]
-    done = convert(cli, tmp_path, *args, "--dump_path", str(tmp_path / "o.safetensors"))
+    done = convert(cli_in_process, tmp_path, *args, "--dump_path", str(tmp_path / "o.safetensors"))
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("error:") and words in lines[-1], done.stderr
@@ -235,8 +235,8 @@ def test_text_encoder_only_lora_converts_and_carries_sd1_metadata(cli, tmp_path,
 
 
 @pytest.mark.parametrize("mode", ["--to_webui", "--to_diffusers", "--from_webui"])
-def test_no_lora_given_is_one_error_line(cli, tmp_path, mode):
-    done = convert(cli, tmp_path, mode, "--dump_path", str(tmp_path / "o.safetensors"))
+def test_no_lora_given_is_one_error_line(cli_in_process, tmp_path, mode):
+    done = convert(cli_in_process, tmp_path, mode, "--dump_path", str(tmp_path / "o.safetensors"))
     assert done.returncode == 2 and "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "--lora_path" in lines[0], done.stderr
