@@ -25,10 +25,10 @@ def family_model(request, tmp_path_factory) -> tuple:
     return family, family.make_tiny(tmp_path_factory.mktemp(family.name) / "model", seed=0)
 
 
-def render(cli, workdir: Path, family, model: Path, lora: Path, alpha: float, size: int) -> np.ndarray:
+def render(run, workdir: Path, family, model: Path, lora: Path, alpha: float, size: int) -> np.ndarray:
     """One image from the family's shipped visualizer config with the LoRA at `alpha`."""
     out = workdir / f"render-{alpha}"
-    done = cli(["-m", "hcpdiff.visualizer", "--cfg", family.infer_config, f"pretrained_model={model}",
+    done = run(["-m", "hcpdiff.visualizer", "--cfg", family.infer_config, f"pretrained_model={model}",
                 f"lora_path={lora}", f"lora_alpha={alpha}", "prompt='a red circle'", f"save.out_dir={out}",
                 f"infer_args.width={size}", f"infer_args.height={size}", "infer_args.num_inference_steps=2"],
                cwd=workdir)
@@ -37,7 +37,7 @@ def render(cli, workdir: Path, family, model: Path, lora: Path, alpha: float, si
     return np.asarray(Image.open(image).convert("RGB"), dtype=np.int16)
 
 
-def test_family_trains_checkpoints_previews_and_renders(family_model, workdir, cli):
+def test_family_trains_checkpoints_previews_and_renders(family_model, workdir, cli, cli_in_process):
     family, model = family_model
     size = max(64, family.pixel_step(folder_config_reader(model)))
     data = make_demo_data(workdir / "data", num=2)
@@ -69,6 +69,7 @@ def test_family_trains_checkpoints_previews_and_renders(family_model, workdir, c
     preview = Image.open(exp / "preview" / "2-0.png")
     assert preview.size == (size, size)
 
-    base, adapted = (render(cli, workdir, family, model, ckpt, alpha, size) for alpha in (0.0, 1.0))
+    # training starts a process as the user's launch does; the renders run the visualizer's entry point in-process
+    base, adapted = (render(cli_in_process, workdir, family, model, ckpt, alpha, size) for alpha in (0.0, 1.0))
     assert base.shape == adapted.shape == (size, size, 3)
     assert np.abs(base - adapted).mean() > 0  # the LoRA changes the render

@@ -139,9 +139,9 @@ def train_args(model: Path, data: Path, *extra: str) -> list[str]:
     ("mixed_precision=fp16", "error: mixed_precision: fp16 makes FLUX.1 train NaN losses; use bf16"),
     ("train.loss.min_snr_gamma=5", "error: train.loss.min_snr_gamma: min_snr_gamma is a DDPM option, but a FLUX.1"),
 ])
-def test_settings_flux_cannot_train_with_are_one_error_line(workdir, tiny_flux, cli, override, message):
+def test_settings_flux_cannot_train_with_are_one_error_line(workdir, tiny_flux, cli_in_process, override, message):
     data = make_demo_data(workdir / "data", num=1)
-    result = cli(train_args(tiny_flux, data, override, "train.train_steps=1"), cwd=workdir)
+    result = cli_in_process(train_args(tiny_flux, data, override, "train.train_steps=1"), cwd=workdir)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(message), result.stderr[-2000:]

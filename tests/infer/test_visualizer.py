@@ -110,9 +110,9 @@ def test_new_components_example_with_a_vae_folder(workdir, tiny_model, unet_lora
 
 
 @pytest.mark.parametrize("override, words", [("infer_args.widht=64", "widht"), ("bogus=1", "bogus")])
-def test_bad_key_is_one_error_line(cli, workdir, tiny_model, override, words):
-    done = cli(["-m", "hcpdiff.visualizer", "--cfg", "cfgs/infer/text2img.yaml", f"pretrained_model={tiny_model}",
-                override], cwd=workdir)
+def test_bad_key_is_one_error_line(cli_in_process, workdir, tiny_model, override, words):
+    done = cli_in_process(["-m", "hcpdiff.visualizer", "--cfg", "cfgs/infer/text2img.yaml",
+                           f"pretrained_model={tiny_model}", override], cwd=workdir)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], done.stderr
