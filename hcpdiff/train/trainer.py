@@ -170,7 +170,9 @@ class Trainer:
         if not self.accelerator.is_main_process:  # one copy of each info line, from the main process
             logging.getLogger("hcpdiff").setLevel(logging.WARNING)
         if self.single_process and self.accelerator.num_processes > 1:
-            raise ConfigError("hcpdiff.train_ac_single runs one process; launch hcpdiff.train_ac for several")
+            from hcpdiff.train_ac_single import SEVERAL_PROCESSES
+
+            raise ConfigError(SEVERAL_PROCESSES)
         self.deepspeed_config = None
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             self.deepspeed_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
