@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 import torch
@@ -13,6 +12,7 @@ from hcpdiff.errors import ConfigError
 from hcpdiff.families import Family
 from hcpdiff.infer.specs import LoraItem, MergeGroup
 from hcpdiff.lora import load_checkpoint, merge_full_weights, merge_lora
+from hcpdiff.lora.layer_select import pattern_selects
 from hcpdiff.lora.state_io import layer_states, same_base_model
 from hcpdiff.models.parts import ModelParts
 
@@ -45,14 +45,9 @@ def build_pipeline(parts: ModelParts, new_components: DictConfig | dict) -> Any:
     return parts.family.build_pipeline(components, scheduler)
 
 
-def layer_matches(layer: str, patterns: list[str]) -> bool:
-    """True when a `re:` pattern full-matches the layer, or a plain pattern is the layer or one of its parents."""
-    for pattern in patterns:
-        if pattern.startswith("re:") and re.fullmatch(pattern[3:], layer):
-            return True
-        if not pattern.startswith("re:") and (pattern == "" or layer == pattern or layer.startswith(pattern + ".")):
-            return True
-    return False
+def layer_matches(layer: str, patterns: list[str], where: str) -> bool:
+    """True when one of `patterns` selects the layer as training's `layers:` does (the layer or a module holding it)."""
+    return any(pattern_selects(pattern, layer, f"`{where}.layers`") for pattern in patterns)
 
 
 def select_lora_layers(state: dict[str, torch.Tensor], layers: Any, where: str) -> dict[str, torch.Tensor]:
@@ -60,7 +55,8 @@ def select_lora_layers(state: dict[str, torch.Tensor], layers: Any, where: str) 
     if layers == "all":
         return state
     patterns = [layers] if isinstance(layers, str) else list(layers)
-    kept = {key: t for key, t in state.items() if layer_matches(key.rsplit(".", 2 if key.endswith("weight") else 1)[0], patterns)}
+    kept = {key: t for key, t in state.items()
+            if layer_matches(key.rsplit(".", 2 if key.endswith("weight") else 1)[0], patterns, where)}
     if not kept:
         raise ConfigError(f"`{where}.layers`: {patterns} match no layer of the LoRA file.")
     return kept
@@ -71,7 +67,7 @@ def select_full_tensors(full: dict[str, torch.Tensor], layers: Any, where: str) 
     if layers == "all":
         return full
     patterns = [layers] if isinstance(layers, str) else list(layers)
-    return {key: t for key, t in full.items() if layer_matches(key.rsplit(".", 1)[0], patterns)}
+    return {key: t for key, t in full.items() if layer_matches(key.rsplit(".", 1)[0], patterns, where)}
 
 
 def merge_groups_of(merge: Any) -> list[tuple[str, Any]]:

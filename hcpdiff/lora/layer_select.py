@@ -44,11 +44,30 @@ def match_modules(modules: dict[str, nn.Module], pattern: str, where: str) -> li
     """Names that `pattern` selects: `re:` full-matches the dotted name, anything else is one exact name."""
     if not pattern.startswith(REGEX_PREFIX):
         return [pattern] if pattern in modules else []
+    regex = compile_pattern(pattern, where)
+    return [name for name in modules if regex.fullmatch(name)]
+
+
+def compile_pattern(pattern: str, where: str) -> re.Pattern:
+    """The regular expression of a `re:` pattern; an invalid one is a config error naming `where`."""
     try:
-        regex = re.compile(pattern[len(REGEX_PREFIX) :])
+        return re.compile(pattern[len(REGEX_PREFIX):])
     except re.error as err:
         raise ConfigError(f"{where}: pattern '{pattern}' is not a valid regular expression ({err}).") from err
-    return [name for name in modules if regex.fullmatch(name)]
+
+
+def pattern_selects(pattern: str, layer: str, where: str = "layers") -> bool:
+    """Whether `pattern` selects `layer` as `select_layers` does: the pattern names the layer itself or a module
+    containing it (`re:` full-matching the dotted name, a plain name equal to it, `""` the whole model).
+
+    For filters over saved weights (the visualizer's `layers:` on a LoRA file), where no model is at hand.
+    """
+    parts = layer.split(".")
+    names = ["", *(".".join(parts[:i]) for i in range(1, len(parts) + 1))]  # the root, each parent, the layer
+    if pattern.startswith(REGEX_PREFIX):
+        regex = compile_pattern(pattern, where)
+        return any(regex.fullmatch(name) for name in names)
+    return pattern in names
 
 
 def adaptable_leaves(module: nn.Module, name: str) -> list[str]:

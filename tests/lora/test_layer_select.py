@@ -81,3 +81,23 @@ def test_match_without_any_linear_or_conv_is_an_error(tiny_unet) -> None:
 def test_invalid_regex_is_a_config_error(tiny_unet) -> None:
     with pytest.raises(ConfigError, match="not a valid regular expression"):
         select_layers(tiny_unet, ["re:(["], "w")
+
+
+@pytest.mark.parametrize("pattern", [
+    "", "down_blocks.1", "down_blocks.1.attentions.0.transformer_blocks.0.attn1", TO_K, "conv_in",
+    r"re:.*\.ff$", r"re:.*\.attn2", r"re:.*\.to_[qv]$", r"re:down_blocks\.\d+\.resnets\.\d+",
+])
+def test_weight_filters_select_what_training_selects(tiny_unet, pattern) -> None:
+    """The visualizer filters a LoRA file's layers with `pattern_selects` (no model at hand): it keeps exactly the
+    layers that `select_layers` gives the same pattern in training, containers and `re:` containers included."""
+    from hcpdiff.lora.layer_select import ADAPTABLE, pattern_selects
+
+    leaves = [name for name, module in tiny_unet.named_modules() if isinstance(module, ADAPTABLE)]
+    assert [name for name in leaves if pattern_selects(pattern, name)] == select_layers(tiny_unet, [pattern], "w")
+
+
+def test_weight_filter_with_a_broken_regex_names_the_key() -> None:
+    from hcpdiff.lora.layer_select import pattern_selects
+
+    with pytest.raises(ConfigError, match=r"merge\.group_unet.*not a valid regular expression"):
+        pattern_selects("re:to_(k", "a.to_k", "merge.group_unet.layers")
