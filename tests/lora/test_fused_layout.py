@@ -96,8 +96,8 @@ def test_flux_state_fuses_by_the_bfl_table_and_back() -> None:
                     "single_transformer_blocks.1.proj_mlp": lora(4 * WIDTH, 2, 2.0, 3),
                     "norm_out.linear": lora(2 * WIDTH, 2, 2.0, 4)})
     fused = native_to_fused(state, bfl_layer, "transformer")
-    assert set(fused) == {"double_blocks.0.img_attn.qkv", "double_blocks.0.txt_attn.qkv", "double_blocks.0.img_attn.proj",
-                          "single_blocks.1.linear1", "final_layer.adaLN_modulation.1"}
+    assert set(fused) == {"double_blocks.0.img_attn.qkv", "double_blocks.0.txt_attn.qkv",
+                          "double_blocks.0.img_attn.proj", "single_blocks.1.linear1", "final_layer.adaLN_modulation.1"}
     layers = [bfl_layer_of_webui_name(name.replace(".", "_")) for name in fused]
     back = fused_to_native(fused, layers, "transformer")
     assert set(back) == set(state)

@@ -251,7 +251,8 @@ def test_unexpressible_layer_is_one_error_line_and_nothing_written(flux_files, t
         run_cli(main, ["--to_webui", "--lora_path", str(native), "--dump_path", str(out)])
     assert exited.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith("error: transformer layer 'transformer_blocks.1.attn.to_q' is a LoHa")
+    assert err.count("\n") == 0
+    assert err.startswith("error: transformer layer 'transformer_blocks.1.attn.to_q' is a LoHa")
     assert "double_blocks.1.img_attn.qkv" in err and not out.exists()
 
 
