@@ -31,6 +31,9 @@ class Family:
     tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer",)
     other_folders: ClassVar[tuple[str, ...]] = ("vae", "scheduler")  # also required in a diffusers folder
     webui_prefixes: ClassVar[dict[str, str]] = {}  # part -> kohya / a1111 key prefix
+    # True: the family converts its kohya / ComfyUI files itself (the LoRA-file methods below); False: lora_convert
+    # writes SD's and SDXL's kohya names (`--sdxl`)
+    has_webui_layout: ClassVar[bool] = False
     train_config: ClassVar[str]  # the shipped example training config (cfgs/train/examples/...)
     infer_config: ClassVar[str]  # the shipped visualizer config with lora_path / lora_alpha (cfgs/infer/...)
     tiny_variants: ClassVar[tuple[str, ...]]  # `make_tiny_model --family` names this family builds; first = default
@@ -118,6 +121,32 @@ class Family:
         """The pipeline's prompt keyword arguments for prompts with `(word:1.2)` weights; `all_prompts` are every
         prompt of the render (long prompts size the token chunks of all of them)."""
         raise NotImplementedError
+
+    # ---------------------------------------------------------------------------------------- LoRA files
+    def is_webui_file(self, keys: list[str], metadata: dict[str, str]) -> bool:
+        """Whether a kohya / ComfyUI LoRA file (its keys and metadata) is of this family (with has_webui_layout)."""
+        return False
+
+    def native_to_webui(self, states: dict[str, dict[str, torch.Tensor]]
+                        ) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+        """Native LoRA states by part -> {part: {kohya layer name (prefix included): its native tensors}}, in the
+        family's kohya layout; a layer that layout cannot hold exactly is one ModelError naming it."""
+        raise NotImplementedError(f"{self.name}: no webui / kohya layout of its own")
+
+    def webui_to_native(self, state: dict[str, torch.Tensor], model_path: str | None
+                        ) -> dict[str, dict[str, torch.Tensor]]:
+        """A kohya file's tensors -> native LoRA states by part, with the same merged weights; `model_path` (a model
+        folder, or None) names layers the family's layout leaves open (text-encoder depth)."""
+        raise NotImplementedError(f"{self.name}: no webui / kohya layout of its own")
+
+    def webui_notes(self, states: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+        """Notes for the user on a kohya file of these native states: layers some tool would leave out."""
+        return []
+
+    def kohya_version(self, base_model: str | None) -> dict[str, str]:
+        """The kohya version metadata of a converted file: `ss_base_model_version`, `ss_v2`, `architecture` (the
+        `modelspec.architecture` without its adapter suffix) and `network_module` (kohya's for plain LoRA)."""
+        raise NotImplementedError(f"{self.name}: no webui / kohya layout of its own")
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"

@@ -6,16 +6,52 @@ resolution shift (`calculate_shift`, in the flow-matching objective).
 """
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
 
-from hcpdiff.errors import ConfigError
+from hcpdiff.errors import ConfigError, ModelError
 from hcpdiff.families.base import ConfigReader, Family
 
 PACKING = 2  # 2x2 latent cells form one transformer token
 DEV_MAX_SEQUENCE_LENGTH, SCHNELL_MAX_SEQUENCE_LENGTH = 512, 256  # T5 tokens, as Black Forest Labs trained them
+
+# BFL's original transformer layout, by which kohya, ComfyUI and Forge name FLUX LoRAs (`lora_unet_` + the dotted path
+# with underscores). {BFL layer: (the diffusers layers whose outputs it stacks, in row order; each one's output width
+# over the layer's input width)}, per double block, per single block and at the top level; it is the inverse of
+# diffusers' own single-file converter (convert_flux_transformer_checkpoint_to_diffusers). Every Linear of
+# FluxTransformer2DModel has a place here.
+BFL_DOUBLE_BLOCK = {
+    "img_attn.qkv": (("attn.to_q", "attn.to_k", "attn.to_v"), (1, 1, 1)),
+    "txt_attn.qkv": (("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), (1, 1, 1)),
+    "img_attn.proj": (("attn.to_out.0",), (1,)), "txt_attn.proj": (("attn.to_add_out",), (1,)),
+    "img_mlp.0": (("ff.net.0.proj",), (4,)), "img_mlp.2": (("ff.net.2",), (1,)),
+    "txt_mlp.0": (("ff_context.net.0.proj",), (4,)), "txt_mlp.2": (("ff_context.net.2",), (1,)),
+    "img_mod.lin": (("norm1.linear",), (6,)), "txt_mod.lin": (("norm1_context.linear",), (6,)),
+}
+BFL_SINGLE_BLOCK = {
+    "linear1": (("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), (1, 1, 1, 4)),  # FLUX's MLP ratio is 4
+    "linear2": (("proj_out",), (1,)), "modulation.lin": (("norm.linear",), (3,)),
+}
+BFL_TOP_LEVEL = {
+    "img_in": (("x_embedder",), (1,)), "txt_in": (("context_embedder",), (1,)),
+    "time_in.in_layer": (("time_text_embed.timestep_embedder.linear_1",), (1,)),
+    "time_in.out_layer": (("time_text_embed.timestep_embedder.linear_2",), (1,)),
+    "vector_in.in_layer": (("time_text_embed.text_embedder.linear_1",), (1,)),
+    "vector_in.out_layer": (("time_text_embed.text_embedder.linear_2",), (1,)),
+    "guidance_in.in_layer": (("time_text_embed.guidance_embedder.linear_1",), (1,)),
+    "guidance_in.out_layer": (("time_text_embed.guidance_embedder.linear_2",), (1,)),
+    "final_layer.linear": (("proj_out",), (1,)),
+    # BFL's final adaLN gives (shift, scale), diffusers' AdaLayerNormContinuous (scale, shift): the halves swap
+    "final_layer.adaLN_modulation.1": (("norm_out.linear",), (2,)),
+}
+BFL_SWAPPED_HALVES = ("final_layer.adaLN_modulation.1",)
+BFL_BLOCKS = {"double_blocks": ("transformer_blocks", BFL_DOUBLE_BLOCK),
+              "single_blocks": ("single_transformer_blocks", BFL_SINGLE_BLOCK)}
+KOHYA_TRANSFORMER_PREFIX = "lora_unet_"  # kohya's lora_flux.py (LORA_PREFIX_FLUX), for ComfyUI's sake
 
 
 def default_max_sequence_length(transformer_config: Any) -> int:
@@ -93,6 +129,64 @@ def encode_weighted_t5(tokenizer: Any, text_encoder: Any, prompts: list[str], ma
     return apply_weights(embeds, torch.tensor(weight_rows))
 
 
+def fused_bfl_layer(name: str, block: tuple[str, str] | None) -> Any:
+    """The FusedLayer of BFL layer `name` (relative to its block) in `block` ((double_blocks | single_blocks, its
+    number), None: top level)."""
+    from hcpdiff.lora.fused_layout import FusedLayer
+
+    table = BFL_TOP_LEVEL if block is None else BFL_BLOCKS[block[0]][1]
+    bfl_prefix = "" if block is None else f"{block[0]}.{block[1]}."
+    diffusers_prefix = "" if block is None else f"{BFL_BLOCKS[block[0]][0]}.{block[1]}."
+    pieces, ratios = table[name]
+    return FusedLayer(bfl_prefix + name, tuple(diffusers_prefix + piece for piece in pieces), ratios,
+                      swap_halves=name in BFL_SWAPPED_HALVES)
+
+
+def bfl_layer(layer: str) -> Any:
+    """(the BFL layer holding a diffusers transformer layer: a FusedLayer, the layer's place in it), or None."""
+    table, block, rest = BFL_TOP_LEVEL, None, layer
+    for bfl_block, (diffusers_block, block_table) in BFL_BLOCKS.items():
+        if match := re.fullmatch(rf"{diffusers_block}\.(\d+)\.(.+)", layer):
+            table, block, rest = block_table, (bfl_block, match[1]), match[2]
+            break
+    for name, (pieces, _) in table.items():
+        if rest in pieces:
+            return fused_bfl_layer(name, block), pieces.index(rest)
+    return None
+
+
+def bfl_layer_of_webui_name(webui_layer: str) -> Any:
+    """The BFL layer (a FusedLayer) that a kohya transformer layer name without its prefix
+    (`double_blocks_0_img_attn_qkv`) names, or None."""
+    table, block, rest = BFL_TOP_LEVEL, None, webui_layer
+    for bfl_block, (_, block_table) in BFL_BLOCKS.items():
+        if match := re.fullmatch(rf"{bfl_block}_(\d+)_(.+)", webui_layer):
+            table, block, rest = block_table, (bfl_block, match[1]), match[2]
+            break
+    name = next((name for name in table if name.replace(".", "_") == rest), None)
+    return None if name is None else fused_bfl_layer(name, block)
+
+
+def text_encoder_module_names(model_path: str | None) -> dict[str, list[str]]:
+    """{text_encoder (CLIP-L), text_encoder_2 (T5): module names}, from `model_path`'s configs or else FLUX.1's (12
+    CLIP layers, 24 T5 blocks, gated MLP), built on the meta device."""
+    from accelerate import init_empty_weights
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    if model_path is not None:
+        if not all((Path(model_path) / part / "config.json").is_file() for part in ("text_encoder", "text_encoder_2")):
+            raise ModelError(f"--model '{model_path}' is not a FLUX model folder (no text_encoder/ and "
+                             "text_encoder_2/ configs inside).")
+        clip_config = CLIPTextConfig.from_pretrained(model_path, subfolder="text_encoder")
+        t5_config = T5Config.from_pretrained(model_path, subfolder="text_encoder_2")
+    else:
+        clip_config = CLIPTextConfig(num_hidden_layers=12)
+        t5_config = T5Config(num_layers=24, feed_forward_proj="gated-gelu")
+    with init_empty_weights():
+        models = {"text_encoder": CLIPTextModel(clip_config), "text_encoder_2": T5EncoderModel(t5_config)}
+    return {part: [name for name, _ in model.named_modules() if name] for part, model in models.items()}
+
+
 class Flux(Family):
     """FLUX.1-dev and FLUX.1-schnell (`FluxPipeline`)."""
 
@@ -101,7 +195,10 @@ class Flux(Family):
     denoiser: ClassVar[str] = "transformer"
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")  # CLIP-L (pooled), T5 (sequence)
     tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
-    webui_prefixes: ClassVar[dict[str, str]] = {"transformer": "lora_unet_", "text_encoder": "lora_te1_"}
+    # kohya's lora_flux.py: lora_unet (the transformer, BFL layout), lora_te1 (CLIP-L), lora_te3 (T5; ComfyUI reads it)
+    webui_prefixes: ClassVar[dict[str, str]] = {"transformer": KOHYA_TRANSFORMER_PREFIX, "text_encoder": "lora_te1_",
+                                                "text_encoder_2": "lora_te3_"}
+    has_webui_layout: ClassVar[bool] = True
     train_config: ClassVar[str] = "cfgs/train/examples/lora_flux.yaml"
     infer_config: ClassVar[str] = "cfgs/infer/text2img_flux.yaml"
     tiny_variants: ClassVar[tuple[str, ...]] = ("flux", "flux-schnell")
@@ -193,3 +290,98 @@ class Flux(Family):
             pooled = pipe._get_clip_prompt_embeds(plain, device=pipe.text_encoder.device)
         return {"prompt_embeds": encode_weighted_t5(pipe.tokenizer_2, pipe.text_encoder_2, prompts, max_length),
                 "pooled_prompt_embeds": pooled, "max_sequence_length": max_length}
+
+    # ---------------------------------------------------------------------------------------- LoRA files
+    def is_webui_file(self, keys: list[str], metadata: dict[str, str]) -> bool:
+        """A kohya FLUX file: BFL layer names, a T5 (`lora_te3_`) layer, or kohya's FLUX version metadata."""
+        starts = tuple(f"{KOHYA_TRANSFORMER_PREFIX}{name.replace('.', '_')}"
+                       for name in (*BFL_BLOCKS, *BFL_TOP_LEVEL)) + (self.webui_prefixes["text_encoder_2"],)
+        version = metadata.get("ss_base_model_version", "") + " " + metadata.get("modelspec.architecture", "")
+        return "flux" in version or any(key.startswith(starts) for key in keys)
+
+    def native_to_webui(self, states: dict[str, dict[str, torch.Tensor]]
+                        ) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+        """{part: {kohya layer: its native tensors}}: the transformer in BFL's layout, q / k / v (and a single block's
+        MLP input) fused exactly into one LoRA each; the text encoders by their module paths."""
+        from hcpdiff.lora.fused_layout import native_to_fused
+        from hcpdiff.lora.state_io import layer_states
+        from hcpdiff.lora.webui_format import webui_name_map
+
+        out: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+        for part, state in states.items():
+            prefix = self.webui_prefixes[part]
+            if part == self.denoiser:
+                out[part] = {prefix + name.replace(".", "_"): parts
+                             for name, parts in native_to_fused(state, bfl_layer, part).items()}
+            else:
+                by_layer = layer_states(state)
+                names = webui_name_map(by_layer, part, self.webui_prefixes)
+                out[part] = {names[layer]: parts for layer, parts in by_layer.items()}
+        return out
+
+    def webui_to_native(self, state: dict[str, torch.Tensor], model_path: str | None
+                        ) -> dict[str, dict[str, torch.Tensor]]:
+        """Native states by part of a kohya FLUX file: BFL layers split back into diffusers layers (a fused q / k / v
+        LoRA into one per projection, exactly), text-encoder layers by the names of `model_path`'s encoders (else
+        FLUX.1's)."""
+        from hcpdiff.lora.fused_layout import fused_to_native
+        from hcpdiff.lora.lycoris_format import native_tensors
+        from hcpdiff.lora.webui_format import split_webui_key, webui_to_native
+
+        denoiser_prefix = self.webui_prefixes[self.denoiser]
+        transformer: dict[str, dict[str, torch.Tensor]] = {}
+        text = {key: tensor for key, tensor in state.items() if not key.startswith(denoiser_prefix)}
+        for key, tensor in state.items():
+            if key.startswith(denoiser_prefix):
+                webui_layer, suffix = split_webui_key(key)
+                transformer.setdefault(webui_layer, {})[suffix] = tensor
+        layers = {webui_layer: bfl_layer_of_webui_name(webui_layer.removeprefix(denoiser_prefix))
+                  for webui_layer in transformer}
+        if unknown := [webui_layer for webui_layer, layer in layers.items() if layer is None]:
+            more = f" ({len(unknown)} such layers)" if len(unknown) > 1 else ""
+            raise ModelError(f"webui LoRA layer '{unknown[0]}' is no layer of FLUX's original (BFL) layout{more}, "
+                             "whose names look like lora_unet_double_blocks_0_img_attn_qkv, "
+                             "lora_unet_single_blocks_0_linear1; nothing was written.")
+        states: dict[str, dict[str, torch.Tensor]] = {}
+        if transformer:
+            by_bfl = {layers[w].name: native_tensors(w, parts) for w, parts in transformer.items()}
+            states[self.denoiser] = fused_to_native(by_bfl, layers.values(), self.denoiser)
+        if text:
+            prefixes = {part: prefix for part, prefix in self.webui_prefixes.items() if part != self.denoiser}
+            states.update(webui_to_native(text, text_encoder_module_names(model_path), prefixes))
+        return states
+
+    def webui_notes(self, states: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+        """Layers a reader leaves out without an error: diffusers' kohya-FLUX reader (0.42) the T5 ones (a logged
+        warning) and the transformer's top-level ones (img_in, txt_in, time_in, vector_in, guidance_in, final_layer:
+        their converted keys lack the `transformer.` prefix, so they load into nothing); kohya's lora_flux builds no
+        LoRA module for final_layer (its network covers the blocks and, given weights, the input layers)."""
+        from hcpdiff.lora.state_io import layer_states
+
+        blocks = tuple(f"{block}." for block, _ in BFL_BLOCKS.values())
+        top_level = sorted(bfl_layer(layer)[0].name for layer in layer_states(states.get(self.denoiser, {}))
+                           if not layer.startswith(blocks))
+        final = [name for name in top_level if name.startswith("final_layer.")]
+        diffusers_drops = [f"the top-level transformer layers ({', '.join(top_level)})"] if top_level else []
+        if "text_encoder_2" in states:
+            diffusers_drops.append("the T5 (text_encoder_2, lora_te3_) layers")
+        notes = []
+        if diffusers_drops:
+            notes.append(f"diffusers' load_lora_weights leaves out {' and '.join(diffusers_drops)} of a kohya FLUX "
+                         "file (ComfyUI loads them); give diffusers a --to_diffusers file.")
+        if final:
+            notes.append(f"kohya's lora_flux leaves out {', '.join(final)} (ComfyUI loads them).")
+        return notes
+
+    def kohya_version(self, base_model: str | None) -> dict[str, str]:
+        """The version metadata kohya's lora_flux writes: `ss_base_model_version` flux1, `modelspec.architecture`
+        flux-1-dev / flux-1-schnell (from the base model folder's guidance embedding, else the hub id's name), else
+        flux-1."""
+        config = Path(base_model) / "transformer" / "config.json" if base_model else None
+        name = Path(base_model).name.lower() if base_model else ""
+        architecture = "flux-1-schnell" if "schnell" in name else "flux-1-dev" if "dev" in name else "flux-1"
+        if config is not None and config.is_file():
+            guidance = json.loads(config.read_text(encoding="utf-8")).get("guidance_embeds")
+            architecture = "flux-1-dev" if guidance else "flux-1-schnell"
+        return {"ss_base_model_version": "flux1", "ss_v2": "False", "architecture": architecture,
+                "network_module": "networks.lora_flux"}

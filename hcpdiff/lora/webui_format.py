@@ -24,8 +24,9 @@ def webui_layer_name(layer: str, part: str, prefixes: dict[str, str] = WEBUI_PRE
     `renames` gives a layer another path first, e.g. its original-layout U-Net name)."""
     layer = (renames or {}).get(layer, layer)
     # transformers 5 dropped `text_model.` from CLIPTextModel's names; kohya / a1111 / ComfyUI keep it. The projection
-    # of CLIPTextModelWithProjection sits beside text_model: ComfyUI reads `lora_te2_text_projection`
-    if part.startswith("text_encoder") and not layer.startswith(("text_model.", "text_projection")):
+    # of CLIPTextModelWithProjection sits beside text_model: ComfyUI reads `lora_te2_text_projection`. T5 (FLUX's
+    # text_encoder_2, `encoder.block.<i>...`) has no text_model: kohya and ComfyUI name its layers by their paths
+    if part.startswith("text_encoder") and not layer.startswith(("text_model.", "text_projection", "encoder.block.")):
         layer = "text_model." + layer
     return prefixes[part] + layer.replace(".", "_")
 

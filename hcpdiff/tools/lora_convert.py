@@ -1,4 +1,7 @@
-"""Convert LoRA files: hcpdiff native <-> webui (kohya / a1111, ComfyUI) and native -> diffusers.
+"""Convert LoRA files: hcpdiff native <-> webui (kohya / a1111, ComfyUI, Forge) and native -> diffusers.
+
+The family comes from a native file's metadata (a kohya file's from its names): FLUX.1 files use kohya's FLUX names
+in BFL's original layout (q / k / v fused exactly), SD and SDXL ones kohya's SD names (`--sdxl` for SDXL's).
 
 Alpha: hcpdiff, kohya and the webui all scale a layer by alpha / rank, so alpha is copied as is and the
 converted file has exactly the native effect. `--auto_scale_alpha` is kept for HCP-Diffusion v1 commands
@@ -19,20 +22,35 @@ from safetensors.torch import save_file
 
 from hcpdiff.cli import run_cli
 from hcpdiff.errors import ModelError
+from hcpdiff.families import FAMILIES, TRAINABLE_PARTS, Family, family_named
 from hcpdiff.lora.ldm_names import SDXL_UNET_CONFIG, ldm_unet_names
 from hcpdiff.lora.state_io import (FORMAT, FORMAT_VERSION, check_lora_state, layer_kind, layer_rank, layer_states,
                                    load_lora, save_lora)
+from hcpdiff.lora.lycoris_format import webui_tensors
 from hcpdiff.lora.webui_format import (SDXL_WEBUI_PREFIX, WEBUI_PREFIX, is_sdxl_webui_state, is_webui_state,
                                        native_to_diffusers, native_to_webui, webui_to_native)
 
-PARTS = ("unet", "text_encoder", "text_encoder_2")
+NativeParts = dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]  # part -> (native state, metadata)
 
 
 def denoiser_parts() -> tuple[str, ...]:
     """Every family's denoiser part (unet, transformer): what `--lora_path` takes."""
-    from hcpdiff.families import FAMILIES
-
     return tuple(dict.fromkeys(family.denoiser for family in FAMILIES))
+
+
+def own_layout_family(metadata: dict[str, str]) -> Family | None:
+    """The family a native file's metadata names, when that family converts its kohya files itself (FLUX)."""
+    family = family_named(metadata["family"]) if metadata.get("family") else None
+    return family if family is not None and family.has_webui_layout else None
+
+
+def files_family(parts: NativeParts) -> Family | None:
+    """The one family the given native files name in their metadata (None: none names one); two is an error."""
+    names = {metadata["family"] for _, metadata in parts.values() if metadata.get("family")}
+    if len(names) > 1:
+        raise ModelError(f"the LoRA files are of different model families ({', '.join(sorted(names))}); convert "
+                         "each family's files on their own.")
+    return family_named(names.pop()) if names else None
 
 
 def base_model_is_sdxl(base_model: str) -> bool:
@@ -56,12 +74,12 @@ def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
 
 def native_parts(
     lora_path: str | None, lora_path_te: str | None, lora_path_te2: str | None = None, sdxl: bool = False
-) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
+) -> NativeParts:
     """The native (state, metadata) given on the command line, by part (any subset, at least one); a file of another
-    part, or an SDXL file without `sdxl` (its webui names differ), is an error."""
+    part, or an SD-layout SDXL file without `sdxl` (its webui names differ), is an error."""
     if not lora_path and not lora_path_te and not lora_path_te2:
-        raise ModelError("give at least one native LoRA: --lora_path (U-Net), --lora_path_TE (text encoder), "
-                         "--lora_path_TE2 (SDXL's second text encoder).")
+        raise ModelError("give at least one native LoRA: --lora_path (U-Net or transformer), --lora_path_TE (text "
+                         "encoder), --lora_path_TE2 (SDXL's second text encoder, FLUX's T5).")
     parts = {}
     for part, path, flag in (("unet", lora_path, "--lora_path"), ("text_encoder", lora_path_te, "--lora_path_TE"),
                              ("text_encoder_2", lora_path_te2, "--lora_path_TE2")):
@@ -71,7 +89,9 @@ def native_parts(
                 part = metadata["part"]  # the denoiser of the file's family: a U-Net, or FLUX's transformer
             if metadata.get("part", part) != part:
                 raise ModelError(f"{flag} '{path}' is a {metadata['part']} LoRA; {flag} takes the {part} one.")
-            if not sdxl and (part == "text_encoder_2" or base_model_is_sdxl(metadata.get("base_model", ""))):
+            sd_layout = own_layout_family(metadata) is None  # a FLUX file's metadata says its family; no --sdxl
+            if not sdxl and sd_layout and (part == "text_encoder_2"
+                                           or base_model_is_sdxl(metadata.get("base_model", ""))):
                 raise ModelError(f"{flag} '{path}' is an SDXL LoRA; add --sdxl (kohya's SDXL names: lora_te1_ / lora_te2_).")
             check_layers_exist(state, path, part, metadata.get("base_model", ""))
             parts[part] = (state, metadata)
@@ -194,42 +214,69 @@ def refuse_dora(part: str, state: dict[str, torch.Tensor]) -> None:
             "dora.")
 
 
-def kohya_metadata(states: dict[str, dict[str, torch.Tensor]], sdxl: bool, v2: bool) -> dict[str, str]:
+def sd_kohya_version(sdxl: bool, v2: bool) -> dict[str, str]:
+    """kohya's version metadata of an SD1.x / SD2.x / SDXL LoRA (see Family.kohya_version)."""
+    return {"ss_base_model_version": "sdxl_base_v1-0" if sdxl else "sd_v2" if v2 else "sd_v1", "ss_v2": str(v2),
+            "architecture": "stable-diffusion-xl-v1-base" if sdxl else "stable-diffusion-v2" if v2
+            else "stable-diffusion-v1", "network_module": "networks.lora"}
+
+
+def kohya_metadata(states: dict[str, dict[str, torch.Tensor]], version: dict[str, str]) -> dict[str, str]:
     """The `ss_*` metadata kohya's train_network writes and the UIs read: A1111 files a LoRA under SD1 / SD2 / SDXL by
-    `ss_base_model_version` and `ss_v2` (NetworkOnDisk.detect_version) and hides those of another model family."""
+    `ss_base_model_version` and `ss_v2` (NetworkOnDisk.detect_version) and hides those of another model family.
+    `states` are native states by part (for a fused layout, the fused layers' tensors), `version` the family's."""
     layers = [parts for state in states.values() for parts in layer_states(state).values()]
     ranks = sorted({layer_rank(parts) for parts in layers})
     alphas = sorted({float(parts[".alpha"]) for parts in layers})
     kinds = sorted({layer_kind(parts) for parts in layers})
     lycoris = kinds != ["lora"]
-    family = "stable-diffusion-xl-v1-base" if sdxl else "stable-diffusion-v2" if v2 else "stable-diffusion-v1"
+    denoisers = set(denoiser_parts())
     return {
-        "ss_network_module": "lycoris.kohya" if lycoris else "networks.lora",
+        "ss_network_module": "lycoris.kohya" if lycoris else version["network_module"],
         "ss_network_dim": str(ranks[0]) if len(ranks) == 1 else "Dynamic",  # kohya's resize_lora writes Dynamic too
         "ss_network_alpha": f"{alphas[0]:g}" if len(alphas) == 1 else "Dynamic",
         "ss_network_args": json.dumps({"algo": kinds[0] if len(kinds) == 1 else "mixed"} if lycoris else {}),
-        "ss_base_model_version": "sdxl_base_v1-0" if sdxl else "sd_v2" if v2 else "sd_v1",
-        "ss_v2": str(v2),
-        "ss_network_train_unet_only": str(set(states) == {"unet"}),
-        "ss_network_train_text_encoder_only": str("unet" not in states),
-        "modelspec.architecture": f"{family}/{'lycoris' if lycoris else 'lora'}",
+        "ss_base_model_version": version["ss_base_model_version"],
+        "ss_v2": version["ss_v2"],
+        "ss_network_train_unet_only": str(set(states) <= denoisers),
+        "ss_network_train_text_encoder_only": str(not set(states) & denoisers),
+        "modelspec.architecture": f"{version['architecture']}/{'lycoris' if lycoris else 'lora'}",
         "ss_training_comment": "converted from hcpdiff native LoRA files by hcpdiff.tools.lora_convert --to_webui",
     }
 
 
-def refuse_unwritable_webui_parts(parts: dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]],
-                                  prefixes: dict[str, str]) -> None:
-    """One error for a part whose kohya / webui names this converter does not write (FLUX's transformer, in BFL's
-    fused layout), or whose family names it with another prefix than it would write; nothing is silently dropped."""
-    from hcpdiff.families import family_named
-
+def refuse_unwritable_webui_parts(parts: NativeParts, prefixes: dict[str, str]) -> None:
+    """One error for a part whose kohya / webui names the SD path does not write (a transformer file whose metadata
+    names no family), or whose family names it with another prefix than it would write; nothing is silently
+    dropped."""
     for part, (_, metadata) in parts.items():
         family = family_named(metadata["family"]) if metadata.get("family") else None
         wanted = family.webui_prefixes.get(part) if family is not None else prefixes.get(part)
         if part not in prefixes or wanted != prefixes[part]:
             shown = family.description if family is not None else part
-            raise ModelError(f"--to_webui: a {shown} {part} LoRA has no webui / kohya layout in hcpdiff yet "
-                             "(FLUX's is BFL's fused one); convert it with --to_diffusers")
+            raise ModelError(f"--to_webui: a {shown} {part} LoRA has no webui / kohya layout in hcpdiff (a file "
+                             "without a `family` in its metadata cannot tell which); convert it with --to_diffusers")
+
+
+def to_webui_of_family(args: argparse.Namespace, family: Family, parts: NativeParts) -> None:
+    """Write one kohya file in a family's own layout (FLUX: BFL's), with the metadata kohya writes for it."""
+    if args.sdxl:
+        raise ModelError(f"--sdxl: the LoRA files are {family.description} ones (their metadata says so); "
+                         "leave --sdxl out.")
+    states = {part: state for part, (state, _) in parts.items()}
+    for part, state in states.items():
+        refuse_dora(part, state)
+    by_part = family.native_to_webui(states)
+    webui = {layer + suffix: tensor for layers in by_part.values() for layer, native in layers.items()
+             for suffix, tensor in webui_tensors(native).items()}
+    written = {part: {layer + suffix: tensor for layer, native in layers.items() for suffix, tensor in native.items()}
+               for part, layers in by_part.items()}  # fused layers as kohya will read them
+    base_model = args.model or next((meta["base_model"] for _, meta in parts.values() if meta.get("base_model")), None)
+    for note in family.webui_notes(states):
+        print(f"note: {note}", file=sys.stderr)
+    save_file({k: v.contiguous() for k, v in webui.items()}, args.dump_path,
+              metadata=kohya_metadata(written, family.kohya_version(base_model)))
+    print(f"wrote {len(webui)} tensors to {args.dump_path}")
 
 
 def to_webui(args: argparse.Namespace) -> None:
@@ -237,6 +284,9 @@ def to_webui(args: argparse.Namespace) -> None:
     webui: dict[str, torch.Tensor] = {}
     prefixes = SDXL_WEBUI_PREFIX if args.sdxl else WEBUI_PREFIX
     parts = native_parts(args.lora_path, args.lora_path_TE, args.lora_path_TE2, args.sdxl)
+    if (family := files_family(parts)) is not None and family.has_webui_layout:
+        to_webui_of_family(args, family, parts)
+        return
     refuse_unwritable_webui_parts(parts, prefixes)
     states = {part: state for part, (state, _) in parts.items()}
     base_model = args.model or next(
@@ -251,7 +301,7 @@ def to_webui(args: argparse.Namespace) -> None:
         if part != "unet" and (note := dropped_attention_note(part, state, args.sdxl, v2)):
             print(note, file=sys.stderr)
     save_file({k: v.contiguous() for k, v in webui.items()}, args.dump_path,
-              metadata=kohya_metadata(states, args.sdxl, v2))
+              metadata=kohya_metadata(states, sd_kohya_version(args.sdxl, v2)))
     print(f"wrote {len(webui)} tensors to {args.dump_path}")
 
 
@@ -265,10 +315,15 @@ def to_diffusers(args: argparse.Namespace) -> None:
 
 
 def from_webui(args: argparse.Namespace) -> None:
-    """Write `<dump_path>/unet-<name>.safetensors` (and `text_encoder-<name>...`) as native files."""
+    """Write `<dump_path>/<part>-<name>.safetensors` (unet or transformer, text_encoder, ...) as native files."""
     if not args.lora_path:
         raise ModelError("--from_webui: give --lora_path, the webui / kohya file to convert.")
     state, metadata = read_safetensors(args.lora_path)
+    if metadata.get("format") != FORMAT and (family := webui_file_family(state, metadata)) is not None:
+        if args.sdxl:
+            raise ModelError(f"--from_webui: '{args.lora_path}' is a {family.description} LoRA; leave --sdxl out.")
+        write_native_files(family.webui_to_native(state, args.model), args, family.name)
+        return
     if metadata.get("format") == FORMAT or not is_webui_state(state):
         raise ModelError(f"--from_webui: '{args.lora_path}' is not a webui LoRA (keys lora_unet_... / lora_te_...).")
     if is_sdxl_webui_state(state) and not args.sdxl:
@@ -280,6 +335,18 @@ def from_webui(args: argparse.Namespace) -> None:
     # U-Net layers are read by their diffusers-style and their original-layout names, as ComfyUI reads them
     states = webui_to_native(state, module_names(models), SDXL_WEBUI_PREFIX if args.sdxl else WEBUI_PREFIX,
                              {"unet": unet_ldm_renames(models)})
+    write_native_files(states, args)
+
+
+def webui_file_family(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> Family | None:
+    """The family of a kohya file among those that read their own layout (FLUX), by its names and metadata."""
+    return next((family for family in FAMILIES
+                 if family.has_webui_layout and family.is_webui_file(list(state), metadata)), None)
+
+
+def write_native_files(states: dict[str, dict[str, torch.Tensor]], args: argparse.Namespace,
+                       family: str | None = None) -> None:
+    """Write each part's native state as `<dump_path>/<part>-<name of the webui file>.safetensors`."""
     out_dir = Path(args.dump_path)
     for part, part_state in states.items():
         path = out_dir / f"{part}-{Path(args.lora_path).stem}.safetensors"
@@ -291,6 +358,8 @@ def from_webui(args: argparse.Namespace) -> None:
                    "rank": ranks[0] if len(ranks) == 1 else ranks, "source": args.lora_path}]
         info = {"format": FORMAT, "format_version": FORMAT_VERSION, "part": part, "step": "0",
                 "base_model": args.model or "", "groups": json.dumps(groups)}
+        if family is not None:  # --to_webui reads the family back from it
+            info["family"] = family
         save_lora(path, part_state, info)
         print(f"wrote {path}")
 
@@ -310,7 +379,8 @@ def refuse_overwriting_sources(args: argparse.Namespace) -> None:
     sources = {flag: Path(path) for flag, path in (("--lora_path", args.lora_path), ("--lora_path_TE", args.lora_path_TE),
                                                    ("--lora_path_TE2", args.lora_path_TE2)) if path}
     if args.from_webui and args.lora_path:  # the folder's files, named as from_webui names them
-        outputs = [Path(args.dump_path) / f"{part}-{Path(args.lora_path).stem}.safetensors" for part in PARTS]
+        outputs = [Path(args.dump_path) / f"{part}-{Path(args.lora_path).stem}.safetensors"
+                   for part in TRAINABLE_PARTS]
         outputs.append(Path(args.dump_path))
     else:
         outputs = [Path(args.dump_path)]
@@ -333,14 +403,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the denoiser's LoRA (native: U-Net, or FLUX's transformer), if any; with --from_webui "
                              "the webui file (required)")
     parser.add_argument("--lora_path_TE", default=None, help="text-encoder LoRA (native), if any")
-    parser.add_argument("--lora_path_TE2", default=None, help="SDXL: second text-encoder LoRA (native), if any")
+    parser.add_argument("--lora_path_TE2", default=None,
+                        help="second text-encoder LoRA (native: SDXL's OpenCLIP, FLUX's T5), if any")
     parser.add_argument("--sdxl", action="store_true",
-                        help="SDXL LoRA: kohya's SDXL names (lora_unet_ + original-layout U-Net names, lora_te1_, "
-                             "lora_te2_); --from_webui needs --model")
+                        help="SDXL LoRA (SD-layout files cannot tell; FLUX files say their family): kohya's SDXL "
+                             "names (lora_unet_ + original-layout U-Net names, lora_te1_, lora_te2_); --from_webui "
+                             "needs --model")
     parser.add_argument("--dump_path", required=True, help="output file (a folder with --from_webui)")
     parser.add_argument("--model", default=None,
-                        help="base model folder whose module names decode (--from_webui) or number (--to_webui --sdxl) "
-                             "the layers; default: the native file's base_model folder, else SD1.x/2.x's (SDXL's) layout")
+                        help="base model folder whose module names decode (--from_webui; for FLUX, its text "
+                             "encoders') or number (--to_webui --sdxl) the layers; default: the native file's "
+                             "base_model folder, else SD1.x/2.x's (SDXL's, FLUX.1's) layout")
     parser.add_argument("--auto_scale_alpha", action="store_true",
                         help="accepted for HCP-Diffusion v1 commands; hcpdiff alpha already means scale = alpha / rank "
                              "as in the webui, so alpha is copied unchanged and the effect stays exact")
