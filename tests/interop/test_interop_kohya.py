@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -11,6 +12,12 @@ from interop_helpers import load_part
 from kohya_sd_scripts_naming import (LORA_PREFIX_TEXT_ENCODER, LORA_PREFIX_TEXT_ENCODER1, LORA_PREFIX_TEXT_ENCODER2,
                                      LORA_PREFIX_UNET, TEXT_ENCODER_TARGET_REPLACE_MODULE, UNET_TARGET_REPLACE_MODULE,
                                      UNET_TARGET_REPLACE_MODULE_CONV2D_3X3, kohya_lora_names, kohya_sdxl_module_name)
+
+
+@pytest.fixture
+def cli(cli_in_process):
+    """lora_convert runs in-process here (same argv, exit status and output); test_lora_convert.py starts a process."""
+    return cli_in_process
 
 
 def test_full_size_sdxl_original_names_equal_kohyas_conversion_map() -> None:

@@ -13,6 +13,12 @@ UNET_LAYERS = [r"re:.*\.attn.?$", r"re:.*\.ff$", r"re:.*\.proj_in$"]
 TE_LAYERS = [r"re:.*mlp\.fc1$"]
 
 
+@pytest.fixture
+def cli(cli_in_process):
+    """lora_convert runs in-process here (same argv, exit status and output); test_lora_convert.py starts a process."""
+    return cli_in_process
+
+
 def make_native(model, part: str, layers: list[str], path: Path, base_model: Path, seed: int) -> Path:
     """A rank-4 (alpha 2) LoRA with random nonzero weights, saved natively with `base_model` in its metadata."""
     groups = attach_lora(model, [LoraGroupSpec(lr=1e-4, layers=layers, rank=4, alpha=2.0)], part, f"lora_{part}")
