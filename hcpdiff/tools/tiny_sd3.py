@@ -33,15 +33,23 @@ def build_clip(width: int, vocab_size: int, bos_id: int, eos_id: int, pad_id: in
     ))
 
 
+POSTERIOR_LOGVAR = -10.0  # a trained VAE's posterior is nearly a point (std ~ 0.007), not random init's std ~ 1
+
+
 def build_sd3_vae() -> AutoencoderKL:
-    """4 blocks (8x, as the real VAE), 16 latent channels, no quant convs, SD3's shift and scale."""
+    """4 blocks (8x, as the real VAE), 16 latent channels, no quant convs, SD3's shift and scale, and a narrow
+    posterior as a trained VAE has: with random init's (std ~ 1, x 1.53 scale) each step's latent sample would be
+    mostly noise that no denoiser can learn, and a one-image overfit would show nothing."""
     blocks = 4
-    return AutoencoderKL(
+    vae = AutoencoderKL(
         in_channels=3, out_channels=3, block_out_channels=(8, 16, 16, 16),
         down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
         latent_channels=LATENT_CHANNELS, layers_per_block=1, norm_num_groups=8, sample_size=256,
         scaling_factor=SD3_VAE_SCALE, shift_factor=SD3_VAE_SHIFT, use_quant_conv=False, use_post_quant_conv=False,
     )
+    with torch.no_grad():  # the encoder's last conv gives (mean, logvar) channels
+        vae.encoder.conv_out.bias[LATENT_CHANNELS:] = POSTERIOR_LOGVAR
+    return vae
 
 
 def build_sd3_transformer(sd35: bool) -> SD3Transformer2DModel:
