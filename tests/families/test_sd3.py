@@ -5,6 +5,7 @@ loss falls, whose checkpoints hold the matched layers, whose LoRA the visualizer
 file StableDiffusion3Pipeline.load_lora_weights renders to the same image."""
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -83,6 +84,38 @@ def test_prompt_args_weight_clip_and_t5_states(sd3_pipe):
     assert torch.allclose(weighted["pooled_prompt_embeds"], pooled, atol=1e-5)  # pooled text is unweighted
     changed = (weighted["prompt_embeds"] - embeds).abs().amax(dim=-1)[0]
     assert changed[:77].max() > 1e-3 and changed[77:].max() > 1e-3  # both the CLIP and the T5 rows are weighted
+
+
+def test_text_encoder_loras_train_through_the_conditioner(tiny_sd3):
+    """lora_text_encoder / _2 / _3 (T5, when a config asks): each set_text_encoder index reaches its encoder."""
+    from hcpdiff.lora import LoraGroupSpec, attach_lora
+
+    parts = load_model_parts(str(tiny_sd3))
+    conditioner = SD3.build_conditioner(parts.components, 1, 0)
+    patterns = {"text_encoder": r"re:.*self_attn$", "text_encoder_2": r"re:.*self_attn$",
+                "text_encoder_3": r"re:.*SelfAttention\.(q|v)$"}
+    params, copies = {}, {}
+    for index, (part, pattern) in enumerate(patterns.items()):
+        # a copy stands in for the prepared (wrapped) module: only set_text_encoder can route prompts through it
+        encoder = copy.deepcopy(parts.components[part]).requires_grad_(False)
+        attach_lora(encoder, [LoraGroupSpec(lr=1e-4, layers=[pattern], rank=2)], part, f"lora_{part}")
+        params[part] = [p for name, p in encoder.named_parameters() if "lora_A" in name]
+        conditioner.set_text_encoder(encoder, index)
+        copies[part] = encoder
+        with torch.no_grad():  # lora_B starts at 0, which blocks lora_A's gradient
+            for name, param in encoder.named_parameters():
+                if "lora_B" in name:
+                    param.fill_(0.1)
+    conditioning = conditioner(["a red circle"], {}, torch.device("cpu"))
+    adapted = StableDiffusion3Pipeline(**{**parts.components, **copies, "scheduler": parts.noise_scheduler})
+    embeds, _, pooled, _ = adapted.encode_prompt("a red circle", None, None, device="cpu",
+                                                 do_classifier_free_guidance=False)
+    assert torch.equal(conditioning["encoder_hidden_states"], embeds)  # each copy sits in its own encoder's place
+    assert torch.equal(conditioning["pooled_projections"], pooled)
+    prediction = SD3.denoise(parts.transformer, torch.randn(1, 16, 4, 4), torch.tensor([0.5]), conditioning)
+    prediction.square().mean().backward()
+    for part, lora_params in params.items():
+        assert lora_params and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_params), part
 
 
 def test_denoise_is_the_pipelines_transformer_call_at_sigma_times_1000(sd3_pipe):
