@@ -168,9 +168,10 @@ def free_port():
     return find_free_port
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def cli():
-    """The `run_cli` helper, as a fixture so test modules need no imports from conftest."""
+    """The `run_cli` helper, as a fixture so test modules need no imports from conftest (session-scoped, so a
+    module-scoped fixture can share one run among its tests)."""
     return run_cli
 
 

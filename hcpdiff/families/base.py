@@ -10,6 +10,8 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
+from hcpdiff.errors import ConfigError
+
 ConfigReader = Callable[[str], "dict[str, Any] | None"]  # folder name -> its config.json / scheduler_config.json
 
 
@@ -30,6 +32,7 @@ class Family:
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)  # in the conditioner's order
     tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer",)
     other_folders: ClassVar[tuple[str, ...]] = ("vae", "scheduler")  # also required in a diffusers folder
+    t5_parts: ClassVar[tuple[str, ...]] = ()  # a T5 encoder and tokenizer the model renders without (`drop_t5`)
     webui_prefixes: ClassVar[dict[str, str]] = {}  # part -> kohya / a1111 key prefix
     # True: the family converts its kohya / ComfyUI files itself (the LoRA-file methods below); False: lora_convert
     # writes SD's and SDXL's kohya names (`--sdxl`)
@@ -53,6 +56,16 @@ class Family:
     def matches(cls, index: dict[str, Any], read_config: ConfigReader) -> bool:
         """Whether a diffusers folder (its model_index.json and part configs) is of this family."""
         raise NotImplementedError
+
+    def dropped_parts(self, drop_t5: bool, key: str) -> tuple[str, ...]:
+        """The parts left unloaded (None in the components): with `drop_t5` (the config's `key`) the T5 encoder and
+        tokenizer; one ConfigError when this family cannot do without its T5 or has none."""
+        if not drop_t5:
+            return ()
+        if not self.t5_parts:
+            raise ConfigError(f"{key}: a {self.description} model has no T5 encoder it can run without; "
+                              "remove drop_t5")
+        return self.t5_parts
 
     def part_loaders(self, source: str, common: dict[str, Any]) -> dict[str, Callable[[], Any]]:
         """part name -> a function loading it with its library's from_pretrained (`common`: revision, local_files_only)."""

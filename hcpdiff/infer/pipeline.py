@@ -96,6 +96,8 @@ def merge_all(pipe: Any, merge: Any, family: Family, base_model: str = "") -> li
             raise ConfigError(f"`{where}.type`: '{group.type}' is not a part of this {family.description} model; "
                               f"use one of {', '.join([*family.trainable_parts, *aliases])}.")
         model = getattr(pipe, part)
+        if model is None:
+            raise ConfigError(f"`{where}.type`: the {part} is not loaded (drop_t5: true), so nothing can merge into it.")
         items = [read_fields(item, f"{where}.lora.{i}", LoraItem) for i, item in enumerate(group.lora)]
         loaded = []
         for item in items:

@@ -39,7 +39,7 @@ def generate(cfg: DictConfig) -> list[Path]:
     if spec.dtype not in DTYPES:
         raise ConfigError(f"`dtype`: '{spec.dtype}' is not one of {sorted(DTYPES)}.")
     prompts = prompt_list(spec.prompt)
-    parts = load_model_parts(spec.pretrained_model, where="pretrained_model")
+    parts = load_model_parts(spec.pretrained_model, where="pretrained_model", drop_t5=spec.drop_t5)
     pipe = build_pipeline(parts, spec.new_components)
     # once, before sampling; fp32 weights, then cast
     lora_paths = merge_all(pipe, spec.merge, parts.family, spec.pretrained_model)

@@ -60,6 +60,7 @@ class VisualizerSpec:
     dtype: str = "fp32"  # fp32 | fp16 | bf16
     device: str = "auto"  # auto: cuda when available, else cpu
     clip_skip: int = 0
+    drop_t5: bool = False  # SD3: render without the T5 encoder (zeros in its place, as diffusers); not loaded at all
     infer_args: dict = field(default_factory=dict)
     new_components: dict = field(default_factory=dict)
     merge: Any = None

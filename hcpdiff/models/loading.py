@@ -28,15 +28,22 @@ def looks_like_path(name_or_path: str) -> bool:
     )
 
 
-def check_model_folder(folder: Path, where: str, shown: str) -> Family:
-    """The family of a local diffusers folder, after checking it has every part folder the family needs."""
+def sibling_key(where: str, name: str) -> str:
+    """The config key `name` beside the key `where` (model.pretrained_model_name_or_path -> model.<name>)."""
+    return where.rsplit(".", 1)[0] + "." + name if "." in where else name
+
+
+def check_model_folder(folder: Path, where: str, shown: str, drop_t5: bool = False) -> Family:
+    """The family of a local diffusers folder, after checking it has every part folder the family needs (a T5
+    left out with `drop_t5` need not be there)."""
     index_file = folder / "model_index.json"
     index = json.loads(index_file.read_text(encoding="utf-8")) if index_file.is_file() else {}
     read_config = folder_config_reader(folder)
     family = next((f for f in FAMILIES if f.matches(index, read_config)), None)
     if family is None:  # no family recognised: name what the closest one misses
         family = min(FAMILIES, key=lambda f: sum(not (folder / p).is_dir() for p in f.required_folders))
-    missing = [part for part in family.required_folders if not (folder / part).is_dir()]
+    dropped = family.t5_parts if drop_t5 else ()
+    missing = [part for part in family.required_folders if part not in dropped and not (folder / part).is_dir()]
     if missing:
         raise ModelError(
             f"{where}: the model folder '{shown}' has no {', '.join(p + '/' for p in missing)} (expected a diffusers "
@@ -60,13 +67,17 @@ def transformers_progress_off() -> Iterator[None]:
 
 
 def load_parts(source: str, family: Family, *, revision: str | None, local_files_only: bool, where: str,
-               shown: str) -> dict[str, Any]:
-    """Load every part with its library's from_pretrained; a failure names the part and the model."""
+               shown: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Load every part with its library's from_pretrained (parts in `skip` are None); a failure names the part and
+    the model."""
     from diffusers import DDPMScheduler  # any scheduler class reads scheduler_config.json
 
     common = {"revision": revision, "local_files_only": local_files_only}
     components: dict[str, Any] = {}
     for part, load in family.part_loaders(source, common).items():
+        if part in skip:
+            components[part] = None
+            continue
         try:
             with transformers_progress_off():
                 components[part] = load()
@@ -81,28 +92,32 @@ def load_parts(source: str, family: Family, *, revision: str | None, local_files
 
 def load_model_parts(
     name_or_path: str, *, revision: str | None = None, where: str = "model.pretrained_model_name_or_path",
-    single_file_config: str | None = None,
+    single_file_config: str | None = None, drop_t5: bool = False,
 ) -> ModelParts:
     """Load a base model (fp32) of any registered family from a local diffusers folder, a hub id or one checkpoint file.
 
     `single_file_config` is the diffusers folder (or cached hub id) whose configs describe a single checkpoint file.
+    `drop_t5` leaves a T5 encoder the family can run without unloaded (None in the components).
     """
     local = Path(os.path.expanduser(name_or_path))
+    drop_key = sibling_key(where, "drop_t5")
     if local.is_dir():
-        family = check_model_folder(local, where, name_or_path)
-        parts = load_parts(str(local), family, revision=None, local_files_only=True, where=where, shown=name_or_path)
+        family = check_model_folder(local, where, name_or_path, drop_t5)
+        parts = load_parts(str(local), family, revision=None, local_files_only=True, where=where, shown=name_or_path,
+                           skip=family.dropped_parts(drop_t5, drop_key))
     elif local.is_file():
-        family, parts = load_single_file_parts(local, single_file_config, where=where, shown=name_or_path)
+        family, parts = load_single_file_parts(local, single_file_config, where=where, shown=name_or_path,
+                                               drop_t5=drop_t5)
     elif looks_like_path(name_or_path):
         raise ModelError(f"{where}: '{name_or_path}' was not found (expected a diffusers model folder or a hub id).")
     else:
-        family, parts = load_hub_parts(name_or_path, revision=revision, where=where)
+        family, parts = load_hub_parts(name_or_path, revision=revision, where=where, drop_t5=drop_t5)
     return ModelParts(family=family, **parts, name_or_path=name_or_path)
 
 
 def single_file_config_folder(single_file_config: str | None, where: str, shown: str) -> tuple[str | None, Family]:
     """The local folder giving a single file's configs; None lets diffusers fetch them (only when the hub is reachable)."""
-    config_key = where.rsplit(".", 1)[0] + ".single_file_config" if "." in where else "single_file_config"
+    config_key = sibling_key(where, "single_file_config")
     if single_file_config is None:
         if offline_mode() or not hub_reachable():
             raise ModelError(
@@ -122,11 +137,12 @@ def single_file_config_folder(single_file_config: str | None, where: str, shown:
     return str(folder), check_model_folder(folder, config_key, single_file_config)
 
 
-def load_single_file_parts(path: Path, single_file_config: str | None, *, where: str,
-                           shown: str) -> tuple[Family, dict[str, Any]]:
+def load_single_file_parts(path: Path, single_file_config: str | None, *, where: str, shown: str,
+                           drop_t5: bool = False) -> tuple[Family, dict[str, Any]]:
     """Load an original-layout (CompVis / a1111) checkpoint with diffusers' from_single_file; the config folder's
     family says how to read the file."""
     config, family = single_file_config_folder(single_file_config, where, shown)
+    dropped = family.dropped_parts(drop_t5, sibling_key(where, "drop_t5"))
     options = {"config": config, "local_files_only": True} if config else {}
     try:
         with transformers_progress_off():
@@ -134,16 +150,19 @@ def load_single_file_parts(path: Path, single_file_config: str | None, *, where:
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as err:
         raise ModelError(f"{where}: cannot load the single checkpoint file '{shown}': {err}") from err
     scheduler = components.pop("scheduler")
+    components.update(dict.fromkeys(dropped))
     return family, {"components": components, "noise_scheduler": family.training_scheduler(dict(scheduler.config))}
 
 
-def load_hub_parts(repo_id: str, *, revision: str | None, where: str) -> tuple[Family, dict[str, Any]]:
+def load_hub_parts(repo_id: str, *, revision: str | None, where: str,
+                   drop_t5: bool = False) -> tuple[Family, dict[str, Any]]:
     """Load from the local hub cache, else download - but only after one quick check that the hub is reachable."""
+    drop_key = sibling_key(where, "drop_t5")
     snapshot = cached_snapshot(repo_id, revision)
     if snapshot is not None:
-        family = check_model_folder(snapshot, where, repo_id)
+        family = check_model_folder(snapshot, where, repo_id, drop_t5)
         return family, load_parts(str(snapshot), family, revision=None, local_files_only=True, where=where,
-                                  shown=repo_id)
+                                  shown=repo_id, skip=family.dropped_parts(drop_t5, drop_key))
     if offline_mode():
         raise ModelError(
             f"{where}: '{repo_id}' is not a local folder nor in the Hugging Face cache, "
@@ -163,4 +182,5 @@ def load_hub_parts(repo_id: str, *, revision: str | None, where: str) -> tuple[F
     except (OSError, ValueError) as err:
         raise ModelError(f"{where}: cannot read the model_index.json of '{repo_id}': {err}") from err
     family = detect_family(index, hub_config_reader(repo_id, common), repo_id, where)
-    return family, load_parts(repo_id, family, revision=revision, local_files_only=False, where=where, shown=repo_id)
+    return family, load_parts(repo_id, family, revision=revision, local_files_only=False, where=where, shown=repo_id,
+                              skip=family.dropped_parts(drop_t5, drop_key))

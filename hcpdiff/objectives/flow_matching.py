@@ -23,7 +23,7 @@ OPTION_OWNERS = {"logit_mean": ("sigma_sampling", "logit_normal"), "logit_std": 
                  "mode_scale": ("sigma_sampling", "mode"), "sigmoid_scale": ("sigma_sampling", "sigmoid"),
                  "shift_value": ("shift", "static")}
 FLOW_LOSS_KEYS = ("sigma_sampling", "logit_mean", "logit_std", "mode_scale", "sigmoid_scale", "shift", "shift_value",
-                  "weighting")
+                  "weighting", "precondition_outputs")
 PATCH_SIZE = 2  # FLUX packs 2x2 latent cells into one token: the sequence length the shift is computed over
 
 
@@ -73,6 +73,9 @@ class FlowMatchingObjective:
     shift: str = "resolution"
     shift_value: float = 1.0  # the static shift
     weighting: str = "none"
+    # score x0 = x_t - sigma * prediction against the clean latents instead of the velocity against noise - x0
+    # (diffusers' train_dreambooth_lora_sd3 --precondition_outputs); the same minimum, weighted by sigma^2
+    precondition_outputs: bool = False
 
     @classmethod
     def from_spec(cls, scheduler: Any, spec: Any) -> "FlowMatchingObjective":
@@ -114,10 +117,15 @@ class FlowMatchingObjective:
         sigmas = self.sample_sigmas(latents)
         expanded = sigmas.view(-1, *([1] * (latents.ndim - 1))).to(latents.dtype)
         noisy_latents = (1.0 - expanded) * latents + expanded * noise
-        return Noised(noisy_latents, sigmas, noise - latents, flow_loss_weights(self.weighting, sigmas))
+        target = latents if self.precondition_outputs else noise - latents
+        return Noised(noisy_latents, sigmas, target, flow_loss_weights(self.weighting, sigmas))
 
     def loss(self, prediction: torch.Tensor, noised: Noised) -> torch.Tensor:
-        """The weighted mean squared error of the predicted velocity (fp32)."""
+        """The weighted mean squared error of the predicted velocity, or with precondition_outputs of the clean
+        latents it implies (fp32)."""
+        if self.precondition_outputs:
+            sigmas = noised.timesteps.float().view(-1, *([1] * (prediction.ndim - 1)))
+            prediction = prediction.float() * -sigmas + noised.noisy_latents.float()
         return diffusion_loss(prediction, noised.target, noised.weights)
 
 

@@ -89,8 +89,9 @@ def native_parts(
                 part = metadata["part"]  # the denoiser of the file's family: a U-Net, or FLUX's transformer
             if metadata.get("part", part) != part:
                 raise ModelError(f"{flag} '{path}' is a {metadata['part']} LoRA; {flag} takes the {part} one.")
-            sd_layout = own_layout_family(metadata) is None  # a FLUX file's metadata says its family; no --sdxl
-            if not sdxl and sd_layout and (part == "text_encoder_2"
+            # files of another family say so (FLUX, SD3's CLIP-G): only SD / SDXL files need --sdxl
+            sdxl_file = metadata.get("family") in (None, "sdxl")
+            if not sdxl and sdxl_file and (part == "text_encoder_2"
                                            or base_model_is_sdxl(metadata.get("base_model", ""))):
                 raise ModelError(f"{flag} '{path}' is an SDXL LoRA; add --sdxl (kohya's SDXL names: lora_te1_ / lora_te2_).")
             check_layers_exist(state, path, part, metadata.get("base_model", ""))

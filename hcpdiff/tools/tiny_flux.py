@@ -34,10 +34,10 @@ def build_t5_tokenizer(max_length: int = 512) -> T5Tokenizer:
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
 
 
-def build_t5_encoder(vocab_size: int) -> T5EncoderModel:
-    """A 2-layer, 32-wide T5 v1.1 encoder (gated-gelu, as FLUX's T5-XXL)."""
+def build_t5_encoder(vocab_size: int, width: int = T5_WIDTH) -> T5EncoderModel:
+    """A 2-layer T5 v1.1 encoder (gated-gelu, as FLUX's and SD3's T5-XXL), 32 wide unless told."""
     return T5EncoderModel(T5Config(
-        vocab_size=vocab_size, d_model=T5_WIDTH, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        vocab_size=vocab_size, d_model=width, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
         relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
         decoder_start_token_id=0,
     ))

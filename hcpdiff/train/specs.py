@@ -74,7 +74,8 @@ class ModelSpec:
     single_file_config: str | None = None  # diffusers folder giving the part configs of a single .safetensors/.ckpt
     tokenizer_repeats: int = 1  # prompt length in 75-token chunks, encoded separately and concatenated
     clip_skip: int = 0  # 0: last text-encoder layer; 1: penultimate (a1111's "clip skip 2"); ...
-    max_sequence_length: Annotated[int | None, Bound(ge=1)] = None  # T5 tokens (FLUX); null: 512 dev, 256 schnell
+    max_sequence_length: Annotated[int | None, Bound(ge=1)] = None  # T5 tokens; null: FLUX 512 dev / 256 schnell, SD3 256
+    drop_t5: bool = False  # SD3: leave the T5 encoder unloaded; its place in the text sequence is zeros (as diffusers)
     gradient_checkpointing: bool = False  # trade compute for memory in the U-Net (and trained text encoder)
     preset_lora: list = field(default_factory=list)  # [{path, alpha}]: native LoRAs fused into the base before training
     init_lora: dict = field(default_factory=dict)  # {unet: path, text_encoder: path}: adapters start from these weights
@@ -85,7 +86,7 @@ class ModelSpec:
 class LossSpec:
     """`train.loss`: how latents are noised and how the denoiser's error is weighted. The defaults change nothing.
 
-    The first five keys are the DDPM objective's (SD, SDXL), the rest the flow-matching objective's (FLUX); setting
+    The first five keys are the DDPM objective's (SD, SDXL), the rest the flow-matching objective's (FLUX, SD3); setting
     a key of the other objective than the model trains with is one error.
     """
 
@@ -104,6 +105,8 @@ class LossSpec:
     shift: str | None = None
     shift_value: float | None = None  # static: sigma' = v * s / (1 + (v - 1) * s) (3.0 is SD3's)
     weighting: str | None = None  # none | sigma_sqrt | cosmap (SD3 paper's loss weights); null: none
+    # score x0 = x_t - sigma * prediction against the clean latents (diffusers' SD3 --precondition_outputs)
+    precondition_outputs: bool = False
 
 
 @dataclass

@@ -268,7 +268,7 @@ class Trainer:
         # run outside DeepSpeed's engine; load every part whole and let the engine shard what it trains.
         with whole_weights_loading(self.accelerator):
             self.parts = load_model_parts(spec.pretrained_model_name_or_path, revision=spec.revision,
-                                          single_file_config=spec.single_file_config)
+                                          single_file_config=spec.single_file_config, drop_t5=spec.drop_t5)
         self.family = self.parts.family
         for module in self.parts.components.values():
             if isinstance(module, torch.nn.Module):
@@ -286,11 +286,15 @@ class Trainer:
         """Groups for a part this model's family does not have: one error naming the parts it has."""
         problems = ConfigProblems()
         for part in TRAINABLE_PARTS:
-            if part in self.family.trainable_parts:
-                continue
-            for key in [f"lora_{part}"] * bool(self.lora_specs[part]) + [part] * bool(self.finetune_specs[part]):
-                problems.add(f"{key}: a {self.family.description} model has no {part}; its trainable parts are "
-                             f"{', '.join(self.family.trainable_parts)}")
+            keys = [f"lora_{part}"] * bool(self.lora_specs[part]) + [part] * bool(self.finetune_specs[part])
+            if part not in self.family.trainable_parts:
+                for key in keys:
+                    problems.add(f"{key}: a {self.family.description} model has no {part}; its trainable parts are "
+                                 f"{', '.join(self.family.trainable_parts)}")
+            elif self.parts.components.get(part) is None:
+                for key in keys:
+                    problems.add(f"{key}: model.drop_t5 is true, so the {part} is not loaded; set model.drop_t5 "
+                                 "to false to train it")
         problems.raise_any()
 
     def _setup_lora(self) -> None:

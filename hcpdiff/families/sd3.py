@@ -1,0 +1,185 @@
+"""Stable Diffusion 3 / 3.5 (medium, large): an MMDiT transformer on 16-channel latents, conditioned on CLIP-L and
+CLIP-G (penultimate states side by side, zero-padded to T5's width, joined with T5's states on the sequence; pooled
+text from both CLIPs), trained by flow matching with SD3's static shift.
+
+Prompt encoding comes from StableDiffusion3Pipeline itself (`encode_prompt`, and `_get_t5_prompt_embeds` for the T5
+part, which gives zeros when T5 is left out), so training and inference agree by construction. The transformer
+patchifies its input itself: latents go in unpacked.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from hcpdiff.families.base import ConfigReader, Family
+
+MAX_SEQUENCE_LENGTH = 256  # T5 tokens: StableDiffusion3Pipeline's default, in training as at inference
+TIMESTEP_SCALE = 1000  # SD3's transformer takes t = sigma * 1000 (the scheduler's timesteps), unlike FLUX's
+
+
+def text_pipeline(components: dict[str, Any]) -> Any:
+    """A StableDiffusion3Pipeline holding the text parts, whose encode_prompt the conditioner calls. The transformer
+    is there only for its config: without T5 the pipeline fills T5's place with zeros of its joint_attention_dim."""
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline(
+        transformer=components["transformer"], scheduler=None, vae=None,
+        text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
+        text_encoder_2=components["text_encoder_2"], tokenizer_2=components["tokenizer_2"],
+        text_encoder_3=components.get("text_encoder_3"), tokenizer_3=components.get("tokenizer_3"))
+
+
+class SD3Conditioner:
+    """prompts -> {"encoder_hidden_states" [B, 77 + L, D_t5], "pooled_projections" [B, D_l + D_g]}."""
+
+    prompt_only: ClassVar[bool] = True  # outputs depend on the prompt strings alone: the text cache may keep them
+    encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+    def __init__(self, pipe: Any, max_sequence_length: int, clip_skip: int) -> None:
+        self.pipe = pipe
+        self.max_sequence_length = max_sequence_length
+        self.clip_skip = clip_skip
+
+    def __call__(self, prompts: list[str], batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        """The transformer's text keyword arguments for one batch, encoded as StableDiffusion3Pipeline encodes them."""
+        prompt_embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompts, None, None, device=device, do_classifier_free_guidance=False, clip_skip=self.clip_skip,
+            max_sequence_length=self.max_sequence_length)
+        return {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled}
+
+    def set_text_encoder(self, text_encoder: torch.nn.Module, index: int = 0) -> None:
+        """Use a wrapped (prepared) text encoder for the forward pass: 0 is CLIP-L, 1 CLIP-G, 2 T5."""
+        setattr(self.pipe, self.encoder_names[index], text_encoder)
+
+
+def encode_weighted_sd3(pipe: Any, prompts: list[str], clip_skip: int, max_sequence_length: int,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt_embeds, pooled_prompt_embeds) laid out as StableDiffusion3Pipeline.encode_prompt lays them out, with
+    `(word:1.2)` weights on both CLIPs' states and on T5's (each rescaled to its unweighted mean); the pooled text is
+    unweighted, as in a1111. CLIP reads 77 tokens as the pipeline does; T5 carries longer prompts."""
+    from hcpdiff.families.flux import encode_weighted_t5
+    from hcpdiff.infer.prompt_weights import apply_weights, weighted_rows
+    from hcpdiff.models.prompt_encoder import PromptEncoder
+    from hcpdiff.models.sdxl import encode_penultimate
+
+    device = pipe.text_encoder.device
+    states, pooled = [], []
+    for tokenizer, text_encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+        encoder = PromptEncoder(tokenizer, text_encoder, tokenizer_repeats=1, clip_skip=clip_skip)
+        input_ids, weights = weighted_rows(encoder, prompts)
+        hidden, pooled_text = encode_penultimate(encoder, input_ids)
+        states.append(apply_weights(hidden, weights))
+        pooled.append(pooled_text)
+    if pipe.text_encoder_3 is None:  # zeros where T5's states would be (model.drop_t5), as the pipeline gives
+        t5_states = pipe._get_t5_prompt_embeds(prompts, max_sequence_length=max_sequence_length, device=device)
+    else:
+        t5_states = encode_weighted_t5(pipe.tokenizer_3, pipe.text_encoder_3, prompts, max_sequence_length)
+    clip_states = torch.cat(states, dim=-1).to(t5_states.dtype)
+    clip_states = torch.nn.functional.pad(clip_states, (0, t5_states.shape[-1] - clip_states.shape[-1]))
+    return torch.cat([clip_states, t5_states.to(clip_states.device)], dim=-2), torch.cat(pooled, dim=-1)
+
+
+class StableDiffusion3(Family):
+    """SD3-medium, SD3.5-medium and SD3.5-large (`StableDiffusion3Pipeline`)."""
+
+    name: ClassVar[str] = "sd3"
+    description: ClassVar[str] = "Stable Diffusion 3 / 3.5"
+    denoiser: ClassVar[str] = "transformer"
+    # CLIP-L, CLIP-G (both with projections), T5; T5 trains only when a config asks (lora_text_encoder_3)
+    text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2", "tokenizer_3")
+    t5_parts: ClassVar[tuple[str, ...]] = ("text_encoder_3", "tokenizer_3")
+    train_config: ClassVar[str] = "cfgs/train/examples/lora_sd3.yaml"
+    infer_config: ClassVar[str] = "cfgs/infer/text2img_sd3.yaml"
+    tiny_variants: ClassVar[tuple[str, ...]] = ("sd3", "sd3.5")
+
+    @classmethod
+    def matches(cls, index: dict[str, Any], read_config: ConfigReader) -> bool:
+        if index.get("_class_name") == "StableDiffusion3Pipeline":
+            return True
+        transformer = read_config("transformer")
+        return transformer is not None and transformer.get("_class_name") == "SD3Transformer2DModel"
+
+    def make_tiny(self, out_dir: Path, seed: int = 0, variant: str | None = None) -> Path:
+        from hcpdiff.tools.tiny_sd3 import make_tiny_sd3
+
+        return make_tiny_sd3(out_dir, seed=seed, sd35=variant == "sd3.5")
+
+    def part_loaders(self, source: str, common: dict[str, Any]) -> dict[str, Callable[[], Any]]:
+        from diffusers import AutoencoderKL, SD3Transformer2DModel
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+        def clip(folder: str) -> Callable[[], Any]:
+            return lambda: CLIPTextModelWithProjection.from_pretrained(source, subfolder=folder, **common)
+
+        return {
+            "transformer": lambda: SD3Transformer2DModel.from_pretrained(source, subfolder="transformer", **common),
+            "vae": lambda: AutoencoderKL.from_pretrained(source, subfolder="vae", **common),
+            "text_encoder": clip("text_encoder"),
+            "tokenizer": lambda: CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
+            "text_encoder_2": clip("text_encoder_2"),
+            "tokenizer_2": lambda: CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **common),
+            "text_encoder_3": lambda: T5EncoderModel.from_pretrained(source, subfolder="text_encoder_3", **common),
+            "tokenizer_3": lambda: T5TokenizerFast.from_pretrained(source, subfolder="tokenizer_3", **common),
+        }
+
+    def training_scheduler(self, scheduler_config: dict[str, Any]) -> Any:
+        """The model's own FlowMatchEulerDiscreteScheduler: its config's `shift` is the static shift trained with."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+
+    def pixel_step(self, read_config: ConfigReader) -> int:
+        """vae factor x the transformer's patch size: 16 for SD3."""
+        return self.vae_scale_factor(read_config) * int(read_config("transformer").get("patch_size", 2))
+
+    def check_run(self, mixed_precision: str | None) -> None:
+        """fp16 is allowed (diffusers' own SD3 example trains SD3-medium in fp16) with a warning: SD3.5 and the T5
+        encoder were trained in bf16 and are reported to overflow in fp16 (NaN losses, black images)."""
+        if mixed_precision == "fp16":
+            logging.getLogger("hcpdiff.train").warning(
+                "mixed_precision: fp16 on Stable Diffusion 3: SD3.5 and T5 are known to overflow in fp16 (NaN loss, "
+                "black previews); use bf16 where the GPU has it")
+
+    def build_conditioner(self, components: dict[str, Any], tokenizer_repeats: int, clip_skip: int, *,
+                          max_sequence_length: int | None = None, guidance: float | None = None) -> Any:
+        """CLIPs read 77 tokens as the pipeline does (tokenizer_repeats does not apply); T5 reads
+        `max_sequence_length` (null: the pipeline's 256)."""
+        return SD3Conditioner(text_pipeline(components), max_sequence_length or MAX_SEQUENCE_LENGTH, clip_skip)
+
+    def build_objective(self, noise_scheduler: Any, loss_spec: Any) -> Any:
+        from hcpdiff.objectives.ddpm import DDPM_LOSS_KEYS, refuse_other_objective_keys
+        from hcpdiff.objectives.flow_matching import FlowMatchingObjective
+
+        refuse_other_objective_keys(loss_spec, DDPM_LOSS_KEYS, "DDPM", "flow matching", self.description)
+        return FlowMatchingObjective.from_spec(noise_scheduler, loss_spec)
+
+    def denoise(self, denoiser: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                conditioning: dict[str, Any]) -> torch.Tensor:
+        """The transformer on unpacked latents [B, C, H, W] at t = sigma * 1000, as StableDiffusion3Pipeline calls it."""
+        # in fp32, as the pipeline passes its scheduler's timesteps (bf16 would round t to steps of 4 near 1000)
+        return denoiser(hidden_states=noisy_latents, timestep=timesteps.float() * TIMESTEP_SCALE,
+                        encoder_hidden_states=conditioning["encoder_hidden_states"],
+                        pooled_projections=conditioning["pooled_projections"], return_dict=False)[0]
+
+    def build_pipeline(self, components: dict[str, Any], scheduler: Any) -> Any:
+        from diffusers import StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline(
+            transformer=components["transformer"], scheduler=scheduler, vae=components["vae"],
+            text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
+            text_encoder_2=components["text_encoder_2"], tokenizer_2=components["tokenizer_2"],
+            text_encoder_3=components.get("text_encoder_3"), tokenizer_3=components.get("tokenizer_3"))
+
+    def prompt_args(self, pipe: Any, prompts: list[str], neg_prompts: list[str], *, clip_skip: int,
+                    all_prompts: list[str]) -> dict[str, Any]:
+        """Weighted states of all three encoders for the prompts and the negative prompts (an empty negative
+        prompt is encoded, as the pipeline does for negative_prompt=""); pooled text unweighted."""
+        with torch.no_grad():
+            embeds, pooled = encode_weighted_sd3(pipe, prompts, clip_skip, MAX_SEQUENCE_LENGTH)
+            neg_embeds, neg_pooled = encode_weighted_sd3(pipe, neg_prompts, clip_skip, MAX_SEQUENCE_LENGTH)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "negative_prompt_embeds": neg_embeds,
+                "negative_pooled_prompt_embeds": neg_pooled, "max_sequence_length": MAX_SEQUENCE_LENGTH}
