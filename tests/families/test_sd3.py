@@ -280,17 +280,18 @@ def render_with_diffusers(pipe: StableDiffusion3Pipeline) -> np.ndarray:
 
 
 @pytest.mark.e2e
-def test_visualizer_and_to_diffusers_render_the_trained_lora_alike(trained, tmp_path, cli):
+def test_visualizer_and_to_diffusers_render_the_trained_lora_alike(trained, tmp_path, cli_in_process):
     from hcpdiff.tools.lora_convert import main as lora_convert
 
     model, exp = trained
     transformer_lora, clip_g_lora = (exp / "ckpts" / f"{part}-{STEPS}.safetensors"
                                      for part in ("transformer", "text_encoder_2"))
     (tmp_path / "cfgs").symlink_to(REPO_ROOT / "cfgs")
-    done = cli(["-m", "hcpdiff.visualizer", "--cfg", "cfgs/infer/text2img_sd3.yaml", f"pretrained_model={model}",
-                "drop_t5=true", "dtype=fp32", f"lora_path={transformer_lora}", f"lora_path_TE2={clip_g_lora}",
-                "prompt='a red circle'", f"save.out_dir={tmp_path / 'out'}", "infer_args.width=64",
-                "infer_args.height=64", "infer_args.num_inference_steps=2"], cwd=tmp_path)
+    done = cli_in_process(["-m", "hcpdiff.visualizer", "--cfg", "cfgs/infer/text2img_sd3.yaml",
+                           f"pretrained_model={model}", "drop_t5=true", "dtype=fp32", f"lora_path={transformer_lora}",
+                           f"lora_path_TE2={clip_g_lora}", "prompt='a red circle'", f"save.out_dir={tmp_path / 'out'}",
+                           "infer_args.width=64", "infer_args.height=64", "infer_args.num_inference_steps=2"],
+                          cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     (image_file,) = sorted((tmp_path / "out").glob("*.png"))
     rendered = np.asarray(Image.open(image_file).convert("RGB"), dtype=np.int16)
