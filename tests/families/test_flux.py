@@ -165,9 +165,9 @@ def test_overfitting_one_image_lowers_the_loss(workdir, tiny_flux, cli):
 
 
 @pytest.mark.e2e
-def test_make_tiny_model_cli_builds_schnell_that_flux_pipeline_loads(tmp_path, cli):
-    done = cli(["-m", "hcpdiff.tools.make_tiny_model", str(tmp_path / "schnell"), "--family", "flux-schnell"],
-               cwd=tmp_path)
+def test_make_tiny_model_cli_builds_schnell_that_flux_pipeline_loads(tmp_path, cli_in_process):
+    done = cli_in_process(["-m", "hcpdiff.tools.make_tiny_model", str(tmp_path / "schnell"), "--family",
+                           "flux-schnell"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     pipe = FluxPipeline.from_pretrained(tmp_path / "schnell")
     assert not pipe.transformer.config.guidance_embeds and pipe.vae.config.latent_channels == 16

@@ -78,15 +78,12 @@ def test_pipeline_renders_an_image(tiny_dir: Path) -> None:
     assert images.shape == (1, 64, 64, 3)
 
 
-def test_sd2_family_has_the_sd2_layout(tmp_path: Path) -> None:
+def test_sd2_family_has_the_sd2_layout(tmp_path: Path, cli_in_process) -> None:
     """--family sd2: v-prediction DDIM scheduler, linear projections, per-level head widths, gelu CLIP."""
     import json
 
     out = tmp_path / "sd2"
-    result = subprocess.run(
-        [sys.executable, "-m", "hcpdiff.tools.make_tiny_model", str(out), "--family", "sd2"],
-        capture_output=True, text=True, timeout=120,
-    )
+    result = cli_in_process(["-m", "hcpdiff.tools.make_tiny_model", str(out), "--family", "sd2"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     scheduler = json.loads((out / "scheduler/scheduler_config.json").read_text())
     assert scheduler["_class_name"] == "DDIMScheduler" and scheduler["prediction_type"] == "v_prediction"

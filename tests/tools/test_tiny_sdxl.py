@@ -5,9 +5,9 @@ import json
 from pathlib import Path
 
 
-def test_sdxl_family_writes_a_loadable_sdxl_pipeline(tmp_path: Path, cli) -> None:
+def test_sdxl_family_writes_a_loadable_sdxl_pipeline(tmp_path: Path, cli_in_process) -> None:
     out = tmp_path / "xl"
-    result = cli(["-m", "hcpdiff.tools.make_tiny_model", str(out), "--family", "sdxl"], cwd=tmp_path)
+    result = cli_in_process(["-m", "hcpdiff.tools.make_tiny_model", str(out), "--family", "sdxl"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionXLPipeline"
