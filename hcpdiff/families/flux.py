@@ -293,11 +293,19 @@ class Flux(Family):
 
     # ---------------------------------------------------------------------------------------- LoRA files
     def is_webui_file(self, keys: list[str], metadata: dict[str, str]) -> bool:
-        """A kohya FLUX file: BFL layer names, a T5 (`lora_te3_`) layer, or kohya's FLUX version metadata."""
-        starts = tuple(f"{KOHYA_TRANSFORMER_PREFIX}{name.replace('.', '_')}"
-                       for name in (*BFL_BLOCKS, *BFL_TOP_LEVEL)) + (self.webui_prefixes["text_encoder_2"],)
+        """A kohya FLUX file: kohya's FLUX version metadata, or (no other architecture named) BFL layer names or a T5
+        (`lora_te3_`) layer, with no transformer layer outside BFL's layout and no second CLIP (`lora_te2_`), which
+        FLUX does not have (other families' kohya files share `lora_te3_` and `final_layer`)."""
+        bfl_starts = tuple(f"{KOHYA_TRANSFORMER_PREFIX}{name.replace('.', '_')}"
+                           for name in (*BFL_BLOCKS, *BFL_TOP_LEVEL))
         version = metadata.get("ss_base_model_version", "") + " " + metadata.get("modelspec.architecture", "")
-        return "flux" in version or any(key.startswith(starts) for key in keys)
+        if "flux" in version:
+            return True
+        if metadata.get("modelspec.architecture") or any(key.startswith("lora_te2_") for key in keys):
+            return False
+        transformer_keys = [key for key in keys if key.startswith(KOHYA_TRANSFORMER_PREFIX)]
+        return (all(key.startswith(bfl_starts) for key in transformer_keys)
+                and any(key.startswith((*bfl_starts, self.webui_prefixes["text_encoder_2"])) for key in keys))
 
     def native_to_webui(self, states: dict[str, dict[str, torch.Tensor]]
                         ) -> dict[str, dict[str, dict[str, torch.Tensor]]]:

@@ -1,7 +1,8 @@
 """Convert LoRA files: hcpdiff native <-> webui (kohya / a1111, ComfyUI, Forge) and native -> diffusers.
 
 The family comes from a native file's metadata (a kohya file's from its names): FLUX.1 files use kohya's FLUX names
-in BFL's original layout (q / k / v fused exactly), SD and SDXL ones kohya's SD names (`--sdxl` for SDXL's).
+in BFL's original layout, SD3 / SD3.5 files kohya's SD3 names in the original MMDiT layout (q / k / v fused exactly
+in both), SD and SDXL ones kohya's SD names (`--sdxl` for SDXL's).
 
 Alpha: hcpdiff, kohya and the webui all scale a layer by alpha / rank, so alpha is copied as is and the
 converted file has exactly the native effect. `--auto_scale_alpha` is kept for HCP-Diffusion v1 commands
@@ -73,16 +74,19 @@ def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
 
 
 def native_parts(
-    lora_path: str | None, lora_path_te: str | None, lora_path_te2: str | None = None, sdxl: bool = False
+    lora_path: str | None, lora_path_te: str | None, lora_path_te2: str | None = None, sdxl: bool = False,
+    lora_path_te3: str | None = None,
 ) -> NativeParts:
     """The native (state, metadata) given on the command line, by part (any subset, at least one); a file of another
     part, or an SD-layout SDXL file without `sdxl` (its webui names differ), is an error."""
-    if not lora_path and not lora_path_te and not lora_path_te2:
+    if not lora_path and not lora_path_te and not lora_path_te2 and not lora_path_te3:
         raise ModelError("give at least one native LoRA: --lora_path (U-Net or transformer), --lora_path_TE (text "
-                         "encoder), --lora_path_TE2 (SDXL's second text encoder, FLUX's T5).")
+                         "encoder), --lora_path_TE2 (SDXL's second text encoder, FLUX's T5, SD3's CLIP-G), "
+                         "--lora_path_TE3 (SD3's T5).")
     parts = {}
     for part, path, flag in (("unet", lora_path, "--lora_path"), ("text_encoder", lora_path_te, "--lora_path_TE"),
-                             ("text_encoder_2", lora_path_te2, "--lora_path_TE2")):
+                             ("text_encoder_2", lora_path_te2, "--lora_path_TE2"),
+                             ("text_encoder_3", lora_path_te3, "--lora_path_TE3")):
         if path:
             state, metadata = load_lora(path)
             if flag == "--lora_path" and metadata.get("part") in denoiser_parts():
@@ -284,7 +288,7 @@ def to_webui(args: argparse.Namespace) -> None:
     """Write one webui file holding the U-Net and text-encoder LoRAs given, with the metadata kohya writes."""
     webui: dict[str, torch.Tensor] = {}
     prefixes = SDXL_WEBUI_PREFIX if args.sdxl else WEBUI_PREFIX
-    parts = native_parts(args.lora_path, args.lora_path_TE, args.lora_path_TE2, args.sdxl)
+    parts = native_parts(args.lora_path, args.lora_path_TE, args.lora_path_TE2, args.sdxl, args.lora_path_TE3)
     if (family := files_family(parts)) is not None and family.has_webui_layout:
         to_webui_of_family(args, family, parts)
         return
@@ -309,7 +313,8 @@ def to_webui(args: argparse.Namespace) -> None:
 def to_diffusers(args: argparse.Namespace) -> None:
     """Write a `pytorch_lora_weights.safetensors` for diffusers' `load_lora_weights` (alpha folded into B)."""
     out: dict[str, torch.Tensor] = {}
-    for part, (state, _) in native_parts(args.lora_path, args.lora_path_TE, args.lora_path_TE2, True).items():
+    for part, (state, _) in native_parts(args.lora_path, args.lora_path_TE, args.lora_path_TE2, True,
+                                         args.lora_path_TE3).items():
         out.update(native_to_diffusers(state, part))
     save_file({k: v.contiguous() for k, v in out.items()}, args.dump_path, metadata={"format": "pt"})
     print(f"wrote {len(out)} tensors to {args.dump_path}")
@@ -378,7 +383,8 @@ def _same_file(a: Path, b: Path) -> bool:
 def refuse_overwriting_sources(args: argparse.Namespace) -> None:
     """An output that is one of the input files would destroy it (a native file's metadata, a webui original)."""
     sources = {flag: Path(path) for flag, path in (("--lora_path", args.lora_path), ("--lora_path_TE", args.lora_path_TE),
-                                                   ("--lora_path_TE2", args.lora_path_TE2)) if path}
+                                                   ("--lora_path_TE2", args.lora_path_TE2),
+                                                   ("--lora_path_TE3", args.lora_path_TE3)) if path}
     if args.from_webui and args.lora_path:  # the folder's files, named as from_webui names them
         outputs = [Path(args.dump_path) / f"{part}-{Path(args.lora_path).stem}.safetensors"
                    for part in TRAINABLE_PARTS]
@@ -401,11 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--from_webui", action="store_true", help="webui/kohya file -> native files in --dump_path/")
     mode.add_argument("--to_diffusers", action="store_true", help="native -> pytorch_lora_weights.safetensors")
     parser.add_argument("--lora_path", default=None,
-                        help="the denoiser's LoRA (native: U-Net, or FLUX's transformer), if any; with --from_webui "
-                             "the webui file (required)")
+                        help="the denoiser's LoRA (native: U-Net, or FLUX's / SD3's transformer), if any; with "
+                             "--from_webui the webui file (required)")
     parser.add_argument("--lora_path_TE", default=None, help="text-encoder LoRA (native), if any")
     parser.add_argument("--lora_path_TE2", default=None,
-                        help="second text-encoder LoRA (native: SDXL's OpenCLIP, FLUX's T5), if any")
+                        help="second text-encoder LoRA (native: SDXL's OpenCLIP, FLUX's T5, SD3's CLIP-G), if any")
+    parser.add_argument("--lora_path_TE3", default=None, help="third text-encoder LoRA (native: SD3's T5), if any")
     parser.add_argument("--sdxl", action="store_true",
                         help="SDXL LoRA (SD-layout files cannot tell; FLUX files say their family): kohya's SDXL "
                              "names (lora_unet_ + original-layout U-Net names, lora_te1_, lora_te2_); --from_webui "
