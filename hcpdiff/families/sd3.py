@@ -8,12 +8,14 @@ patchifies its input itself: latents go in unpacked.
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
 
+from hcpdiff.errors import ModelError
 from hcpdiff.families.base import ConfigReader, Family
 
 MAX_SEQUENCE_LENGTH = 256  # T5 tokens: StableDiffusion3Pipeline's default, in training as at inference
@@ -82,6 +84,29 @@ def encode_weighted_sd3(pipe: Any, prompts: list[str], clip_skip: int, max_seque
     return torch.cat([clip_states, t5_states.to(clip_states.device)], dim=-2), torch.cat(pooled, dim=-1)
 
 
+def text_encoder_module_names(model_path: str | None) -> dict[str, list[str]]:
+    """{text_encoder (CLIP-L), text_encoder_2 (CLIP-G), text_encoder_3 (T5): module names}, from `model_path`'s
+    configs or else SD3's (12 and 32 CLIP layers with projections, 24 T5 blocks, gated MLP), on the meta device."""
+    from accelerate import init_empty_weights
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    parts = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    if model_path is not None:
+        missing = [part for part in parts if not (Path(model_path) / part / "config.json").is_file()]
+        if missing:
+            raise ModelError(f"--model '{model_path}' is not an SD3 model folder (no {missing[0]}/config.json inside).")
+        configs = [CLIPTextConfig.from_pretrained(model_path, subfolder=parts[0]),
+                   CLIPTextConfig.from_pretrained(model_path, subfolder=parts[1]),
+                   T5Config.from_pretrained(model_path, subfolder=parts[2])]
+    else:
+        configs = [CLIPTextConfig(num_hidden_layers=12), CLIPTextConfig(num_hidden_layers=32),
+                   T5Config(num_layers=24, feed_forward_proj="gated-gelu")]
+    with init_empty_weights():
+        models = [CLIPTextModelWithProjection(configs[0]), CLIPTextModelWithProjection(configs[1]),
+                  T5EncoderModel(configs[2])]
+    return {part: [name for name, _ in model.named_modules() if name] for part, model in zip(parts, models)}
+
+
 class StableDiffusion3(Family):
     """SD3-medium, SD3.5-medium and SD3.5-large (`StableDiffusion3Pipeline`)."""
 
@@ -92,6 +117,10 @@ class StableDiffusion3(Family):
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2", "text_encoder_3")
     tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2", "tokenizer_3")
     t5_parts: ClassVar[tuple[str, ...]] = ("text_encoder_3", "tokenizer_3")
+    # kohya's lora_sd3.py: lora_unet (the MMDiT, original layout), lora_te1 (CLIP-L), lora_te2 (CLIP-G), lora_te3 (T5)
+    webui_prefixes: ClassVar[dict[str, str]] = {"transformer": "lora_unet_", "text_encoder": "lora_te1_",
+                                                "text_encoder_2": "lora_te2_", "text_encoder_3": "lora_te3_"}
+    has_webui_layout: ClassVar[bool] = True
     train_config: ClassVar[str] = "cfgs/train/examples/lora_sd3.yaml"
     infer_config: ClassVar[str] = "cfgs/infer/text2img_sd3.yaml"
     tiny_variants: ClassVar[tuple[str, ...]] = ("sd3", "sd3.5")
@@ -183,3 +212,108 @@ class StableDiffusion3(Family):
             neg_embeds, neg_pooled = encode_weighted_sd3(pipe, neg_prompts, clip_skip, MAX_SEQUENCE_LENGTH)
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "negative_prompt_embeds": neg_embeds,
                 "negative_pooled_prompt_embeds": neg_pooled, "max_sequence_length": MAX_SEQUENCE_LENGTH}
+
+    # ---------------------------------------------------------------------------------------- LoRA files
+    def is_webui_file(self, keys: list[str], metadata: dict[str, str]) -> bool:
+        """A kohya SD3 file: names only SD3's original layout has (joint_blocks, the embedders), or kohya's SD3
+        version metadata (`modelspec.architecture` stable-diffusion-3-...)."""
+        from hcpdiff.families.sd3_layout import OWN_STARTS
+
+        return (metadata.get("modelspec.architecture", "").startswith("stable-diffusion-3")
+                or any(key.startswith(OWN_STARTS) for key in keys))
+
+    def native_to_webui(self, states: dict[str, dict[str, torch.Tensor]]
+                        ) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+        """{part: {kohya layer: its native tensors}}: the transformer in the original MMDiT layout (q / k / v fused
+        exactly into one qkv LoRA per stream), the text encoders by their module paths."""
+        from hcpdiff.families.sd3_layout import mmdit_lookup, native_pre_only_blocks
+        from hcpdiff.lora.fused_layout import native_to_fused
+        from hcpdiff.lora.state_io import layer_states
+        from hcpdiff.lora.webui_format import webui_name_map
+
+        out: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+        for part, state in states.items():
+            prefix = self.webui_prefixes[part]
+            by_layer = layer_states(state)
+            if part == self.denoiser:
+                lookup = mmdit_lookup(native_pre_only_blocks(by_layer))
+                out[part] = {prefix + name.replace(".", "_"): parts
+                             for name, parts in native_to_fused(state, lookup, part).items()}
+            else:
+                names = webui_name_map(by_layer, part, self.webui_prefixes)
+                out[part] = {names[layer]: parts for layer, parts in by_layer.items()}
+        return out
+
+    def webui_to_native(self, state: dict[str, torch.Tensor], model_path: str | None
+                        ) -> dict[str, dict[str, torch.Tensor]]:
+        """Native states by part of a kohya SD3 file: original-layout layers split back into diffusers layers (a
+        fused qkv LoRA into one per projection, exactly), text-encoder layers by the names of `model_path`'s encoders
+        (else SD3's: CLIP-L, CLIP-G, T5-XXL)."""
+        from hcpdiff.families.sd3_layout import PRE_ONLY_MODULATION, is_pre_only_modulation, mmdit_layer_of_webui_name
+        from hcpdiff.lora.fused_layout import fused_to_native, is_plain_lora
+        from hcpdiff.lora.lycoris_format import native_tensors
+        from hcpdiff.lora.webui_format import split_webui_key, webui_to_native
+
+        denoiser_prefix = self.webui_prefixes[self.denoiser]
+        grouped: dict[str, dict[str, torch.Tensor]] = {}
+        text = {key: tensor for key, tensor in state.items() if not key.startswith(denoiser_prefix)}
+        for key, tensor in state.items():
+            if key.startswith(denoiser_prefix):
+                webui_layer, suffix = split_webui_key(key)
+                grouped.setdefault(webui_layer, {})[suffix] = tensor
+        by_name, layers = {}, []
+        for webui_layer, webui_parts in grouped.items():
+            parts = native_tensors(webui_layer, webui_parts)
+            pre_only = False
+            if webui_layer.endswith(PRE_ONLY_MODULATION.replace(".", "_")):
+                if not is_plain_lora(parts):
+                    raise ModelError(f"webui LoRA layer '{webui_layer}' is not a plain LoRA; SD3's last block orders "
+                                     "this layer's rows unlike diffusers, so hcpdiff reads it as a plain LoRA only.")
+                pre_only = is_pre_only_modulation(parts[".lora_B.weight"].shape[0], parts[".lora_A.weight"].shape[1])
+            layer = mmdit_layer_of_webui_name(webui_layer.removeprefix(denoiser_prefix), pre_only)
+            if layer is None:
+                raise ModelError(f"webui LoRA layer '{webui_layer}' is no layer of SD3's original (MMDiT) layout, "
+                                 "whose names look like lora_unet_joint_blocks_0_x_block_attn_qkv, "
+                                 "lora_unet_joint_blocks_0_context_block_mlp_fc1; nothing was written.")
+            by_name[layer.name] = parts
+            layers.append(layer)
+        states: dict[str, dict[str, torch.Tensor]] = {}
+        if by_name:
+            states[self.denoiser] = fused_to_native(by_name, layers, self.denoiser)
+        if text:
+            prefixes = {part: prefix for part, prefix in self.webui_prefixes.items() if part != self.denoiser}
+            states.update(webui_to_native(text, text_encoder_module_names(model_path), prefixes))
+        return states
+
+    def webui_notes(self, states: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+        """Layers a reader leaves out without an error: kohya's lora_sd3 builds LoRA modules for the joint blocks and
+        only given `emb_dims` for the top-level layers; diffusers' load_lora_weights reads no kohya SD3 names."""
+        from hcpdiff.families.sd3_layout import mmdit_lookup
+        from hcpdiff.lora.state_io import layer_states
+
+        lookup = mmdit_lookup(set())  # names only: whether a modulation's halves swap does not matter here
+        top_level = sorted({found[0].name for layer in layer_states(states.get(self.denoiser, {}))
+                            if not layer.startswith("transformer_blocks.") and (found := lookup(layer)) is not None})
+        notes = ["diffusers' StableDiffusion3Pipeline.load_lora_weights does not read kohya SD3 names; give diffusers "
+                 "a --to_diffusers file (ComfyUI loads this one)."]
+        if top_level:
+            notes.append(f"kohya's lora_sd3 adds LoRA modules for the top-level transformer layers "
+                         f"({', '.join(top_level)}) "
+                         "only when its network is built with emb_dims (ComfyUI loads them).")
+        return notes
+
+    def kohya_version(self, base_model: str | None) -> dict[str, str]:
+        """The version metadata kohya's SD3 trainer writes: `ss_base_model_version` its model type (medium, 5-medium,
+        5-large, from the base model folder's transformer config) and `modelspec.architecture`
+        stable-diffusion-3-<type>; without a readable config, stable-diffusion-3."""
+        config = Path(base_model) / "transformer" / "config.json" if base_model else None
+        model_type = ""
+        if config is not None and config.is_file():
+            transformer = json.loads(config.read_text(encoding="utf-8"))
+            if transformer.get("qk_norm"):  # SD3.5; medium has dual-attention (attn2) blocks, large none
+                model_type = "5-medium" if transformer.get("dual_attention_layers") else "5-large"
+            else:
+                model_type = "medium"
+        return {"ss_base_model_version": model_type or "sd3", "ss_v2": "False",
+                "architecture": f"stable-diffusion-3-{model_type}" if model_type else "stable-diffusion-3",
+                "network_module": "networks.lora_sd3"}

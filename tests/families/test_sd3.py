@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from hcpdiff.errors import ConfigError, ModelError
+from hcpdiff.errors import ConfigError
 from hcpdiff.families import detect_family, family_named, folder_config_reader
 from hcpdiff.models import load_model_parts
 from hcpdiff.objectives.flow_matching import FlowMatchingObjective, sample_sigmas, static_shift
@@ -310,7 +310,11 @@ def test_visualizer_and_to_diffusers_render_the_trained_lora_alike(trained, tmp_
     assert np.abs(with_lora - rendered).max() <= 2  # hcpdiff's merge renders as diffusers' peft layers
 
 
-def test_to_webui_of_an_sd3_lora_is_one_error(tmp_path):
+def test_to_webui_of_trainer_sd3_files_writes_kohya_sd3_names(tmp_path):
+    """Files as the trainer writes them (peft's layers, the groups in the metadata) convert to kohya's SD3 names:
+    the transformer in the original MMDiT layout (to_q alone fuses into x_block.attn.qkv), CLIP-G as lora_te2_."""
+    from safetensors import safe_open
+
     from hcpdiff.lora import LoraGroupSpec, attach_lora
     from hcpdiff.lora.state_io import lora_metadata, lora_state_dict, save_lora
     from hcpdiff.tools.lora_convert import main as lora_convert
@@ -323,8 +327,12 @@ def test_to_webui_of_an_sd3_lora_is_one_error(tmp_path):
         save_lora(tmp_path / f"{part}-1.safetensors", lora_state_dict(model),
                   lora_metadata(part, "", groups, 1, family="sd3"))
     out = tmp_path / "webui.safetensors"
-    for flag, part in (("--lora_path", "transformer"), ("--lora_path_TE2", "text_encoder_2")):
-        # CLIP-G is text_encoder_2 as in SDXL, but the file says sd3: no "add --sdxl" detour
-        with pytest.raises(ModelError, match=rf"--to_webui: a Stable Diffusion 3 / 3.5 {part} LoRA has no webui"):
-            lora_convert(["--to_webui", flag, str(tmp_path / f"{part}-1.safetensors"), "--dump_path", str(out)])
-    assert not out.exists()
+    # CLIP-G is text_encoder_2 as in SDXL, but the file says sd3: no "add --sdxl" detour
+    assert lora_convert(["--to_webui", "--lora_path", str(tmp_path / "transformer-1.safetensors"), "--lora_path_TE2",
+                         str(tmp_path / "text_encoder_2-1.safetensors"), "--dump_path", str(out)]) == 0
+    with safe_open(out, framework="pt") as opened:
+        layers, metadata = {key.split(".")[0] for key in opened.keys()}, opened.metadata()
+    assert {"lora_unet_joint_blocks_0_x_block_attn_qkv", "lora_unet_joint_blocks_1_x_block_attn_qkv",
+            "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"} <= layers
+    assert not any("to_q" in layer for layer in layers)
+    assert metadata["modelspec.architecture"] == "stable-diffusion-3/lora"  # no base model folder to tell the type
