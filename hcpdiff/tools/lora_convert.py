@@ -28,8 +28,8 @@ from hcpdiff.lora.ldm_names import SDXL_UNET_CONFIG, ldm_unet_names
 from hcpdiff.lora.state_io import (FORMAT, FORMAT_VERSION, check_lora_state, layer_kind, layer_rank, layer_states,
                                    load_lora, save_lora)
 from hcpdiff.lora.lycoris_format import webui_tensors
-from hcpdiff.lora.webui_format import (SDXL_WEBUI_PREFIX, WEBUI_PREFIX, is_sdxl_webui_state, is_webui_state,
-                                       native_to_diffusers, native_to_webui, webui_to_native)
+from hcpdiff.lora.webui_format import (DIFFUSERS_PREFIX, SDXL_WEBUI_PREFIX, WEBUI_PREFIX, is_sdxl_webui_state,
+                                       is_webui_state, native_to_diffusers, native_to_webui, webui_to_native)
 
 NativeParts = dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]  # part -> (native state, metadata)
 
@@ -315,6 +315,9 @@ def to_diffusers(args: argparse.Namespace) -> None:
     out: dict[str, torch.Tensor] = {}
     for part, (state, _) in native_parts(args.lora_path, args.lora_path_TE, args.lora_path_TE2, True,
                                          args.lora_path_TE3).items():
+        if part not in DIFFUSERS_PREFIX:  # SD3's T5: StableDiffusion3Pipeline loads LoRAs of the two CLIPs only
+            raise ModelError(f"--to_diffusers: diffusers' load_lora_weights loads no {part} LoRA; convert it with "
+                             "--to_webui (ComfyUI reads its lora_te3_ names) or render it with hcpdiff.visualizer.")
         out.update(native_to_diffusers(state, part))
     save_file({k: v.contiguous() for k, v in out.items()}, args.dump_path, metadata={"format": "pt"})
     print(f"wrote {len(out)} tensors to {args.dump_path}")

@@ -292,3 +292,13 @@ def test_comfyui_maps_every_key_and_merges_as_hcpdiff(comfy, sd3_files, webui_fi
         if change is None:
             change = want_change[key.removeprefix("diffusion_model.")]
         assert torch.allclose(got, base + change, atol=1e-5), key
+
+
+def test_to_diffusers_refuses_a_t5_lora_in_one_sentence(sd3_files, tmp_path):
+    """diffusers' SD3 loader takes the transformer and the two CLIPs only: a T5 file is refused, not dropped."""
+    from hcpdiff.errors import ModelError
+
+    out = tmp_path / "diffusers.safetensors"
+    with pytest.raises(ModelError, match="loads no text_encoder_3 LoRA; convert it with --to_webui"):
+        main(["--to_diffusers", "--lora_path_TE3", str(sd3_files["text_encoder_3"]), "--dump_path", str(out)])
+    assert not out.exists()
