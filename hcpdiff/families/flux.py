@@ -105,6 +105,7 @@ class Flux(Family):
     train_config: ClassVar[str] = "cfgs/train/examples/lora_flux.yaml"
     infer_config: ClassVar[str] = "cfgs/infer/text2img_flux.yaml"
     tiny_variants: ClassVar[tuple[str, ...]] = ("flux", "flux-schnell")
+    single_file_marker: ClassVar[str | None] = "double_blocks."  # Black Forest Labs' transformer layout
 
     @classmethod
     def matches(cls, index: dict[str, Any], read_config: ConfigReader) -> bool:
@@ -132,6 +133,22 @@ class Flux(Family):
             "text_encoder_2": lambda: T5EncoderModel.from_pretrained(source, subfolder="text_encoder_2", **common),
             "tokenizer_2": lambda: T5TokenizerFast.from_pretrained(source, subfolder="tokenizer_2", **common),
         }
+
+    def load_single_file(self, path: str, options: dict[str, Any]) -> dict[str, Any]:
+        """The transformer from one Black Forest Labs-layout file (`double_blocks.0.img_attn.qkv.weight`, ...), which
+        diffusers' from_single_file converts with the config folder's transformer config; every other part (VAE, CLIP,
+        T5, tokenizers, scheduler) from the config folder, whose own transformer weights are never read."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+        folder = options["config"]
+        common = {"revision": None, "local_files_only": options.get("local_files_only", True)}
+        components = {part: load() for part, load in self.part_loaders(folder, common).items() if part != "transformer"}
+        # fp32 as from a folder: the trainer casts frozen weights to the run's precision itself
+        components["transformer"] = FluxTransformer2DModel.from_single_file(
+            path, config=folder, subfolder="transformer", torch_dtype=torch.float32, **common)
+        components["scheduler"] = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler",
+                                                                                  **common)
+        return components
 
     def training_scheduler(self, scheduler_config: dict[str, Any]) -> Any:
         """The model's own FlowMatchEulerDiscreteScheduler: its config holds the shift the objective applies."""
