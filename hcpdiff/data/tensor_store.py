@@ -42,12 +42,12 @@ def weights_identity(module: torch.nn.Module, name_or_path: str, bytes_per_tenso
 class TensorStore:
     """Entries ({name: tensor}) by key: a dict when `cache_dir` is None, else one safetensors file per key there."""
 
-    def __init__(self, cache_dir: str | os.PathLike | None = None, what: str = "cache") -> None:
+    def __init__(self, cache_dir: str | os.PathLike | None = None, what: str = "cache", where: str = "cache_dir") -> None:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.what = what  # for messages: "latent cache", "text cache"
         self._memory: dict[str, dict[str, torch.Tensor]] = {}
         if self.cache_dir is not None:
-            make_folder(self.cache_dir, "cache_dir")
+            make_folder(self.cache_dir, where)  # `where`: the config key a folder the disk refuses is named by
 
     def file_of(self, key: str) -> Path:
         """Where the entry for `key` lives on disk."""

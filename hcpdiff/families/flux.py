@@ -55,6 +55,10 @@ class FluxConditioner:
         """Use a wrapped (prepared) text encoder for the forward pass: 0 is CLIP, 1 is T5."""
         setattr(self.pipe, ("text_encoder", "text_encoder_2")[index], text_encoder)
 
+    def cache_settings(self) -> dict[str, Any]:
+        """What besides the prompt and the encoders' weights decides the output (part of text-cache keys)."""
+        return {"max_sequence_length": self.max_sequence_length, "guidance": self.guidance}
+
 
 def pack_latents(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents [B, C, H, W] -> (tokens [B, H/2 * W/2, 4C], image ids [H/2 * W/2, 3]), by FluxPipeline's helpers."""

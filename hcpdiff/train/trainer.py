@@ -19,8 +19,9 @@ from tqdm.auto import tqdm
 
 from hcpdiff.config import check_targets, instantiate, read_fields
 from hcpdiff.data import build_dataset
-from hcpdiff.data.builders import check_dataset_fields
+from hcpdiff.data.builders import BuiltDataset, check_dataset_fields
 from hcpdiff.data.latent_cache import LatentEncoder, vae_identity
+from hcpdiff.data.tensor_store import TensorStore
 from hcpdiff.errors import ConfigError, ConfigProblems
 from hcpdiff.families import TRAINABLE_PARTS
 from hcpdiff.lora import LoraGroupSpec, attach_lora, load_checkpoint, load_lora_into, lora_state_dict, save_lora
@@ -35,7 +36,7 @@ from hcpdiff.train.logs import setup_run_logging
 from hcpdiff.train.extras import preview_pipeline, read_extra_specs, start_wandb
 from hcpdiff.train.ema import EmaWeights
 from hcpdiff.train.metrics import SmoothedValue, peak_memory_mib
-from hcpdiff.train.preview import render_previews, save_previews
+from hcpdiff.train.preview import preview_prompt_args, render_previews, save_previews
 from hcpdiff.train.optim import build_lr_scheduler, build_optimizer, param_groups
 from hcpdiff.train.specs import RUN_SCALARS, ModelSpec, RunSpec, SchedulerSpec, TrainSpec
 from hcpdiff.train.state import (ResumePoint, find_resume_state, folder_steps, load_checked_state, prune_checkpoints,
@@ -46,7 +47,7 @@ from hcpdiff.train.sharding import (
 from hcpdiff.train.signals import StopSignals, TrainingInterrupted
 from hcpdiff.train.starting_points import fuse_preset_loras, load_initial_loras
 from hcpdiff.train.streams import DataStream, ResumableBatchSampler
-from hcpdiff.train.text_cache import CachedConditioner, can_cache_text
+from hcpdiff.train.text_cache import TEXT_CACHE_FOLDER, CachedConditioner, can_cache_text, text_identity
 
 logger = logging.getLogger("hcpdiff.train")
 
@@ -341,7 +342,7 @@ class Trainer:
         self.streams: list[DataStream] = []
         workers = self.train_spec.workers
         latent_encoder = LatentEncoder(self.encode_latent_dist, vae_identity(self.parts.vae, str(self.parts.name_or_path)))
-        text_cache_prompts: set[str] = set()
+        built_datasets: dict[str, BuiltDataset] = {}
         for name, node in self.cfg.data.items():
             built = build_dataset(
                 node, f"data.{name}", pixel_step=self.parts.pixel_step, seed=self.seed,
@@ -351,7 +352,7 @@ class Trainer:
                 show_progress=self.accelerator.is_main_process,
                 text_encoder_trained=any(part in self.trained for part in self.family.text_encoders),
             )
-            text_cache_prompts |= built.text_cache_prompts or set()
+            built_datasets[name] = built
             # The loader's own generator keeps worker seeding off the global RNG, so resuming replays it exactly.
             loader = DataLoader(
                 built.dataset, batch_sampler=ResumableBatchSampler(built.batch_sampler), num_workers=workers,
@@ -360,9 +361,49 @@ class Trainer:
             )
             self.streams.append(DataStream(name, loader, built.loss_weight))
         self.batch_size = self.streams[0].loader.batch_sampler.batch_size
-        if text_cache_prompts and can_cache_text(self.conditioner):
-            self.conditioner = CachedConditioner(self.conditioner, text_cache_prompts)
-            logger.info("text embeddings cached in memory for %d prompts", len(text_cache_prompts))
+        self.preview_prompt_args = None  # the previews' encoded prompts, when the text encoders are released
+        self._setup_text_cache(built_datasets)
+
+    def _setup_text_cache(self, built_datasets: dict[str, BuiltDataset]) -> None:
+        """Encode every prompt the datasets can give once (in memory, or under each dataset's cache_dir, reused by
+        later runs); when every dataset's prompts are cached, release the text encoders for the rest of the run."""
+        cached = {name: built for name, built in built_datasets.items() if built.text_cache_prompts}
+        if not cached or not can_cache_text(self.conditioner):
+            return
+        identity = text_identity(self.family, self.conditioner, self.parts.components, str(self.parts.name_or_path))
+        conditioner = CachedConditioner(self.conditioner, identity)
+        memory, places = TensorStore(what="text cache"), []
+        for name, built in cached.items():
+            store = memory
+            if built.cache_dir is not None:
+                store = TensorStore(Path(built.cache_dir) / TEXT_CACHE_FOLDER, what="text cache",
+                                    where=f"data.{name}.cache_dir")
+            conditioner.add(built.text_cache_prompts, store)
+            places.append("in memory" if store is memory else f"in {store.cache_dir}")
+        accelerator = self.accelerator
+        report = conditioner.fill(accelerator.device, accelerator.autocast, num_replicas=accelerator.num_processes,
+                                  rank=accelerator.process_index, barrier=accelerator.wait_for_everyone)
+        logger.info("text embeddings cached %s for %d prompts: %d encoded, %d reused",
+                    " and ".join(dict.fromkeys(places)), len(conditioner.prompts), report.encoded, report.reused)
+        self.conditioner = conditioner
+        if len(cached) == len(built_datasets):
+            self._release_text_encoders()
+
+    def _release_text_encoders(self) -> None:
+        """Every prompt the data gives is cached and no text encoder trains: drop the encoders (after encoding the
+        previews' prompts, which never change either), so their memory is free for the rest of the run."""
+        if self.extras.preview is not None and self.accelerator.is_main_process:
+            pipe = preview_pipeline(self.parts, self.parts.components, self.objective)
+            with torch.no_grad(), self.accelerator.autocast():
+                self.preview_prompt_args = preview_prompt_args(pipe, self.family, self.extras.preview,
+                                                               self.model_spec.clip_skip)
+        self.conditioner.release_encoders()
+        for part in self.family.text_encoders:
+            self.parts.components[part] = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        logger.info("text encoders released (%s): every prompt is cached", ", ".join(self.family.text_encoders))
 
     def _setup_optimization(self) -> None:
         spec, accelerator = self.train_spec, self.accelerator
@@ -597,7 +638,8 @@ class Trainer:
             for module, _ in modes:
                 module.eval()
             with torch.no_grad(), self.accelerator.autocast():
-                images = render_previews(pipe, self.family, self.preview_spec, self.model_spec.clip_skip)
+                images = render_previews(pipe, self.family, self.preview_spec, self.model_spec.clip_skip,
+                                         self.preview_prompt_args)
         finally:
             for module, training in modes:
                 module.train(training)
