@@ -26,7 +26,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from hcpdiff.data.dataset import ImageCaptionDataset
+from hcpdiff.data.dataset import ImageCaptionDataset, noise_seed
 from hcpdiff.data.images import IMAGE_READ_ERRORS, load_for_bucket, read_image_size, to_tensor
 from hcpdiff.data.tensor_store import TensorStore
 from hcpdiff.errors import DataError
@@ -176,13 +176,14 @@ class CachedLatentDataset(Dataset):
         unflipped, flipped = self.keys[index]
         mean, std = self.store.get(flipped if flip else unflipped)
         original_hw, crop_top_left = self.geometry[self.source_of.get(index, index)]
-        noise_seed = random.Random(f"{seed}:{index}:{draw}:latent").getrandbits(63)
-        noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(noise_seed))
+        posterior_seed = random.Random(f"{seed}:{index}:{draw}:latent").getrandbits(63)
+        noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(posterior_seed))
         template_rng = random.Random(f"{seed}:{index}:{draw}")
         prompt = dataset._prompt(item, index, draw, template_rng)
         # original_size (h, w) and crop_top_left (top, left), as the uncached dataset gives them (SDXL conditioning).
         return {"latents": mean + std * noise, "prompt": prompt,
-                "original_size": torch.tensor(original_hw), "crop_top_left": torch.tensor(crop_top_left)}
+                "original_size": torch.tensor(original_hw), "crop_top_left": torch.tensor(crop_top_left),
+                "noise_seed": noise_seed(seed, index, draw)}
 
 
 def fill_latent_cache(

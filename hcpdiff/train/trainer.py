@@ -28,6 +28,7 @@ from hcpdiff.lora import LoraGroupSpec, attach_lora, load_checkpoint, load_lora_
 from hcpdiff.lora.spec import AttachedGroup
 from hcpdiff.lora.state_io import lora_metadata
 from hcpdiff.models import cast_floats, enable_gradient_checkpointing, load_model_parts
+from hcpdiff.objectives.ddpm import sample_noise
 from hcpdiff.train.exp_dir import (claim_exp_dir, lock_exp_dir, remove_if_no_outputs, remove_stale_temp_files,
                                    unlock_exp_dir)
 from hcpdiff.train.finetune import (FinetuneGroup, FinetuneGroupSpec, enable_finetuning, finetuned_state,
@@ -502,7 +503,7 @@ class Trainer:
         loss_sum, loss_count, last_log_time = 0.0, 0, time.perf_counter()
         while self.global_step < self.train_steps:
             with accelerator.accumulate(*trained_modules):
-                loss = sum(self.compute_loss(next(it), stream.loss_weight)
+                loss = sum(self.compute_loss(next(it), stream.loss_weight, stream.noise_salt)
                            for it, stream in zip(batch_iters, self.streams))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and spec.max_grad_norm:
@@ -536,14 +537,15 @@ class Trainer:
                     self.save_checkpoint()
                 raise TrainingInterrupted(stop.requested or 2, self.global_step, str(self.exp_dir))
 
-    def compute_loss(self, batch: dict, loss_weight: float) -> torch.Tensor:
+    def compute_loss(self, batch: dict, loss_weight: float, noise_salt: int = 0) -> torch.Tensor:
         """Noise one batch's latents as the family's objective says and score the denoiser's prediction."""
         device = self.accelerator.device
+        generators = self.sample_generators(batch, noise_salt)
         if "latents" in batch:  # from a latent cache
             latents = batch["latents"].to(device, dtype=torch.float32)
         else:
-            latents = self.encode_latents(batch["pixel_values"])
-        noised = self.objective.noised(latents)
+            latents = self.encode_latents(batch["pixel_values"], generators)
+        noised = self.objective.noised(latents, generators)
         with self.accelerator.autocast():
             with torch.set_grad_enabled(any(part in self.trained for part in self.family.text_encoders)):
                 conditioning = self.conditioner(batch["prompts"], batch, device)
@@ -551,11 +553,22 @@ class Trainer:
                                              noised.timesteps, cast_floats(conditioning, self.weight_dtype))
         return self.objective.loss(prediction, noised) * loss_weight
 
+    def sample_generators(self, batch: dict, noise_salt: int = 0) -> list[torch.Generator] | None:
+        """One random generator per sample, seeded by the sample's `noise_seed` (its dataset index and epoch) and its
+        dataset's salt: a sample's posterior draw, noise and timestep are then the same whatever batch or process it
+        lands in, so N processes train what one process with N times the batch trains. None: the global stream."""
+        seeds = batch.get("noise_seed")
+        if seeds is None:
+            return None
+        device = self.accelerator.device
+        return [torch.Generator(device=device).manual_seed(seed ^ noise_salt) for seed in seeds.tolist()]
+
     @torch.no_grad()
-    def encode_latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def encode_latents(self, pixel_values: torch.Tensor,
+                       generators: list[torch.Generator] | None = None) -> torch.Tensor:
         """Images [B, 3, H, W] in [-1, 1] -> latents sampled from the VAE posterior, scaled and shifted (fp32)."""
         mean, std = self.encode_latent_dist(pixel_values)
-        return mean + std * torch.randn_like(mean)
+        return mean + std * sample_noise(mean, 0.0, generators)
 
     @torch.no_grad()
     def encode_latent_dist(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
