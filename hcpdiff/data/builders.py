@@ -33,7 +33,7 @@ class DatasetSpec:
     batch_size: Annotated[int, Bound(ge=1)] = 1
     loss_weight: float = 1.0
     cache_latents: bool = False  # VAE-encode each image once (bucket size, crop, both flips) and train on stored latents
-    cache_dir: str | None = None  # null: the latent cache lives in memory; a folder: on disk, reused across runs
+    cache_dir: str | None = None  # null: latent and text caches live in memory; a folder: on disk, reused across runs
     cache_text_embeds: bool | str = "auto"  # auto: cache prompt embeddings when prompts are fixed and no TE trains
 
 
@@ -84,6 +84,7 @@ class BuiltDataset:
     sources: list[SourceReport] = field(default_factory=list)
     num_upscaled: int = 0  # images smaller than their bucket size (they are upscaled)
     text_cache_prompts: set[str] | None = None  # every prompt the dataset can give, when its text embeddings are cached
+    cache_dir: str | None = None  # the dataset's cache_dir: its latent and text-cache entries live there (None: memory)
 
     def describe(self) -> list[str]:
         """Lines for the start-of-training report."""
@@ -173,6 +174,7 @@ def build_dataset(
     built = BuiltDataset(
         served, sampler, spec.batch_size, float(spec.loss_weight), bucket, len(image_sizes), reports, num_upscaled
     )
+    built.cache_dir = spec.cache_dir
     if cache_text:
         built.text_cache_prompts = {dataset.sample_prompt(index) for index in range(len(dataset))}
     for line in built.describe():

@@ -31,6 +31,12 @@ class DataItem:
     source_index: int
 
 
+def noise_seed(seed: int, index: int, draw: int) -> torch.Tensor:
+    """The seed of item `index`'s training noise on its `draw`-th fetch (int64 scalar): the trainer draws the item's
+    noise and timestep from it, so they do not depend on the batch or the process the item lands in."""
+    return torch.tensor(random.Random(f"{seed}:{index}:{draw}:noise").getrandbits(63))
+
+
 class ImageCaptionDataset(Dataset):
     """Items -> {"pixel_values": FloatTensor [3, H, W] in [-1, 1], "prompt": str}, H x W being the item's bucket size."""
 
@@ -90,7 +96,7 @@ class ImageCaptionDataset(Dataset):
         # original_size (h, w) and crop_top_left (top, left): SDXL's size and crop conditioning
         return {"pixel_values": to_tensor(image), "prompt": self._prompt(item, index, draw, rng),
                 "original_size": torch.tensor([original_wh[1], original_wh[0]]),
-                "crop_top_left": torch.tensor(crop_top_left)}
+                "crop_top_left": torch.tensor(crop_top_left), "noise_seed": noise_seed(self.seed, index, draw)}
 
     def sample_prompt(self, index: int, draw: int = 0) -> str:
         """The prompt item `index` gets on its `draw`-th fetch (no image decoded; substitutes ignored)."""

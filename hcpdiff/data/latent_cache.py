@@ -23,15 +23,13 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from hcpdiff.data.dataset import ImageCaptionDataset
+from hcpdiff.data.dataset import ImageCaptionDataset, noise_seed
 from hcpdiff.data.images import IMAGE_READ_ERRORS, load_for_bucket, read_image_size, to_tensor
+from hcpdiff.data.tensor_store import TensorStore
 from hcpdiff.errors import DataError
-from hcpdiff.folders import make_folder
 
 logger = logging.getLogger(__name__)
 
@@ -82,52 +80,31 @@ def entry_key(path: str, bucket_wh: tuple[int, int], flip: bool, vae: str) -> st
 
 
 class LatentStore:
-    """(mean, std) by key: a dict when `cache_dir` is None, else one safetensors file per key in that folder."""
+    """(mean, std) by key, in a TensorStore: a dict when `cache_dir` is None, else one safetensors file per key."""
 
     def __init__(self, cache_dir: str | os.PathLike | None = None) -> None:
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self._memory: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        if self.cache_dir is not None:
-            make_folder(self.cache_dir, "cache_dir")
+        self.tensors = TensorStore(cache_dir, what="latent cache")
+
+    @property
+    def cache_dir(self) -> Path | None:
+        """The folder of the entries (None: in memory)."""
+        return self.tensors.cache_dir
 
     def file_of(self, key: str) -> Path:
         """Where the entry for `key` lives on disk."""
-        return self.cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:40]}.safetensors"
+        return self.tensors.file_of(key)
 
     def __contains__(self, key: str) -> bool:
-        if self.cache_dir is None:
-            return key in self._memory
-        return self._read(key, tensors=False) is not None
+        return key in self.tensors
 
     def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored (mean, std); DataError when the entry is gone or holds another key."""
-        if self.cache_dir is None:
-            return self._memory[key]
-        entry = self._read(key, tensors=True)
-        if entry is None:
-            raise DataError(f"Latent cache entry {self.file_of(key)} is missing or stale; delete the cache_dir and rerun.")
-        return entry
+        entry = self.tensors.get(key)
+        return entry["mean"], entry["std"]
 
     def put(self, key: str, mean: torch.Tensor, std: torch.Tensor) -> None:
-        """Store one entry (on disk: written to a temporary name, then renamed)."""
-        mean, std = mean.detach().float().cpu().contiguous(), std.detach().float().cpu().contiguous()
-        if self.cache_dir is None:
-            self._memory[key] = (mean, std)
-            return
-        path = self.file_of(key)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        save_file({"mean": mean, "std": std}, str(tmp), metadata={"key": key})
-        os.replace(tmp, path)
-
-    def _read(self, key: str, tensors: bool) -> tuple[torch.Tensor, torch.Tensor] | bool | None:
-        path = self.file_of(key)
-        try:
-            with safe_open(str(path), framework="pt") as stored:
-                if (stored.metadata() or {}).get("key") != key:
-                    return None  # a hash collision or a damaged file: never use it
-                return (stored.get_tensor("mean"), stored.get_tensor("std")) if tensors else True
-        except Exception:  # noqa: BLE001 - a missing or unreadable file is a miss, encoded again
-            return None
+        """Store one entry (fp32; on disk: written to a temporary name, then renamed)."""
+        self.tensors.put(key, {"mean": mean.float(), "std": std.float()})
 
 
 @dataclass
@@ -199,13 +176,14 @@ class CachedLatentDataset(Dataset):
         unflipped, flipped = self.keys[index]
         mean, std = self.store.get(flipped if flip else unflipped)
         original_hw, crop_top_left = self.geometry[self.source_of.get(index, index)]
-        noise_seed = random.Random(f"{seed}:{index}:{draw}:latent").getrandbits(63)
-        noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(noise_seed))
+        posterior_seed = random.Random(f"{seed}:{index}:{draw}:latent").getrandbits(63)
+        noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(posterior_seed))
         template_rng = random.Random(f"{seed}:{index}:{draw}")
         prompt = dataset._prompt(item, index, draw, template_rng)
         # original_size (h, w) and crop_top_left (top, left), as the uncached dataset gives them (SDXL conditioning).
         return {"latents": mean + std * noise, "prompt": prompt,
-                "original_size": torch.tensor(original_hw), "crop_top_left": torch.tensor(crop_top_left)}
+                "original_size": torch.tensor(original_hw), "crop_top_left": torch.tensor(crop_top_left),
+                "noise_seed": noise_seed(seed, index, draw)}
 
 
 def fill_latent_cache(

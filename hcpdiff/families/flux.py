@@ -89,7 +89,39 @@ class FluxConditioner:
 
     def set_text_encoder(self, text_encoder: torch.nn.Module, index: int = 0) -> None:
         """Use a wrapped (prepared) text encoder for the forward pass: 0 is CLIP, 1 is T5."""
+        from accelerate.utils import extract_model_from_parallel
+
+        plain = extract_model_from_parallel(text_encoder)
+        if plain is not text_encoder:  # FluxPipeline reads `.dtype`, which a DDP wrapper does not have
+            text_encoder = PreparedTextEncoder(text_encoder, plain)
         setattr(self.pipe, ("text_encoder", "text_encoder_2")[index], text_encoder)
+
+    def cache_settings(self) -> dict[str, Any]:
+        """What besides the prompt and the encoders' weights decides the output (part of text-cache keys)."""
+        return {"max_sequence_length": self.max_sequence_length, "guidance": self.guidance}
+
+
+class PreparedTextEncoder(torch.nn.Module):
+    """A prepared (DDP-wrapped) text encoder as FluxPipeline uses one: calls go through the wrapper, so a trained
+    encoder's gradients synchronise across processes; `dtype` and `device` are the plain model's."""
+
+    def __init__(self, prepared: torch.nn.Module, plain: torch.nn.Module) -> None:
+        super().__init__()
+        self.prepared = prepared
+        self._plain = [plain]  # in a list: not registered twice as a submodule (the wrapper holds it)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.prepared(*args, **kwargs)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The plain encoder's dtype (FluxPipeline casts the pooled CLIP output to it)."""
+        return self._plain[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The plain encoder's device."""
+        return self._plain[0].device
 
 
 def pack_latents(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,6 +234,7 @@ class Flux(Family):
     train_config: ClassVar[str] = "cfgs/train/examples/lora_flux.yaml"
     infer_config: ClassVar[str] = "cfgs/infer/text2img_flux.yaml"
     tiny_variants: ClassVar[tuple[str, ...]] = ("flux", "flux-schnell")
+    single_file_marker: ClassVar[str | None] = "double_blocks."  # Black Forest Labs' transformer layout
 
     @classmethod
     def matches(cls, index: dict[str, Any], read_config: ConfigReader) -> bool:
@@ -229,6 +262,22 @@ class Flux(Family):
             "text_encoder_2": lambda: T5EncoderModel.from_pretrained(source, subfolder="text_encoder_2", **common),
             "tokenizer_2": lambda: T5TokenizerFast.from_pretrained(source, subfolder="tokenizer_2", **common),
         }
+
+    def load_single_file(self, path: str, options: dict[str, Any]) -> dict[str, Any]:
+        """The transformer from one Black Forest Labs-layout file (`double_blocks.0.img_attn.qkv.weight`, ...), which
+        diffusers' from_single_file converts with the config folder's transformer config; every other part (VAE, CLIP,
+        T5, tokenizers, scheduler) from the config folder, whose own transformer weights are never read."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+        folder = options["config"]
+        common = {"revision": None, "local_files_only": options.get("local_files_only", True)}
+        components = {part: load() for part, load in self.part_loaders(folder, common).items() if part != "transformer"}
+        # fp32 as from a folder: the trainer casts frozen weights to the run's precision itself
+        components["transformer"] = FluxTransformer2DModel.from_single_file(
+            path, config=folder, subfolder="transformer", torch_dtype=torch.float32, **common)
+        components["scheduler"] = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler",
+                                                                                  **common)
+        return components
 
     def training_scheduler(self, scheduler_config: dict[str, Any]) -> Any:
         """The model's own FlowMatchEulerDiscreteScheduler: its config holds the shift the objective applies."""

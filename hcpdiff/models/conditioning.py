@@ -23,6 +23,10 @@ class SDConditioner:
         """Use a wrapped (DDP) text encoder for the forward pass, so its LoRA gradients synchronise."""
         self.prompt_encoder.text_encoder = text_encoder
 
+    def cache_settings(self) -> dict[str, Any]:
+        """What besides the prompt and the encoder's weights decides the output (part of text-cache keys)."""
+        return {"tokenizer_repeats": self.prompt_encoder.repeats, "clip_skip": self.prompt_encoder.clip_skip}
+
 
 def build_conditioner(parts: Any, tokenizer_repeats: int = 1, clip_skip: int = 0) -> Any:
     """The conditioner of the model's family (`parts` is a ModelParts): SDConditioner, SDXLConditioner, ..."""

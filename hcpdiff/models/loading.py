@@ -115,10 +115,35 @@ def load_model_parts(
     return ModelParts(family=family, **parts, name_or_path=name_or_path)
 
 
-def single_file_config_folder(single_file_config: str | None, where: str, shown: str) -> tuple[str | None, Family]:
+def original_layout_family(path: Path) -> Family | None:
+    """The family whose original-layout key marker a `.safetensors` file's keys show (FLUX's `double_blocks.`), if any;
+    only the header is read."""
+    markers = {family.single_file_marker: family for family in FAMILIES if family.single_file_marker}
+    if not markers or path.suffix.lower() != ".safetensors":
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as checkpoint:
+            keys = list(checkpoint.keys())
+    except Exception:  # noqa: BLE001 - an unreadable file is named by the loader that reads it next
+        return None
+    return next((family for marker, family in markers.items() if any(marker in key for key in keys)), None)
+
+
+def single_file_config_folder(single_file_config: str | None, where: str, shown: str,
+                              path: Path | None = None) -> tuple[str | None, Family]:
     """The local folder giving a single file's configs; None lets diffusers fetch them (only when the hub is reachable)."""
     config_key = sibling_key(where, "single_file_config")
     if single_file_config is None:
+        family = original_layout_family(path) if path is not None else None
+        if family is not None:  # diffusers alone would read it as SD and fail on the first missing key
+            raise ModelError(
+                f"{where}: '{shown}' is a {family.description} {family.denoiser} in its original single-file layout; "
+                f"set {config_key} to a local diffusers {family.description} folder, whose configs describe the file "
+                f"and whose other parts ({', '.join(p for p in family.required_folders if p != family.denoiser)}) "
+                "are loaded from there."
+            )
         if offline_mode() or not hub_reachable():
             raise ModelError(
                 f"{where}: '{shown}' is a single checkpoint file, whose part configs come from a diffusers model of the "
@@ -139,9 +164,9 @@ def single_file_config_folder(single_file_config: str | None, where: str, shown:
 
 def load_single_file_parts(path: Path, single_file_config: str | None, *, where: str, shown: str,
                            drop_t5: bool = False) -> tuple[Family, dict[str, Any]]:
-    """Load an original-layout (CompVis / a1111) checkpoint with diffusers' from_single_file; the config folder's
-    family says how to read the file."""
-    config, family = single_file_config_folder(single_file_config, where, shown)
+    """Load an original-layout (CompVis / a1111, or Black Forest Labs' FLUX transformer) checkpoint with diffusers'
+    from_single_file; the config folder's family says how to read the file."""
+    config, family = single_file_config_folder(single_file_config, where, shown, path)
     dropped = family.dropped_parts(drop_t5, sibling_key(where, "drop_t5"))
     options = {"config": config, "local_files_only": True} if config else {}
     try:

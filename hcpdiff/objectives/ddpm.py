@@ -6,6 +6,7 @@ defaults every function draws the same random numbers and returns the same value
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,22 +30,42 @@ def refuse_other_objective_keys(spec: Any, foreign_keys: tuple[str, ...], foreig
                           "remove it")
 
 
-def sample_noise(latents: torch.Tensor, noise_offset: float = 0.0) -> torch.Tensor:
+Generators = list[torch.Generator] | None  # one per sample, or None: the global random stream
+
+
+def draw_rows(generators: list[torch.Generator], draw: Callable[[torch.Generator], torch.Tensor]) -> torch.Tensor:
+    """One draw per sample, each from its own generator, stacked to [B, ...]: a sample's random numbers then depend
+    on its generator's seed alone, not on its batch, its place in it or the process that runs it."""
+    return torch.stack([draw(generator) for generator in generators])
+
+
+def sample_noise(latents: torch.Tensor, noise_offset: float = 0.0, generators: Generators = None) -> torch.Tensor:
     """Gaussian noise like `latents` [B, C, H, W]; with an offset, plus `offset * randn(B, C, 1, 1)` per channel.
 
     The offset teaches the model to shift whole images' brightness (very dark or light pictures). With offset 0 no
-    extra random numbers are drawn, so a run is bit-identical to one without the option.
+    extra random numbers are drawn, so a run is bit-identical to one without the option. With `generators`, sample
+    i draws from generators[i].
     """
-    noise = torch.randn_like(latents)
+    like = {"device": latents.device, "dtype": latents.dtype}
+    if generators is None:
+        noise = torch.randn_like(latents)
+        if noise_offset:
+            noise = noise + noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, **like)
+        return noise
+    noise = draw_rows(generators, lambda g: torch.randn(latents.shape[1:], generator=g, **like))
     if noise_offset:
-        noise = noise + noise_offset * torch.randn(
-            latents.shape[0], latents.shape[1], 1, 1, device=latents.device, dtype=latents.dtype)
+        noise = noise + noise_offset * draw_rows(generators, lambda g: torch.randn(latents.shape[1], 1, 1,
+                                                                                  generator=g, **like))
     return noise
 
 
-def sample_timesteps(batch_size: int, timestep_min: int, timestep_max: int, device: torch.device | str) -> torch.Tensor:
-    """Timesteps [B] drawn uniformly from [timestep_min, timestep_max) (the upper bound excluded, as in randint)."""
-    return torch.randint(timestep_min, timestep_max, (batch_size,), device=device)
+def sample_timesteps(batch_size: int, timestep_min: int, timestep_max: int, device: torch.device | str,
+                     generators: Generators = None) -> torch.Tensor:
+    """Timesteps [B] drawn uniformly from [timestep_min, timestep_max) (the upper bound excluded, as in randint);
+    with `generators`, sample i's from generators[i]."""
+    if generators is None:
+        return torch.randint(timestep_min, timestep_max, (batch_size,), device=device)
+    return draw_rows(generators, lambda g: torch.randint(timestep_min, timestep_max, (), generator=g, device=device))
 
 
 def check_timestep_range(timestep_min: int, timestep_max: int | None, num_train_timesteps: int) -> tuple[int, int]:
@@ -142,10 +163,11 @@ class DDPMObjective:
                                                        config.num_train_timesteps),
                    noise_offset=spec.noise_offset, min_snr_gamma=spec.min_snr_gamma)
 
-    def noised(self, latents: torch.Tensor) -> Noised:
-        """Draw noise, then timesteps (in that order, as diffusers' training examples do), and noise the latents."""
-        noise = sample_noise(latents, self.noise_offset)
-        timesteps = sample_timesteps(latents.shape[0], *self.timestep_range, latents.device)
+    def noised(self, latents: torch.Tensor, generators: Generators = None) -> Noised:
+        """Draw noise, then timesteps (in that order, as diffusers' training examples do), and noise the latents;
+        from the global random stream, or sample i from generators[i]."""
+        noise = sample_noise(latents, self.noise_offset, generators)
+        timesteps = sample_timesteps(latents.shape[0], *self.timestep_range, latents.device, generators)
         noisy_latents = self.scheduler.add_noise(latents, noise, timesteps)
         target = diffusion_target(self.scheduler, latents, noise, timesteps, self.prediction_type)
         weights = None

@@ -13,7 +13,7 @@ import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
 from hcpdiff.errors import ConfigError
-from hcpdiff.objectives.ddpm import Noised, diffusion_loss
+from hcpdiff.objectives.ddpm import Generators, Noised, diffusion_loss, draw_rows, sample_noise
 
 SIGMA_SAMPLINGS = ("uniform", "logit_normal", "mode", "sigmoid")
 SHIFTS = ("none", "static", "resolution")
@@ -29,14 +29,24 @@ PATCH_SIZE = 2  # FLUX packs 2x2 latent cells into one token: the sequence lengt
 
 def sample_sigmas(sampling: str, batch_size: int, *, logit_mean: float = 0.0, logit_std: float = 1.0,
                   mode_scale: float = 1.29, sigmoid_scale: float = 1.0,
-                  device: torch.device | str = "cpu") -> torch.Tensor:
-    """Unshifted sigmas [B] in [0, 1]: uniform, logit-normal, SD3's mode sampling, or sigmoid(scale * randn)."""
+                  device: torch.device | str = "cpu", generators: Generators = None) -> torch.Tensor:
+    """Unshifted sigmas [B] in [0, 1]: uniform, logit-normal, SD3's mode sampling, or sigmoid(scale * randn); with
+    `generators`, sample i's from generators[i]."""
+    if generators is not None:
+        return draw_rows(generators, lambda g: draw_sigmas(sampling, 1, logit_mean, logit_std, mode_scale,
+                                                           sigmoid_scale, device, g)[0])
+    return draw_sigmas(sampling, batch_size, logit_mean, logit_std, mode_scale, sigmoid_scale, device, None)
+
+
+def draw_sigmas(sampling: str, batch_size: int, logit_mean: float, logit_std: float, mode_scale: float,
+                sigmoid_scale: float, device: torch.device | str, generator: torch.Generator | None) -> torch.Tensor:
+    """`batch_size` unshifted sigmas from one generator (None: the global stream)."""
     if sampling == "sigmoid":
-        return torch.sigmoid(sigmoid_scale * torch.randn(batch_size, device=device))
+        return torch.sigmoid(sigmoid_scale * torch.randn(batch_size, device=device, generator=generator))
     # diffusers names its uniform scheme "none"
     scheme = "none" if sampling == "uniform" else sampling
     return compute_density_for_timestep_sampling(scheme, batch_size, logit_mean=logit_mean, logit_std=logit_std,
-                                                 mode_scale=mode_scale, device=device)
+                                                 mode_scale=mode_scale, device=device, generator=generator)
 
 
 def resolution_mu(scheduler_config: Any, image_seq_len: int) -> float:
@@ -99,11 +109,11 @@ class FlowMatchingObjective:
             raise ConfigError("train.loss.logit_std / shift_value: must be > 0")
         return cls(scheduler=scheduler, **values)
 
-    def sample_sigmas(self, latents: torch.Tensor) -> torch.Tensor:
+    def sample_sigmas(self, latents: torch.Tensor, generators: Generators = None) -> torch.Tensor:
         """Shifted sigmas [B] for latents [B, C, H, W]."""
         sigmas = sample_sigmas(self.sigma_sampling, latents.shape[0], logit_mean=self.logit_mean,
                                logit_std=self.logit_std, mode_scale=self.mode_scale,
-                               sigmoid_scale=self.sigmoid_scale, device=latents.device)
+                               sigmoid_scale=self.sigmoid_scale, device=latents.device, generators=generators)
         if self.shift == "static":
             return static_shift(sigmas, self.shift_value)
         if self.shift == "resolution":
@@ -111,10 +121,11 @@ class FlowMatchingObjective:
             return self.scheduler.time_shift(resolution_mu(self.scheduler.config, seq_len), 1.0, sigmas)
         return sigmas
 
-    def noised(self, latents: torch.Tensor) -> Noised:
-        """Draw noise, then sigmas; the denoiser is told sigma in [0, 1] (FLUX's transformer scales it by 1000)."""
-        noise = torch.randn_like(latents)
-        sigmas = self.sample_sigmas(latents)
+    def noised(self, latents: torch.Tensor, generators: Generators = None) -> Noised:
+        """Draw noise, then sigmas (global stream, or sample i from generators[i]); the denoiser is told sigma in
+        [0, 1] (FLUX's transformer scales it by 1000)."""
+        noise = sample_noise(latents, 0.0, generators)
+        sigmas = self.sample_sigmas(latents, generators)
         expanded = sigmas.view(-1, *([1] * (latents.ndim - 1))).to(latents.dtype)
         noisy_latents = (1.0 - expanded) * latents + expanded * noise
         target = latents if self.precondition_outputs else noise - latents

@@ -41,22 +41,32 @@ def kept_random_state() -> Iterator[None]:
             torch.cuda.set_rng_state_all(saved[3])
 
 
-def render_previews(pipe: Any, family: Any, spec: PreviewSpec, clip_skip: int = 0) -> list[Any]:
-    """Render each prompt with the pipeline's current weights, prompts encoded by the family as the visualizer
-    encodes them (`(word:1.2)` weights, long prompts); returns PIL images.
+def preview_prompt_args(pipe: Any, family: Any, spec: PreviewSpec, clip_skip: int = 0) -> list[dict[str, Any]]:
+    """Each preview prompt's pipeline keyword arguments, encoded by the family as the visualizer encodes them
+    (`(word:1.2)` weights, long prompts). While the text encoders are frozen they never change, so a run that releases
+    its text encoders encodes them once, before."""
+    all_prompts = [*spec.prompts, spec.neg_prompt]
+    with torch.no_grad():
+        return [family.prompt_args(pipe, [prompt], [spec.neg_prompt], clip_skip=clip_skip, all_prompts=all_prompts)
+                for prompt in spec.prompts]
+
+
+def render_previews(pipe: Any, family: Any, spec: PreviewSpec, clip_skip: int = 0,
+                    prompt_args: list[dict[str, Any]] | None = None) -> list[Any]:
+    """Render each prompt with the pipeline's current weights (prompts encoded now, or `prompt_args` from
+    preview_prompt_args); returns PIL images.
 
     The caller's random state (python, numpy, torch, CUDA) is restored afterwards and the images draw from their own
     generators, so a run with previews trains exactly as one without.
     """
     with kept_random_state():
-        all_prompts = [*spec.prompts, spec.neg_prompt]
+        if prompt_args is None:
+            prompt_args = preview_prompt_args(pipe, family, spec, clip_skip)
         images = []
         with torch.no_grad():
-            for i, prompt in enumerate(spec.prompts):
-                prompt_args = family.prompt_args(pipe, [prompt], [spec.neg_prompt], clip_skip=clip_skip,
-                                                 all_prompts=all_prompts)
+            for i, args in enumerate(prompt_args):
                 generator = torch.Generator("cpu").manual_seed(spec.seed + i)
-                images += pipe(**prompt_args, generator=generator, width=spec.width, height=spec.height,
+                images += pipe(**args, generator=generator, width=spec.width, height=spec.height,
                                num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
                                output_type="pil").images
         return images

@@ -1,6 +1,7 @@
 """Endless, resumable batch streams: one per dataset, remembering epoch and position for resume."""
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -59,6 +60,12 @@ class DataStream:
                 yield batch
             self.epoch += 1
             self.position = 0
+
+    @property
+    def noise_salt(self) -> int:
+        """Mixed into this dataset's per-sample noise seeds, so items of two datasets with the same index and epoch
+        do not share their noise."""
+        return random.Random(f"noise:{self.name}").getrandbits(62)
 
     def state(self) -> dict:
         """Where the stream is, for a resumable checkpoint."""

@@ -1,45 +1,124 @@
-"""Text-embedding cache: a conditioner that encodes each known prompt once and reuses its U-Net kwargs."""
+"""Text-embedding cache: every prompt the data can give is encoded once, before training, into a TensorStore (in
+memory, or on disk under the dataset's `cache_dir`, reused by later runs), and batches read their rows from there.
+
+Valid only while the text encoders are frozen (the builder turns it off when one trains). Once every dataset's prompts
+are cached, the trainer can release the text encoders (`release_encoders`): nothing encodes text again.
+
+An entry's key is the prompt plus the encoders' identity: the family, the conditioner's settings (clip_skip, T5
+length, guidance ...) and each text encoder's `weights_identity` (model path, dtype, a hash of its config and of
+every tensor's first bytes), so another model, precision, setting or a LoRA fused into an encoder misses the cache.
+"""
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from hcpdiff.data.tensor_store import TensorStore, weights_identity
 from hcpdiff.models import SDConditioner
 
 # Conditioners whose outputs depend on the prompts alone (not on other batch fields), so a prompt string is a
 # complete cache key. A family whose conditioning reads the batch (SDXL's size / crop ids) is left uncached.
 PROMPT_ONLY_CONDITIONERS = (SDConditioner,)
+TEXT_CACHE_FOLDER = "text_embeds"  # under a dataset's cache_dir, beside the latent entries
+
+
+@dataclass
+class TextCacheReport:
+    """What filling the cache did (for the log and tests)."""
+
+    encoded: int = 0  # prompts encoded by this process
+    reused: int = 0  # prompts found already stored
 
 
 class CachedConditioner:
-    """Wraps a conditioner `(prompts, batch, device) -> U-Net kwargs`; batches of known prompts come from memory.
+    """Wraps a conditioner `(prompts, batch, device) -> denoiser kwargs`; prompts added with `add` are encoded by
+    `fill` and then read from their store. A batch with any other prompt goes to the wrapped conditioner unchanged
+    (an error once the encoders are released)."""
 
-    Only prompts in `prompts` (those deterministic datasets can produce) are cached, so memory stays bounded
-    (one [77 * repeats, D] row per prompt, kept on the CPU); a batch with any other prompt goes to the
-    wrapped conditioner unchanged. Valid only while the text encoder is frozen.
-    """
+    def __init__(self, conditioner: Any, identity: str) -> None:
+        self.conditioner: Any = conditioner  # None once release_encoders() ran
+        self.identity = identity
+        self._entries: dict[str, tuple[TensorStore, str]] = {}  # prompt -> (its store, its key)
 
-    def __init__(self, conditioner: Any, prompts: Iterable[str]) -> None:
-        self.conditioner = conditioner
-        self.cacheable = set(prompts)
-        self._rows: dict[str, dict[str, torch.Tensor]] = {}
-        self.encoded = 0  # prompts encoded so far (tests and logs)
+    def key(self, prompt: str) -> str:
+        """The cache key of one prompt under these encoders."""
+        return json.dumps({"prompt": prompt, "encoders": self.identity}, sort_keys=True)
+
+    def add(self, prompts: Iterable[str], store: TensorStore) -> None:
+        """Cache these prompts in `store` (a prompt already added keeps its first store)."""
+        for prompt in prompts:
+            self._entries.setdefault(prompt, (store, self.key(prompt)))
+
+    @property
+    def prompts(self) -> list[str]:
+        """Every cached prompt, sorted (the order every process fills in)."""
+        return sorted(self._entries)
+
+    def fill(self, device: torch.device, encode_context: Callable[[], AbstractContextManager] = nullcontext, *,
+             batch_size: int = 8, num_replicas: int = 1, rank: int = 0,
+             barrier: Callable[[], None] | None = None) -> TextCacheReport:
+        """Encode every added prompt not yet stored, `batch_size` at a time under `encode_context` (the run's
+        autocast). Disk entries are filled in shares, as the latent cache: process `rank` encodes its contiguous
+        share, all meet at `barrier`, then any entry still missing is encoded; a memory cache is filled whole."""
+        report = TextCacheReport()
+        prompts = self.prompts
+        on_disk = any(store.cache_dir is not None for store, _ in self._entries.values())
+        if on_disk and num_replicas > 1:
+            share = prompts[len(prompts) * rank // num_replicas: len(prompts) * (rank + 1) // num_replicas]
+            self._encode_missing(share, device, encode_context, batch_size, report)
+            if barrier is not None:
+                barrier()
+            share_set = set(share)
+            prompts = [prompt for prompt in prompts if prompt not in share_set]
+        self._encode_missing(prompts, device, encode_context, batch_size, report)
+        return report
+
+    def _encode_missing(self, prompts: list[str], device: torch.device,
+                        encode_context: Callable[[], AbstractContextManager], batch_size: int,
+                        report: TextCacheReport) -> None:
+        missing = []
+        for prompt in prompts:
+            store, key = self._entries[prompt]
+            if key in store:
+                report.reused += 1
+            else:
+                missing.append(prompt)
+        if missing and self.conditioner is None:
+            raise RuntimeError("the text encoders were released before every prompt was cached")
+        for start in range(0, len(missing), batch_size):
+            chunk = missing[start: start + batch_size]
+            with torch.no_grad(), encode_context():
+                encoded = self.conditioner(chunk, {"prompts": chunk}, device)
+            for row, prompt in enumerate(chunk):
+                store, key = self._entries[prompt]
+                store.put(key, {name: value[row] for name, value in encoded.items()})
+            report.encoded += len(chunk)
+
+    def release_encoders(self) -> None:
+        """Drop the wrapped conditioner (and with it the text encoders it holds); only cached prompts work after."""
+        self.conditioner = None
 
     def __call__(self, prompts: list[str], batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-        """U-Net kwargs for one batch, each row looked up (or encoded once) by its prompt."""
-        if not all(prompt in self.cacheable for prompt in prompts):
+        """Denoiser kwargs for one batch, each row read from the cache."""
+        if not all(prompt in self._entries for prompt in prompts):
+            if self.conditioner is None:
+                unknown = next(prompt for prompt in prompts if prompt not in self._entries)
+                raise RuntimeError(f"prompt {unknown!r} is not in the text cache and the text encoders were released")
             return self.conditioner(prompts, batch, device)
-        missing = sorted({prompt for prompt in prompts if prompt not in self._rows})
-        if missing:
-            with torch.no_grad():
-                encoded = self.conditioner(missing, {"prompts": missing}, device)
-            for row, prompt in enumerate(missing):
-                self._rows[prompt] = {name: value[row].detach().cpu() for name, value in encoded.items()}
-            self.encoded += len(missing)
-        names = self._rows[prompts[0]].keys()
-        return {name: torch.stack([self._rows[prompt][name] for prompt in prompts]).to(device) for name in names}
+        rows = [store.get(key) for store, key in (self._entries[prompt] for prompt in prompts)]
+        return {name: torch.stack([row[name] for row in rows]).to(device) for name in rows[0]}
+
+
+def text_identity(family: Any, conditioner: Any, components: dict[str, Any], name_or_path: str) -> str:
+    """What besides the prompt decides a conditioner's output: family, conditioner settings, text encoder weights."""
+    settings = conditioner.cache_settings() if hasattr(conditioner, "cache_settings") else {}
+    encoders = [weights_identity(components[part], f"{name_or_path}/{part}") for part in family.text_encoders]
+    return json.dumps({"family": family.name, "settings": settings, "encoders": encoders}, sort_keys=True)
 
 
 def can_cache_text(conditioner: Any) -> bool:

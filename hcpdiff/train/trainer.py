@@ -19,14 +19,16 @@ from tqdm.auto import tqdm
 
 from hcpdiff.config import check_targets, instantiate, read_fields
 from hcpdiff.data import build_dataset
-from hcpdiff.data.builders import check_dataset_fields
+from hcpdiff.data.builders import BuiltDataset, check_dataset_fields
 from hcpdiff.data.latent_cache import LatentEncoder, vae_identity
+from hcpdiff.data.tensor_store import TensorStore
 from hcpdiff.errors import ConfigError, ConfigProblems
 from hcpdiff.families import TRAINABLE_PARTS
 from hcpdiff.lora import LoraGroupSpec, attach_lora, load_checkpoint, load_lora_into, lora_state_dict, save_lora
 from hcpdiff.lora.spec import AttachedGroup
 from hcpdiff.lora.state_io import lora_metadata
 from hcpdiff.models import cast_floats, enable_gradient_checkpointing, load_model_parts
+from hcpdiff.objectives.ddpm import sample_noise
 from hcpdiff.train.exp_dir import (claim_exp_dir, lock_exp_dir, remove_if_no_outputs, remove_stale_temp_files,
                                    unlock_exp_dir)
 from hcpdiff.train.finetune import (FinetuneGroup, FinetuneGroupSpec, enable_finetuning, finetuned_state,
@@ -35,7 +37,7 @@ from hcpdiff.train.logs import setup_run_logging
 from hcpdiff.train.extras import preview_pipeline, read_extra_specs, start_wandb
 from hcpdiff.train.ema import EmaWeights
 from hcpdiff.train.metrics import SmoothedValue, peak_memory_mib
-from hcpdiff.train.preview import render_previews, save_previews
+from hcpdiff.train.preview import preview_prompt_args, render_previews, save_previews
 from hcpdiff.train.optim import build_lr_scheduler, build_optimizer, param_groups
 from hcpdiff.train.specs import RUN_SCALARS, ModelSpec, RunSpec, SchedulerSpec, TrainSpec
 from hcpdiff.train.state import (ResumePoint, find_resume_state, folder_steps, load_checked_state, prune_checkpoints,
@@ -46,7 +48,7 @@ from hcpdiff.train.sharding import (
 from hcpdiff.train.signals import StopSignals, TrainingInterrupted
 from hcpdiff.train.starting_points import fuse_preset_loras, load_initial_loras
 from hcpdiff.train.streams import DataStream, ResumableBatchSampler
-from hcpdiff.train.text_cache import CachedConditioner, can_cache_text
+from hcpdiff.train.text_cache import TEXT_CACHE_FOLDER, CachedConditioner, can_cache_text, text_identity
 
 logger = logging.getLogger("hcpdiff.train")
 
@@ -347,7 +349,7 @@ class Trainer:
         self.streams: list[DataStream] = []
         workers = self.train_spec.workers
         latent_encoder = LatentEncoder(self.encode_latent_dist, vae_identity(self.parts.vae, str(self.parts.name_or_path)))
-        text_cache_prompts: set[str] = set()
+        built_datasets: dict[str, BuiltDataset] = {}
         for name, node in self.cfg.data.items():
             built = build_dataset(
                 node, f"data.{name}", pixel_step=self.parts.pixel_step, seed=self.seed,
@@ -357,7 +359,7 @@ class Trainer:
                 show_progress=self.accelerator.is_main_process,
                 text_encoder_trained=any(part in self.trained for part in self.family.text_encoders),
             )
-            text_cache_prompts |= built.text_cache_prompts or set()
+            built_datasets[name] = built
             # The loader's own generator keeps worker seeding off the global RNG, so resuming replays it exactly.
             loader = DataLoader(
                 built.dataset, batch_sampler=ResumableBatchSampler(built.batch_sampler), num_workers=workers,
@@ -366,9 +368,49 @@ class Trainer:
             )
             self.streams.append(DataStream(name, loader, built.loss_weight))
         self.batch_size = self.streams[0].loader.batch_sampler.batch_size
-        if text_cache_prompts and can_cache_text(self.conditioner):
-            self.conditioner = CachedConditioner(self.conditioner, text_cache_prompts)
-            logger.info("text embeddings cached in memory for %d prompts", len(text_cache_prompts))
+        self.preview_prompt_args = None  # the previews' encoded prompts, when the text encoders are released
+        self._setup_text_cache(built_datasets)
+
+    def _setup_text_cache(self, built_datasets: dict[str, BuiltDataset]) -> None:
+        """Encode every prompt the datasets can give once (in memory, or under each dataset's cache_dir, reused by
+        later runs); when every dataset's prompts are cached, release the text encoders for the rest of the run."""
+        cached = {name: built for name, built in built_datasets.items() if built.text_cache_prompts}
+        if not cached or not can_cache_text(self.conditioner):
+            return
+        identity = text_identity(self.family, self.conditioner, self.parts.components, str(self.parts.name_or_path))
+        conditioner = CachedConditioner(self.conditioner, identity)
+        memory, places = TensorStore(what="text cache"), []
+        for name, built in cached.items():
+            store = memory
+            if built.cache_dir is not None:
+                store = TensorStore(Path(built.cache_dir) / TEXT_CACHE_FOLDER, what="text cache",
+                                    where=f"data.{name}.cache_dir")
+            conditioner.add(built.text_cache_prompts, store)
+            places.append("in memory" if store is memory else f"in {store.cache_dir}")
+        accelerator = self.accelerator
+        report = conditioner.fill(accelerator.device, accelerator.autocast, num_replicas=accelerator.num_processes,
+                                  rank=accelerator.process_index, barrier=accelerator.wait_for_everyone)
+        logger.info("text embeddings cached %s for %d prompts: %d encoded, %d reused",
+                    " and ".join(dict.fromkeys(places)), len(conditioner.prompts), report.encoded, report.reused)
+        self.conditioner = conditioner
+        if len(cached) == len(built_datasets):
+            self._release_text_encoders()
+
+    def _release_text_encoders(self) -> None:
+        """Every prompt the data gives is cached and no text encoder trains: drop the encoders (after encoding the
+        previews' prompts, which never change either), so their memory is free for the rest of the run."""
+        if self.extras.preview is not None and self.accelerator.is_main_process:
+            pipe = preview_pipeline(self.parts, self.parts.components, self.objective)
+            with torch.no_grad(), self.accelerator.autocast():
+                self.preview_prompt_args = preview_prompt_args(pipe, self.family, self.extras.preview,
+                                                               self.model_spec.clip_skip)
+        self.conditioner.release_encoders()
+        for part in self.family.text_encoders:
+            self.parts.components[part] = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        logger.info("text encoders released (%s): every prompt is cached", ", ".join(self.family.text_encoders))
 
     def _setup_optimization(self) -> None:
         spec, accelerator = self.train_spec, self.accelerator
@@ -467,7 +509,7 @@ class Trainer:
         loss_sum, loss_count, last_log_time = 0.0, 0, time.perf_counter()
         while self.global_step < self.train_steps:
             with accelerator.accumulate(*trained_modules):
-                loss = sum(self.compute_loss(next(it), stream.loss_weight)
+                loss = sum(self.compute_loss(next(it), stream.loss_weight, stream.noise_salt)
                            for it, stream in zip(batch_iters, self.streams))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and spec.max_grad_norm:
@@ -501,14 +543,15 @@ class Trainer:
                     self.save_checkpoint()
                 raise TrainingInterrupted(stop.requested or 2, self.global_step, str(self.exp_dir))
 
-    def compute_loss(self, batch: dict, loss_weight: float) -> torch.Tensor:
+    def compute_loss(self, batch: dict, loss_weight: float, noise_salt: int = 0) -> torch.Tensor:
         """Noise one batch's latents as the family's objective says and score the denoiser's prediction."""
         device = self.accelerator.device
+        generators = self.sample_generators(batch, noise_salt)
         if "latents" in batch:  # from a latent cache
             latents = batch["latents"].to(device, dtype=torch.float32)
         else:
-            latents = self.encode_latents(batch["pixel_values"])
-        noised = self.objective.noised(latents)
+            latents = self.encode_latents(batch["pixel_values"], generators)
+        noised = self.objective.noised(latents, generators)
         with self.accelerator.autocast():
             with torch.set_grad_enabled(any(part in self.trained for part in self.family.text_encoders)):
                 conditioning = self.conditioner(batch["prompts"], batch, device)
@@ -516,11 +559,22 @@ class Trainer:
                                              noised.timesteps, cast_floats(conditioning, self.weight_dtype))
         return self.objective.loss(prediction, noised) * loss_weight
 
+    def sample_generators(self, batch: dict, noise_salt: int = 0) -> list[torch.Generator] | None:
+        """One random generator per sample, seeded by the sample's `noise_seed` (its dataset index and epoch) and its
+        dataset's salt: a sample's posterior draw, noise and timestep are then the same whatever batch or process it
+        lands in, so N processes train what one process with N times the batch trains. None: the global stream."""
+        seeds = batch.get("noise_seed")
+        if seeds is None:
+            return None
+        device = self.accelerator.device
+        return [torch.Generator(device=device).manual_seed(seed ^ noise_salt) for seed in seeds.tolist()]
+
     @torch.no_grad()
-    def encode_latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def encode_latents(self, pixel_values: torch.Tensor,
+                       generators: list[torch.Generator] | None = None) -> torch.Tensor:
         """Images [B, 3, H, W] in [-1, 1] -> latents sampled from the VAE posterior, scaled and shifted (fp32)."""
         mean, std = self.encode_latent_dist(pixel_values)
-        return mean + std * torch.randn_like(mean)
+        return mean + std * sample_noise(mean, 0.0, generators)
 
     @torch.no_grad()
     def encode_latent_dist(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -603,7 +657,8 @@ class Trainer:
             for module, _ in modes:
                 module.eval()
             with torch.no_grad(), self.accelerator.autocast():
-                images = render_previews(pipe, self.family, self.preview_spec, self.model_spec.clip_skip)
+                images = render_previews(pipe, self.family, self.preview_spec, self.model_spec.clip_skip,
+                                         self.preview_prompt_args)
         finally:
             for module, training in modes:
                 module.train(training)

@@ -13,6 +13,7 @@ from hcpdiff.data import ImageCaptionDataset, build_dataset
 from hcpdiff.data.images import load_for_bucket, to_tensor
 from hcpdiff.data.latent_cache import CachedLatentDataset, LatentEncoder, LatentStore, fill_latent_cache
 from hcpdiff.errors import ConfigError
+from hcpdiff.data.tensor_store import TensorStore, weights_identity
 from hcpdiff.train.text_cache import CachedConditioner
 
 from data_helpers import write_image
@@ -180,17 +181,58 @@ def test_text_cache_auto_true_false(folder, tmp_path):
     assert build_dataset({**fixed, "cache_text_embeds": False}, KEY, pixel_step=16, seed=0).text_cache_prompts is None
 
 
-def test_cached_conditioner_encodes_each_prompt_once():
+def test_cached_conditioner_encodes_each_prompt_once(tmp_path):
     calls = []
 
     def conditioner(prompts, batch, device):
         calls.append(list(prompts))
         return {"encoder_hidden_states": torch.stack([torch.full((2, 3), float(len(p))) for p in prompts])}
 
-    cached = CachedConditioner(conditioner, ["a", "bb"])
+    cached = CachedConditioner(conditioner, identity="encoders-a")
+    cached.add(["bb", "a"], TensorStore())
+    report = cached.fill(torch.device("cpu"), batch_size=8)
+    assert calls == [["a", "bb"]] and (report.encoded, report.reused) == (2, 0)  # sorted, one batch, before training
     first = cached(["a", "bb", "a"], {}, torch.device("cpu"))
     second = cached(["bb", "a"], {}, torch.device("cpu"))
-    assert calls == [["a", "bb"]] and first["encoder_hidden_states"].shape == (3, 2, 3)
+    assert len(calls) == 1 and first["encoder_hidden_states"].shape == (3, 2, 3)
     assert torch.equal(second["encoder_hidden_states"], conditioner(["bb", "a"], {}, None)["encoder_hidden_states"])
     cached(["a", "unknown"], {}, torch.device("cpu"))  # not a cacheable prompt: passed through
-    assert calls[-1] == ["a", "unknown"] and cached.encoded == 2
+    assert calls[-1] == ["a", "unknown"]
+    cached.release_encoders()
+    with pytest.raises(RuntimeError, match="'unknown' is not in the text cache"):
+        cached(["unknown"], {}, torch.device("cpu"))
+    assert torch.equal(cached(["a"], {}, torch.device("cpu"))["encoder_hidden_states"][0], torch.full((2, 3), 1.0))
+
+
+def test_text_cache_on_disk_is_reused_by_the_same_encoders_only(tmp_path):
+    calls = []
+
+    def conditioner(prompts, batch, device):
+        calls.append(list(prompts))
+        return {"encoder_hidden_states": torch.randn(len(prompts), 4, 3), "pooled": torch.randn(len(prompts), 3)}
+
+    def fill(identity: str) -> CachedConditioner:
+        cached = CachedConditioner(conditioner, identity)
+        cached.add(["a", "b", "c"], TensorStore(tmp_path / "text_embeds"))
+        cached.report = cached.fill(torch.device("cpu"), batch_size=2)
+        return cached
+
+    first = fill("encoders-a")
+    assert calls == [["a", "b"], ["c"]] and len(list((tmp_path / "text_embeds").glob("*.safetensors"))) == 3
+    again = fill("encoders-a")
+    assert len(calls) == 2 and (again.report.encoded, again.report.reused) == (0, 3)
+    again.release_encoders()  # a second run needs no encoder: every row comes from the disk
+    for prompt in "abc":
+        ours, theirs = first([prompt], {}, torch.device("cpu")), again([prompt], {}, torch.device("cpu"))
+        assert all(torch.equal(ours[name], theirs[name]) for name in ("encoder_hidden_states", "pooled"))
+    other = fill("encoders-b")  # another model, precision or setting: encoded again
+    assert other.report.encoded == 3 and len(calls) == 4
+
+
+def test_weights_identity_sees_a_merged_layer_and_the_precision():
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    base = weights_identity(model, "m")
+    with torch.no_grad():
+        model[2].weight += 0.01  # as a LoRA fused into the last layer
+    assert weights_identity(model, "m") != base
+    assert weights_identity(model.to(torch.bfloat16), "m").split("|")[1] == "bfloat16"

@@ -29,7 +29,8 @@ def cache_line(stderr: str) -> str:
 def test_disk_latent_cache_is_filled_once_and_reused(workdir, tiny_model, cli):
     """cache_latents + cache_dir: the first run encodes every image (both flips), the second encodes none.
 
-    With one fixed prompt per image (no template file), cache_text_embeds: auto caches the prompts too.
+    With one fixed prompt per image (no template file), cache_text_embeds: auto caches the prompts too, under
+    cache_dir/text_embeds (not counted with the latent entries), and the text encoder is released.
     """
     data = make_demo_data(workdir / "data", num=3)
     args = train_args(tiny_model, data, "data.dataset1.cache_latents=true", "data.dataset1.cache_dir=latent_cache",
@@ -39,10 +40,13 @@ def test_disk_latent_cache_is_filled_once_and_reused(workdir, tiny_model, cli):
     assert first.returncode == 0, first.stderr[-3000:]
     assert re.search(r"latent cache in latent_cache: 6 encoded, 0 reused", cache_line(first.stderr))
     assert len(list((workdir / "latent_cache").glob("*.safetensors"))) == 6
-    assert re.search(r"text embeddings cached in memory for \d+ prompts", first.stderr)
+    assert re.search(r"text embeddings cached in latent_cache/text_embeds for (\d+) prompts: \1 encoded, 0 reused",
+                     first.stderr)
     second = cli(args + ["exp_dir=exps/second"], cwd=workdir)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "0 encoded, 6 reused" in cache_line(second.stderr)
+    assert re.search(r"for (\d+) prompts: 0 encoded, \1 reused", second.stderr)
+    assert "text encoders released" in second.stderr
     assert (workdir / "exps/second/ckpts/unet-2.safetensors").exists()
 
 

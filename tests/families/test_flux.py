@@ -1,14 +1,17 @@
 """FLUX.1 as a family: detection, packing and ids as FluxPipeline's, its conditioner and prompt encoding as the
-pipeline's, the flow-matching objective, fp16 refused, and a run that overfits one image."""
+pipeline's, the flow-matching objective, fp16 refused, a run that overfits one image, resume from the disk text cache,
+and two processes against one."""
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import FluxPipeline
 from diffusers.utils.torch_utils import randn_tensor
+from safetensors.torch import load_file
 
 from hcpdiff.errors import ConfigError
 from hcpdiff.families import detect_family, family_named, folder_config_reader, tiny_variant_family
@@ -172,3 +175,61 @@ def test_make_tiny_model_cli_builds_schnell_that_flux_pipeline_loads(tmp_path, c
     pipe = FluxPipeline.from_pretrained(tmp_path / "schnell")
     assert not pipe.transformer.config.guidance_embeds and pipe.vae.config.latent_channels == 16
     assert pipe.scheduler.config.use_dynamic_shifting is False
+
+
+def assert_same_loras(a: Path, b: Path, atol: float = 0.0) -> None:
+    left, right = load_file(a), load_file(b)
+    assert left.keys() == right.keys()
+    worst = max(float((left[key] - right[key]).abs().max()) for key in left)
+    assert worst <= atol, f"{a.name}: weights differ by up to {worst}"
+    assert any(float(value.abs().max()) > 100 * atol for key, value in left.items() if ".lora_B." in key)  # trained
+
+
+@pytest.mark.e2e
+def test_resume_from_the_disk_text_cache_is_bit_exact(workdir, tiny_flux, cli):
+    """With a cache_dir, the first run encodes every prompt (CLIP pooled + T5) into cache_dir/text_embeds and releases
+    both text encoders; the run resumed from its step-2 state (mid-epoch) encodes no prompt at all (every entry read
+    from the disk, encoders released before any step), logs the same losses for steps 3-4 and ends with the
+    uninterrupted run's LoRA, bit for bit."""
+    data = make_demo_data(workdir / "data", num=3)
+    args = train_args(tiny_flux, data, "mixed_precision=null", "train.train_steps=4", "train.save_step=2",
+                      "train.log_step=1", "transformer_lr=1e-3", "data.dataset1.cache_dir=cache")
+    full = cli([*args, "exp_dir=exps/full"], cwd=workdir)
+    assert full.returncode == 0, full.stderr[-3000:]
+    filled = re.search(r"text embeddings cached in cache/text_embeds for (\d+) prompts: \1 encoded, 0 reused", full.stderr)
+    assert filled, full.stderr[-3000:]
+    prompts = int(filled[1])
+    assert len(list((workdir / "cache" / "text_embeds").glob("*.safetensors"))) == prompts
+    assert "text encoders released (text_encoder, text_encoder_2)" in full.stderr
+    shutil.copytree(workdir / "exps/full", workdir / "exps/cut")  # an interrupted copy: nothing after step 2
+    for path in [workdir / "exps/cut/ckpts/transformer-4.safetensors", workdir / "exps/cut/state/step-4.pt"]:
+        path.unlink()
+    resumed = cli([*args, "train.resume=exps/cut"], cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"for {prompts} prompts: 0 encoded, {prompts} reused" in resumed.stderr
+    assert "text encoders released" in resumed.stderr and "resumed" in resumed.stderr
+    assert_same_loras(workdir / "exps/full/ckpts/transformer-4.safetensors",
+                      workdir / "exps/cut/ckpts/transformer-4.safetensors")
+    # the copied log holds the full run's steps 1-4, then the resumed run's steps 3-4
+    losses = re.findall(r"step (\d)/4 loss ([\d.]+)", (workdir / "exps/cut/train.log").read_text())
+    assert losses[4:] == losses[2:4] and len(losses) == 6
+
+
+@pytest.mark.e2e
+def test_two_processes_train_what_one_process_with_the_same_total_batch_trains(workdir, tiny_flux, cli, free_port):
+    """torchrun, 2 processes x batch 1, against 1 process x batch 2, with a CLIP LoRA beside the transformer's (under
+    DDP FluxPipeline's encode_prompt reads the wrapped encoder's dtype). Each sample draws its noise and sigma from
+    its own seed (dataset index, epoch), so both end with the same LoRAs, to float summation order. Two images: every
+    step's global batch is both of them in either layout (the sampler splits batches, not samples, among processes)."""
+    data = make_demo_data(workdir / "data", num=2)
+    args = train_args(tiny_flux, data, "mixed_precision=null", "train.train_steps=2", "transformer_lr=1e-3",
+                      "lora_text_encoder=[{lr: 1e-3, rank: 4, alpha: 4, layers: ['re:.*self_attn$']}]")
+    one = cli([*args, "data.dataset1.batch_size=2", "exp_dir=exps/one"], cwd=workdir, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    torchrun = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "hcpdiff.train_ac"]
+    two = cli([*torchrun, *args[2:], "data.dataset1.batch_size=1", "exp_dir=exps/two"], cwd=workdir, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "total batch size 2 (batch 1 x accumulation 1 x processes 2)" in (workdir / "exps/two/train.log").read_text()
+    for part in ("transformer", "text_encoder"):
+        assert_same_loras(workdir / f"exps/one/ckpts/{part}-2.safetensors",
+                          workdir / f"exps/two/ckpts/{part}-2.safetensors", atol=1e-6)

@@ -1,14 +1,15 @@
-"""The flow-matching objective: sigma samplers, FLUX's resolution shift, the target and the loss weights."""
+"""The flow-matching objective: sigma samplers, FLUX's resolution shift, the target and the loss weights; and both
+objectives' per-sample random draws."""
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 from hcpdiff.errors import ConfigError
-from hcpdiff.objectives.ddpm import DDPM_LOSS_KEYS, refuse_other_objective_keys
+from hcpdiff.objectives.ddpm import DDPM_LOSS_KEYS, DDPMObjective, refuse_other_objective_keys
 from hcpdiff.objectives.flow_matching import FLOW_LOSS_KEYS, FlowMatchingObjective, sample_sigmas
 from hcpdiff.train.specs import LossSpec
 
@@ -135,3 +136,20 @@ def test_keys_of_the_other_objective_are_one_error():
         refuse_other_objective_keys(LossSpec(shift="none"), FLOW_LOSS_KEYS, "flow-matching", "the DDPM objective",
                                     "SD")
     refuse_other_objective_keys(LossSpec(noise_offset=0.0), DDPM_LOSS_KEYS, "DDPM", "flow matching", "FLUX.1")
+
+
+@pytest.mark.parametrize("objective", [
+    FlowMatchingObjective(scheduler=dev_scheduler(), sigma_sampling="logit_normal"),
+    FlowMatchingObjective(scheduler=dev_scheduler(), sigma_sampling="sigmoid", shift="none"),
+    DDPMObjective(scheduler=DDPMScheduler(), prediction_type="epsilon", timestep_range=(0, 1000), noise_offset=0.1),
+], ids=["flow-logit-normal", "flow-sigmoid", "ddpm-offset"])
+def test_per_sample_generators_make_draws_independent_of_the_batch(objective):
+    """With one generator per sample (seeded by the sample, as the trainer does), a sample's noise and timestep are
+    the same in a batch of two as alone: what lets N processes train what one process with N x the batch trains."""
+    latents = torch.randn(2, 4, 8, 8)
+    together = objective.noised(latents, [torch.Generator().manual_seed(seed) for seed in (11, 22)])
+    for row, seed in enumerate((11, 22)):
+        alone = objective.noised(latents[row:row + 1], [torch.Generator().manual_seed(seed)])
+        assert torch.equal(together.noisy_latents[row], alone.noisy_latents[0])
+        assert torch.equal(together.timesteps[row], alone.timesteps[0])
+    assert not torch.equal(together.timesteps[0], together.timesteps[1])
