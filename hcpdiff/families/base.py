@@ -165,3 +165,36 @@ class Family:
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
+
+
+def pipeline_text_encoder(text_encoder: torch.nn.Module) -> torch.nn.Module:
+    """The text encoder a conditioner's pipeline should call: the module itself, or for a prepared (DDP-wrapped) one
+    a `PreparedTextEncoder` that forwards through the wrapper and answers `.dtype` / `.device`."""
+    from accelerate.utils import extract_model_from_parallel
+
+    plain = extract_model_from_parallel(text_encoder)
+    return text_encoder if plain is text_encoder else PreparedTextEncoder(text_encoder, plain)
+
+
+class PreparedTextEncoder(torch.nn.Module):
+    """A prepared (DDP-wrapped) text encoder as a diffusers pipeline's encode_prompt uses one: calls go through the
+    wrapper, so a trained encoder's gradients synchronise across processes; `dtype` and `device` are the plain
+    model's (FluxPipeline and StableDiffusion3Pipeline read them; a DDP wrapper has neither)."""
+
+    def __init__(self, prepared: torch.nn.Module, plain: torch.nn.Module) -> None:
+        super().__init__()
+        self.prepared = prepared
+        self._plain = [plain]  # in a list: not registered twice as a submodule (the wrapper holds it)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.prepared(*args, **kwargs)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The plain encoder's dtype (the pipelines cast the encoder's outputs to it)."""
+        return self._plain[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The plain encoder's device."""
+        return self._plain[0].device

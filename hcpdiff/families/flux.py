@@ -14,7 +14,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from hcpdiff.errors import ConfigError, ModelError
-from hcpdiff.families.base import ConfigReader, Family
+from hcpdiff.families.base import ConfigReader, Family, pipeline_text_encoder
 
 PACKING = 2  # 2x2 latent cells form one transformer token
 DEV_MAX_SEQUENCE_LENGTH, SCHNELL_MAX_SEQUENCE_LENGTH = 512, 256  # T5 tokens, as Black Forest Labs trained them
@@ -89,39 +89,11 @@ class FluxConditioner:
 
     def set_text_encoder(self, text_encoder: torch.nn.Module, index: int = 0) -> None:
         """Use a wrapped (prepared) text encoder for the forward pass: 0 is CLIP, 1 is T5."""
-        from accelerate.utils import extract_model_from_parallel
-
-        plain = extract_model_from_parallel(text_encoder)
-        if plain is not text_encoder:  # FluxPipeline reads `.dtype`, which a DDP wrapper does not have
-            text_encoder = PreparedTextEncoder(text_encoder, plain)
-        setattr(self.pipe, ("text_encoder", "text_encoder_2")[index], text_encoder)
+        setattr(self.pipe, ("text_encoder", "text_encoder_2")[index], pipeline_text_encoder(text_encoder))
 
     def cache_settings(self) -> dict[str, Any]:
         """What besides the prompt and the encoders' weights decides the output (part of text-cache keys)."""
         return {"max_sequence_length": self.max_sequence_length, "guidance": self.guidance}
-
-
-class PreparedTextEncoder(torch.nn.Module):
-    """A prepared (DDP-wrapped) text encoder as FluxPipeline uses one: calls go through the wrapper, so a trained
-    encoder's gradients synchronise across processes; `dtype` and `device` are the plain model's."""
-
-    def __init__(self, prepared: torch.nn.Module, plain: torch.nn.Module) -> None:
-        super().__init__()
-        self.prepared = prepared
-        self._plain = [plain]  # in a list: not registered twice as a submodule (the wrapper holds it)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.prepared(*args, **kwargs)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The plain encoder's dtype (FluxPipeline casts the pooled CLIP output to it)."""
-        return self._plain[0].dtype
-
-    @property
-    def device(self) -> torch.device:
-        """The plain encoder's device."""
-        return self._plain[0].device
 
 
 def pack_latents(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from hcpdiff.errors import ModelError
-from hcpdiff.families.base import ConfigReader, Family
+from hcpdiff.families.base import ConfigReader, Family, pipeline_text_encoder
 
 MAX_SEQUENCE_LENGTH = 256  # T5 tokens: StableDiffusion3Pipeline's default, in training as at inference
 TIMESTEP_SCALE = 1000  # SD3's transformer takes t = sigma * 1000 (the scheduler's timesteps), unlike FLUX's
@@ -54,7 +54,7 @@ class SD3Conditioner:
 
     def set_text_encoder(self, text_encoder: torch.nn.Module, index: int = 0) -> None:
         """Use a wrapped (prepared) text encoder for the forward pass: 0 is CLIP-L, 1 CLIP-G, 2 T5."""
-        setattr(self.pipe, self.encoder_names[index], text_encoder)
+        setattr(self.pipe, self.encoder_names[index], pipeline_text_encoder(text_encoder))
 
 
 def encode_weighted_sd3(pipe: Any, prompts: list[str], clip_skip: int, max_sequence_length: int,
