@@ -115,6 +115,25 @@ def load_model_parts(
     return ModelParts(family=family, **parts, name_or_path=name_or_path)
 
 
+def peek_model(name_or_path: str, *, single_file_config: str | None = None,
+               where: str = "model.pretrained_model_name_or_path", drop_t5: bool = False) -> tuple[Family, Any] | None:
+    """(family, training noise scheduler) of a local model read from its configs alone, no weights, so the run's
+    settings can be checked against the family before anything loads. None when that takes the hub or a file's
+    header (a hub id, a single file without a local config folder): those are checked once loaded."""
+    local = Path(os.path.expanduser(name_or_path))
+    if local.is_dir():
+        folder, family = local, check_model_folder(local, where, name_or_path, drop_t5)
+    elif local.is_file() and single_file_config and Path(os.path.expanduser(single_file_config)).is_dir():
+        folder = Path(os.path.expanduser(single_file_config))
+        family = check_model_folder(folder, sibling_key(where, "single_file_config"), single_file_config)
+    else:
+        return None
+    scheduler_config = folder_config_reader(folder)("scheduler")
+    if scheduler_config is None:
+        return None  # the loader names the missing scheduler
+    return family, family.training_scheduler(scheduler_config)
+
+
 def original_layout_family(path: Path) -> Family | None:
     """The family whose original-layout key marker a `.safetensors` file's keys show (FLUX's `double_blocks.`), if any;
     only the header is read."""

@@ -8,6 +8,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -23,11 +24,12 @@ from hcpdiff.data.builders import BuiltDataset, check_dataset_fields
 from hcpdiff.data.latent_cache import LatentEncoder, vae_identity
 from hcpdiff.data.tensor_store import TensorStore
 from hcpdiff.errors import ConfigError, ConfigProblems
-from hcpdiff.families import TRAINABLE_PARTS
+from hcpdiff.families import TRAINABLE_PARTS, Family
 from hcpdiff.lora import LoraGroupSpec, attach_lora, load_checkpoint, load_lora_into, lora_state_dict, save_lora
 from hcpdiff.lora.spec import AttachedGroup
 from hcpdiff.lora.state_io import lora_metadata
 from hcpdiff.models import cast_floats, enable_gradient_checkpointing, load_model_parts
+from hcpdiff.models.loading import peek_model
 from hcpdiff.objectives.ddpm import sample_noise
 from hcpdiff.train.exp_dir import (claim_exp_dir, lock_exp_dir, remove_if_no_outputs, remove_stale_temp_files,
                                    unlock_exp_dir)
@@ -149,6 +151,13 @@ class Trainer:
             for name, node in cfg.data.items():
                 check_dataset_fields(node, f"data.{name}", problems)
         problems.raise_any()
+        # A local model's family is known from its configs: check the run against it before any weights load.
+        spec = self.model_spec
+        peeked = peek_model(spec.pretrained_model_name_or_path, single_file_config=spec.single_file_config,
+                            drop_t5=spec.drop_t5)
+        if peeked is not None:
+            family, noise_scheduler = peeked
+            self._check_for_family(family, noise_scheduler, family.dropped_parts(spec.drop_t5, "model.drop_t5"))
 
     def _setup_accelerator(self) -> None:
         mixed_precision = self.cfg.get("mixed_precision") or "no"
@@ -275,29 +284,31 @@ class Trainer:
         for module in self.parts.components.values():
             if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False)
-        self._check_parts_exist()
+        absent = tuple(part for part in self.family.trainable_parts if self.parts.components.get(part) is None)
+        # checked again on what loaded (a hub model or a single file could not be peeked at before)
+        self.objective = self._check_for_family(self.family, self.parts.noise_scheduler, absent)
         fuse_preset_loras(self.parts, spec.preset_lora)
-        # the family's checks of the run and of train.loss, before any data is read or latents are cached
-        self.family.check_run(self.cfg.get("mixed_precision"))
-        self.objective = self.family.build_objective(self.parts.noise_scheduler, self.extras.loss)
         self.conditioner = self.family.build_conditioner(self.parts.components, spec.tokenizer_repeats, spec.clip_skip,
                                                          max_sequence_length=spec.max_sequence_length,
                                                          guidance=self.train_spec.guidance)
 
-    def _check_parts_exist(self) -> None:
-        """Groups for a part this model's family does not have: one error naming the parts it has."""
+    def _check_for_family(self, family: Family, noise_scheduler: Any, absent: tuple[str, ...]) -> Any:
+        """The family's checks of this run: groups only for parts it has (and loads), its own run settings
+        (FLUX refuses fp16), train.loss read by its objective. Returns the objective."""
         problems = ConfigProblems()
         for part in TRAINABLE_PARTS:
             keys = [f"lora_{part}"] * bool(self.lora_specs[part]) + [part] * bool(self.finetune_specs[part])
-            if part not in self.family.trainable_parts:
+            if part not in family.trainable_parts:
                 for key in keys:
-                    problems.add(f"{key}: a {self.family.description} model has no {part}; its trainable parts are "
-                                 f"{', '.join(self.family.trainable_parts)}")
-            elif self.parts.components.get(part) is None:
+                    problems.add(f"{key}: a {family.description} model has no {part}; its trainable parts are "
+                                 f"{', '.join(family.trainable_parts)}")
+            elif part in absent:
                 for key in keys:
                     problems.add(f"{key}: model.drop_t5 is true, so the {part} is not loaded; set model.drop_t5 "
                                  "to false to train it")
         problems.raise_any()
+        family.check_run(self.cfg.get("mixed_precision"))
+        return family.build_objective(noise_scheduler, self.extras.loss)
 
     def _setup_lora(self) -> None:
         self.trained: dict[str, TrainedPart] = {}

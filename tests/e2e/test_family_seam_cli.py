@@ -51,3 +51,27 @@ def test_group_for_a_part_the_model_lacks_names_the_parts_it_has(workdir, demo_a
 def test_shipped_training_configs_use_only_known_top_level_keys(path, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
     load_config(path, top_level=top_level_keys(TRAINABLE_PARTS))
+
+
+@pytest.mark.parametrize("family_name, overrides, words", [
+    ("flux", ["mixed_precision=fp16"], "fp16 makes FLUX.1 train NaN"),
+    ("flux", ["train.loss.min_snr_gamma=5"], "min_snr_gamma is a DDPM option"),
+    ("sd", ["lora_text_encoder_2=[{lr: 1e-4, layers: ['re:.*q_proj$']}]"], "has no text_encoder_2"),
+    ("sd", ["model.drop_t5=true"], "no T5 encoder it can run without"),
+])
+def test_family_checks_come_before_any_weights_load(workdir, cli_in_process, one_error_line, family_name, overrides,
+                                                    words):
+    """A local model's family is read from its configs, so settings it refuses are one error before a multi-GB
+    load: the folder here has no denoiser weights at all, and the error is still the setting's."""
+    from hcpdiff.families import family_named
+
+    family = family_named(family_name)
+    model = family.make_tiny(workdir / "model", seed=0)
+    for weights in (model / family.denoiser).glob("*.safetensors"):
+        weights.unlink()
+    data = make_demo_data(workdir / "data", num=1)
+    result = cli_in_process(["-m", "hcpdiff.train_ac_single", "--cfg", family.train_config,
+                             f"model.pretrained_model_name_or_path={model}",
+                             f"data.dataset1.source.data_source1.img_root={data}",
+                             f"data.dataset1.source.data_source1.caption_file={data}", *overrides], cwd=workdir)
+    assert words in one_error_line(result)
