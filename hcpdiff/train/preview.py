@@ -56,9 +56,10 @@ def render_previews(pipe: Any, family: Any, spec: PreviewSpec, clip_skip: int = 
                 prompt_args = family.prompt_args(pipe, [prompt], [spec.neg_prompt], clip_skip=clip_skip,
                                                  all_prompts=all_prompts)
                 generator = torch.Generator("cpu").manual_seed(spec.seed + i)
-                images += pipe(**prompt_args, generator=generator, width=spec.width, height=spec.height,
-                               num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
-                               output_type="pil").images
+                sampling = family.pipeline_call_args({
+                    "width": spec.width, "height": spec.height, "num_inference_steps": spec.num_inference_steps,
+                    "guidance_scale": spec.guidance_scale})
+                images += pipe(**prompt_args, **sampling, generator=generator, output_type="pil").images
         return images
 
 
