@@ -1,0 +1,263 @@
+"""Qwen-Image as a family: detection, its conditioner as QwenImagePipeline's encode_prompt (variable-length states
+with their mask), a batch of prompts of different lengths training exactly as its samples one by one, packing and
+the per-channel VAE latents as the pipeline's, the resolution shift as the pipeline's calculate_shift, fp16 refused,
+and one run of the shipped config whose loss falls, whose checkpoint holds the matched layers, and whose LoRA the
+visualizer renders as QwenImagePipeline.load_lora_weights renders the --to_diffusers file."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import QwenImagePipeline
+from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from hcpdiff.errors import ConfigError, ModelError
+from hcpdiff.families import detect_family, family_named, folder_config_reader
+from hcpdiff.families.qwen_image import pack_latents, unpack_latents
+from hcpdiff.models import load_model_parts
+from hcpdiff.objectives.flow_matching import sample_sigmas
+from hcpdiff.tools.make_demo_data import make_demo_data
+from hcpdiff.train.specs import LossSpec
+from hcpdiff.train.text_cache import can_cache_text
+
+QWEN = family_named("qwen_image")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CPU = torch.device("cpu")
+SHORT, LONG = "a red circle", "a blue square photo of the objects and background, texture and color detailing"
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen(tmp_path_factory) -> Path:
+    return QWEN.make_tiny(tmp_path_factory.mktemp("qwen") / "qwen_image", seed=0)
+
+
+@pytest.fixture(scope="module")
+def qwen_pipe(tiny_qwen) -> QwenImagePipeline:
+    return QwenImagePipeline.from_pretrained(tiny_qwen)
+
+
+def test_tiny_model_is_detected_as_qwen_image_with_pixel_step_16(tiny_qwen, qwen_pipe):
+    index = json.loads((tiny_qwen / "model_index.json").read_text())
+    assert detect_family(index, folder_config_reader(tiny_qwen), str(tiny_qwen), "test") is QWEN
+    assert QWEN.pixel_step(folder_config_reader(tiny_qwen)) == 16  # VAE 8x, 2x2 packing
+    assert not QWEN.matches({"_class_name": "QwenImageEditPipeline"}, folder_config_reader(tiny_qwen))
+    parts = load_model_parts(str(tiny_qwen))
+    assert parts.family is QWEN and parts.pixel_step == 16 and parts.vae_scale_factor == qwen_pipe.vae_scale_factor
+    assert type(parts.text_encoder).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    # the template's system prefix is exactly the pipeline's drop index, as with the real tokenizer
+    prefix = qwen_pipe.prompt_template_encode.split("{}")[0]
+    assert len(qwen_pipe.tokenizer(prefix).input_ids) == qwen_pipe.prompt_template_encode_start_idx == 34
+
+
+def test_conditioner_is_the_pipelines_encode_prompt_with_its_mask(qwen_pipe):
+    conditioner = QWEN.build_conditioner(dict(qwen_pipe.components), 1, 0)
+    assert not can_cache_text(conditioner)  # per-batch lengths: the text cache leaves it alone
+    conditioning = conditioner([SHORT, LONG], {}, CPU)
+    embeds, mask = qwen_pipe.encode_prompt([SHORT, LONG], device="cpu", max_sequence_length=512)
+    assert torch.equal(conditioning["encoder_hidden_states"], embeds)
+    assert torch.equal(conditioning["encoder_hidden_states_mask"], mask)
+    lengths = mask.sum(dim=1).tolist()
+    assert lengths[0] < lengths[1] == embeds.shape[1]  # the short prompt is padded, and its padding masked
+    alone = conditioner([SHORT], {}, CPU)
+    assert alone["encoder_hidden_states"].shape[1] == lengths[0] and bool(alone["encoder_hidden_states_mask"].all())
+    cut = QWEN.build_conditioner(dict(qwen_pipe.components), 1, 0, max_sequence_length=8)([LONG], {}, CPU)
+    assert cut["encoder_hidden_states"].shape[1] == 8
+
+
+def per_sample_losses(pipe: QwenImagePipeline, conditioning: dict, latents: torch.Tensor, noise: torch.Tensor,
+                      sigmas: torch.Tensor) -> torch.Tensor:
+    """The flow-matching loss of each sample [B] for fixed noise and sigmas."""
+    expanded = sigmas.view(-1, 1, 1, 1)
+    noisy = (1 - expanded) * latents + expanded * noise
+    with torch.no_grad():
+        prediction = QWEN.denoise(pipe.transformer, noisy, sigmas, conditioning)
+    return (prediction - (noise - latents)).square().mean(dim=(1, 2, 3))
+
+
+def test_a_batch_of_prompts_of_different_lengths_trains_as_its_samples_one_by_one(qwen_pipe):
+    conditioner = QWEN.build_conditioner(dict(qwen_pipe.components), 1, 0)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 16, 4, 6, generator=generator)
+    noise = torch.randn(2, 16, 4, 6, generator=generator)
+    sigmas = torch.tensor([0.4, 0.8])
+    batched_conditioning = conditioner([SHORT, LONG], {}, CPU)
+    batched = per_sample_losses(qwen_pipe, batched_conditioning, latents, noise, sigmas)
+    alone = torch.cat([per_sample_losses(qwen_pipe, conditioner([prompt], {}, CPU), latents[i:i + 1],
+                                         noise[i:i + 1], sigmas[i:i + 1]) for i, prompt in enumerate((SHORT, LONG))])
+    assert torch.allclose(batched, alone, rtol=1e-5, atol=1e-6), (batched, alone)
+    # the test can fail: without the mask the short prompt attends to its padding and its loss changes
+    unmasked = {**batched_conditioning,
+                "encoder_hidden_states_mask": torch.ones_like(batched_conditioning["encoder_hidden_states_mask"])}
+    unmasked_losses = per_sample_losses(qwen_pipe, unmasked, latents, noise, sigmas)
+    assert not torch.allclose(unmasked_losses[0], alone[0], rtol=1e-4)
+    assert torch.allclose(unmasked_losses[1], alone[1], rtol=1e-5, atol=1e-6)
+
+
+def test_packing_and_denoise_are_the_pipelines(qwen_pipe):
+    latents = torch.randn(2, 16, 4, 6)
+    tokens = pack_latents(latents)
+    assert tokens.shape == (2, 2 * 3, 64)
+    assert torch.equal(tokens, QwenImagePipeline._pack_latents(latents.unsqueeze(2), 2, 16, 4, 6))
+    # QwenImagePipeline unpacks to the VAE's 5-D layout from pixel sizes (latent cells x 8)
+    assert torch.equal(QwenImagePipeline._unpack_latents(tokens, 32, 48, 8), latents.unsqueeze(2))
+    assert torch.equal(unpack_latents(tokens, 4, 6), latents)
+    conditioning = QWEN.build_conditioner(dict(qwen_pipe.components), 1, 0)([SHORT, LONG], {}, CPU)
+    sigmas = torch.tensor([0.3, 0.9])
+    with torch.no_grad():
+        ours = QWEN.denoise(qwen_pipe.transformer, latents, sigmas, conditioning)
+        # QwenImagePipeline.__call__: timestep / 1000 (sigma), img_shapes per sample, the prompts' mask
+        theirs = qwen_pipe.transformer(hidden_states=tokens, timestep=sigmas * 1000 / 1000,
+                                       encoder_hidden_states=conditioning["encoder_hidden_states"],
+                                       encoder_hidden_states_mask=conditioning["encoder_hidden_states_mask"],
+                                       img_shapes=[[(1, 2, 3)]] * 2, return_dict=False)[0]
+    assert torch.equal(ours, unpack_latents(theirs, 4, 6))
+
+
+def test_latents_are_normalised_per_channel_as_the_pipeline_denormalises(qwen_pipe):
+    vae = qwen_pipe.vae
+    pixels = torch.rand(1, 3, 32, 48) * 2 - 1
+    mean, std = QWEN.encode_latent_dist(vae, pixels)
+    assert mean.shape == std.shape == (1, 16, 4, 6)
+    with torch.no_grad():
+        raw = vae.encode(pixels.unsqueeze(2)).latent_dist.mean
+    # QwenImagePipeline.__call__ before vae.decode: latents / (1 / latents_std) + latents_mean
+    latents_mean = torch.tensor(vae.config.latents_mean).view(1, 16, 1, 1, 1)
+    latents_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, 16, 1, 1, 1)
+    assert torch.allclose(mean.unsqueeze(2) / latents_std + latents_mean, raw, atol=1e-5)
+
+
+def test_resolution_shift_is_the_pipelines_calculate_shift(qwen_pipe):
+    scheduler = qwen_pipe.scheduler
+    objective = QWEN.build_objective(scheduler, LossSpec(sigma_sampling="uniform"))
+    assert objective.shift == "resolution"  # the scheduler shifts dynamically: unset shift takes it
+    latents = torch.zeros(4, 16, 8, 12)  # 4 x 6 = 24 packed tokens, as QwenImagePipeline's image_seq_len
+    torch.manual_seed(3)
+    drawn = objective.sample_sigmas(latents)
+    torch.manual_seed(3)
+    plain = sample_sigmas("uniform", 4)
+    config = scheduler.config
+    mu = calculate_shift(24, config["base_image_seq_len"], config["max_image_seq_len"], config["base_shift"],
+                         config["max_shift"])
+    assert (config["max_image_seq_len"], config["max_shift"], config["time_shift_type"]) == (8192, 0.9, "exponential")
+    # the shift set_timesteps(mu=...) applies at inference (before its terminal stretch)
+    assert torch.allclose(drawn, scheduler.time_shift(mu, 1.0, plain), atol=1e-6)
+    assert not torch.allclose(drawn, plain)
+
+
+def test_fp16_is_refused_and_guidance_scale_is_true_cfg_scale():
+    with pytest.raises(ConfigError, match=r"^mixed_precision: fp16 overflows Qwen-Image"):
+        QWEN.check_run("fp16")
+    QWEN.check_run("bf16")
+    assert QWEN.pipeline_call_args({"width": 64, "guidance_scale": 4.0}) == {"width": 64, "true_cfg_scale": 4.0}
+
+
+def test_to_webui_of_a_qwen_image_lora_is_one_error(tmp_path, qwen_pipe):
+    from hcpdiff.lora import LoraGroupSpec, attach_lora
+    from hcpdiff.lora.state_io import lora_metadata, lora_state_dict, save_lora
+    from hcpdiff.tools.lora_convert import main as lora_convert
+    from hcpdiff.tools.tiny_qwen_image import build_qwen_transformer
+
+    model = build_qwen_transformer()
+    groups = attach_lora(model, [LoraGroupSpec(lr=1e-4, layers=[r"re:.*\.attn\.to_q"], rank=2)], "transformer",
+                         "lora_transformer")
+    path = tmp_path / "transformer-1.safetensors"
+    save_lora(path, lora_state_dict(model), lora_metadata("transformer", "", groups, 1, family="qwen_image"))
+    with pytest.raises(ModelError, match=r"^--to_webui: a Qwen-Image transformer LoRA has no webui"):
+        lora_convert(["--to_webui", "--lora_path", str(path), "--dump_path", str(tmp_path / "webui.safetensors")])
+
+
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_qwen, cli) -> tuple[Path, Path]:
+    """(model, experiment folder) of lora_qwen_image.yaml overfitting one image for STEPS steps on the tiny model,
+    run through the documented command (fp32 on the CPU, rank 4 to keep it quick)."""
+    workdir = tmp_path_factory.mktemp("qwen_run")
+    (workdir / "cfgs").symlink_to(REPO_ROOT / "cfgs")
+    data = make_demo_data(workdir / "data", num=1)
+    result = cli([
+        "-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/lora_qwen_image.yaml",
+        f"model.pretrained_model_name_or_path={tiny_qwen}", "mixed_precision=null",
+        f"data.dataset1.source.data_source1.img_root={data}", f"data.dataset1.source.data_source1.caption_file={data}",
+        "train.workers=0", "train.scheduler.num_warmup_steps=0", 'data.dataset1.bucket.target_area=${hcp.eval:"64*64"}',
+        "data.dataset1.bucket.num_bucket=1", f"train.train_steps={STEPS}", "train.log_step=1", "train.save_step=1000",
+        "transformer_lr=1e-2", "train.loss.logit_std=0.3", "lora_transformer.0.rank=4", "lora_transformer.0.alpha=4",
+    ], cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tiny_qwen, next((workdir / "exps").iterdir())
+
+
+@pytest.mark.e2e
+def test_shipped_config_overfits_one_image(trained):
+    _, exp = trained
+    log = (exp / "train.log").read_text()
+    losses = [float(value) for value in re.findall(rf"step \d+/{STEPS} loss ([\d.]+)", log)]
+    assert len(losses) == STEPS
+    first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
+    assert last < 0.95 * first, (first, last)
+
+
+@pytest.mark.e2e
+def test_checkpoint_holds_the_matched_layers(trained):
+    _, exp = trained
+    assert sorted(p.name for p in (exp / "ckpts").iterdir()) == [f"transformer-{STEPS}.safetensors"]
+    with safe_open(exp / "ckpts" / f"transformer-{STEPS}.safetensors", "pt") as file:
+        metadata, keys = file.metadata(), list(file.keys())
+        ups = [file.get_tensor(key) for key in keys if ".lora_B." in key]
+    assert (metadata["family"], metadata["part"]) == ("qwen_image", "transformer")
+    matched = {layer for group in json.loads((exp / "lora_layers.json").read_text())["lora_transformer"]
+               for layer in group["layers"]}
+    assert {key.split(".lora_")[0] for key in keys if ".lora_" in key} == matched
+    assert ups and all(torch.count_nonzero(up) > 0 for up in ups)  # every adapted layer trained
+    suffixes = {layer.split(".", 2)[2] for layer in matched}
+    assert suffixes == {"attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj",
+                        "attn.add_v_proj", "attn.to_out.0", "attn.to_add_out", "img_mlp.net.2", "img_mod.1",
+                        "txt_mlp.net.2", "txt_mod.1"}  # the reference system's target modules
+    assert "transformer_blocks.58.attn.to_add_out" in matched
+    assert not any(layer.startswith("transformer_blocks.59.") and ("add_q" in layer or "add_out" in layer
+                                                                   or "txt_mlp" in layer) for layer in matched)
+
+
+def render_with_diffusers(pipe: QwenImagePipeline) -> np.ndarray:
+    """The visualizer's render below, by the pipeline's own prompt encoding: 64 px, 2 steps, seed 42, pixels 0-255."""
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        image = pipe("a red circle", negative_prompt=" ", true_cfg_scale=4.0, height=64, width=64,
+                     num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(42),
+                     output_type="pil").images[0]
+    return np.asarray(image, dtype=np.int16)
+
+
+@pytest.mark.e2e
+def test_visualizer_and_to_diffusers_render_the_trained_lora_alike(trained, tmp_path, cli_in_process):
+    from hcpdiff.tools.lora_convert import main as lora_convert
+
+    model, exp = trained
+    lora = exp / "ckpts" / f"transformer-{STEPS}.safetensors"
+    (tmp_path / "cfgs").symlink_to(REPO_ROOT / "cfgs")
+    done = cli_in_process(["-m", "hcpdiff.visualizer", "--cfg", "cfgs/infer/text2img_qwen_image.yaml",
+                           f"pretrained_model={model}", "dtype=fp32", f"lora_path={lora}", "prompt='a red circle'",
+                           f"save.out_dir={tmp_path / 'out'}", "infer_args.width=64", "infer_args.height=64",
+                           "infer_args.num_inference_steps=2"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (image_file,) = sorted((tmp_path / "out").glob("*.png"))
+    rendered = np.asarray(Image.open(image_file).convert("RGB"), dtype=np.int16)
+
+    converted = tmp_path / "pytorch_lora_weights.safetensors"
+    assert lora_convert(["--to_diffusers", "--lora_path", str(lora), "--dump_path", str(converted)]) == 0
+    assert {key.split(".")[0] for key in load_file(converted)} == {"transformer"}
+    loaded = QwenImagePipeline.from_pretrained(model)
+    base = render_with_diffusers(loaded)
+    loaded.load_lora_weights(str(converted))
+    assert len(loaded.get_list_adapters()["transformer"]) == 1
+    with_lora = render_with_diffusers(loaded)
+    assert np.abs(with_lora - base).mean() > 1  # the LoRA changes the image
+    assert np.abs(with_lora - rendered).max() <= 2  # hcpdiff's merge renders as diffusers' peft layers
