@@ -173,7 +173,7 @@ def test_to_webui_of_a_qwen_image_lora_is_one_error(tmp_path, qwen_pipe):
         lora_convert(["--to_webui", "--lora_path", str(path), "--dump_path", str(tmp_path / "webui.safetensors")])
 
 
-STEPS = 30
+STEPS = 20
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +201,7 @@ def test_shipped_config_overfits_one_image(trained):
     log = (exp / "train.log").read_text()
     losses = [float(value) for value in re.findall(rf"step \d+/{STEPS} loss ([\d.]+)", log)]
     assert len(losses) == STEPS
-    first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
+    first, last = sum(losses[:6]) / 6, sum(losses[-6:]) / 6
     assert last < 0.95 * first, (first, last)
 
 
