@@ -10,16 +10,27 @@ is added and removed here.
 """
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
 
-from hcpdiff.errors import ConfigError
+from hcpdiff.errors import ConfigError, ModelError
 from hcpdiff.families.base import ConfigReader, Family
 
 PACKING = 2  # 2x2 latent cells form one transformer token
 MAX_SEQUENCE_LENGTH = 512  # prompt tokens after the template's prefix: QwenImagePipeline.__call__'s default
+# ComfyUI's Qwen-Image model keys are `diffusion_model.` + diffusers' module paths; its LoRA loader reads a layer under
+# that name (comfy/lora.py model_lora_keys_unet: the generic `diffusion_model.<module>` entry), and also bare and
+# `transformer.`-prefixed paths (its QwenImage entries). --to_webui writes the first; --from_webui reads all three and
+# kohya-style `lora_unet_<module path with underscores>` names (musubi-tuner's).
+COMFY_PREFIX = "diffusion_model."
+READ_PREFIXES = (COMFY_PREFIX, "transformer.")
+KOHYA_PREFIX = "lora_unet_"
+QWEN_ONLY_LAYER = re.compile(r"(lora_unet_transformer_blocks_\d+_|(diffusion_model\.|transformer\.)?transformer_blocks\.\d+\.)"
+                             r"(img|txt)_(mod|mlp)")
 
 
 def text_pipeline(components: dict[str, Any]) -> Any:
@@ -101,6 +112,8 @@ class QwenImage(Family):
     denoiser: ClassVar[str] = "transformer"
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)  # Qwen2.5-VL
     tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer",)
+    webui_prefixes: ClassVar[dict[str, str]] = {"transformer": COMFY_PREFIX}
+    has_webui_layout: ClassVar[bool] = True
     train_config: ClassVar[str] = "cfgs/train/examples/lora_qwen_image.yaml"
     infer_config: ClassVar[str] = "cfgs/infer/text2img_qwen_image.yaml"
     tiny_variants: ClassVar[tuple[str, ...]] = ("qwen_image",)
@@ -216,3 +229,73 @@ class QwenImage(Family):
         if "guidance_scale" in args:
             args["true_cfg_scale"] = args.pop("guidance_scale")
         return args
+
+    # ---------------------------------------------------------------------------------------- LoRA files
+    def is_webui_file(self, keys: list[str], metadata: dict[str, str]) -> bool:
+        """A ComfyUI / kohya Qwen-Image file: `diffusion_model.transformer_blocks.` keys, a layer only Qwen-Image has
+        (img_mod, txt_mlp, ...), or Qwen-Image version metadata."""
+        version = metadata.get("ss_base_model_version", "") + " " + metadata.get("modelspec.architecture", "")
+        return ("qwen" in version.lower() or any(key.startswith(COMFY_PREFIX + "transformer_blocks.") for key in keys)
+                or any(QWEN_ONLY_LAYER.match(key) for key in keys))
+
+    def native_to_webui(self, states: dict[str, dict[str, torch.Tensor]]
+                        ) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+        """{transformer: {`diffusion_model.<layer>`: its native tensors}}: ComfyUI's names are diffusers' module paths,
+        so every layer converts exactly; a text-encoder LoRA is one error (no ComfyUI layout here)."""
+        from hcpdiff.lora.state_io import layer_states
+
+        if other := [part for part in states if part != self.denoiser]:
+            raise ModelError(f"--to_webui: a Qwen-Image {other[0]} LoRA has no ComfyUI layout in hcpdiff; convert the "
+                             "transformer LoRA alone, and render the text-encoder LoRA with hcpdiff's visualizer")
+        return {self.denoiser: {COMFY_PREFIX + layer: parts
+                                for layer, parts in layer_states(states[self.denoiser]).items()}}
+
+    def webui_to_native(self, state: dict[str, torch.Tensor], model_path: str | None
+                        ) -> dict[str, dict[str, torch.Tensor]]:
+        """Native transformer states of a ComfyUI (`diffusion_model.` / `transformer.` / bare module paths) or kohya
+        (`lora_unet_` + the path with underscores, decoded by `model_path`'s transformer, else Qwen-Image's) file."""
+        from hcpdiff.lora.lycoris_format import native_tensors
+        from hcpdiff.lora.webui_format import split_webui_key
+
+        by_layer: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in state.items():
+            webui_layer, suffix = split_webui_key(key)
+            by_layer.setdefault(webui_layer, {})[suffix] = tensor
+        kohya_names = transformer_kohya_names(model_path) if any(
+            layer.startswith(KOHYA_PREFIX) for layer in by_layer) else {}
+        native: dict[str, torch.Tensor] = {}
+        for webui_layer, parts in by_layer.items():
+            if webui_layer.startswith(KOHYA_PREFIX):
+                layer = kohya_names.get(webui_layer.removeprefix(KOHYA_PREFIX))
+                if layer is None:
+                    raise ModelError(f"webui LoRA layer '{webui_layer}' names no layer of the Qwen-Image transformer "
+                                     "(lora_unet_transformer_blocks_0_attn_to_q, ...); nothing was written.")
+            else:
+                layer = next((webui_layer.removeprefix(p) for p in READ_PREFIXES if webui_layer.startswith(p)),
+                             webui_layer)
+            native.update({layer + suffix: tensor for suffix, tensor in native_tensors(layer, parts).items()})
+        return {self.denoiser: native}
+
+    def kohya_version(self, base_model: str | None) -> dict[str, str]:
+        """Version metadata naming Qwen-Image (musubi-tuner's network module for it)."""
+        return {"ss_base_model_version": "qwen_image", "ss_v2": "False", "architecture": "qwen-image",
+                "network_module": "networks.lora_qwen_image"}
+
+
+def transformer_kohya_names(model_path: str | None) -> dict[str, str]:
+    """{module path with underscores: module path} of every Linear of the Qwen-Image transformer, from `model_path`'s
+    transformer config or else Qwen-Image's own (the class defaults), built on the meta device."""
+    from accelerate import init_empty_weights
+    from diffusers import QwenImageTransformer2DModel
+
+    config: dict[str, Any] = {}
+    if model_path is not None:
+        path = Path(model_path) / "transformer" / "config.json"
+        if not path.is_file():
+            raise ModelError(f"--model '{model_path}' is not a Qwen-Image model folder (no transformer/config.json).")
+        config = {key: value for key, value in json.loads(path.read_text(encoding="utf-8")).items()
+                  if not key.startswith("_")}
+    with init_empty_weights():
+        model = QwenImageTransformer2DModel(**config)
+    return {name.replace(".", "_"): name for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear)}

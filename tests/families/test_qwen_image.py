@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from hcpdiff.errors import ConfigError, ModelError
 from hcpdiff.families import detect_family, family_named, folder_config_reader
-from hcpdiff.families.qwen_image import pack_latents, unpack_latents
+from hcpdiff.families.qwen_image import KOHYA_PREFIX, pack_latents, unpack_latents
 from hcpdiff.models import load_model_parts
 from hcpdiff.objectives.flow_matching import sample_sigmas
 from hcpdiff.tools.make_demo_data import make_demo_data
@@ -158,19 +158,76 @@ def test_fp16_is_refused_and_guidance_scale_is_true_cfg_scale():
     assert QWEN.pipeline_call_args({"width": 64, "guidance_scale": 4.0}) == {"width": 64, "true_cfg_scale": 4.0}
 
 
-def test_to_webui_of_a_qwen_image_lora_is_one_error(tmp_path, qwen_pipe):
+def small_lora_files(tmp_path: Path) -> tuple[Path, Path, dict[str, torch.Tensor], list[str]]:
+    """(transformer LoRA file, text-encoder LoRA file, the transformer's native state, its model keys): a rank-2
+    LoRA with random up weights and alpha 1 on some of the shipped config's layers of the tiny transformer."""
     from hcpdiff.lora import LoraGroupSpec, attach_lora
     from hcpdiff.lora.state_io import lora_metadata, lora_state_dict, save_lora
-    from hcpdiff.tools.lora_convert import main as lora_convert
-    from hcpdiff.tools.tiny_qwen_image import build_qwen_transformer
+    from hcpdiff.tools.tiny_qwen_image import build_qwen_text_encoder, build_qwen_transformer
 
+    torch.manual_seed(0)
     model = build_qwen_transformer()
-    groups = attach_lora(model, [LoraGroupSpec(lr=1e-4, layers=[r"re:.*\.attn\.to_q"], rank=2)], "transformer",
+    model_keys = list(model.state_dict())
+    pattern = r"re:transformer_blocks\.(0|1)\.(attn\.(to_q|add_k_proj|to_out\.0|to_add_out)|img_mod\.1|txt_mlp\.net\.2)"
+    groups = attach_lora(model, [LoraGroupSpec(lr=1e-4, layers=[pattern], rank=2, alpha=1.0)], "transformer",
                          "lora_transformer")
-    path = tmp_path / "transformer-1.safetensors"
-    save_lora(path, lora_state_dict(model), lora_metadata("transformer", "", groups, 1, family="qwen_image"))
-    with pytest.raises(ModelError, match=r"^--to_webui: a Qwen-Image transformer LoRA has no webui"):
-        lora_convert(["--to_webui", "--lora_path", str(path), "--dump_path", str(tmp_path / "webui.safetensors")])
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    state = lora_state_dict(model)
+    transformer_file = tmp_path / "transformer-1.safetensors"
+    save_lora(transformer_file, state, lora_metadata("transformer", "", groups, 1, family="qwen_image"))
+    encoder = build_qwen_text_encoder(400, 0)
+    groups = attach_lora(encoder, [LoraGroupSpec(lr=1e-4, layers=[r"re:.*self_attn\.q_proj"], rank=2)],
+                         "text_encoder", "lora_text_encoder")
+    te_file = tmp_path / "text_encoder-1.safetensors"
+    save_lora(te_file, lora_state_dict(encoder), lora_metadata("text_encoder", "", groups, 1, family="qwen_image"))
+    return transformer_file, te_file, state, model_keys
+
+
+def test_to_webui_writes_comfyui_names_and_from_webui_reads_them_and_kohya_names_back(tmp_path, tiny_qwen):
+    from safetensors.torch import save_file
+
+    from hcpdiff.lora.webui_format import split_webui_key
+    from hcpdiff.tools.lora_convert import main as lora_convert
+
+    transformer_file, te_file, state, model_keys = small_lora_files(tmp_path)
+    webui = tmp_path / "comfy.safetensors"
+    assert lora_convert(["--to_webui", "--lora_path", str(transformer_file), "--dump_path", str(webui)]) == 0
+    written = load_file(webui)
+    with safe_open(webui, "pt") as file:
+        assert file.metadata()["ss_base_model_version"] == "qwen_image"
+    # ComfyUI's model keys are `diffusion_model.` + diffusers' state-dict keys; its loader finds a layer's LoRA
+    # under `diffusion_model.<module>` (+ .lora_down.weight / .lora_up.weight / .alpha)
+    layers = {key.rsplit(".lora_", 1)[0].removesuffix(".alpha") for key in written}
+    assert len(layers) == 12 and all(layer.startswith("diffusion_model.") for layer in layers)
+    assert all(layer.removeprefix("diffusion_model.") + ".weight" in model_keys for layer in layers)
+    assert "diffusion_model.transformer_blocks.0.attn.to_q.lora_down.weight" in written
+    assert float(written["diffusion_model.transformer_blocks.0.attn.to_q.alpha"]) == 1.0
+
+    back = tmp_path / "back"
+    assert lora_convert(["--from_webui", "--lora_path", str(webui), "--dump_path", str(back)]) == 0
+    (native_file,) = back.glob("transformer-*.safetensors")
+    assert load_file(native_file).keys() == state.keys()
+    assert all(torch.equal(load_file(native_file)[key], state[key]) for key in state)
+
+    # kohya / musubi-tuner names (the module path with underscores), decoded by the model's module names
+    kohya = {}
+    for key, tensor in written.items():
+        layer, suffix = split_webui_key(key)
+        kohya[KOHYA_PREFIX + layer.removeprefix("diffusion_model.").replace(".", "_") + suffix] = tensor
+    assert "lora_unet_transformer_blocks_0_attn_to_out_0.lora_up.weight" in kohya
+    kohya_file = tmp_path / "kohya.safetensors"
+    save_file(kohya, kohya_file)
+    back_kohya = tmp_path / "back_kohya"
+    assert lora_convert(["--from_webui", "--lora_path", str(kohya_file), "--model", str(tiny_qwen),
+                         "--dump_path", str(back_kohya)]) == 0
+    (native_file,) = back_kohya.glob("transformer-*.safetensors")
+    assert all(torch.equal(load_file(native_file)[key], state[key]) for key in state)
+
+    with pytest.raises(ModelError, match=r"^--to_webui: a Qwen-Image text_encoder LoRA has no ComfyUI layout"):
+        lora_convert(["--to_webui", "--lora_path_TE", str(te_file), "--dump_path", str(tmp_path / "te.safetensors")])
 
 
 STEPS = 20
