@@ -71,6 +71,34 @@ def test_conditioner_is_the_pipelines_encode_prompt_with_its_mask(qwen_pipe):
     assert cut["encoder_hidden_states"].shape[1] == 8
 
 
+def test_text_encoder_lora_trains_through_the_conditioner(tiny_qwen):
+    """lora_text_encoder on Qwen2.5-VL: set_text_encoder routes prompts through the adapted (wrapped) encoder and its
+    LoRA gets gradients from the transformer's loss."""
+    import copy
+
+    from hcpdiff.lora import LoraGroupSpec, attach_lora
+
+    parts = load_model_parts(str(tiny_qwen))
+    conditioner = QWEN.build_conditioner(parts.components, 1, 0)
+    encoder = copy.deepcopy(parts.text_encoder).requires_grad_(False)
+    attach_lora(encoder, [LoraGroupSpec(lr=1e-4, layers=[r"re:.*language_model\.layers\.\d+\.self_attn$"], rank=2)],
+                "text_encoder", "lora_text_encoder")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # lora_B starts at 0, which blocks lora_A's gradient
+        for name, param in encoder.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    lora_params = [p for name, p in encoder.named_parameters() if "lora_A" in name]
+    conditioner.set_text_encoder(encoder)
+    conditioning = conditioner([SHORT, LONG], {}, CPU)
+    plain = QWEN.build_conditioner(parts.components, 1, 0)([SHORT, LONG], {}, CPU)
+    assert not torch.allclose(conditioning["encoder_hidden_states"], plain["encoder_hidden_states"])
+    prediction = QWEN.denoise(parts.transformer, torch.randn(2, 16, 4, 4, generator=generator),
+                              torch.tensor([0.5, 0.5]), conditioning)
+    prediction.square().mean().backward()
+    assert lora_params and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_params)
+
+
 def per_sample_losses(pipe: QwenImagePipeline, conditioning: dict, latents: torch.Tensor, noise: torch.Tensor,
                       sigmas: torch.Tensor) -> torch.Tensor:
     """The flow-matching loss of each sample [B] for fixed noise and sigmas."""
