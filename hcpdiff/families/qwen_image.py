@@ -98,10 +98,45 @@ def latents_mean_std(vae: Any, like: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def plain_prompts(prompts: list[str]) -> list[str]:
-    """Prompts without `(word:1.2)` weight syntax (Qwen-Image's text states are not weighted)."""
+    """Prompts without `(word:1.2)` weight syntax."""
     from hcpdiff.infer.prompt_weights import parse_prompt_weights
 
     return ["".join(text for text, _ in parse_prompt_weights(prompt)) for prompt in prompts]
+
+
+def encode_weighted(pipe: Any, prompts: list[str], max_sequence_length: int, device: torch.device
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt_embeds, mask) as `encode_prompts` gives them, with `(word:1.2)` weights on the prompt tokens' states
+    (each prompt's states rescaled to their unweighted mean). Unweighted prompts go through the pipeline's
+    encode_prompt itself; weighted ones are tokenised as the pipeline tokenises the plain text in its template (a
+    token takes the weight of its last character) and encoded as `_get_qwen_prompt_embeds` encodes them."""
+    from hcpdiff.infer.prompt_weights import apply_weights, parse_prompt_weights
+
+    spans = [parse_prompt_weights(prompt) for prompt in prompts]
+    if all(weight == 1.0 for prompt_spans in spans for _, weight in prompt_spans):
+        return encode_prompts(pipe, plain_prompts(prompts), max_sequence_length, device)
+    drop = pipe.prompt_template_encode_start_idx
+    prefix_chars = len(pipe.prompt_template_encode.split("{}")[0])
+    texts = [pipe.prompt_template_encode.format("".join(text for text, _ in prompt_spans)) for prompt_spans in spans]
+    tokens = pipe.tokenizer(texts, max_length=pipe.tokenizer_max_length + drop, padding=True, truncation=True,
+                            return_offsets_mapping=True, return_tensors="pt")
+    weight_rows = []
+    for prompt_spans, text, offsets in zip(spans, texts, tokens.offset_mapping.tolist()):
+        char_weights = [1.0] * prefix_chars + [w for span, w in prompt_spans for _ in span]
+        char_weights += [1.0] * (len(text) - len(char_weights))
+        weight_rows.append([char_weights[end - 1] if end > start else 1.0 for start, end in offsets])
+    mask = tokens.attention_mask.to(device)
+    hidden = pipe.text_encoder(input_ids=tokens.input_ids.to(device), attention_mask=mask,
+                               output_hidden_states=True).hidden_states[-1]
+    lengths = mask.sum(dim=1).tolist()
+    states = [apply_weights(hidden[i : i + 1, drop:length], torch.tensor([weight_rows[i][drop:length]]))[0]
+              for i, length in enumerate(lengths)]
+    longest = max(state.shape[0] for state in states)
+    embeds = torch.stack([torch.cat([state, state.new_zeros(longest - state.shape[0], state.shape[1])])
+                          for state in states])
+    prompt_mask = (torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None] - drop).long()
+    return (embeds[:, :max_sequence_length].to(pipe.text_encoder.dtype),
+            prompt_mask[:, :max_sequence_length].to(device))
 
 
 class QwenImage(Family):
@@ -212,13 +247,13 @@ class QwenImage(Family):
 
     def prompt_args(self, pipe: Any, prompts: list[str], neg_prompts: list[str], *, clip_skip: int,
                     all_prompts: list[str]) -> dict[str, Any]:
-        """The prompts' and negative prompts' states and masks by the pipeline's encode_prompt; `(word:1.2)` weight
-        syntax is removed, not applied. The negative prompt is always given, so `true_cfg_scale` > 1 turns on
+        """The prompts' and negative prompts' states and masks, with `(word:1.2)` weights (an unweighted prompt: the
+        pipeline's encode_prompt exactly). The negative prompt is always given, so `true_cfg_scale` > 1 turns on
         classifier-free guidance (an empty negative prompt too, as the pipeline's docs say)."""
         device = pipe.text_encoder.device
         with torch.no_grad():
-            embeds, mask = encode_prompts(pipe, plain_prompts(prompts), MAX_SEQUENCE_LENGTH, device)
-            neg_embeds, neg_mask = encode_prompts(pipe, plain_prompts(neg_prompts), MAX_SEQUENCE_LENGTH, device)
+            embeds, mask = encode_weighted(pipe, prompts, MAX_SEQUENCE_LENGTH, device)
+            neg_embeds, neg_mask = encode_weighted(pipe, neg_prompts, MAX_SEQUENCE_LENGTH, device)
         return {"prompt_embeds": embeds, "prompt_embeds_mask": mask, "negative_prompt_embeds": neg_embeds,
                 "negative_prompt_embeds_mask": neg_mask, "max_sequence_length": MAX_SEQUENCE_LENGTH}
 

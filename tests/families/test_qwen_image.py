@@ -71,6 +71,24 @@ def test_conditioner_is_the_pipelines_encode_prompt_with_its_mask(qwen_pipe):
     assert cut["encoder_hidden_states"].shape[1] == 8
 
 
+def test_prompt_args_are_encode_prompts_and_weight_the_weighted_tokens(qwen_pipe):
+    args = QWEN.prompt_args(qwen_pipe, [SHORT, LONG], [" ", " "], clip_skip=0, all_prompts=[SHORT, LONG])
+    embeds, mask = qwen_pipe.encode_prompt([SHORT, LONG], device="cpu")
+    neg_embeds, neg_mask = qwen_pipe.encode_prompt([" ", " "], device="cpu")
+    assert torch.allclose(args["prompt_embeds"], embeds, atol=1e-5) and torch.equal(args["prompt_embeds_mask"], mask)
+    assert torch.allclose(args["negative_prompt_embeds"], neg_embeds, atol=1e-5)
+    assert args["negative_prompt_embeds_mask"].shape == neg_embeds.shape[:2]
+    weighted = QWEN.prompt_args(qwen_pipe, ["a (red:1.5) circle", LONG], [" ", " "], clip_skip=0, all_prompts=[])
+    assert torch.equal(weighted["prompt_embeds_mask"], mask)  # the same tokens: "a", " red", " circle"
+    assert torch.allclose(weighted["prompt_embeds"][1], embeds[1], atol=1e-5)  # an unweighted row stays
+    # row 0: " red" (token 1 after the prefix) scaled 1.5 against the others, then the row rescaled to its mean
+    ratio = weighted["prompt_embeds"][0, :3] / embeds[0, :3]
+    scale = ratio[0].median()
+    assert torch.allclose(ratio[0], scale.expand(ratio.shape[1]), rtol=1e-3)
+    assert torch.allclose(ratio[1], 1.5 * scale.expand(ratio.shape[1]), rtol=1e-3)
+    assert not torch.isclose(scale, torch.tensor(1.0))
+
+
 def test_text_encoder_lora_trains_through_the_conditioner(tiny_qwen):
     """lora_text_encoder on Qwen2.5-VL: set_text_encoder routes prompts through the adapted (wrapped) encoder and its
     LoRA gets gradients from the transformer's loss."""
