@@ -29,8 +29,9 @@ MAX_SEQUENCE_LENGTH = 512  # prompt tokens after the template's prefix: QwenImag
 COMFY_PREFIX = "diffusion_model."
 READ_PREFIXES = (COMFY_PREFIX, "transformer.")
 KOHYA_PREFIX = "lora_unet_"
-QWEN_ONLY_LAYER = re.compile(r"(lora_unet_transformer_blocks_\d+_|(diffusion_model\.|transformer\.)?transformer_blocks\.\d+\.)"
-                             r"(img|txt)_(mod|mlp)")
+QWEN_ONLY_LAYER = re.compile(  # layers no other family has: the streams' own modulation and MLPs
+    r"(lora_unet_transformer_blocks_\d+_|(diffusion_model\.|transformer\.)?transformer_blocks\.\d+\.)"
+    r"(img|txt)_(mod|mlp)")
 
 
 def text_pipeline(components: dict[str, Any]) -> Any:
