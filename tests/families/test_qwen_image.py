@@ -330,10 +330,11 @@ def test_checkpoint_holds_the_matched_layers(trained):
 
 
 def render_with_diffusers(pipe: QwenImagePipeline) -> np.ndarray:
-    """The visualizer's render below, by the pipeline's own prompt encoding: 64 px, 2 steps, seed 42, pixels 0-255."""
+    """The visualizer's render below, by the pipeline's own prompt encoding: 64 px, 2 steps, true CFG 2.5 against
+    the shipped negative prompt, seed 42, pixels 0-255."""
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
-        image = pipe("a red circle", negative_prompt=" ", true_cfg_scale=4.0, height=64, width=64,
+        image = pipe("a red circle", negative_prompt=" ", true_cfg_scale=2.5, height=64, width=64,
                      num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(42),
                      output_type="pil").images[0]
     return np.asarray(image, dtype=np.int16)
@@ -349,7 +350,8 @@ def test_visualizer_and_to_diffusers_render_the_trained_lora_alike(trained, tmp_
     done = cli_in_process(["-m", "hcpdiff.visualizer", "--cfg", "cfgs/infer/text2img_qwen_image.yaml",
                            f"pretrained_model={model}", "dtype=fp32", f"lora_path={lora}", "prompt='a red circle'",
                            f"save.out_dir={tmp_path / 'out'}", "infer_args.width=64", "infer_args.height=64",
-                           "infer_args.num_inference_steps=2"], cwd=tmp_path)
+                           "infer_args.num_inference_steps=2",
+                           "infer_args.guidance_scale=2.5"], cwd=tmp_path)  # the pipeline's true_cfg_scale (default 4)
     assert done.returncode == 0, done.stderr[-3000:]
     (image_file,) = sorted((tmp_path / "out").glob("*.png"))
     rendered = np.asarray(Image.open(image_file).convert("RGB"), dtype=np.int16)
