@@ -1,8 +1,9 @@
 """Qwen-Image as a family: detection, its conditioner as QwenImagePipeline's encode_prompt (variable-length states
 with their mask), a batch of prompts of different lengths training exactly as its samples one by one, packing and
 the per-channel VAE latents as the pipeline's, the resolution shift as the pipeline's calculate_shift, fp16 refused,
-and one run of the shipped config whose loss falls, whose checkpoint holds the matched layers, and whose LoRA the
-visualizer renders as QwenImagePipeline.load_lora_weights renders the --to_diffusers file."""
+(word:1.2) weights, a Qwen2.5-VL LoRA's gradients, ComfyUI / kohya conversions both ways, and one run of the shipped
+config whose loss falls, whose checkpoint holds the matched layers, and whose LoRA the visualizer renders as
+QwenImagePipeline.load_lora_weights renders the --to_diffusers file."""
 from __future__ import annotations
 
 import json
