@@ -55,9 +55,9 @@ def encode_prompts(pipe: Any, prompts: list[str], max_sequence_length: int, devi
 class QwenImageConditioner:
     """prompts -> {"encoder_hidden_states" [B, L, D], "encoder_hidden_states_mask" [B, L]}."""
 
-    # Not text-cached: the cache keeps one row per prompt and stacks rows, but a prompt's states are as long as the
-    # longest prompt of the batch it was encoded in, so rows of different batches do not stack.
-    prompt_only: ClassVar[bool] = False
+    prompt_only: ClassVar[bool] = True  # outputs depend on the prompt strings alone: the text cache may keep them
+    # a batch's states are padded to its longest prompt: the text cache keeps each prompt's own tokens and pads again
+    padded_sequences: ClassVar[dict[str, str]] = {"encoder_hidden_states": "encoder_hidden_states_mask"}
 
     def __init__(self, pipe: Any, max_sequence_length: int) -> None:
         self.pipe = pipe

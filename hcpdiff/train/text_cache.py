@@ -31,15 +31,32 @@ class CachedConditioner:
         """U-Net kwargs for one batch, each row looked up (or encoded once) by its prompt."""
         if not all(prompt in self.cacheable for prompt in prompts):
             return self.conditioner(prompts, batch, device)
+        # {states: their mask}: sequences padded to the longest prompt of a batch (Qwen-Image), kept per prompt at
+        # its own length and padded again (zeros, mask 0) to the longest of the batch they are looked up for
+        padded = getattr(type(self.conditioner), "padded_sequences", {})
         missing = sorted({prompt for prompt in prompts if prompt not in self._rows})
         if missing:
             with torch.no_grad():
                 encoded = self.conditioner(missing, {"prompts": missing}, device)
             for row, prompt in enumerate(missing):
-                self._rows[prompt] = {name: value[row].detach().cpu() for name, value in encoded.items()}
+                values = {name: value[row].detach().cpu() for name, value in encoded.items()}
+                for states, mask in padded.items():
+                    length = int(values[mask].sum())  # masks are ones, then zeros
+                    values[states], values[mask] = values[states][:length], values[mask][:length]
+                self._rows[prompt] = values
             self.encoded += len(missing)
-        names = self._rows[prompts[0]].keys()
-        return {name: torch.stack([self._rows[prompt][name] for prompt in prompts]).to(device) for name in names}
+        rows = [self._rows[prompt] for prompt in prompts]
+        if padded:
+            longest = {states: max(row[states].shape[0] for row in rows) for states in padded}
+            rows = [{**row, **{name: pad_rows(row[name], longest[states])
+                               for states, mask in padded.items() for name in (states, mask)}} for row in rows]
+        return {name: torch.stack([row[name] for row in rows]).to(device) for name in rows[0]}
+
+
+def pad_rows(value: torch.Tensor, length: int) -> torch.Tensor:
+    """`value` [L, ...] zero-padded along its first axis to `length`."""
+    padding = value.new_zeros(length - value.shape[0], *value.shape[1:])
+    return torch.cat([value, padding])
 
 
 def can_cache_text(conditioner: Any) -> bool:

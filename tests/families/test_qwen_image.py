@@ -26,7 +26,7 @@ from hcpdiff.models import load_model_parts
 from hcpdiff.objectives.flow_matching import sample_sigmas
 from hcpdiff.tools.make_demo_data import make_demo_data
 from hcpdiff.train.specs import LossSpec
-from hcpdiff.train.text_cache import can_cache_text
+from hcpdiff.train.text_cache import CachedConditioner, can_cache_text
 
 QWEN = family_named("qwen_image")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -59,7 +59,6 @@ def test_tiny_model_is_detected_as_qwen_image_with_pixel_step_16(tiny_qwen, qwen
 
 def test_conditioner_is_the_pipelines_encode_prompt_with_its_mask(qwen_pipe):
     conditioner = QWEN.build_conditioner(dict(qwen_pipe.components), 1, 0)
-    assert not can_cache_text(conditioner)  # per-batch lengths: the text cache leaves it alone
     conditioning = conditioner([SHORT, LONG], {}, CPU)
     embeds, mask = qwen_pipe.encode_prompt([SHORT, LONG], device="cpu", max_sequence_length=512)
     assert torch.equal(conditioning["encoder_hidden_states"], embeds)
@@ -70,6 +69,19 @@ def test_conditioner_is_the_pipelines_encode_prompt_with_its_mask(qwen_pipe):
     assert alone["encoder_hidden_states"].shape[1] == lengths[0] and bool(alone["encoder_hidden_states_mask"].all())
     cut = QWEN.build_conditioner(dict(qwen_pipe.components), 1, 0, max_sequence_length=8)([LONG], {}, CPU)
     assert cut["encoder_hidden_states"].shape[1] == 8
+
+
+def test_text_cache_keeps_each_prompts_own_tokens_and_pads_them_per_batch(qwen_pipe):
+    conditioner = QWEN.build_conditioner(dict(qwen_pipe.components), 1, 0)
+    assert can_cache_text(conditioner)
+    cached = CachedConditioner(conditioner, [SHORT, LONG])
+    alone = cached([SHORT], {}, CPU)  # encoded alone: no padding
+    assert bool(alone["encoder_hidden_states_mask"].all())
+    for prompts in ([LONG, SHORT], [SHORT, SHORT], [SHORT, LONG, SHORT]):
+        from_cache, direct = cached(prompts, {}, CPU), conditioner(prompts, {}, CPU)
+        assert torch.equal(from_cache["encoder_hidden_states_mask"], direct["encoder_hidden_states_mask"])
+        assert torch.allclose(from_cache["encoder_hidden_states"], direct["encoder_hidden_states"], atol=1e-5)
+    assert cached.encoded == 2  # each prompt encoded once
 
 
 def test_prompt_args_are_encode_prompts_and_weight_the_weighted_tokens(qwen_pipe):
