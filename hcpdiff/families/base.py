@@ -137,6 +137,11 @@ class Family:
         prompt of the render (long prompts size the token chunks of all of them)."""
         raise NotImplementedError
 
+    def pipeline_call_args(self, call_args: dict[str, Any]) -> dict[str, Any]:
+        """The pipeline's own keyword arguments for hcpdiff's sampling settings (width, height, num_inference_steps,
+        guidance_scale: the classifier-free guidance scale); the default passes them as they are."""
+        return call_args
+
     # ---------------------------------------------------------------------------------------- LoRA files
     def is_webui_file(self, keys: list[str], metadata: dict[str, str]) -> bool:
         """Whether a kohya / ComfyUI LoRA file (its keys and metadata) is of this family (with has_webui_layout)."""

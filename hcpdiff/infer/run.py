@@ -61,7 +61,8 @@ def generate(cfg: DictConfig) -> list[Path]:
                                                clip_skip=spec.clip_skip, all_prompts=all_prompts)
         generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in batch]
         with torch.no_grad():
-            images = pipe(**prompt_args, generator=generators, output_type="pil", **vars(infer_args)).images
+            images = pipe(**prompt_args, generator=generators, output_type="pil",
+                          **parts.family.pipeline_call_args(vars(infer_args))).images
         for image, (prompt, seed) in zip(images, batch):
             info = {
                 "prompt": prompt, "negative_prompt": spec.neg_prompt, "seed": seed,

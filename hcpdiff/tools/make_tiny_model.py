@@ -181,7 +181,8 @@ def main(argv: list[str]) -> int:
                         help="sd: SD1.x (epsilon); sd2: SD2.x layout with a v-prediction scheduler; "
                              "sdxl: two text encoders and text_time conditioning; flux: FLUX.1-dev layout (CLIP + "
                              "T5, guidance embedding); flux-schnell: FLUX.1-schnell layout; sd3: SD3-medium layout (CLIP-L, "
-                             "CLIP-G, T5); sd3.5: SD3.5-medium layout (q/k norms, dual attention)")
+                             "CLIP-G, T5); sd3.5: SD3.5-medium layout (q/k norms, dual attention); qwen_image: Qwen-Image "
+                             "layout (Qwen2.5-VL text encoder, 60 blocks, per-channel VAE latents)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     args = parser.parse_args(argv)
     print(make_tiny_model(args.out_dir, seed=args.seed, family=args.family))

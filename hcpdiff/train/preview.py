@@ -66,9 +66,10 @@ def render_previews(pipe: Any, family: Any, spec: PreviewSpec, clip_skip: int = 
         with torch.no_grad():
             for i, args in enumerate(prompt_args):
                 generator = torch.Generator("cpu").manual_seed(spec.seed + i)
-                images += pipe(**args, generator=generator, width=spec.width, height=spec.height,
-                               num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
-                               output_type="pil").images
+                sampling = family.pipeline_call_args({
+                    "width": spec.width, "height": spec.height, "num_inference_steps": spec.num_inference_steps,
+                    "guidance_scale": spec.guidance_scale})
+                images += pipe(**args, **sampling, generator=generator, output_type="pil").images
         return images
 
 

@@ -43,6 +43,9 @@ class CachedConditioner:
     def __init__(self, conditioner: Any, identity: str) -> None:
         self.conditioner: Any = conditioner  # None once release_encoders() ran
         self.identity = identity
+        # {states: their mask}: sequences the conditioner pads to the longest prompt of a batch (Qwen-Image); a row
+        # is stored at its prompt's own length and padded again (zeros, mask 0) to the longest of the batch read
+        self.padded: dict[str, str] = dict(getattr(type(conditioner), "padded_sequences", {}))
         self._entries: dict[str, tuple[TensorStore, str]] = {}  # prompt -> (its store, its key)
 
     def key(self, prompt: str) -> str:
@@ -96,7 +99,7 @@ class CachedConditioner:
                 encoded = self.conditioner(chunk, {"prompts": chunk}, device)
             for row, prompt in enumerate(chunk):
                 store, key = self._entries[prompt]
-                store.put(key, {name: value[row] for name, value in encoded.items()})
+                store.put(key, unpadded_row({name: value[row] for name, value in encoded.items()}, self.padded))
             report.encoded += len(chunk)
 
     def release_encoders(self) -> None:
@@ -111,7 +114,26 @@ class CachedConditioner:
                 raise RuntimeError(f"prompt {unknown!r} is not in the text cache and the text encoders were released")
             return self.conditioner(prompts, batch, device)
         rows = [store.get(key) for store, key in (self._entries[prompt] for prompt in prompts)]
+        if self.padded:
+            longest = {states: max(row[states].shape[0] for row in rows) for states in self.padded}
+            rows = [{**row, **{name: pad_rows(row[name], longest[states])
+                               for states, mask in self.padded.items() for name in (states, mask)}} for row in rows]
         return {name: torch.stack([row[name] for row in rows]).to(device) for name in rows[0]}
+
+
+def unpadded_row(values: dict[str, torch.Tensor], padded: dict[str, str]) -> dict[str, torch.Tensor]:
+    """One prompt's row with each padded sequence (and its mask) cut to the prompt's own length."""
+    values = dict(values)
+    for states, mask in padded.items():
+        length = int(values[mask].sum())  # masks are ones, then zeros
+        values[states], values[mask] = values[states][:length], values[mask][:length]
+    return values
+
+
+def pad_rows(value: torch.Tensor, length: int) -> torch.Tensor:
+    """`value` [L, ...] zero-padded along its first axis to `length`."""
+    padding = value.new_zeros(length - value.shape[0], *value.shape[1:])
+    return torch.cat([value, padding])
 
 
 def text_identity(family: Any, conditioner: Any, components: dict[str, Any], name_or_path: str) -> str:

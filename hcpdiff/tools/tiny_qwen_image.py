@@ -1,0 +1,93 @@
+"""A tiny random-weight Qwen-Image pipeline, for tests and demos, built offline.
+
+The real layout at tiny width: a QwenImageTransformer2DModel with Qwen-Image's 60 blocks, an
+AutoencoderKLQwenImage (8x spatial, 16 latent channels, Qwen-Image's per-channel latents mean / std), a Qwen2.5-VL
+text encoder (two text layers, a one-block vision tower: the class has one) and a Qwen2 byte-level BPE tokenizer
+trained offline on the prompt template's words, so the template's system prefix is 34 tokens as with the real
+tokenizer and QwenImagePipeline drops exactly it. The scheduler is Qwen-Image's (exponential resolution shift).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                       QwenImageTransformer2DModel)
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+
+TEXT_WIDTH = 32  # the text encoder's hidden size = the transformer's joint_attention_dim (3584 in Qwen-Image)
+LATENT_CHANNELS = 16
+NUM_LAYERS = 60  # Qwen-Image's depth: the last block's text output is unused, which the shipped config allows for
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# Qwen-Image's scheduler/scheduler_config.json
+SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                 base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")
+# the tokenizer's training text: QwenImagePipeline's prompt template (so its system prefix is 34 tokens, as the
+# pipeline's drop index assumes) and a few caption words
+TEMPLATE_TEXT = ("system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+                 "relationships of the objects and background:\nuser\nassistant\n a red circle blue square photo")
+
+
+def build_qwen_tokenizer() -> Qwen2Tokenizer:
+    """A Qwen2 byte-level BPE tokenizer trained offline (tokenizers' BpeTrainer) on TEMPLATE_TEXT: the 256 byte
+    characters plus merges that make each of its words one token, and the chat-template special tokens
+    `<|endoftext|>` (also padding), `<|im_start|>`, `<|im_end|>`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # enough merges to spell every training word whole: BPE then splits those words as it learned them
+    trainer = trainers.BpeTrainer(vocab_size=4096, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator([TEMPLATE_TEXT], trainer)
+    merges = [tuple(pair) if isinstance(pair, list) else tuple(pair.split(" "))
+              for pair in json.loads(bpe.to_str())["model"]["merges"]]
+    tokenizer = Qwen2Tokenizer(vocab=bpe.get_vocab(), merges=merges)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS[1:])})
+    tokenizer.model_max_length = 32768
+    return tokenizer
+
+
+def build_qwen_text_encoder(vocab_size: int, pad_id: int) -> Qwen2_5_VLForConditionalGeneration:
+    """Qwen2.5-VL at tiny width: 2 text layers of 32 (2 heads of 16, one key/value head, multimodal rope sections
+    summing to half the head), a 1-block vision tower of 16 projecting to the text width."""
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=vocab_size, hidden_size=TEXT_WIDTH, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+                         bos_token_id=pad_id, eos_token_id=pad_id, pad_token_id=pad_id),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=TEXT_WIDTH,
+                           fullatt_block_indexes=[0]),
+        image_token_id=vocab_size - 1, video_token_id=vocab_size - 1, vision_start_token_id=vocab_size - 1,
+        vision_end_token_id=vocab_size - 1,
+    )
+    return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def build_qwen_vae() -> AutoencoderKLQwenImage:
+    """8x spatial (three downsamples, as the real VAE), 16 latent channels, Qwen-Image's default latents mean / std."""
+    return AutoencoderKLQwenImage(base_dim=8, z_dim=LATENT_CHANNELS, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
+
+
+def build_qwen_transformer() -> QwenImageTransformer2DModel:
+    """Qwen-Image's 60 blocks (the shipped config names blocks by number), 2 heads of 16 (rope axes 4 + 6 + 6), 2x2
+    patches of 16 channels, conditioned on 32-wide text."""
+    return QwenImageTransformer2DModel(
+        patch_size=2, in_channels=LATENT_CHANNELS * 4, out_channels=LATENT_CHANNELS, num_layers=NUM_LAYERS,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=TEXT_WIDTH, axes_dims_rope=(4, 6, 6),
+    )
+
+
+def make_tiny_qwen_image(out_dir: str | Path, seed: int = 0) -> Path:
+    """The tiny Qwen-Image pipeline in diffusers format."""
+    out_path = Path(out_dir)
+    torch.manual_seed(seed)
+    tokenizer = build_qwen_tokenizer()
+    pipeline = QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=build_qwen_vae(),
+        text_encoder=build_qwen_text_encoder(len(tokenizer), tokenizer.pad_token_id), tokenizer=tokenizer,
+        transformer=build_qwen_transformer(),
+    )
+    pipeline.save_pretrained(out_path, safe_serialization=True)
+    return out_path
