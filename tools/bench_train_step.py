@@ -1,17 +1,26 @@
 """Steady-state ms per optimizer step: hcpdiff's trainer against a bare diffusers + peft loop.
 
-Both run in this process on the same model, batch size, image size and LoRA layers (rank 8 on to_q, to_k,
-to_v, to_out.0), each step encoding images with the VAE and prompts with the text encoder. Blocks of steps
-alternate between the two so drift in machine load hits both alike; the median block is reported.
+Both run in this process on the same model, batch size, image size and LoRA layers (SD: rank 8 on to_q, to_k,
+to_v, to_out.0; FLUX: the shipped lora_flux.yaml group, rank 16 on the attention and MLP projections), the bare loop
+encoding images with the VAE and prompts with the text encoder(s) every step. Blocks of steps alternate between the
+two so drift in machine load hits both alike; the median block is reported. The trainer runs with its caches off
+(as the bare loop), or with `--caches` (latent + text cache on; FLUX then releases its text encoders).
 
     python tools/bench_train_step.py                              # tiny model, 256 px, batch 2, CPU
     python tools/bench_train_step.py --model PATH --size 512 --batch 8 --mixed_precision bf16   # on a GPU
     python tools/bench_train_step.py --sd15-unet --size 512 --batch 1 --mixed_precision bf16     # SD1.5-shaped U-Net, random weights
+    python tools/bench_train_step.py --family flux [--caches]     # tiny FLUX.1-dev, 256 px, batch 2
+    python tools/bench_train_step.py --family flux --flux-full-width --size 512 --batch 1 --mixed_precision bf16
+        # FLUX.1's width (3072), 1 double + 1 single block, random weights: s/step and peak RSS, each loop in its own
+        # process (so each peak is its own); blocks cannot alternate there
 """
 from __future__ import annotations
 
 import argparse
+import json
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from hcpdiff.config import load_config  # noqa: E402
+from hcpdiff.families import tiny_variant_family  # noqa: E402
 from hcpdiff.models import load_model_parts  # noqa: E402
 from hcpdiff.tools.make_demo_data import make_demo_data  # noqa: E402
 from hcpdiff.tools.make_tiny_model import make_tiny_model  # noqa: E402
@@ -95,24 +105,40 @@ class BareLoop:
         self.optimizer.zero_grad(set_to_none=True)
 
 
+class BenchTrainer(Trainer):
+    """The trainer without the checkpoint it writes when a run ends: each timed block ends the run, and that write
+    (~60 ms on the tiny models) belongs to save_step, not to the step time."""
+
+    def save_checkpoint(self) -> list[Path]:
+        return []
+
+
 def build_trainer(model_dir: str, data_dir: Path, exp_root: Path, args) -> Trainer:
-    """hcpdiff's trainer from demo_tiny.yaml, pointed at the same model, data, batch and layers."""
+    """hcpdiff's trainer from demo_tiny.yaml (FLUX: lora_flux.yaml), pointed at the same model, data, batch and
+    layers."""
+    caches = "true" if args.caches else "false"
     overrides = [
         f"model.pretrained_model_name_or_path={model_dir}",
         f"data.dataset1.source.data_source1.img_root={data_dir}",
         f"data.dataset1.source.data_source1.caption_file={data_dir}",
         "data.dataset1.source.data_source1.prompt_template=null",
-        # both loops encode every step; tools/bench_cache.py measures what the caches save
-        "data.dataset1.cache_latents=false", "data.dataset1.cache_text_embeds=false",
+        # off: both loops encode every step (tools/bench_cache.py measures what the caches save on SD)
+        f"data.dataset1.cache_latents={caches}", f"data.dataset1.cache_text_embeds={caches}",
         f"data.dataset1.batch_size={args.batch}",
         f"data.dataset1.bucket={{_target_: hcpdiff.data.FixedBucket, _partial_: true, target_size: {args.size}}}",
-        "lora_unet=[{lr: 1e-4, rank: 8, alpha: 8, layers: ['re:.*\\.(to_q|to_k|to_v|to_out\\.0)$']}]",
         f"train.train_steps={args.warmup}", "train.save_step=1000000", "train.log_step=1000000",
         f"train.workers={args.workers}", f"exp_dir={exp_root / 'trainer'}",
         f"mixed_precision={args.mixed_precision or 'null'}",
     ]
-    cfg = load_config(REPO_ROOT / "cfgs/train/examples/demo_tiny.yaml", overrides)
-    trainer = Trainer(cfg, single_process=True)
+    if args.family == "flux":  # the shipped transformer group as it is, at the bare loop's lr and without warm-up
+        config = REPO_ROOT / "cfgs/train/examples/lora_flux.yaml"
+        overrides += ["transformer_lr=1e-4", "train.scheduler.num_warmup_steps=0",
+                      f"model.max_sequence_length={args.max_sequence_length}"]
+    else:
+        config = REPO_ROOT / "cfgs/train/examples/demo_tiny.yaml"
+        overrides += ["lora_unet=[{lr: 1e-4, rank: 8, alpha: 8, layers: ['re:.*\\.(to_q|to_k|to_v|to_out\\.0)$']}]"]
+    cfg = load_config(config, overrides)
+    trainer = BenchTrainer(cfg, single_process=True)
     trainer.setup()
     return trainer
 
@@ -137,10 +163,88 @@ def time_bare_block(bare: BareLoop, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def bare_loop(model_dir: str, data_dir: Path, device: torch.device, dtype: torch.dtype, args,
+              sd_batch: dict | None = None) -> object:
+    """The family's bare diffusers + peft loop: SD on the trainer's first batch, FLUX on the first demo images."""
+    if args.family == "flux":
+        from bench_flux import FluxBareLoop, demo_batch
+
+        return FluxBareLoop(model_dir, demo_batch(data_dir, args.size, args.batch), device, dtype,
+                            max_sequence_length=args.max_sequence_length)
+    return BareLoop(model_dir, sd_batch, device, dtype)
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run_one_loop(args) -> None:
+    """`--only trainer|bare`: time one loop in this process and print its result as one JSON line."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data_dir = make_demo_data(tmp / "data", num=max(4, args.batch * 2))
+        if args.only == "trainer":
+            trainer = build_trainer(args.model, data_dir, tmp, args)
+            trainer.train()  # warm-up steps
+            times = [time_trainer_block(trainer, args.steps) for _ in range(args.blocks)]
+        else:
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+            bare = bare_loop(args.model, data_dir, device, dtype, args)
+            for _ in range(args.warmup):
+                bare.step()
+            times = [time_bare_block(bare, args.steps) for _ in range(args.blocks)]
+    peak_gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    print("RESULT " + json.dumps({"loop": args.only, "s_per_step": statistics.median(times),
+                                  "blocks": times, "peak_rss_gib": peak_rss_gib(), "peak_gpu_gib": peak_gpu}))
+
+
+def run_full_width(args) -> None:
+    """FLUX at full width, reduced depth: build it once, then time each loop in its own process (its own peak RSS)."""
+    from bench_flux import make_full_width_flux
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        model_dir = make_full_width_flux(Path(tmp) / "flux_full_width")
+        print(f"built the full-width model in {time.perf_counter() - start:.0f} s", flush=True)
+        results = {}
+        for loop in ("trainer", "bare"):
+            command = [sys.executable, __file__, "--family", "flux", "--model", str(model_dir), "--only", loop,
+                       "--size", str(args.size), "--batch", str(args.batch), "--steps", str(args.steps),
+                       "--blocks", str(args.blocks), "--warmup", str(args.warmup), "--workers", str(args.workers),
+                       "--max_sequence_length", str(args.max_sequence_length)]
+            command += ["--mixed_precision", args.mixed_precision] if args.mixed_precision else []
+            command += ["--caches"] if args.caches else []
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"{loop} loop failed:\n{done.stderr[-3000:]}")
+            line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
+            results[loop] = json.loads(line[len("RESULT "):])
+    print(f"FLUX full width (3072, 1 double + 1 single block, random weights)  {args.size}px  batch {args.batch}  "
+          f"precision {args.mixed_precision or 'fp32'}  T5 length {args.max_sequence_length}  "
+          f"caches {'on' if args.caches else 'off'}  {args.blocks} block(s) x {args.steps} step(s), own process each")
+    for name, loop in (("hcpdiff trainer", "trainer"), ("bare diffusers+peft", "bare")):
+        result = results[loop]
+        line = f"{name:20s} {result['s_per_step']:8.2f} s/step  peak RSS {result['peak_rss_gib']:.2f} GiB"
+        if result["peak_gpu_gib"] is not None:
+            line += f"  peak GPU {result['peak_gpu_gib']:.2f} GiB"
+        print(line)
+    print(f"ratio trainer / bare: {results['trainer']['s_per_step'] / results['bare']['s_per_step']:.3f}  "
+          f"(peak RSS {results['trainer']['peak_rss_gib'] / results['bare']['peak_rss_gib']:.3f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=["sd", "flux"], default="sd")
     parser.add_argument("--model", help="diffusers folder (default: a tiny random model made here)")
     parser.add_argument("--sd15-unet", action="store_true", help="swap in a random SD1.5-architecture U-Net")
+    parser.add_argument("--flux-full-width", action="store_true",
+                        help="FLUX.1's width at 1 double + 1 single block, random weights; loops in own processes")
+    parser.add_argument("--caches", action="store_true", help="the trainer caches latents and text (the bare loop "
+                                                              "cannot)")
+    parser.add_argument("--max_sequence_length", type=int, default=512, help="FLUX: T5 tokens per prompt")
+    parser.add_argument("--only", choices=["trainer", "bare"], help=argparse.SUPPRESS)  # a --flux-full-width child
     parser.add_argument("--size", type=int, default=256, help="square image side in pixels")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10, help="steps per timed block")
@@ -151,38 +255,58 @@ def main() -> None:
     args = parser.parse_args()
     quiet_libraries()
     torch.manual_seed(0)
+    if args.only:
+        return run_one_loop(args)
+    if args.flux_full_width:
+        return run_full_width(args)
+    if args.caches and args.family == "sd":
+        parser.error("--caches: tools/bench_cache.py measures the SD caches")
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model_dir = args.model or str(make_tiny_model(tmp / "tiny", seed=0))
+        if args.model:
+            model_dir = args.model
+        elif args.family == "flux":
+            model_dir = str(tiny_variant_family("flux").make_tiny(tmp / "tiny_flux", seed=0, variant="flux"))
+        else:
+            model_dir = str(make_tiny_model(tmp / "tiny", seed=0))
         if args.sd15_unet:
             model_dir = str(make_sd15_shaped_model(tmp / "sd15_unet", Path(model_dir)))
         data_dir = make_demo_data(tmp / "data", num=max(4, args.batch * 2))
         trainer = build_trainer(model_dir, data_dir, tmp, args)
         trainer.train()  # warm-up steps
-        batch = next(iter(trainer.streams[0].loader))
-        bare = BareLoop(model_dir, batch, trainer.accelerator.device, trainer.weight_dtype)
+        sd_batch = next(iter(trainer.streams[0].loader)) if args.family == "sd" else None
+        bare = bare_loop(model_dir, data_dir, trainer.accelerator.device, trainer.weight_dtype, args, sd_batch)
+        if args.family == "flux":  # the same layers, or the comparison means nothing
+            ours = {layer for group in trainer.trained["transformer"].lora_groups for layer in group.layers}
+            if ours != bare.adapted_layers():
+                sys.exit(f"the loops adapt different layers: {sorted(ours ^ bare.adapted_layers())[:5]}")
         for _ in range(args.warmup):
             bare.step()
 
         trainer_times, bare_times = [], []
+        cpu = {"trainer": 0.0, "bare": 0.0}  # this process's CPU seconds: on a CPU, what other load does not inflate
         peak = {}
         for _ in range(args.blocks):
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
+            start = time.process_time()
             trainer_times.append(time_trainer_block(trainer, args.steps))
+            cpu["trainer"] += time.process_time() - start
             if torch.cuda.is_available():
                 peak["trainer"] = max(peak.get("trainer", 0), torch.cuda.max_memory_allocated())
                 torch.cuda.reset_peak_memory_stats()
+            start = time.process_time()
             bare_times.append(time_bare_block(bare, args.steps))
+            cpu["bare"] += time.process_time() - start
             if torch.cuda.is_available():
                 peak["bare"] = max(peak.get("bare", 0), torch.cuda.max_memory_allocated())
 
     t_trainer, t_bare = statistics.median(trainer_times), statistics.median(bare_times)
     device = trainer.accelerator.device
-    print(f"device {device}  model {'sd15-unet' if args.sd15_unet else (args.model or 'tiny')}  "
-          f"{args.size}px  batch {args.batch}  precision {args.mixed_precision or 'fp32'}  "
-          f"{args.blocks} blocks x {args.steps} steps")
+    model = "sd15-unet" if args.sd15_unet else (args.model or f"tiny {args.family}")
+    print(f"device {device}  model {model}  {args.size}px  batch {args.batch}  precision {args.mixed_precision or 'fp32'}  "
+          f"trainer caches {'on' if args.caches else 'off'}  {args.blocks} blocks x {args.steps} steps")
     for name, t in (("hcpdiff trainer", t_trainer), ("bare diffusers+peft", t_bare)):
         line = f"{name:20s} {t * 1000:8.1f} ms/step  {1 / t:6.2f} it/s  {args.batch / t:7.2f} images/s"
         if name.startswith("hcp") and "trainer" in peak:
@@ -190,8 +314,13 @@ def main() -> None:
         if name.startswith("bare") and "bare" in peak:
             line += f"  peak GPU {peak['bare'] / 2**30:.2f} GiB"
         print(line)
-    print(f"ratio trainer / bare: {t_trainer / t_bare:.3f}  "
+    # each trainer block runs right before its bare block, so their ratio sees nearly the same machine load
+    paired = statistics.median(t / b for t, b in zip(trainer_times, bare_times))
+    print(f"ratio trainer / bare: {t_trainer / t_bare:.3f}, median of paired blocks {paired:.3f}  "
           f"(blocks: trainer {[round(t * 1000) for t in trainer_times]}, bare {[round(t * 1000) for t in bare_times]} ms)")
+    steps = args.blocks * args.steps
+    print(f"process CPU time: trainer {cpu['trainer'] / steps * 1000:.1f}, bare {cpu['bare'] / steps * 1000:.1f} "
+          f"ms/step, ratio {cpu['trainer'] / cpu['bare']:.3f}")
 
 
 if __name__ == "__main__":
