@@ -38,8 +38,9 @@ def run_training(cfg, *, single_process: bool) -> str:
     from hcpdiff.train.signals import TrainingInterrupted
 
     trainer = Trainer(cfg, single_process=single_process)
+    terminated: list[int] = []
     try:
-        with terminate_unwinds():
+        with terminate_unwinds(terminated):
             trainer.setup()
         trainer.train()  # handles SIGINT / SIGTERM itself: it saves a checkpoint first
     except TrainingInterrupted:
@@ -50,16 +51,20 @@ def run_training(cfg, *, single_process: bool) -> str:
             trainer.cleanup(failed=True)
         except Exception:  # noqa: BLE001 - the error that stopped the run is the one to report
             logging.getLogger("hcpdiff.train").warning("cleanup after the failure did not finish", exc_info=True)
+        if terminated:  # the SIGTERM's exit, even where library code it interrupted turned it into another error
+            raise SystemExit(128 + terminated[0]) from None
         raise
     trainer.cleanup()
     return str(trainer.exp_dir)
 
 
 @contextmanager
-def terminate_unwinds() -> Iterator[None]:
+def terminate_unwinds(terminated: list[int]) -> Iterator[None]:
     """While active, SIGTERM exits through Python (status 143) instead of killing the process outright, so the
-    folder's lock and the process group are released on that path too."""
+    folder's lock and the process group are released on that path too. The signal is also noted in `terminated`:
+    raised inside a library (omegaconf, say), the SystemExit may surface as that library's own error."""
     def terminate(signum: int, frame: FrameType | None) -> None:
+        terminated.append(signum)
         raise SystemExit(128 + signum)
 
     try:
