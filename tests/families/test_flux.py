@@ -153,13 +153,18 @@ def test_settings_flux_cannot_train_with_are_one_error_line(workdir, tiny_flux, 
 
 
 @pytest.mark.e2e
-def test_overfitting_one_image_lowers_the_loss(workdir, tiny_flux, cli):
+def test_schnell_overfits_one_image_through_accelerate_launch(workdir, tiny_schnell, cli):
+    """The README's launch command on FLUX.1-schnell (dev trains in the contract, resume and two-process tests)."""
     data = make_demo_data(workdir / "data", num=1)
-    result = cli(train_args(tiny_flux, data, "mixed_precision=null", "train.train_steps=40", "train.log_step=1",
-                            "train.save_step=1000", "transformer_lr=3e-3", "data.dataset1.batch_size=1",
-                            "train.loss.logit_std=0.3"), cwd=workdir)
+    launch = ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no"]
+    result = cli([*launch, *train_args(tiny_schnell, data, "mixed_precision=null", "train.train_steps=40",
+                                       "train.log_step=1", "train.save_step=1000", "transformer_lr=3e-3",
+                                       "data.dataset1.batch_size=1", "train.loss.logit_std=0.3")], cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
-    log = next((workdir / "exps").iterdir()) / "train.log"
+    exp = next((workdir / "exps").iterdir())
+    assert sorted(p.name for p in (exp / "ckpts").iterdir()) == ["transformer-40.safetensors"]
+    log = exp / "train.log"
     losses = [float(value) for value in re.findall(r"step \d+/40 loss ([\d.]+)", log.read_text())]
     assert len(losses) == 40
     assert "text embeddings cached in memory for 1 prompts" in log.read_text()
