@@ -50,10 +50,10 @@ def test_disk_latent_cache_is_filled_once_and_reused(workdir, tiny_model, cli):
     assert (workdir / "exps/second/ckpts/unet-2.safetensors").exists()
 
 
-def test_random_crop_trains_uncached_after_one_warning(workdir, tiny_model, cli):
+def test_random_crop_trains_uncached_after_one_warning(workdir, tiny_model, cli_in_process):
     data = make_demo_data(workdir / "data", num=2)
-    result = cli(train_args(tiny_model, data, "train.train_steps=1", "data.dataset1.source.data_source1.crop=random"),
-                 cwd=workdir)
+    result = cli_in_process(train_args(tiny_model, data, "train.train_steps=1",
+                                       "data.dataset1.source.data_source1.crop=random"), cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     warnings = [line for line in result.stderr.splitlines() if "cache_latents" in line]
     assert len(warnings) == 1 and "crop is random" in warnings[0]

@@ -74,9 +74,9 @@ def test_unet_group_trains_only_its_tensors_and_resumes_bit_for_bit(workdir, dem
     assert again.keys() == saved.keys() and all(torch.equal(again[k], saved[k]) for k in saved)
 
 
-def test_text_encoder_group_alone_trains_the_text_encoder(workdir, demo_args, tiny_model, cli):
+def test_text_encoder_group_alone_trains_the_text_encoder(workdir, demo_args, tiny_model, cli_in_process):
     group = r"text_encoder=[{lr: 1e-3, layers: ['re:encoder\.layers\.0\.self_attn\.(q|k)_proj']}]"
-    run = cli([*demo_args, "lora_unet=[]", group, "train.train_steps=2", "exp_dir=exps/te"], cwd=workdir)
+    run = cli_in_process([*demo_args, "lora_unet=[]", group, "train.train_steps=2", "exp_dir=exps/te"], cwd=workdir)
     assert run.returncode == 0, run.stderr[-3000:]
     assert sorted(p.name for p in (workdir / "exps/te/ckpts").iterdir()) == ["text_encoder-2.safetensors"]
     saved = load_file(workdir / "exps/te/ckpts/text_encoder-2.safetensors")
@@ -85,9 +85,9 @@ def test_text_encoder_group_alone_trains_the_text_encoder(workdir, demo_args, ti
     assert all(not torch.equal(saved[k], base[k]) for k in saved)
 
 
-def test_render_blends_fine_tuned_tensors_by_alpha(workdir, demo_args, tiny_model, cli):
-    run = cli([*demo_args, "lora_unet=[]", "unet=[{lr: 5e-2, layers: [conv_in, conv_out]}]", "train.train_steps=2",
-               "exp_dir=exps/ft"], cwd=workdir)
+def test_render_blends_fine_tuned_tensors_by_alpha(workdir, demo_args, tiny_model, cli_in_process):
+    run = cli_in_process([*demo_args, "lora_unet=[]", "unet=[{lr: 5e-2, layers: [conv_in, conv_out]}]",
+                          "train.train_steps=2", "exp_dir=exps/ft"], cwd=workdir)
     assert run.returncode == 0, run.stderr[-3000:]
     ckpt = workdir / "exps/ft/ckpts/unet-2.safetensors"
     small = ["infer_args.width=64", "infer_args.height=64", "infer_args.num_inference_steps=3",
@@ -105,8 +105,8 @@ def test_render_blends_fine_tuned_tensors_by_alpha(workdir, demo_args, tiny_mode
     assert np.abs(one - base).mean() > 0.5
 
     # The webui format holds LoRA weights only: converting such a file is refused in one line, not truncated.
-    converted = cli(["-m", "hcpdiff.tools.lora_convert", "--to_webui", "--lora_path", str(ckpt),
-                     "--dump_path", str(workdir / "x.safetensors")], cwd=workdir)
+    converted = cli_in_process(["-m", "hcpdiff.tools.lora_convert", "--to_webui", "--lora_path", str(ckpt),
+                                "--dump_path", str(workdir / "x.safetensors")], cwd=workdir)
     assert converted.returncode == 2
     assert "fully fine-tuned" in converted.stderr.strip().splitlines()[-1]
     assert not (workdir / "x.safetensors").exists()

@@ -30,11 +30,11 @@ def only_exp_dir(workdir: Path) -> Path:
     return runs[0]
 
 
-def test_sd2_v_prediction_model_trains(workdir, tmp_path, cli):
+def test_sd2_v_prediction_model_trains(workdir, tmp_path, cli_in_process):
     """A SD2.x-layout model (v-prediction, linear projections) trains 2 steps and writes its LoRA."""
     model = make_tiny_model(tmp_path / "tiny_sd2", seed=0, family="sd2")
     data = make_demo_data(workdir / "data", num=2)
-    result = cli(train_args(model, data), cwd=workdir)
+    result = cli_in_process(train_args(model, data), cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     exp = only_exp_dir(workdir)
     with safe_open(exp / "ckpts" / "unet-2.safetensors", "pt") as opened:
@@ -74,10 +74,10 @@ def test_single_file_without_config_offline_fails_in_one_line(workdir, tiny_mode
     ("{lr: 1e-3, rank: 4, type: lokr, layers: ['re:.*attn2\\.to_[kv]$']}", ".lokr_w1"),
     ("{lr: 1e-3, rank: 4, dora: true, layers: ['re:.*attn2\\.to_[kv]$']}", ".lora_magnitude_vector.weight"),
 ])
-def test_adapter_types_train(workdir, tiny_model, cli, group, suffix):
+def test_adapter_types_train(workdir, tiny_model, cli_in_process, group, suffix):
     """`type: loha`, `type: lokr` and `dora: true` train 2 steps; the checkpoint holds the type's weights, moved."""
     data = make_demo_data(workdir / "data", num=2)
-    result = cli(train_args(tiny_model, data, f"lora_unet=[{group}]"), cwd=workdir)
+    result = cli_in_process(train_args(tiny_model, data, f"lora_unet=[{group}]"), cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     exp = only_exp_dir(workdir)
     with safe_open(exp / "ckpts" / "unet-2.safetensors", "pt") as opened:
@@ -87,12 +87,12 @@ def test_adapter_types_train(workdir, tiny_model, cli, group, suffix):
     assert groups[0]["type"] == ("lora" if "dora" in group else group.split("type: ")[1].split(",")[0])
 
 
-def test_locon_example_trains_resnet_convolutions(workdir, tiny_model, cli):
+def test_locon_example_trains_resnet_convolutions(workdir, tiny_model, cli_in_process):
     data = make_demo_data(workdir / "data", num=2)
     args = train_args(tiny_model, data)
     args[args.index("cfgs/train/examples/demo_tiny.yaml")] = "cfgs/train/examples/locon.yaml"
-    result = cli([*args, "data.dataset1.batch_size=2", "train.workers=0",
-                  "data.dataset1.source.data_source1.word_names={pt1: x}"], cwd=workdir)
+    result = cli_in_process([*args, "data.dataset1.batch_size=2", "train.workers=0",
+                             "data.dataset1.source.data_source1.word_names={pt1: x}"], cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     exp = only_exp_dir(workdir)
     with safe_open(exp / "ckpts" / "unet-2.safetensors", "pt") as opened:

@@ -69,8 +69,8 @@ def test_sigterm_saves_a_resumable_checkpoint(workdir, demo_args):
     assert (workdir / f"exps/sig/ckpts/unet-{step}.safetensors").exists()
 
 
-def test_corrupt_checkpoint_is_named_not_loaded(workdir, demo_args, cli, cli_in_process):
-    assert cli([*demo_args, "train.train_steps=2", "exp_dir=exps/run"], cwd=workdir).returncode == 0
+def test_corrupt_checkpoint_is_named_not_loaded(workdir, demo_args, cli_in_process):
+    assert cli_in_process([*demo_args, "train.train_steps=2", "exp_dir=exps/run"], cwd=workdir).returncode == 0
     ckpt = workdir / "exps/run/ckpts/unet-2.safetensors"
     ckpt.write_bytes(ckpt.read_bytes()[:-100])  # a partial write
     result = cli_in_process([*demo_args, "train.train_steps=4", "train.resume=exps/run"], cwd=workdir)
@@ -78,9 +78,9 @@ def test_corrupt_checkpoint_is_named_not_loaded(workdir, demo_args, cli, cli_in_
     assert "unet-2.safetensors" in result.stderr.strip().splitlines()[-1]
 
 
-def test_ckpt_keep_keeps_the_newest(workdir, demo_args, cli):
-    result = cli([*demo_args, "train.train_steps=4", "train.save_step=1", "train.ckpt_keep=2", "exp_dir=exps/k"],
-                 cwd=workdir)
+def test_ckpt_keep_keeps_the_newest(workdir, demo_args, cli_in_process):
+    result = cli_in_process([*demo_args, "train.train_steps=4", "train.save_step=1", "train.ckpt_keep=2",
+                             "exp_dir=exps/k"], cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (workdir / "exps/k/ckpts").iterdir()) == ["unet-3.safetensors", "unet-4.safetensors"]
     assert sorted(p.name for p in (workdir / "exps/k/state").iterdir()) == ["step-3.pt", "step-4.pt"]

@@ -22,14 +22,14 @@ def overrides(workdir, tiny_model):
             'data.dataset1.bucket.target_area=${hcp.eval:"64*64"}']
 
 
-def test_init_lora_continues_from_saved_weights(workdir, overrides, cli):
+def test_init_lora_continues_from_saved_weights(workdir, overrides, cli_in_process):
     args = ["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/demo_tiny.yaml", *overrides]
-    first = cli([*args, "train.train_steps=2", "exp_dir=exps/first"], cwd=workdir)
+    first = cli_in_process([*args, "train.train_steps=2", "exp_dir=exps/first"], cwd=workdir)
     assert first.returncode == 0, first.stderr[-3000:]
     saved = workdir / "exps/first/ckpts/unet-2.safetensors"
     # lr 0: the continued run must leave the loaded weights exactly as they were.
-    again = cli([*args, "train.train_steps=1", "unet_lr=0", "exp_dir=exps/again", f"model.init_lora={{unet: {saved}}}"],
-                cwd=workdir)
+    again = cli_in_process([*args, "train.train_steps=1", "unet_lr=0", "exp_dir=exps/again",
+                            f"model.init_lora={{unet: {saved}}}"], cwd=workdir)
     assert again.returncode == 0, again.stderr[-3000:]
     a, b = load_file(saved), load_file(workdir / "exps/again/ckpts/unet-1.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -37,13 +37,13 @@ def test_init_lora_continues_from_saved_weights(workdir, overrides, cli):
 
 def test_init_lora_for_an_untrained_part_is_refused(workdir, overrides, cli_in_process):
     result = cli_in_process(["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/demo_tiny.yaml",
-                             *overrides, "model.init_lora={text_encoder: x.safetensors}"], cwd=workdir)
+                                        *overrides, "model.init_lora={text_encoder: x.safetensors}"], cwd=workdir)
     assert result.returncode == 2 and "model.init_lora.text_encoder" in result.stderr
 
 
-def test_preset_lora_is_fused_into_the_base(workdir, overrides, cli, tiny_model):
-    first = cli(["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/demo_tiny.yaml", *overrides,
-                 "train.train_steps=2", "unet_lr=1e-2", "exp_dir=exps/first"], cwd=workdir)
+def test_preset_lora_is_fused_into_the_base(workdir, overrides, cli_in_process, tiny_model):
+    first = cli_in_process(["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/demo_tiny.yaml", *overrides,
+                            "train.train_steps=2", "unet_lr=1e-2", "exp_dir=exps/first"], cwd=workdir)
     assert first.returncode == 0, first.stderr[-3000:]
     preset = workdir / "exps/first/ckpts/unet-2.safetensors"
     cfg = load_config("cfgs/train/examples/demo_tiny.yaml",

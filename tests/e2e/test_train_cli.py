@@ -184,17 +184,18 @@ def test_loss_falls_when_overfitting_one_image(workdir, tiny_model, cli):
     assert last < 0.7 * first, (first, last)
 
 
-def test_saved_cfg_reproduces_the_run(workdir, tiny_model, cli):
+def test_saved_cfg_reproduces_the_run(workdir, tiny_model, cli_in_process):
     """Training again from exps/<ts>/cfg.yaml gives the same LoRA weights, bit for bit, on a CPU."""
     data = make_demo_data(workdir / "data", num=3)
-    first = cli(["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/demo_tiny.yaml",
-                 f"model.pretrained_model_name_or_path={tiny_model}",
-                 f"data.dataset1.source.data_source1.img_root={data}",
-                 f"data.dataset1.source.data_source1.caption_file={data}",
-                 "train.train_steps=3", "exp_dir=exps/first", 'data.dataset1.bucket.target_area=${hcp.eval:"64*64"}'],
-                cwd=workdir)
+    first = cli_in_process(["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/demo_tiny.yaml",
+                            f"model.pretrained_model_name_or_path={tiny_model}",
+                            f"data.dataset1.source.data_source1.img_root={data}",
+                            f"data.dataset1.source.data_source1.caption_file={data}",
+                            "train.train_steps=3", "exp_dir=exps/first",
+                            'data.dataset1.bucket.target_area=${hcp.eval:"64*64"}'], cwd=workdir)
     assert first.returncode == 0, first.stderr[-3000:]
-    again = cli(["-m", "hcpdiff.train_ac_single", "--cfg", "exps/first/cfg.yaml", "exp_dir=exps/again"], cwd=workdir)
+    again = cli_in_process(["-m", "hcpdiff.train_ac_single", "--cfg", "exps/first/cfg.yaml", "exp_dir=exps/again"],
+                           cwd=workdir)
     assert again.returncode == 0, again.stderr[-3000:]
     a = load_file(workdir / "exps/first/ckpts/unet-3.safetensors")
     b = load_file(workdir / "exps/again/ckpts/unet-3.safetensors")
@@ -203,7 +204,7 @@ def test_saved_cfg_reproduces_the_run(workdir, tiny_model, cli):
     assert any(a[k].abs().sum() > 0 for k in a if k.endswith("lora_B.weight"))
 
 
-def test_existing_exp_dir_is_never_reused(workdir, tiny_model, cli):
+def test_existing_exp_dir_is_never_reused(workdir, tiny_model, cli_in_process):
     """Two runs asking for the same folder: the second gets a -1 suffix; the first's files stay intact."""
     data = make_demo_data(workdir / "data", num=2)
     args = ["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/demo_tiny.yaml",
@@ -211,35 +212,36 @@ def test_existing_exp_dir_is_never_reused(workdir, tiny_model, cli):
             f"data.dataset1.source.data_source1.img_root={data}",
             f"data.dataset1.source.data_source1.caption_file={data}", "train.train_steps=1",
             "exp_dir=exps/same", 'data.dataset1.bucket.target_area=${hcp.eval:"64*64"}']
-    assert cli(args, cwd=workdir).returncode == 0
+    assert cli_in_process(args, cwd=workdir).returncode == 0
     before = (workdir / "exps/same/ckpts/unet-1.safetensors").read_bytes()
-    second = cli(args, cwd=workdir)
+    second = cli_in_process(args, cwd=workdir)
     assert second.returncode == 0, second.stderr[-3000:]
     assert (workdir / "exps/same-1/ckpts/unet-1.safetensors").exists()
     assert (workdir / "exps/same/ckpts/unet-1.safetensors").read_bytes() == before
 
 
-def test_fp16_on_cpu_falls_back_with_one_warning(workdir, tiny_model, cli):
+def test_fp16_on_cpu_falls_back_with_one_warning(workdir, tiny_model, cli_in_process):
     data = make_demo_data(workdir / "data", num=1)
-    result = cli(["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/demo_tiny.yaml",
-                  f"model.pretrained_model_name_or_path={tiny_model}", "mixed_precision=fp16",
-                  f"data.dataset1.source.data_source1.img_root={data}",
-                  f"data.dataset1.source.data_source1.caption_file={data}", "train.train_steps=1",
-                  "data.dataset1.batch_size=1", 'data.dataset1.bucket.target_area=${hcp.eval:"64*64"}'], cwd=workdir)
+    result = cli_in_process(["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/demo_tiny.yaml",
+                             f"model.pretrained_model_name_or_path={tiny_model}", "mixed_precision=fp16",
+                             f"data.dataset1.source.data_source1.img_root={data}",
+                             f"data.dataset1.source.data_source1.caption_file={data}", "train.train_steps=1",
+                             "data.dataset1.batch_size=1", 'data.dataset1.bucket.target_area=${hcp.eval:"64*64"}'],
+                            cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("fp16") == 1 and "fp32" in result.stderr
 
 
-def test_missing_captions_warn_once_and_train(workdir, tiny_model, cli):
+def test_missing_captions_warn_once_and_train(workdir, tiny_model, cli_in_process):
     """Images without a caption train on the template alone, after one warning line naming them."""
     data = make_demo_data(workdir / "data", num=4)
     (data / "1.txt").unlink()
     (data / "3.txt").unlink()
-    result = cli(["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/demo_tiny.yaml",
-                  f"model.pretrained_model_name_or_path={tiny_model}",
-                  f"data.dataset1.source.data_source1.img_root={data}",
-                  f"data.dataset1.source.data_source1.caption_file={data}", "train.train_steps=1",
-                  'data.dataset1.bucket.target_area=${hcp.eval:"64*64"}'], cwd=workdir)
+    result = cli_in_process(["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/demo_tiny.yaml",
+                             f"model.pretrained_model_name_or_path={tiny_model}",
+                             f"data.dataset1.source.data_source1.img_root={data}",
+                             f"data.dataset1.source.data_source1.caption_file={data}", "train.train_steps=1",
+                             'data.dataset1.bucket.target_area=${hcp.eval:"64*64"}'], cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     warnings = [line for line in result.stderr.splitlines() if "no caption" in line]
     assert len(warnings) == 1 and "2 of 4" in warnings[0] and "1.png" in warnings[0]

@@ -195,7 +195,7 @@ def test_cli_resume_refuses_later_steps_and_pointless_lengths(workdir, demo_args
 
 
 @pytest.mark.e2e
-def test_cli_resume_while_the_run_still_trains_is_refused(workdir, demo_args, error_line):
+def test_cli_resume_while_the_run_still_trains_is_refused(workdir, demo_args, cli_in_process, error_line):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("HCP_DEBUG", None)
     running = subprocess.Popen([sys.executable, *demo_args, "train.train_steps=500", "train.save_step=1",
@@ -207,8 +207,7 @@ def test_cli_resume_while_the_run_still_trains_is_refused(workdir, demo_args, er
         while time.time() < deadline and not state.exists() and running.poll() is None:
             time.sleep(0.2)
         assert state.exists(), "the first run wrote no state"
-        resumed = subprocess.run([sys.executable, *demo_args, "train.train_steps=600", "train.resume=exps/live"],
-                                 cwd=workdir, env=env, capture_output=True, text=True, timeout=180)
+        resumed = cli_in_process([*demo_args, "train.train_steps=600", "train.resume=exps/live"], cwd=workdir)
         assert resumed.returncode == 2
         line = error_line(resumed.stderr)
         assert "exps/live" in line and f"process {running.pid}" in line
