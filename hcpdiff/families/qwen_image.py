@@ -221,11 +221,9 @@ class QwenImage(Family):
         return QwenImageConditioner(text_pipeline(components), max_sequence_length or MAX_SEQUENCE_LENGTH)
 
     def build_objective(self, noise_scheduler: Any, loss_spec: Any) -> Any:
-        from hcpdiff.objectives.ddpm import DDPM_LOSS_KEYS, refuse_other_objective_keys
-        from hcpdiff.objectives.flow_matching import FlowMatchingObjective
+        from hcpdiff.objectives.flow_matching import flow_matching_objective
 
-        refuse_other_objective_keys(loss_spec, DDPM_LOSS_KEYS, "DDPM", "flow matching", self.description)
-        return FlowMatchingObjective.from_spec(noise_scheduler, loss_spec)
+        return flow_matching_objective(noise_scheduler, loss_spec, self.description)
 
     def denoise(self, denoiser: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
                 conditioning: dict[str, Any]) -> torch.Tensor:

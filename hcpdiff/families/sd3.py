@@ -180,11 +180,9 @@ class StableDiffusion3(Family):
         return SD3Conditioner(text_pipeline(components), max_sequence_length or MAX_SEQUENCE_LENGTH, clip_skip)
 
     def build_objective(self, noise_scheduler: Any, loss_spec: Any) -> Any:
-        from hcpdiff.objectives.ddpm import DDPM_LOSS_KEYS, refuse_other_objective_keys
-        from hcpdiff.objectives.flow_matching import FlowMatchingObjective
+        from hcpdiff.objectives.flow_matching import flow_matching_objective
 
-        refuse_other_objective_keys(loss_spec, DDPM_LOSS_KEYS, "DDPM", "flow matching", self.description)
-        return FlowMatchingObjective.from_spec(noise_scheduler, loss_spec)
+        return flow_matching_objective(noise_scheduler, loss_spec, self.description)
 
     def denoise(self, denoiser: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
                 conditioning: dict[str, Any]) -> torch.Tensor:

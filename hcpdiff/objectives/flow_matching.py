@@ -13,7 +13,8 @@ import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
 from hcpdiff.errors import ConfigError
-from hcpdiff.objectives.ddpm import Generators, Noised, diffusion_loss, draw_rows, sample_noise
+from hcpdiff.objectives.ddpm import (DDPM_LOSS_KEYS, Generators, Noised, diffusion_loss, draw_rows,
+                                     refuse_other_objective_keys, sample_noise)
 
 SIGMA_SAMPLINGS = ("uniform", "logit_normal", "mode", "sigmoid")
 SHIFTS = ("none", "static", "resolution")
@@ -144,3 +145,9 @@ def check_choice(key: str, value: str | None, choices: tuple[str, ...]) -> None:
     """One error naming `train.loss.<key>` when a value is not one of its choices."""
     if value is not None and value not in choices:
         raise ConfigError(f"train.loss.{key}: {value!r} is not one of {', '.join(choices)}")
+
+
+def flow_matching_objective(scheduler: Any, spec: Any, family: str) -> FlowMatchingObjective:
+    """A flow-matching family's objective from `train.loss`; DDPM-only keys set there are one error naming them."""
+    refuse_other_objective_keys(spec, DDPM_LOSS_KEYS, "DDPM", "flow matching", family)
+    return FlowMatchingObjective.from_spec(scheduler, spec)
