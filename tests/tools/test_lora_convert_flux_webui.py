@@ -17,6 +17,7 @@ from hcpdiff.families import family_named
 from hcpdiff.lora.merge import merge_lora
 from hcpdiff.lora.state_io import layer_states, load_lora, lora_metadata, save_lora
 from hcpdiff.tools.lora_convert import main
+from lora_states import deltas, random_lora
 
 pytestmark = pytest.mark.e2e
 
@@ -24,19 +25,6 @@ pytestmark = pytest.mark.e2e
 # add_k_proj, single block 1's to_q and to_k
 LEFT_OUT = {"transformer_blocks.0.attn.to_v", "transformer_blocks.0.attn.add_k_proj",
             "single_transformer_blocks.1.attn.to_q", "single_transformer_blocks.1.attn.to_k"}
-
-
-def random_lora(model: torch.nn.Module, keep, seed: int) -> dict[str, torch.Tensor]:
-    """A native LoRA on every Linear `keep(name)` accepts, ranks 2-4 and alphas 1-4 varying by layer."""
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for i, (name, module) in enumerate((n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)):
-        if keep(name):
-            rank = 2 + i % 3
-            state[f"{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=generator) * 0.3
-            state[f"{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.3
-            state[f"{name}.alpha"] = torch.tensor(float(1 + i % 4))
-    return state
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +50,6 @@ def flux_files(tmp_path_factory) -> dict[str, Path]:
         files[name] = folder / f"{name}-1.safetensors"
         save_lora(files[name], state, lora_metadata(part, str(model), [], 1, family="flux"))
     return files
-
-
-def deltas(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """{layer: alpha / rank * B @ A}: what each LoRA layer adds to its weight."""
-    return {layer: float(p[".alpha"]) / p[".lora_A.weight"].shape[0] * p[".lora_B.weight"] @ p[".lora_A.weight"]
-            for layer, p in layer_states(state).items()}
 
 
 def render(pipe: FluxPipeline) -> np.ndarray:

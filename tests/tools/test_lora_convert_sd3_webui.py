@@ -23,8 +23,9 @@ from hcpdiff.cli import run_cli
 from hcpdiff.families import family_named
 from hcpdiff.families.sd3_layout import is_pre_only_modulation, mmdit_lookup
 from hcpdiff.lora.fused_layout import swap_halves
-from hcpdiff.lora.state_io import layer_states, load_lora, lora_metadata, save_lora
+from hcpdiff.lora.state_io import load_lora, lora_metadata, save_lora
 from hcpdiff.tools.lora_convert import main
+from lora_states import deltas, random_lora
 from hcpdiff.tools.tiny_sd3 import build_sd3_transformer
 
 pytestmark = pytest.mark.e2e
@@ -36,25 +37,6 @@ ORIGINAL_NORMS = {"attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.at
                   "attn.norm_added_q": "context_block.attn.ln_q", "attn.norm_added_k": "context_block.attn.ln_k",
                   "attn2.norm_q": "x_block.attn2.ln_q", "attn2.norm_k": "x_block.attn2.ln_k"}
 TEXT_PARTS = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_", "text_encoder_3": "lora_te3_"}
-
-
-def random_lora(model: torch.nn.Module, keep, seed: int) -> dict[str, torch.Tensor]:
-    """A native LoRA on every Linear `keep(name)` accepts, ranks 2-4 and alphas 1-4 varying by layer."""
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for i, (name, module) in enumerate((n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)):
-        if keep(name):
-            rank = 2 + i % 3
-            state[f"{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=generator) * 0.3
-            state[f"{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.3
-            state[f"{name}.alpha"] = torch.tensor(float(1 + i % 4))
-    return state
-
-
-def deltas(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """{layer: alpha / rank * B @ A}: what each LoRA layer adds to its weight."""
-    return {layer: float(p[".alpha"]) / p[".lora_A.weight"].shape[0] * p[".lora_B.weight"] @ p[".lora_A.weight"]
-            for layer, p in layer_states(state).items()}
 
 
 def pre_only_blocks(transformer: torch.nn.Module) -> set[str]:
