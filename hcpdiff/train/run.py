@@ -11,6 +11,7 @@ from typing import Iterator
 
 from hcpdiff.cli import cfg_parser
 from hcpdiff.config import load_config
+from hcpdiff.errors import ConfigError
 from hcpdiff.train.logs import setup_console_logging
 
 
@@ -86,9 +87,16 @@ def interrupted_exit(err) -> int:
     return err.exit_code
 
 
+SEVERAL_PROCESSES = "hcpdiff.train_ac_single runs one process; launch hcpdiff.train_ac for several"
+
+
 def main(argv: list[str], *, prog: str, single_process: bool) -> int:
     """Parse `--cfg FILE [overrides]`, load the config and train."""
     args = cfg_parser(prog, "Train LoRA adapters for a text-to-image diffusion model.").parse_args(argv)
+    # torchrun and accelerate launch tell each worker the world size: refuse before torch loads, not after every
+    # worker has imported it (the Trainer checks again with accelerate's own count)
+    if single_process and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise ConfigError(SEVERAL_PROCESSES)
     quiet_libraries()
     setup_console_logging()
     from hcpdiff.families import TRAINABLE_PARTS

@@ -181,7 +181,7 @@ class Trainer:
         if not self.accelerator.is_main_process:  # one copy of each info line, from the main process
             logging.getLogger("hcpdiff").setLevel(logging.WARNING)
         if self.single_process and self.accelerator.num_processes > 1:
-            from hcpdiff.train_ac_single import SEVERAL_PROCESSES
+            from hcpdiff.train.run import SEVERAL_PROCESSES
 
             raise ConfigError(SEVERAL_PROCESSES)
         self.deepspeed_config = None
