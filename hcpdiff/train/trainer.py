@@ -155,9 +155,11 @@ class Trainer:
         spec = self.model_spec
         peeked = peek_model(spec.pretrained_model_name_or_path, single_file_config=spec.single_file_config,
                             drop_t5=spec.drop_t5)
+        self.checked_family = None
         if peeked is not None:
             family, noise_scheduler = peeked
             self._check_for_family(family, noise_scheduler, family.dropped_parts(spec.drop_t5, "model.drop_t5"))
+            self.checked_family = family
 
     def _setup_accelerator(self) -> None:
         mixed_precision = self.cfg.get("mixed_precision") or "no"
@@ -284,9 +286,11 @@ class Trainer:
         for module in self.parts.components.values():
             if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False)
-        absent = tuple(part for part in self.family.trainable_parts if self.parts.components.get(part) is None)
-        # checked again on what loaded (a hub model or a single file could not be peeked at before)
-        self.objective = self._check_for_family(self.family, self.parts.noise_scheduler, absent)
+        if self.family is self.checked_family:  # checked before loading: the objective, now with the loaded scheduler
+            self.objective = self.family.build_objective(self.parts.noise_scheduler, self.extras.loss)
+        else:  # a hub model or a single file without a local config folder could not be checked before
+            absent = tuple(part for part in self.family.trainable_parts if self.parts.components.get(part) is None)
+            self.objective = self._check_for_family(self.family, self.parts.noise_scheduler, absent)
         fuse_preset_loras(self.parts, spec.preset_lora)
         self.conditioner = self.family.build_conditioner(self.parts.components, spec.tokenizer_repeats, spec.clip_skip,
                                                          max_sequence_length=spec.max_sequence_length,
