@@ -50,8 +50,10 @@ def run_training(cfg, *, single_process: bool) -> str:
     except BaseException:
         try:
             trainer.cleanup(failed=True)
-        except Exception:  # noqa: BLE001 - the error that stopped the run is the one to report
-            logging.getLogger("hcpdiff.train").warning("cleanup after the failure did not finish", exc_info=True)
+        except Exception as err:  # noqa: BLE001 - the error that stopped the run is the one to report
+            # one line: a set-up cut short (SIGTERM, an error) leaves parts cleanup cannot close; HCP_DEBUG=1 shows where
+            logging.getLogger("hcpdiff.train").warning("cleanup after the failure did not finish: %r", err,
+                                                       exc_info=os.environ.get("HCP_DEBUG", "") not in ("", "0"))
         if terminated:  # the SIGTERM's exit, even where library code it interrupted turned it into another error
             raise SystemExit(128 + terminated[0]) from None
         raise
