@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,8 @@ from hcpdiff.lora.state_io import lora_metadata
 from hcpdiff.models import cast_floats, enable_gradient_checkpointing, load_model_parts
 from hcpdiff.models.loading import peek_model
 from hcpdiff.objectives.ddpm import sample_noise
-from hcpdiff.train.exp_dir import (claim_exp_dir, lock_exp_dir, remove_if_no_outputs, remove_stale_temp_files,
-                                   unlock_exp_dir)
+from hcpdiff.train.exp_dir import (LOCK_NAME, claim_exp_dir, lock_exp_dir, remove_if_no_outputs,
+                                   remove_stale_temp_files, unlock_exp_dir)
 from hcpdiff.train.finetune import (FinetuneGroup, FinetuneGroupSpec, enable_finetuning, finetuned_state,
                                     load_finetuned, select_finetune_groups)
 from hcpdiff.train.logs import setup_run_logging
@@ -230,14 +231,16 @@ class Trainer:
             cfg_name = f"cfg-resume-{self.resume_state['step']}.yaml" if self.resume_state else "cfg.yaml"
             (self.exp_dir / cfg_name).write_text(OmegaConf.to_yaml(OmegaConf.create(snapshot)))
             self.log_handler = setup_run_logging(self.exp_dir / "train.log")
-            self.tracker = TensorBoardTracker("tblog", logging_dir=self.exp_dir)
-            self.tracker.start()
+            tracker = TensorBoardTracker("tblog", logging_dir=self.exp_dir)
+            tracker.start()
+            self.tracker = tracker  # only once started: cleanup finishes what exists (a SIGTERM may land in between)
 
     def _claim_exp_dir(self) -> tuple[str, int | None]:
         """Main process: lock the folder to resume (and choose its state), or create and lock a new one."""
         if self.train_spec.resume:
             exp_dir = resume_dir_of(self.train_spec.resume)
-            self.exp_lock = lock_exp_dir(exp_dir)  # before reading: a live run may be writing its states
+            self.exp_lock = exp_dir / LOCK_NAME  # named first: a signal right after the lock is made still frees it
+            lock_exp_dir(exp_dir)  # before reading: a live run may be writing its states
             remove_stale_temp_files(exp_dir)
             point = find_resume_state(self.train_spec.resume)
             self._check_resume_point(point)
@@ -245,7 +248,8 @@ class Trainer:
             return str(exp_dir), point.step
         exp_dir = claim_exp_dir(self.cfg.get("exp_dir") or "exps/run")
         self.created_exp_dir = True
-        self.exp_lock = lock_exp_dir(exp_dir)
+        self.exp_lock = exp_dir / LOCK_NAME  # cleanup removes it only if this process wrote it
+        lock_exp_dir(exp_dir)
         return str(exp_dir), None
 
     def _check_resume_point(self, point: ResumePoint) -> None:
@@ -728,24 +732,35 @@ class Trainer:
 
     def cleanup(self, failed: bool = False) -> None:
         """Release everything the run holds, after success or failure: trackers, the process group, the folder's lock
-        (and the folder itself when this run created it and failed in set-up, before any output)."""
-        if getattr(self, "tracker", None) is not None:
-            self.tracker.finish()
-        for tracker in getattr(self, "extra_trackers", []):
-            tracker.finish()
-        accelerator = getattr(self, "accelerator", None)
-        if accelerator is not None:
-            if not failed and accelerator.num_processes > 1:
-                accelerator.wait_for_everyone()  # no process tears down gloo while another still talks to it
-            self._release_models()
-            accelerator.end_training()  # destroys the process group (torch.distributed), if any
-        if not failed:
-            logger.info("done: %s", self.exp_dir)
+        (and the folder itself when this run created it and failed in set-up, before any output).
+
+        Every release is tried even when one before it fails (a set-up cut short leaves parts half-built), the lock's
+        above all; the first failure is raised afterwards."""
+        with ExitStack() as releases:  # callbacks run last-in first-out: the lock is let go last, whatever happened
+            releases.callback(self._release_exp_dir, failed)
+            releases.callback(self._close_log_handler)
+            if not failed:
+                releases.callback(logger.info, "done: %s", self.exp_dir)
+            accelerator = getattr(self, "accelerator", None)
+            if accelerator is not None:
+                releases.callback(accelerator.end_training)  # destroys the process group (torch.distributed), if any
+                releases.callback(self._release_models)
+                if not failed and accelerator.num_processes > 1:
+                    # no process tears down gloo while another still talks to it
+                    releases.callback(accelerator.wait_for_everyone)
+            for tracker in reversed(getattr(self, "extra_trackers", [])):
+                releases.callback(tracker.finish)
+            if getattr(self, "tracker", None) is not None:
+                releases.callback(self.tracker.finish)
+
+    def _close_log_handler(self) -> None:
         handler = getattr(self, "log_handler", None)
         if handler is not None:
             for name in ("hcpdiff", "hcpdiff.train.log"):
                 logging.getLogger(name).removeHandler(handler)
             handler.close()
+
+    def _release_exp_dir(self, failed: bool) -> None:
         lock = getattr(self, "exp_lock", None)
         if lock is not None:
             unlock_exp_dir(lock)
