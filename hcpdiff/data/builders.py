@@ -55,6 +55,9 @@ class SourceSpec:
     caption_dropout: float = 0.0  # drop the whole caption with this probability (the template alone remains)
     image_column: str | None = None  # metadata column / key naming the image file; null: file_name or image
     caption_column: str | None = None  # metadata column / key holding the caption; null: text or prompt
+    # metadata column / key naming each image's condition image (relative to img_root), e.g. `edit_image` for an
+    # image-editing family: loaded, resized, cropped and flipped with its image; null: none
+    condition_column: str | None = None
     random_flip: bool = False  # mirror images left-right with probability 0.5
     crop: str = "center"  # center | random: where the bucket-sized window is cut after resizing
 
@@ -130,9 +133,12 @@ def build_dataset(
         sizes, unreadable = _scan_source(source, where, entries)
         captions_by_key = {image_key(entry): caption for entry, caption in entries.items()}
         captions_by_stem = {image_stem(entry): caption for entry, caption in entries.items()}
+        conditions = _condition_images(source, where, sizes)
         missing: list[str] = []
         for path, size_wh in sizes.items():
             relative = Path(path).relative_to(source.img_root).as_posix()
+            if conditions is not None and path not in conditions:
+                continue  # no usable condition image: warned about once
             key = f"{name}/{relative}"
             image_sizes[key] = size_wh
             caption = captions_by_key.get(image_key(relative))
@@ -140,7 +146,8 @@ def build_dataset(
                 caption = captions_by_stem.get(image_stem(relative))
             if caption is None:
                 missing.append(relative)
-            item = DataItem(path=path, key=key, caption=caption, source_index=source_index)
+            item = DataItem(path=path, key=key, caption=caption, source_index=source_index,
+                            condition=None if conditions is None else conditions[path])
             items.extend([item] * source.repeat)
         if source.caption_file is None:
             missing = []
@@ -185,6 +192,11 @@ def build_dataset(
 def _latent_cache_allowed(spec: DatasetSpec, sources: Mapping[str, SourceSpec], key_path: str) -> bool:
     """cache_latents, unless a source crops at random (a random window cannot be encoded ahead): one warning."""
     if not spec.cache_latents:
+        return False
+    conditioned = [name for name, source in sources.items() if source.condition_column is not None]
+    if conditioned:
+        logger.warning("%s.cache_latents is off: %s.source.%s has condition images, which are encoded with their "
+                       "image every step.", key_path, key_path, conditioned[0])
         return False
     random_crops = [name for name, source in sources.items() if source.crop == "random"]
     if random_crops:
@@ -280,6 +292,50 @@ def _scan_source(
             f"{where}.img_root: folder '{source.img_root}' holds no readable images ({', '.join(IMAGE_EXTENSIONS)})."
         )
     return sizes, unreadable
+
+
+def _condition_images(source: SourceSpec, where: str, sizes: Mapping[str, tuple[int, int]]) -> dict[str, str] | None:
+    """{image path: its condition image's path} for a source with a condition_column (None without one). Images whose
+    row names no condition image, or names one that is missing or unreadable, are left out with one warning."""
+    if source.condition_column is None:
+        return None
+    key = f"{where}.condition_column"
+    if source.caption_file is None:
+        raise ConfigError(f"{key}: condition images are named in a metadata table; set {where}.caption_file to a "
+                          f".csv, .json or .jsonl file with an image column and a '{source.condition_column}' column")
+    columns = Columns(source.image_column, source.condition_column, caption_key="condition_column")
+    named = {image_key(name): value for name, value in
+             load_caption_entries(source.caption_file, source.img_root, key, columns).items() if value}
+    img_root = Path(source.img_root)
+    # condition images beside their targets (DiffSynth's layout) are inputs, not training images of their own
+    inputs = {image_key(Path(value).as_posix()) for value in named.values()}
+    conditions: dict[str, str] = {}
+    skipped: dict[str, str] = {}  # image name -> why
+    for path in sizes:
+        relative = Path(path).relative_to(img_root).as_posix()
+        condition = named.get(image_key(relative))
+        if condition is None:
+            if image_key(relative) not in inputs:
+                skipped[relative] = f"no {source.condition_column}"
+            continue
+        condition_path = img_root / condition
+        if not condition_path.is_file():
+            skipped[relative] = f"{condition} does not exist"
+            continue
+        try:
+            scan_image(condition_path, source.max_image_pixels)
+        except UnusableImage as err:
+            skipped[relative] = f"{condition}: {err}"
+            continue
+        conditions[path] = str(condition_path)
+    if skipped:
+        shown = "; ".join(f"{name}: {why}" for name, why in list(skipped.items())[:3])
+        logger.warning("%d image(s) in %s have no usable condition image and are skipped (%s%s).", len(skipped),
+                       source.img_root, shown, "; ..." if len(skipped) > 3 else "")
+    if not conditions:
+        raise DataError(f"{key}: no image in '{source.img_root}' has a usable '{source.condition_column}' image "
+                        f"in {source.caption_file}")
+    return conditions
 
 
 def _warn_missing_captions(source: SourceSpec, num_images: int, missing: list[str]) -> None:

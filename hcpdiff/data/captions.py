@@ -24,10 +24,12 @@ _ACCEPTED_HEADERS = "'file_name,text' or 'image,prompt'"
 
 @dataclass(frozen=True)
 class Columns:
-    """Which metadata columns / keys name the image and hold its caption; None = auto-detect."""
+    """Which metadata columns / keys name the image and hold its caption; None = auto-detect. `caption_key` is the
+    config key that chose the second column (a condition image's path is read as a caption column)."""
 
     image: str | None = None
     caption: str | None = None
+    caption_key: str = "caption_column"
 
 
 def load_captions(
@@ -156,7 +158,8 @@ def _find_columns(header: list[str], path: Path, header_text: str, columns: Colu
         if columns.image is not None or columns.caption is not None:
             wanted = f"'{columns.image or '|'.join(FILE_COLUMNS)},{columns.caption or '|'.join(TEXT_COLUMNS)}'"
             raise DataError(
-                f"Caption file '{path}' has the header '{header_text}'; image_column / caption_column ask for {wanted}."
+                f"Caption file '{path}' has the header '{header_text}'; image_column / {columns.caption_key} ask for "
+                f"{wanted}."
             )
         raise DataError(f"Caption file '{path}' has the header '{header_text}'; accepted headers are {_ACCEPTED_HEADERS}.")
     return file_col, text_col

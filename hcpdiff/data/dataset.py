@@ -23,12 +23,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DataItem:
-    """One training image: its file, its bucket key, its caption (None when it has none) and its source."""
+    """One training image: its file, its bucket key, its caption (None when it has none), its source, and the
+    condition image it is trained with (an image-editing family's input image; None when the source has none)."""
 
     path: str
     key: str
     caption: str | None
     source_index: int
+    condition: str | None = None
 
 
 def noise_seed(seed: int, index: int, draw: int) -> torch.Tensor:
@@ -89,14 +91,20 @@ class ImageCaptionDataset(Dataset):
         bucket_size = self.bucket.sizes[self.bucket_ids[index]]
         # Flip and crop draw from their own stream, so turning them on leaves prompts unchanged.
         image_rng = random.Random(f"{self.seed}:{index}:{draw}:image")
-        item, (image, original_wh, crop_top_left) = self._load_or_substitute(index, bucket_size, rng, image_rng)
+        item, (image, original_wh, crop_top_left), condition = self._load_or_substitute(index, bucket_size, rng,
+                                                                                        image_rng)
         image_transform = self.image_transforms[item.source_index]
         if image_transform.random_flip and image_rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            if condition is not None:
+                condition = condition.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         # original_size (h, w) and crop_top_left (top, left): SDXL's size and crop conditioning
-        return {"pixel_values": to_tensor(image), "prompt": self._prompt(item, index, draw, rng),
-                "original_size": torch.tensor([original_wh[1], original_wh[0]]),
-                "crop_top_left": torch.tensor(crop_top_left), "noise_seed": noise_seed(self.seed, index, draw)}
+        sample = {"pixel_values": to_tensor(image), "prompt": self._prompt(item, index, draw, rng),
+                  "original_size": torch.tensor([original_wh[1], original_wh[0]]),
+                  "crop_top_left": torch.tensor(crop_top_left), "noise_seed": noise_seed(self.seed, index, draw)}
+        if condition is not None:  # the image an editing model starts from, shaped exactly as its target
+            sample["condition_pixels"] = to_tensor(condition)
+        return sample
 
     def sample_prompt(self, index: int, draw: int = 0) -> str:
         """The prompt item `index` gets on its `draw`-th fetch (no image decoded; substitutes ignored)."""
@@ -110,13 +118,14 @@ class ImageCaptionDataset(Dataset):
 
     def _load_or_substitute(
         self, index: int, bucket_wh: tuple[int, int], rng: random.Random, image_rng: random.Random
-    ) -> tuple[DataItem, tuple[Image.Image, tuple[int, int], tuple[int, int]]]:
-        """The item's image shaped to its bucket, or, if its file does not decode, another image of the same bucket."""
+    ) -> tuple[DataItem, tuple[Image.Image, tuple[int, int], tuple[int, int]], Image.Image | None]:
+        """The item's image (and condition image) shaped to its bucket, or, if a file does not decode, another item
+        of the same bucket."""
         item = self.items[index]
         if item.path not in self._broken_paths:
             loaded = self._try_load(item, bucket_wh, image_rng)
             if loaded is not None:
-                return item, loaded
+                return item, *loaded
         candidates = list(self._indices_of_bucket[self.bucket_ids[index]])
         rng.shuffle(candidates)
         for candidate in candidates:
@@ -125,19 +134,28 @@ class ImageCaptionDataset(Dataset):
                 continue
             loaded = self._try_load(substitute, bucket_wh, image_rng)
             if loaded is not None:
-                return substitute, loaded
+                return substitute, *loaded
         width, height = bucket_wh
         raise DataError(f"No image of bucket {width}x{height} can be decoded (first broken file: '{item.path}').")
 
     def _try_load(
         self, item: DataItem, bucket_wh: tuple[int, int], image_rng: random.Random
-    ) -> tuple[Image.Image, tuple[int, int], tuple[int, int]] | None:
+    ) -> tuple[tuple[Image.Image, tuple[int, int], tuple[int, int]], Image.Image | None] | None:
         crop = self.image_transforms[item.source_index].crop
+        bg_color = self.bg_colors[item.source_index]
         if self.max_image_pixels is not None:
             allow_image_pixels(self.max_image_pixels)
+        path = item.path
         try:
-            return load_for_bucket(item.path, bucket_wh, self.bg_colors[item.source_index], crop, image_rng)
+            # the condition image is cut where its image is: the same resize, the same (random) window
+            crop_state = image_rng.getstate()
+            loaded = load_for_bucket(path, bucket_wh, bg_color, crop, image_rng)
+            if item.condition is None:
+                return loaded, None
+            path, condition_rng = item.condition, random.Random()
+            condition_rng.setstate(crop_state)
+            return loaded, load_for_bucket(path, bucket_wh, bg_color, crop, condition_rng)[0]
         except IMAGE_READ_ERRORS as exc:
             self._broken_paths.add(item.path)
-            logger.warning("Image '%s' cannot be decoded (%s); another image of its bucket is used instead.", item.path, exc)
+            logger.warning("Image '%s' cannot be decoded (%s); another image of its bucket is used instead.", path, exc)
             return None

@@ -1,6 +1,9 @@
 """Write a small captioned image dataset (shapes on colored grounds) for the demo and the tests.
 
-    python -m hcpdiff.tools.make_demo_data OUT [--num 8] [--seed 0] [--captions txt|json|csv|none]
+    python -m hcpdiff.tools.make_demo_data OUT [--num 8] [--seed 0] [--captions txt|json|csv|edit|none]
+
+`--captions edit` writes an image-editing dataset: each image's input (`input/<i>.png`, the same shape in another
+color) and `metadata.csv` with `image,prompt,edit_image` rows ("make the circle red").
 """
 from __future__ import annotations
 
@@ -41,12 +44,18 @@ def make_demo_data(out_dir: str | Path, num: int = 8, seed: int = 0, captions: s
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     caption_of = {}
+    edits = []  # (image, instruction, input image) rows of an editing dataset
     for index in range(num):
         shape = rng.choice(SHAPES)
         color, ground = rng.sample(sorted(COLORS), 2)
         image = draw_sample(SIZES[index % len(SIZES)], shape, color, ground)
         image.save(out / f"{index}.png")
         caption_of[f"{index}.png"] = f"a {color} {shape} on a {ground} background"
+        if captions == "edit":
+            before = rng.choice([name for name in sorted(COLORS) if name not in (color, ground)])
+            (out / "input").mkdir(exist_ok=True)
+            draw_sample(SIZES[index % len(SIZES)], shape, before, ground).save(out / "input" / f"{index}.png")
+            edits.append((f"{index}.png", f"make the {shape} {color}", f"input/{index}.png"))
     if captions == "txt":
         for name, text in caption_of.items():
             (out / name).with_suffix(".txt").write_text(text + "\n", encoding="utf-8")
@@ -57,8 +66,13 @@ def make_demo_data(out_dir: str | Path, num: int = 8, seed: int = 0, captions: s
             writer = csv.writer(f)
             writer.writerow(["file_name", "text"])
             writer.writerows(caption_of.items())
+    elif captions == "edit":
+        with open(out / "metadata.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["image", "prompt", "edit_image"])
+            writer.writerows(edits)
     elif captions != "none":
-        raise ValueError(f"captions must be txt, json, csv or none, not {captions!r}")
+        raise ValueError(f"captions must be txt, json, csv, edit or none, not {captions!r}")
     return out
 
 
@@ -68,7 +82,7 @@ def main() -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--num", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--captions", choices=["txt", "json", "csv", "none"], default="txt")
+    parser.add_argument("--captions", choices=["txt", "json", "csv", "edit", "none"], default="txt")
     args = parser.parse_args()
     path = make_demo_data(args.out_dir, args.num, args.seed, args.captions)
     print(f"wrote {args.num} images with {args.captions} captions to {path}")
