@@ -13,11 +13,13 @@ from hcpdiff.errors import ModelError
 from hcpdiff.families.base import ConfigReader, Family
 from hcpdiff.families.flux import Flux
 from hcpdiff.families.qwen_image import QwenImage
+from hcpdiff.families.qwen_image_edit import QwenImageEdit
 from hcpdiff.families.sd import StableDiffusion
 from hcpdiff.families.sd3 import StableDiffusion3
 from hcpdiff.families.sdxl import StableDiffusionXL
 
-FAMILIES: tuple[Family, ...] = (Flux(), StableDiffusion3(), StableDiffusionXL(), StableDiffusion(), QwenImage())
+FAMILIES: tuple[Family, ...] = (Flux(), StableDiffusion3(), StableDiffusionXL(), StableDiffusion(), QwenImage(),
+                                 QwenImageEdit())
 # Every part name some family trains: config keys `lora_<part>` / `<part>:` are read for these before any model loads.
 TRAINABLE_PARTS: tuple[str, ...] = tuple(dict.fromkeys(p for family in FAMILIES for p in family.trainable_parts))
 PART_NAMES: tuple[str, ...] = tuple(dict.fromkeys(

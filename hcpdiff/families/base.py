@@ -42,6 +42,9 @@ class Family:
     tiny_variants: ClassVar[tuple[str, ...]]  # `make_tiny_model --family` names this family builds; first = default
     # a key fragment only this family's original-layout single files have (None: none tells it apart from SD's)
     single_file_marker: ClassVar[str | None] = None
+    # input images a sample is trained and rendered with (an editing model's): 0 none; then each dataset source
+    # names them (`condition_column`), the batch holds `condition_pixels`, renders take `condition_image`
+    condition_images: ClassVar[int] = 0
 
     # ---------------------------------------------------------------------------------------- parts and loading
     @property
@@ -58,6 +61,11 @@ class Family:
     def matches(cls, index: dict[str, Any], read_config: ConfigReader) -> bool:
         """Whether a diffusers folder (its model_index.json and part configs) is of this family."""
         raise NotImplementedError
+
+    def unused_layers(self, part: str, model: torch.nn.Module) -> frozenset[str]:
+        """Layers of a part whose outputs the model discards (a LoRA there gets no gradient): LoRA groups leave them
+        out of their matches. None by default."""
+        return frozenset()
 
     def dropped_parts(self, drop_t5: bool, key: str) -> tuple[str, ...]:
         """The parts left unloaded (None in the components): with `drop_t5` (the config's `key`) the T5 encoder and
@@ -136,6 +144,10 @@ class Family:
         """The pipeline's prompt keyword arguments for prompts with `(word:1.2)` weights; `all_prompts` are every
         prompt of the render (long prompts size the token chunks of all of them)."""
         raise NotImplementedError
+
+    def condition_args(self, images: list[Any]) -> dict[str, Any]:
+        """The pipeline's keyword arguments for one call's input images (PIL), with condition_images > 0."""
+        raise NotImplementedError(f"{self.name}: renders take no input image")
 
     def pipeline_call_args(self, call_args: dict[str, Any]) -> dict[str, Any]:
         """The pipeline's own keyword arguments for hcpdiff's sampling settings (width, height, num_inference_steps,

@@ -29,6 +29,8 @@ MAX_SEQUENCE_LENGTH = 512  # prompt tokens after the template's prefix: QwenImag
 COMFY_PREFIX = "diffusion_model."
 READ_PREFIXES = (COMFY_PREFIX, "transformer.")
 KOHYA_PREFIX = "lora_unet_"
+# the last block's text stream after its attention: its text output is discarded (only image tokens reach the output)
+LAST_BLOCK_UNUSED = ("attn.add_q_proj", "attn.to_add_out", "txt_mlp.net.0.proj", "txt_mlp.net.2")
 QWEN_ONLY_LAYER = re.compile(  # layers no other family has: the streams' own modulation and MLPs
     r"(lora_unet_transformer_blocks_\d+_|(diffusion_model\.|transformer\.)?transformer_blocks\.\d+\.)"
     r"(img|txt)_(mod|mlp)")
@@ -88,6 +90,16 @@ def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tenso
 
     # the helper takes pixel sizes and the VAE factor; in latent cells the factor is 1
     return QwenImagePipeline._unpack_latents(tokens, height, width, 1).squeeze(2)
+
+
+def call_transformer(denoiser: torch.nn.Module, tokens: torch.Tensor, timesteps: torch.Tensor,
+                     conditioning: dict[str, Any], img_shapes: list[list[tuple[int, int, int]]]) -> torch.Tensor:
+    """The transformer's prediction for packed tokens (one shape per image on the sequence, as the pipelines'
+    img_shapes), at sigma = t / 1000 as QwenImagePipeline passes it, with the prompt states and their mask."""
+    return denoiser(hidden_states=tokens, timestep=timesteps.to(tokens.dtype),
+                    encoder_hidden_states=conditioning["encoder_hidden_states"],
+                    encoder_hidden_states_mask=conditioning["encoder_hidden_states_mask"], img_shapes=img_shapes,
+                    return_dict=False)[0]
 
 
 def latents_mean_std(vae: Any, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,6 +192,14 @@ class QwenImage(Family):
             "tokenizer": lambda: Qwen2Tokenizer.from_pretrained(source, subfolder="tokenizer", **common),
         }
 
+    def unused_layers(self, part: str, model: torch.nn.Module) -> frozenset[str]:
+        """The last transformer block's text queries, text attention output and text MLP: the block's text output is
+        discarded, so the reference system's layer list (every block) trains without dead adapters."""
+        if part != self.denoiser:
+            return frozenset()
+        last = len(model.transformer_blocks) - 1
+        return frozenset(f"transformer_blocks.{last}.{name}" for name in LAST_BLOCK_UNUSED)
+
     def training_scheduler(self, scheduler_config: dict[str, Any]) -> Any:
         """The model's own FlowMatchEulerDiscreteScheduler: its config holds the shift the objective applies."""
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -230,12 +250,8 @@ class QwenImage(Family):
         """Pack, call the transformer at sigma (QwenImagePipeline passes t / 1000) with the text mask, unpack."""
         height, width = noisy_latents.shape[-2:]
         tokens = pack_latents(noisy_latents)
-        mask = conditioning["encoder_hidden_states_mask"]
         img_shapes = [[(1, height // PACKING, width // PACKING)]] * noisy_latents.shape[0]
-        prediction = denoiser(hidden_states=tokens, timestep=timesteps.to(tokens.dtype),
-                              encoder_hidden_states=conditioning["encoder_hidden_states"],
-                              encoder_hidden_states_mask=mask, img_shapes=img_shapes, return_dict=False)[0]
-        return unpack_latents(prediction, height, width)
+        return unpack_latents(call_transformer(denoiser, tokens, timesteps, conditioning, img_shapes), height, width)
 
     # ---------------------------------------------------------------------------------------- rendering
     def build_pipeline(self, components: dict[str, Any], scheduler: Any) -> Any:

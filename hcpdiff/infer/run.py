@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hcpdiff.config import check_targets, read_fields
 from hcpdiff.errors import ConfigError
+from hcpdiff.infer.condition_images import condition_images_for, path_list
 from hcpdiff.infer.pipeline import DTYPES, build_pipeline, merge_all, to_plain
 from hcpdiff.infer.saving import next_index, save_image
 from hcpdiff.infer.specs import InferArgs, SaveSpec, VisualizerSpec
@@ -40,6 +41,8 @@ def generate(cfg: DictConfig) -> list[Path]:
         raise ConfigError(f"`dtype`: '{spec.dtype}' is not one of {sorted(DTYPES)}.")
     prompts = prompt_list(spec.prompt)
     parts = load_model_parts(spec.pretrained_model, where="pretrained_model", drop_t5=spec.drop_t5)
+    condition_paths = path_list(to_plain(spec.condition_image))
+    conditions = condition_images_for(parts.family, condition_paths, len(prompts), "condition_image")
     pipe = build_pipeline(parts, spec.new_components)
     # once, before sampling; fp32 weights, then cast
     lora_paths = merge_all(pipe, spec.merge, parts.family, spec.pretrained_model)
@@ -52,24 +55,30 @@ def generate(cfg: DictConfig) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     if save.save_cfg:
         OmegaConf.save(cfg, out_dir / "cfg.yaml")
-    jobs = [(prompt, spec.seed + i) for prompt in prompts for i in range(spec.num)]
+    jobs = [(p, prompt, spec.seed + i) for p, prompt in enumerate(prompts) for i in range(spec.num)]
     all_prompts = [*prompts, spec.neg_prompt]
     index, written = next_index(out_dir), []
-    for start in range(0, len(jobs), spec.bs):
-        batch = jobs[start : start + spec.bs]
-        prompt_args = parts.family.prompt_args(pipe, [prompt for prompt, _ in batch], [spec.neg_prompt] * len(batch),
-                                               clip_skip=spec.clip_skip, all_prompts=all_prompts)
-        generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in batch]
+    batch_size = 1 if conditions else spec.bs  # an editing pipeline takes one input image per call
+    for start in range(0, len(jobs), batch_size):
+        batch = jobs[start : start + batch_size]
+        prompt_args = parts.family.prompt_args(pipe, [prompt for _, prompt, _ in batch],
+                                               [spec.neg_prompt] * len(batch), clip_skip=spec.clip_skip,
+                                               all_prompts=all_prompts)
+        if conditions:
+            prompt_args.update(parts.family.condition_args([conditions[p] for p, _, _ in batch]))
+        generators = [torch.Generator("cpu").manual_seed(seed) for _, _, seed in batch]
         with torch.no_grad():
             images = pipe(**prompt_args, generator=generators, output_type="pil",
                           **parts.family.pipeline_call_args(vars(infer_args))).images
-        for image, (prompt, seed) in zip(images, batch):
+        for image, (p, prompt, seed) in zip(images, batch):
             info = {
                 "prompt": prompt, "negative_prompt": spec.neg_prompt, "seed": seed,
                 "steps": infer_args.num_inference_steps, "guidance_scale": infer_args.guidance_scale,
-                "width": infer_args.width, "height": infer_args.height, "sampler": type(pipe.scheduler).__name__,
+                "width": image.width, "height": image.height, "sampler": type(pipe.scheduler).__name__,
                 "model": spec.pretrained_model, "lora": lora_paths, "clip_skip": spec.clip_skip,
             }
+            if conditions:
+                info["condition_image"] = condition_paths[p if len(condition_paths) > 1 else 0]
             written.append(save_image(image, out_dir, index, info, save.image_type, save.quality))
             index += 1
     return written

@@ -13,8 +13,9 @@ AT_LEAST_ONE = Bound(ge=1)
 class InferArgs:
     """Sampling settings passed to the diffusers pipeline."""
 
-    width: Annotated[int, AT_LEAST_ONE] = 512
-    height: Annotated[int, AT_LEAST_ONE] = 512
+    # null: the pipeline's own (an editing model's: the input image's aspect ratio at about 1 megapixel)
+    width: Annotated[int | None, AT_LEAST_ONE] = 512
+    height: Annotated[int | None, AT_LEAST_ONE] = 512
     guidance_scale: Annotated[float, Bound(finite=True)] = 7.5
     num_inference_steps: Annotated[int, AT_LEAST_ONE] = 30
 
@@ -61,6 +62,7 @@ class VisualizerSpec:
     device: str = "auto"  # auto: cuda when available, else cpu
     clip_skip: int = 0
     drop_t5: bool = False  # SD3: render without the T5 encoder (zeros in its place, as diffusers); not loaded at all
+    condition_image: Any = None  # an editing model's input image: a path for every prompt, or a list, one per prompt
     infer_args: dict = field(default_factory=dict)
     new_components: dict = field(default_factory=dict)
     merge: Any = None

@@ -1,8 +1,10 @@
 """Attach one peft LoRA adapter per group to a model, each on exactly the layers its patterns select."""
 from __future__ import annotations
 
+import logging
 import re
 import warnings
+from collections.abc import Collection
 from numbers import Real
 
 from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
@@ -13,6 +15,8 @@ from hcpdiff.errors import ConfigError, ModelError
 from hcpdiff.lora.layer_select import select_layers
 from hcpdiff.lora.spec import AttachedGroup, LoraGroupSpec
 from hcpdiff.lora.state_io import adapter_tensors
+
+logger = logging.getLogger(__name__)
 
 ADAPTER_TYPES = ("lora", "loha", "lokr")
 
@@ -101,8 +105,12 @@ def lora_config(spec: LoraGroupSpec, ranks: dict[str, int]) -> LoraConfig | LoHa
     return LoraConfig(lora_alpha=alphas[first], lora_dropout=spec.dropout, use_dora=spec.dora, bias="none", **common)
 
 
-def attach_lora(model: nn.Module, groups: list[LoraGroupSpec], part: str, where: str) -> list[AttachedGroup]:
-    """Inject one adapter per group (named `{part}_g{i}`), freeze the base model and return each group's params."""
+def attach_lora(model: nn.Module, groups: list[LoraGroupSpec], part: str, where: str,
+                unused: Collection[str] = ()) -> list[AttachedGroup]:
+    """Inject one adapter per group (named `{part}_g{i}`), freeze the base model and return each group's params.
+
+    `unused` layers (whose outputs the model discards: an adapter there would never train) are left out of the
+    groups' matches, with one log line; a group matching nothing else is one ConfigError."""
     if any(isinstance(module, BaseTunerLayer) for module in model.modules()):
         raise ModelError(f"{where}: the {part} already has LoRA adapters attached; attach all groups in one call.")
     claimed_by: dict[str, str] = {}
@@ -111,6 +119,13 @@ def attach_lora(model: nn.Module, groups: list[LoraGroupSpec], part: str, where:
         label = f"{where}[{index}]"
         check_spec(spec, label)
         layers = select_layers(model, list(spec.layers), f"{label}.layers")
+        if left_out := [name for name in layers if name in unused]:
+            layers = [name for name in layers if name not in unused]
+            if not layers:
+                raise ConfigError(f"{label}.layers: matches only layers whose outputs the {part} discards "
+                                  f"({left_out[0]}, ...); an adapter there would never train")
+            logger.info("%s: %d matched layer(s) left out, the %s discards their outputs: %s", label, len(left_out),
+                        part, ", ".join(left_out[:4]) + (", ..." if len(left_out) > 4 else ""))
         for name in layers:
             if name in claimed_by:
                 raise ConfigError(

@@ -24,6 +24,8 @@ class PreviewSpec:
     height: int = 512
     num_inference_steps: int = 30
     guidance_scale: float = 7.5
+    # an editing model's input images: one path per prompt, or one for all (the model's family says if it takes any)
+    condition_images: list[str] = field(default_factory=list)
 
 
 @contextmanager
@@ -43,12 +45,19 @@ def kept_random_state() -> Iterator[None]:
 
 def preview_prompt_args(pipe: Any, family: Any, spec: PreviewSpec, clip_skip: int = 0) -> list[dict[str, Any]]:
     """Each preview prompt's pipeline keyword arguments, encoded by the family as the visualizer encodes them
-    (`(word:1.2)` weights, long prompts). While the text encoders are frozen they never change, so a run that releases
-    its text encoders encodes them once, before."""
+    (`(word:1.2)` weights, long prompts), with its input image for an editing model. While the text encoders are
+    frozen they never change, so a run that releases its text encoders encodes them once, before."""
+    from hcpdiff.infer.condition_images import condition_images_for
+
     all_prompts = [*spec.prompts, spec.neg_prompt]
+    conditions = condition_images_for(family, list(spec.condition_images), len(spec.prompts),
+                                      "previewer.condition_images")
     with torch.no_grad():
-        return [family.prompt_args(pipe, [prompt], [spec.neg_prompt], clip_skip=clip_skip, all_prompts=all_prompts)
+        args = [family.prompt_args(pipe, [prompt], [spec.neg_prompt], clip_skip=clip_skip, all_prompts=all_prompts)
                 for prompt in spec.prompts]
+    for i, prompt_args in enumerate(args if conditions else []):
+        prompt_args.update(family.condition_args([conditions[i]]))
+    return args
 
 
 def render_previews(pipe: Any, family: Any, spec: PreviewSpec, clip_skip: int = 0,

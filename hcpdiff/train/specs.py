@@ -76,6 +76,9 @@ class ModelSpec:
     clip_skip: int = 0  # 0: last text-encoder layer; 1: penultimate (a1111's "clip skip 2"); ...
     max_sequence_length: Annotated[int | None, Bound(ge=1)] = None  # T5 tokens; null: FLUX 512 dev / 256 schnell, SD3 256
     drop_t5: bool = False  # SD3: leave the T5 encoder unloaded; its place in the text sequence is zeros (as diffusers)
+    # an editing model's input-image area in pixels while training, at the image's aspect ratio; null: its pipeline's
+    # (Qwen-Image-Edit: 1024*1024). Renders always use the pipeline's: lower trains faster, less like it renders
+    condition_area: Annotated[int | None, Bound(ge=1)] = None
     gradient_checkpointing: bool = False  # trade compute for memory in the U-Net (and trained text encoder)
     preset_lora: list = field(default_factory=list)  # [{path, alpha}]: native LoRAs fused into the base before training
     init_lora: dict = field(default_factory=dict)  # {unet: path, text_encoder: path}: adapters start from these weights

@@ -9,6 +9,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -296,9 +297,11 @@ class Trainer:
             absent = tuple(part for part in self.family.trainable_parts if self.parts.components.get(part) is None)
             self.objective = self._check_for_family(self.family, self.parts.noise_scheduler, absent)
         fuse_preset_loras(self.parts, spec.preset_lora)
+        # an editing family's conditioner also encodes the input images, at this area
+        condition = {"condition_area": spec.condition_area} if self.family.condition_images else {}
         self.conditioner = self.family.build_conditioner(self.parts.components, spec.tokenizer_repeats, spec.clip_skip,
                                                          max_sequence_length=spec.max_sequence_length,
-                                                         guidance=self.train_spec.guidance)
+                                                         guidance=self.train_spec.guidance, **condition)
 
     def _check_for_family(self, family: Family, noise_scheduler: Any, absent: tuple[str, ...]) -> Any:
         """The family's checks of this run: groups only for parts it has (and loads), its own run settings
@@ -314,9 +317,38 @@ class Trainer:
                 for key in keys:
                     problems.add(f"{key}: model.drop_t5 is true, so the {part} is not loaded; set model.drop_t5 "
                                  "to false to train it")
+        self._check_condition_images(family, problems)
         problems.raise_any()
         family.check_run(self.cfg.get("mixed_precision"))
         return family.build_objective(noise_scheduler, self.extras.loss)
+
+    def _check_condition_images(self, family: Family, problems: ConfigProblems) -> None:
+        """An editing family trains every source with its input images and previews with them; another family takes
+        none (each key at fault named)."""
+        preview = self.extras.preview
+        sources = [(f"data.{name}.source.{source_name}", source) for name, node in (self.cfg.get("data") or {}).items()
+                   if isinstance(node, Mapping) and isinstance(node.get("source"), Mapping)
+                   for source_name, source in node["source"].items() if isinstance(source, Mapping)]
+        if family.condition_images:
+            for where, source in sources:
+                if source.get("condition_column") is None:
+                    problems.add(f"{where}.condition_column: a {family.description} model trains on (input image, "
+                                 "prompt, edited image); name the metadata column holding each row's input image "
+                                 "(e.g. edit_image)")
+            if preview is not None and not preview.condition_images:
+                problems.add(f"previewer.condition_images: a {family.description} model edits an input image; give "
+                             "one image path per preview prompt (or one for all)")
+            for path in preview.condition_images if preview is not None else []:
+                if not Path(path).is_file():
+                    problems.add(f"previewer.condition_images: image file '{path}' does not exist")
+            return
+        for where, source in sources:
+            if source.get("condition_column") is not None:
+                problems.add(f"{where}.condition_column: a {family.description} model takes no input image; remove it")
+        if preview is not None and preview.condition_images:
+            problems.add(f"previewer.condition_images: a {family.description} model takes no input image; remove it")
+        if self.cfg.get("model", {}).get("condition_area") is not None:
+            problems.add(f"model.condition_area: a {family.description} model takes no input image; remove it")
 
     def _setup_lora(self) -> None:
         self.trained: dict[str, TrainedPart] = {}
@@ -328,7 +360,8 @@ class Trainer:
             model = self.parts.components[part]
             # Fine-tuned parameters are picked by their plain names, before adapters wrap the layers holding them.
             finetune = select_finetune_groups(model, finetune_specs, part)
-            attached = attach_lora(model, lora_specs, part, key) if lora_specs else []
+            attached = (attach_lora(model, lora_specs, part, key, self.family.unused_layers(part, model))
+                        if lora_specs else [])
             enable_finetuning(finetune)  # after attach_lora froze everything but the adapters
             self.trained[part] = TrainedPart(part, model, lora_specs, attached, finetune)
             if attached:

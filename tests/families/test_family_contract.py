@@ -25,13 +25,14 @@ def family_model(request, tmp_path_factory) -> tuple:
     return family, family.make_tiny(tmp_path_factory.mktemp(family.name) / "model", seed=0)
 
 
-def render(run, workdir: Path, family, model: Path, lora: Path, alpha: float, size: int) -> np.ndarray:
+def render(run, workdir: Path, family, model: Path, lora: Path, alpha: float, size: int,
+           condition: list[str]) -> np.ndarray:
     """One image from the family's shipped visualizer config with the LoRA at `alpha`."""
     out = workdir / f"render-{alpha}"
     done = run(["-m", "hcpdiff.visualizer", "--cfg", family.infer_config, f"pretrained_model={model}",
                 f"lora_path={lora}", f"lora_alpha={alpha}", "prompt='a red circle'", f"save.out_dir={out}",
-                f"infer_args.width={size}", f"infer_args.height={size}", "infer_args.num_inference_steps=2"],
-               cwd=workdir)
+                f"infer_args.width={size}", f"infer_args.height={size}", "infer_args.num_inference_steps=2",
+                *condition], cwd=workdir)
     assert done.returncode == 0, done.stderr[-3000:]
     (image,) = sorted(out.glob("*.png"))
     return np.asarray(Image.open(image).convert("RGB"), dtype=np.int16)
@@ -40,7 +41,13 @@ def render(run, workdir: Path, family, model: Path, lora: Path, alpha: float, si
 def test_family_trains_checkpoints_previews_and_renders(family_model, workdir, cli, cli_in_process):
     family, model = family_model
     size = max(64, family.pixel_step(folder_config_reader(model)))
-    data = make_demo_data(workdir / "data", num=2)
+    # an editing family trains on (input image, instruction, image) rows, at a small input area here (it is
+    # rendered at its pipeline's 1024x1024, where the tiny model's VAE takes 2 s per image on a CPU)
+    edits = family.condition_images > 0
+    data = make_demo_data(workdir / "data", num=2, captions="edit" if edits else "txt")
+    condition = {"train": ["model.condition_area=4096"], "preview": f", condition_images: ['{data}/input/0.png']",
+                 "render": [f"condition_image={data}/input/0.png"]} if edits else {"train": [], "preview": "",
+                                                                                  "render": []}
     lora_key = f"lora_{family.denoiser}"
     result = cli(["-m", "hcpdiff.train_ac_single", "--cfg", family.train_config,
                   f"model.pretrained_model_name_or_path={model}",
@@ -50,7 +57,7 @@ def test_family_trains_checkpoints_previews_and_renders(family_model, workdir, c
                   "train.scheduler.num_warmup_steps=0", f"{lora_key}.0.lr=1e-2",
                   f'data.dataset1.bucket.target_area=${{hcp.eval:"{size}*{size}"}}', "data.dataset1.bucket.num_bucket=1",
                   f"previewer={{step: 2, prompts: ['a red circle'], width: {size}, height: {size}, "
-                  "num_inference_steps: 2}"], cwd=workdir)
+                  f"num_inference_steps: 2{condition['preview']}}}", *condition["train"]], cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     exp = next((workdir / "exps").iterdir())
 
@@ -70,6 +77,7 @@ def test_family_trains_checkpoints_previews_and_renders(family_model, workdir, c
     assert preview.size == (size, size)
 
     # training starts a process as the user's launch does; the renders run the visualizer's entry point in-process
-    base, adapted = (render(cli_in_process, workdir, family, model, ckpt, alpha, size) for alpha in (0.0, 1.0))
+    base, adapted = (render(cli_in_process, workdir, family, model, ckpt, alpha, size, condition["render"])
+                     for alpha in (0.0, 1.0))
     assert base.shape == adapted.shape == (size, size, 3)
     assert np.abs(base - adapted).mean() > 0  # the LoRA changes the render

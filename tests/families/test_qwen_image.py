@@ -382,3 +382,25 @@ def test_visualizer_and_to_diffusers_render_the_trained_lora_alike(trained, tmp_
     with_lora = render_with_diffusers(loaded)
     assert np.abs(with_lora - base).mean() > 1  # the LoRA changes the image
     assert np.abs(with_lora - rendered).max() <= 2  # hcpdiff's merge renders as diffusers' peft layers
+
+
+def test_unused_layers_are_exactly_those_without_gradient():
+    """The layers the family leaves out of LoRA groups are the Linear layers a backward pass gives no gradient (the
+    last block's text stream after its attention), and a group matching only those is one error."""
+    from hcpdiff.lora import attach_lora
+    from hcpdiff.lora.spec import LoraGroupSpec
+    from hcpdiff.tools.tiny_qwen_image import build_qwen_transformer
+
+    model = build_qwen_transformer(3)
+    tokens, text = torch.randn(1, 16, 64), torch.randn(1, 5, 32)
+    out = model(hidden_states=tokens, timestep=torch.tensor([0.5]), encoder_hidden_states=text,
+                encoder_hidden_states_mask=torch.ones(1, 5, dtype=torch.long), img_shapes=[[(1, 4, 4)]],
+                return_dict=False)[0]
+    out.square().sum().backward()
+    no_gradient = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+                   and (module.weight.grad is None or not module.weight.grad.any())}
+    assert QWEN.unused_layers("transformer", model) == no_gradient
+    assert QWEN.unused_layers("text_encoder", model) == frozenset()
+    with pytest.raises(ConfigError, match=r"lora_transformer\[0\].layers: matches only layers whose outputs"):
+        attach_lora(model, [LoraGroupSpec(lr=1e-4, rank=2, layers=[r"re:transformer_blocks\.2\.txt_mlp.*"])],
+                    "transformer", "lora_transformer", QWEN.unused_layers("transformer", model))
