@@ -316,6 +316,8 @@ class Trainer:
                                  "to false to train it")
         problems.raise_any()
         family.check_run(self.cfg.get("mixed_precision"))
+        for warning in family.run_warnings(noise_scheduler):
+            logger.warning(warning)
         return family.build_objective(noise_scheduler, self.extras.loss)
 
     def _setup_lora(self) -> None:
