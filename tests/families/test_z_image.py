@@ -98,6 +98,34 @@ def test_text_cache_keeps_each_prompts_own_tokens_and_pads_them_per_batch(z_pipe
         assert torch.allclose(from_cache["cap_feats"], direct["cap_feats"], atol=1e-5)
 
 
+def test_text_encoder_lora_trains_through_the_conditioner(tiny_z_image):
+    """lora_text_encoder on Qwen3: set_text_encoder routes prompts through the adapted (wrapped) encoder and its LoRA
+    gets gradients from the transformer's loss (the last layer is unused: the pipeline reads the penultimate state)."""
+    import copy
+
+    from hcpdiff.lora import LoraGroupSpec, attach_lora
+
+    parts = load_model_parts(str(tiny_z_image))
+    encoder = copy.deepcopy(parts.text_encoder).requires_grad_(False)
+    attach_lora(encoder, [LoraGroupSpec(lr=1e-4, layers=[r"re:layers\.[01]\.self_attn$"], rank=2)],
+                "text_encoder", "lora_text_encoder")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # lora_B starts at 0, which blocks lora_A's gradient
+        for name, param in encoder.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    lora_params = [p for name, p in encoder.named_parameters() if "lora_A" in name]
+    conditioner = Z_IMAGE.build_conditioner(parts.components, 1, 0)
+    conditioner.set_text_encoder(encoder)
+    conditioning = conditioner([SHORT, LONG], {}, CPU)
+    plain = Z_IMAGE.build_conditioner(parts.components, 1, 0)([SHORT, LONG], {}, CPU)
+    assert not torch.allclose(conditioning["cap_feats"], plain["cap_feats"])
+    prediction = Z_IMAGE.denoise(parts.transformer, torch.randn(2, 16, 4, 4, generator=generator),
+                                 torch.tensor([0.5, 0.5]), conditioning)
+    prediction.square().mean().backward()
+    assert lora_params and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_params)
+
+
 def per_sample_losses(pipe: ZImagePipeline, conditioning: dict, latents: torch.Tensor, noise: torch.Tensor,
                       sigmas: torch.Tensor) -> torch.Tensor:
     """The flow-matching loss of each sample [B] for fixed noise and sigmas."""
