@@ -316,8 +316,6 @@ class Trainer:
                                  "to false to train it")
         problems.raise_any()
         family.check_run(self.cfg.get("mixed_precision"))
-        for warning in family.run_warnings(noise_scheduler):
-            logger.warning(warning)
         return family.build_objective(noise_scheduler, self.extras.loss)
 
     def _setup_lora(self) -> None:
@@ -497,6 +495,8 @@ class Trainer:
         logger.info("experiment folder: %s", self.exp_dir)
         logger.info("model: %s (%s), pixel step %d", self.parts.name_or_path, self.family.description,
                     self.parts.pixel_step)
+        for warning in self.family.run_warnings(self.parts.noise_scheduler):  # a distilled checkpoint, ...
+            logger.warning(warning)
         if not self.writes_resume_state:
             logger.info("%s: checkpoints are written, resumable state files are not (sharded optimizer state)",
                         self.accelerator.distributed_type.value)

@@ -310,6 +310,8 @@ def test_a_turbo_run_says_once_at_start_to_train_on_the_base(tmp_path, cli_in_pr
     assert result.returncode == 0, result.stderr[-3000:]
     warnings = [line for line in result.stderr.splitlines() if "Z-Image-Turbo" in line]
     assert len(warnings) == 1 and "train on the base Z-Image" in warnings[0], result.stderr[-3000:]
+    log = (next((tmp_path / "exps").iterdir()) / "train.log").read_text()
+    assert log.count("this looks like Z-Image-Turbo") == 1  # beside the model line, in the run's own log too
 
 
 def render_with_diffusers(pipe: ZImagePipeline) -> np.ndarray:
