@@ -251,8 +251,9 @@ def train_args(model: Path, data: Path, steps: int) -> list[str]:
     """The documented command on lora_z_image.yaml, fp32 on the CPU, one 64 px bucket, rank 4."""
     return ["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/lora_z_image.yaml",
             f"model.pretrained_model_name_or_path={model}", "mixed_precision=null",
-            f"data.dataset1.source.data_source1.img_root={data}", f"data.dataset1.source.data_source1.caption_file={data}",
-            "train.workers=0", "train.scheduler.num_warmup_steps=0", 'data.dataset1.bucket.target_area=${hcp.eval:"64*64"}',
+            f"data.dataset1.source.data_source1.img_root={data}",
+            f"data.dataset1.source.data_source1.caption_file={data}", "train.workers=0",
+            "train.scheduler.num_warmup_steps=0", 'data.dataset1.bucket.target_area=${hcp.eval:"64*64"}',
             "data.dataset1.bucket.num_bucket=1", f"train.train_steps={steps}", "train.log_step=1",
             "train.save_step=1000", "transformer_lr=1e-2", "train.loss.logit_std=0.3", "lora_transformer.0.rank=4",
             "lora_transformer.0.alpha=4"]
