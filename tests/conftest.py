@@ -156,9 +156,10 @@ def find_free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def cli_in_process():
-    """The `run_in_process` helper: a CLI run that ends at an input error, without a new interpreter."""
+    """The `run_in_process` helper: a CLI run without a new interpreter (session-scoped, so a module-scoped fixture
+    can share one run among its tests)."""
     return run_in_process
 
 

@@ -96,6 +96,11 @@ class Family:
     def check_run(self, mixed_precision: str | None) -> None:
         """Refuse run settings this family cannot train with (one ConfigError); the default accepts all."""
 
+    def run_warnings(self, noise_scheduler: Any) -> list[str]:
+        """Warning lines the run logs once at start about this checkpoint, told by its scheduler's config (a
+        step-distilled model: what to train on instead); the default has none."""
+        return []
+
     # ---------------------------------------------------------------------------------------- latents
     def vae_scale_factor(self, read_config: ConfigReader) -> int:
         """Pixels per latent cell per side, from the VAE config (8 for real SD; tiny models keep the ratio)."""

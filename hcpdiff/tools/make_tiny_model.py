@@ -182,7 +182,9 @@ def main(argv: list[str]) -> int:
                              "sdxl: two text encoders and text_time conditioning; flux: FLUX.1-dev layout (CLIP + "
                              "T5, guidance embedding); flux-schnell: FLUX.1-schnell layout; sd3: SD3-medium layout (CLIP-L, "
                              "CLIP-G, T5); sd3.5: SD3.5-medium layout (q/k norms, dual attention); qwen_image: Qwen-Image "
-                             "layout (Qwen2.5-VL text encoder, 60 blocks, per-channel VAE latents)")
+                             "layout (Qwen2.5-VL text encoder, 60 blocks, per-channel VAE latents); z_image: Z-Image layout (Qwen3 text "
+                             "encoder, 30 single-stream blocks, static shift 6); z_image-turbo: Z-Image-Turbo's "
+                             "scheduler (shift 3)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     args = parser.parse_args(argv)
     print(make_tiny_model(args.out_dir, seed=args.seed, family=args.family))

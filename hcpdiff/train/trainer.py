@@ -528,6 +528,8 @@ class Trainer:
         logger.info("experiment folder: %s", self.exp_dir)
         logger.info("model: %s (%s), pixel step %d", self.parts.name_or_path, self.family.description,
                     self.parts.pixel_step)
+        for warning in self.family.run_warnings(self.parts.noise_scheduler):  # a distilled checkpoint, ...
+            logger.warning(warning)
         if not self.writes_resume_state:
             logger.info("%s: checkpoints are written, resumable state files are not (sharded optimizer state)",
                         self.accelerator.distributed_type.value)
