@@ -49,15 +49,17 @@ def zero_snr_sampler(scheduler: Any, key: str) -> Any:
     return type(scheduler).from_config(scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
 
 
-def build_pipeline(parts: ModelParts, new_components: DictConfig | dict) -> Any:
+def build_pipeline(parts: ModelParts, new_components: DictConfig | dict, zero_terminal_snr: bool = False) -> Any:
     """The family's diffusers pipeline of the loaded parts; `new_components.<name>` nodes replace parts (scheduler,
-    vae, ...)."""
+    vae, ...); with `zero_terminal_snr` the sampler's betas are rescaled (see zero_snr_sampler)."""
     components = {**parts.components, "scheduler": inference_scheduler(parts)}
     for name, node in (new_components or {}).items():
         if name not in components:
             raise ConfigError(f"`new_components.{name}`: unknown component; use one of {sorted(components)}.")
         components[name] = instantiate(node, f"new_components.{name}")
     scheduler = components.pop("scheduler")
+    if zero_terminal_snr:
+        scheduler = zero_snr_sampler(scheduler, "zero_terminal_snr")
     return parts.family.build_pipeline(components, scheduler)
 
 
