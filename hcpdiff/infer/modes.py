@@ -82,12 +82,14 @@ def read_render_mode(init_image: str | None, mask_image: str | None, highres_fix
     name = "inpaint" if mask_image else "img2img" if init_image else "txt2img"
     mode = RenderMode(name=name, strength=infer_args.strength, init_path=init_image, mask_path=mask_image,
                       highres=highres)
-    wanted = ([name] if name != "txt2img" else []) + (["highres_fix"] if highres else [])
-    for wanted_mode in wanted:
-        if wanted_mode not in family.render_modes:
-            key = {"img2img": "init_image", "inpaint": "mask_image"}.get(wanted_mode, wanted_mode)
+    wanted = {"init_image": "img2img" if name == "img2img" else None, "mask_image": "inpaint" if mask_image else None,
+              "highres_fix": "highres_fix" if highres else None,
+              "highres_fix.upscale": "latent_upscale" if highres and highres.upscale == "latent" else None}
+    for key, wanted_mode in wanted.items():
+        if wanted_mode and wanted_mode not in family.render_modes:
+            hint = "; use upscale: pixel" if wanted_mode == "latent_upscale" else ""
             raise ConfigError(f"{key}: {wanted_mode} is not supported for a {family.description} model; it renders "
-                              f"{', '.join(family.render_modes)}")
+                              f"{', '.join(family.render_modes)}{hint}")
     if name != "txt2img":
         check_strength(mode.strength, infer_args.num_inference_steps, "infer_args.strength")
         for key, path in (("init_image", init_image), ("mask_image", mask_image)):

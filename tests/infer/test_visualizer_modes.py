@@ -152,3 +152,38 @@ def test_mode_mistakes_are_one_error_line(cli_in_process, one_error_line, workdi
                            f"pretrained_model={tiny_model}", *SMALL, "save.out_dir=bad", *filled], cwd=workdir)
     assert words in one_error_line(done)
     assert not list(workdir.glob("bad/*.png"))
+
+
+@pytest.fixture(scope="module")
+def other_families(tmp_path_factory) -> dict[str, Path]:
+    """Tiny FLUX.1-dev, SD3 and Qwen-Image models (~5 s to build, together)."""
+    from hcpdiff.families import tiny_variant_family
+
+    root = tmp_path_factory.mktemp("families")
+    return {variant: tiny_variant_family(variant).make_tiny(root / variant, seed=0, variant=variant)
+            for variant in ("flux", "sd3", "qwen_image")}
+
+
+@pytest.mark.parametrize("variant, cfg", [("flux", "text2img_flux"), ("sd3", "text2img_sd3"),
+                                          ("qwen_image", "text2img_qwen_image")])
+def test_flow_matching_families_render_img2img_inpaint_and_a_pixel_highres_fix(cli_in_process, workdir, images,
+                                                                               other_families, variant, cfg):
+    model, cfg = other_families[variant], f"cfgs/infer/{cfg}.yaml"
+    init, mask = f"init_image={images['init']}", f"mask_image={images['mask']}"
+    img2img = visualize(cli_in_process, workdir, model, f"{variant}-i2i", init, "dtype=fp32", cfg=cfg)[0]
+    inpaint = visualize(cli_in_process, workdir, model, f"{variant}-inpaint", init, mask, "dtype=fp32", cfg=cfg)[0]
+    assert json.loads(Image.open(img2img).text["hcpdiff"])["mode"] == "img2img"
+    keep = np.asarray(Image.open(images["mask"])) == 0
+    original = np.asarray(Image.open(images["init"]).convert("RGB").crop((8, 0, 72, 64))).astype(float)
+    assert np.array_equal(pixels(inpaint)[keep], original[keep])
+    if variant == "sd3":  # the highres fix is img2img after text to image: one family shows it
+        highres = visualize(cli_in_process, workdir, model, "sd3-hr", "dtype=fp32",
+                            "highres_fix={scale: 2, upscale: pixel, steps: 2}", cfg=cfg)[0]
+        assert Image.open(highres).size == (128, 128)
+
+
+def test_packed_latents_refuse_a_latent_upscale_in_one_line(cli_in_process, one_error_line, workdir, other_families):
+    done = cli_in_process(["-m", "hcpdiff.visualizer", "--cfg", "cfgs/infer/text2img_flux.yaml",
+                           f"pretrained_model={other_families['flux']}", *SMALL, "highres_fix={scale: 2}"], cwd=workdir)
+    line = one_error_line(done)
+    assert "highres_fix.upscale: latent_upscale is not supported for a FLUX.1" in line and "upscale: pixel" in line
