@@ -17,8 +17,9 @@ def pyramid_noise_row(noise: torch.Tensor, levels: int, discount: float,
     channels, height, width = noise.shape
     like = {"device": noise.device, "dtype": noise.dtype}
     pyramid = noise.clone()
-    for level in range(1, levels):
-        ratio = 2.0 + 2.0 * torch.rand((), generator=generator, device=noise.device).item()
+    # every level's ratio in one draw: one host sync per sample on a GPU, not one per level
+    ratios = (2.0 + 2.0 * torch.rand(levels - 1, generator=generator, device=noise.device)).tolist()
+    for level, ratio in enumerate(ratios, start=1):
         coarse_h, coarse_w = max(1, int(height / ratio ** level)), max(1, int(width / ratio ** level))
         coarse = torch.randn(1, channels, coarse_h, coarse_w, generator=generator, **like)
         pyramid += F.interpolate(coarse, size=(height, width), mode="bilinear")[0] * discount ** level
