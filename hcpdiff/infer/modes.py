@@ -21,7 +21,8 @@ from hcpdiff.infer.saving import UPSCALER_NAMES
 
 @dataclass
 class HighresFixSpec:
-    """`highres_fix`: render at width x height, upscale by `scale`, then denoise again with img2img (webui's hires fix)."""
+    """`highres_fix`: render at width x height, upscale by `scale`, then denoise again with img2img (the webui's hires
+    fix)."""
 
     scale: Annotated[float, Bound(gt=1, finite=True)] = 2.0  # final size = size x scale, rounded to the pixel step
     upscale: str = "latent"  # latent: resize the latents (bilinear); pixel: decode, resize the image (Lanczos), encode

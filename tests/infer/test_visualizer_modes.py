@@ -65,8 +65,9 @@ def vae_reconstruction(model: Path, image: Path) -> np.ndarray:
     from hcpdiff.data.images import load_image, resize_and_crop
 
     vae, processor = AutoencoderKL.from_pretrained(model, subfolder="vae"), VaeImageProcessor(vae_scale_factor=8)
+    pixel_values = processor.preprocess(resize_and_crop(load_image(image), (64, 64)))
     with torch.no_grad():
-        decoded = vae.decode(vae.encode(processor.preprocess(resize_and_crop(load_image(image), (64, 64)))).latent_dist.mean).sample
+        decoded = vae.decode(vae.encode(pixel_values).latent_dist.mean).sample
     return processor.postprocess(decoded, output_type="np")[0] * 255
 
 
