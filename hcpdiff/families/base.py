@@ -40,6 +40,9 @@ class Family:
     train_config: ClassVar[str]  # the shipped example training config (cfgs/train/examples/...)
     infer_config: ClassVar[str]  # the shipped visualizer config with lora_path / lora_alpha (cfgs/infer/...)
     tiny_variants: ClassVar[tuple[str, ...]]  # `make_tiny_model --family` names this family builds; first = default
+    # the visualizer's modes it renders (hcpdiff/infer/modes.py): txt2img, img2img, inpaint, highres_fix, and
+    # latent_upscale (highres_fix upscaling the latents: not for packed latent sequences)
+    render_modes: ClassVar[tuple[str, ...]] = ("txt2img",)
     # a key fragment only this family's original-layout single files have (None: none tells it apart from SD's)
     single_file_marker: ClassVar[str | None] = None
     # input images a sample is trained and rendered with (an editing model's): 0 none; then each dataset source

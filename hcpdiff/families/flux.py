@@ -206,6 +206,9 @@ class Flux(Family):
     train_config: ClassVar[str] = "cfgs/train/examples/lora_flux.yaml"
     infer_config: ClassVar[str] = "cfgs/infer/text2img_flux.yaml"
     tiny_variants: ClassVar[tuple[str, ...]] = ("flux", "flux-schnell")
+    # diffusers' img2img / inpaint pipelines of the same components; its latents are a packed sequence, so the
+    # highres fix upscales pixels only
+    render_modes: ClassVar[tuple[str, ...]] = ("txt2img", "img2img", "inpaint", "highres_fix")
     single_file_marker: ClassVar[str | None] = "double_blocks."  # Black Forest Labs' transformer layout
 
     @classmethod

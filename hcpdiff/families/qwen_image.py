@@ -165,6 +165,9 @@ class QwenImage(Family):
     train_config: ClassVar[str] = "cfgs/train/examples/lora_qwen_image.yaml"
     infer_config: ClassVar[str] = "cfgs/infer/text2img_qwen_image.yaml"
     tiny_variants: ClassVar[tuple[str, ...]] = ("qwen_image",)
+    # diffusers' img2img / inpaint pipelines of the same components; its latents are a packed sequence, so the
+    # highres fix upscales pixels only
+    render_modes: ClassVar[tuple[str, ...]] = ("txt2img", "img2img", "inpaint", "highres_fix")
 
     @classmethod
     def matches(cls, index: dict[str, Any], read_config: ConfigReader) -> bool:

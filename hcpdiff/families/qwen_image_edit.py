@@ -116,6 +116,7 @@ class QwenImageEdit(QwenImage):
     description: ClassVar[str] = "Qwen-Image-Edit"
     other_folders: ClassVar[tuple[str, ...]] = ("vae", "scheduler", "processor")
     condition_images: ClassVar[int] = 1
+    render_modes: ClassVar[tuple[str, ...]] = ("txt2img",)  # the pipeline's own edit; no img2img / inpaint pipeline
     train_config: ClassVar[str] = "cfgs/train/examples/lora_qwen_image_edit.yaml"
     infer_config: ClassVar[str] = "cfgs/infer/edit_qwen_image.yaml"
     tiny_variants: ClassVar[tuple[str, ...]] = ("qwen_image_edit",)

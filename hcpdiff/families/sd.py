@@ -18,6 +18,8 @@ class StableDiffusion(Family):
     train_config: ClassVar[str] = "cfgs/train/examples/lora_conventional.yaml"
     infer_config: ClassVar[str] = "cfgs/infer/t2i_lora.yaml"
     tiny_variants: ClassVar[tuple[str, ...]] = ("sd", "sd2")  # sd2: SD2.x layout, v-prediction
+    # diffusers' img2img / inpaint pipelines of the same components (AutoPipelineFor*.from_pipe)
+    render_modes: ClassVar[tuple[str, ...]] = ("txt2img", "img2img", "inpaint", "highres_fix", "latent_upscale")
 
     @classmethod
     def matches(cls, index: dict[str, Any], read_config: ConfigReader) -> bool:

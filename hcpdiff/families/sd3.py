@@ -124,6 +124,8 @@ class StableDiffusion3(Family):
     train_config: ClassVar[str] = "cfgs/train/examples/lora_sd3.yaml"
     infer_config: ClassVar[str] = "cfgs/infer/text2img_sd3.yaml"
     tiny_variants: ClassVar[tuple[str, ...]] = ("sd3", "sd3.5")
+    # diffusers' SD3 img2img / inpaint pipelines of the same components (AutoPipelineFor*.from_pipe)
+    render_modes: ClassVar[tuple[str, ...]] = ("txt2img", "img2img", "inpaint", "highres_fix", "latent_upscale")
 
     @classmethod
     def matches(cls, index: dict[str, Any], read_config: ConfigReader) -> bool:

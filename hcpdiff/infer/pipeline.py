@@ -33,15 +33,33 @@ def inference_scheduler(parts: ModelParts) -> Any:
     return getattr(diffusers, class_name, type(parts.noise_scheduler)).from_config(config)
 
 
-def build_pipeline(parts: ModelParts, new_components: DictConfig | dict) -> Any:
+def zero_snr_sampler(scheduler: Any, key: str) -> Any:
+    """The sampler with zero-terminal-SNR betas and `trailing` timesteps (the first step at the pure-noise timestep), as
+    Lin et al. 2024 sample a model trained with them. PNDM (SD1.5's default) has no such option and becomes DDIM over
+    the same betas; any other sampler without one (flow matching, LMS) is one ConfigError naming `key`."""
+    import inspect
+
+    import diffusers
+
+    if isinstance(scheduler, diffusers.PNDMScheduler):
+        scheduler = diffusers.DDIMScheduler.from_config(scheduler.config)
+    if "rescale_betas_zero_snr" not in inspect.signature(type(scheduler).__init__).parameters:
+        raise ConfigError(f"{key}: the sampler {type(scheduler).__name__} has no zero-terminal-SNR option; use a DDPM "
+                          "sampler that has one (DDIM, Euler, DPM++, UniPC), e.g. through new_components.scheduler")
+    return type(scheduler).from_config(scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+
+
+def build_pipeline(parts: ModelParts, new_components: DictConfig | dict, zero_terminal_snr: bool = False) -> Any:
     """The family's diffusers pipeline of the loaded parts; `new_components.<name>` nodes replace parts (scheduler,
-    vae, ...)."""
+    vae, ...); with `zero_terminal_snr` the sampler's betas are rescaled (see zero_snr_sampler)."""
     components = {**parts.components, "scheduler": inference_scheduler(parts)}
     for name, node in (new_components or {}).items():
         if name not in components:
             raise ConfigError(f"`new_components.{name}`: unknown component; use one of {sorted(components)}.")
         components[name] = instantiate(node, f"new_components.{name}")
     scheduler = components.pop("scheduler")
+    if zero_terminal_snr:
+        scheduler = zero_snr_sampler(scheduler, "zero_terminal_snr")
     return parts.family.build_pipeline(components, scheduler)
 
 

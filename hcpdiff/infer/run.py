@@ -10,10 +10,12 @@ from omegaconf import DictConfig, OmegaConf
 from hcpdiff.config import check_targets, read_fields
 from hcpdiff.errors import ConfigError
 from hcpdiff.infer.condition_images import condition_images_for, path_list
+from hcpdiff.infer.modes import prepare, read_render_mode, render
 from hcpdiff.infer.pipeline import DTYPES, build_pipeline, merge_all, to_plain
 from hcpdiff.infer.saving import next_index, save_image
 from hcpdiff.infer.specs import InferArgs, SaveSpec, VisualizerSpec
 from hcpdiff.models import load_model_parts
+from hcpdiff.models.loading import peek_model
 
 
 def pick_device(device: str) -> torch.device:
@@ -40,16 +42,27 @@ def generate(cfg: DictConfig) -> list[Path]:
     if spec.dtype not in DTYPES:
         raise ConfigError(f"`dtype`: '{spec.dtype}' is not one of {sorted(DTYPES)}.")
     prompts = prompt_list(spec.prompt)
-    parts = load_model_parts(spec.pretrained_model, where="pretrained_model", drop_t5=spec.drop_t5)
+    # the render mode is checked before any weights load where the model's configs name its family
+    peeked = peek_model(spec.pretrained_model, where="pretrained_model", drop_t5=spec.drop_t5)
+    mode_keys = (spec.init_image, spec.mask_image, spec.highres_fix, infer_args)
     condition_paths = path_list(to_plain(spec.condition_image))
-    conditions = condition_images_for(parts.family, condition_paths, len(prompts), "condition_image")
-    pipe = build_pipeline(parts, spec.new_components)
+
+    def checked(family: Any) -> tuple[Any, Any]:
+        return (read_render_mode(*mode_keys, family),
+                condition_images_for(family, condition_paths, len(prompts), "condition_image"))
+
+    mode, conditions = checked(peeked[0]) if peeked else (None, None)
+    parts = load_model_parts(spec.pretrained_model, where="pretrained_model", drop_t5=spec.drop_t5)
+    if mode is None:
+        mode, conditions = checked(parts.family)
+    pipe = build_pipeline(parts, spec.new_components, spec.zero_terminal_snr)
     # once, before sampling; fp32 weights, then cast
     lora_paths = merge_all(pipe, spec.merge, parts.family, spec.pretrained_model)
     pipe.to(pick_device(spec.device))
     if spec.dtype != "fp32":
         pipe.to(dtype=DTYPES[spec.dtype])
     pipe.set_progress_bar_config(disable=True)
+    prepare(mode, pipe, parts.family, infer_args.width, infer_args.height)
 
     out_dir = Path(save.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -67,15 +80,15 @@ def generate(cfg: DictConfig) -> list[Path]:
         if conditions:
             prompt_args.update(parts.family.condition_args([conditions[p] for p, _, _ in batch]))
         generators = [torch.Generator("cpu").manual_seed(seed) for _, _, seed in batch]
-        with torch.no_grad():
-            images = pipe(**prompt_args, generator=generators, output_type="pil",
-                          **parts.family.pipeline_call_args(vars(infer_args))).images
+        images = render(mode, prompt_args, generators, parts.family.pipeline_call_args(vars(infer_args)))
         for image, (p, prompt, seed) in zip(images, batch):
             info = {
                 "prompt": prompt, "negative_prompt": spec.neg_prompt, "seed": seed,
                 "steps": infer_args.num_inference_steps, "guidance_scale": infer_args.guidance_scale,
                 "width": image.width, "height": image.height, "sampler": type(pipe.scheduler).__name__,
                 "model": spec.pretrained_model, "lora": lora_paths, "clip_skip": spec.clip_skip,
+                "guidance_rescale": infer_args.guidance_rescale, "zero_terminal_snr": spec.zero_terminal_snr,
+                **mode.settings(infer_args.width, infer_args.height, infer_args.num_inference_steps),
             }
             if conditions:
                 info["condition_image"] = condition_paths[p if len(condition_paths) > 1 else 0]

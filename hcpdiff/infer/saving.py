@@ -10,15 +10,29 @@ from PIL.PngImagePlugin import PngInfo
 
 from hcpdiff.errors import ConfigError
 
+UPSCALER_NAMES = {"latent": "Latent", "pixel": "Lanczos"}  # highres_fix.upscale -> the webui's "Hires upscaler"
 IMAGE_TYPES = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
 
 
 def a1111_parameters(info: dict[str, Any]) -> str:
-    """The settings as the webui writes them: prompt, `Negative prompt:` line, then `Key: value, ...`."""
+    """The settings as the webui writes them: prompt, `Negative prompt:` line, then `Key: value, ...` (img2img,
+    inpaint and highres fix add the webui's `Denoising strength` / `Hires ...` keys, and the init and mask paths)."""
     fields = {
         "Steps": info["steps"], "Sampler": info["sampler"], "CFG scale": info["guidance_scale"],
         "Seed": info["seed"], "Size": f"{info['width']}x{info['height']}", "Model": info["model"],
     }
+    if info.get("guidance_rescale"):
+        fields["CFG Rescale phi"] = info["guidance_rescale"]
+    if "strength" in info:  # img2img / inpaint
+        fields["Denoising strength"] = info["strength"]
+        fields["Init image"] = info["init_image"]
+    if info.get("mask_image"):
+        fields["Mask image"] = info["mask_image"]
+    if info.get("highres_fix"):
+        highres = info["highres_fix"]
+        fields.update({"Denoising strength": highres["strength"], "Hires upscale": highres["scale"],
+                       "Hires steps": highres["steps"], "Hires upscaler": UPSCALER_NAMES[highres["upscale"]],
+                       "Hires resize": f"{highres['width']}x{highres['height']}"})
     if info["lora"]:
         fields["Lora"] = " ".join(info["lora"])
     tail = ", ".join(f"{key}: {value}" for key, value in fields.items())

@@ -18,6 +18,8 @@ class InferArgs:
     height: Annotated[int | None, AT_LEAST_ONE] = 512
     guidance_scale: Annotated[float, Bound(finite=True)] = 7.5
     num_inference_steps: Annotated[int, AT_LEAST_ONE] = 30
+    strength: Annotated[float, Bound(finite=True)] = 0.75  # img2img / inpaint: 1 starts from pure noise
+    guidance_rescale: Annotated[float, Bound(ge=0, finite=True)] = 0.0  # CFG rescale (0.7 with zero_terminal_snr)
 
 
 @dataclass
@@ -72,3 +74,8 @@ class VisualizerSpec:
     lora_path_TE: str | None = None
     lora_alpha_TE: float = 1.0
     lora_path_TE2: str | None = None  # SDXL: a native text_encoder_2 LoRA (text2img_sdxl.yaml)
+    # render modes (hcpdiff/infer/modes.py) and the sampler's zero-terminal-SNR betas
+    init_image: str | None = None  # img2img: start from this image, resized and cropped to width x height
+    mask_image: str | None = None  # inpaint (with init_image): white repaints, black keeps
+    highres_fix: Any = None  # {scale, upscale: latent | pixel, strength, steps}: a second, upscaled img2img pass
+    zero_terminal_snr: bool = False  # sample with zero-terminal-SNR betas and trailing timesteps

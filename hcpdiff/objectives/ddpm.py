@@ -15,9 +15,11 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from hcpdiff.errors import ConfigError
+from hcpdiff.objectives.pyramid_noise import pyramid_noise
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-DDPM_LOSS_KEYS = ("noise_offset", "min_snr_gamma", "prediction_type", "timestep_min", "timestep_max")
+DDPM_LOSS_KEYS = ("noise_offset", "min_snr_gamma", "prediction_type", "timestep_min", "timestep_max",
+                  "pyramid_noise_levels", "pyramid_noise_discount", "zero_terminal_snr")
 
 
 def refuse_other_objective_keys(spec: Any, foreign_keys: tuple[str, ...], foreign: str, own: str, family: str) -> None:
@@ -39,20 +41,26 @@ def draw_rows(generators: list[torch.Generator], draw: Callable[[torch.Generator
     return torch.stack([draw(generator) for generator in generators])
 
 
-def sample_noise(latents: torch.Tensor, noise_offset: float = 0.0, generators: Generators = None) -> torch.Tensor:
-    """Gaussian noise like `latents` [B, C, H, W]; with an offset, plus `offset * randn(B, C, 1, 1)` per channel.
+def sample_noise(latents: torch.Tensor, noise_offset: float = 0.0, generators: Generators = None,
+                 pyramid_levels: int = 0, pyramid_discount: float = 0.4) -> torch.Tensor:
+    """Gaussian noise like `latents` [B, C, H, W]; with pyramid levels (> 1), plus coarser noise fields (see
+    pyramid_noise); with an offset, plus `offset * randn(B, C, 1, 1)` per channel.
 
-    The offset teaches the model to shift whole images' brightness (very dark or light pictures). With offset 0 no
-    extra random numbers are drawn, so a run is bit-identical to one without the option. With `generators`, sample
-    i draws from generators[i].
+    The offset teaches the model to shift whole images' brightness (very dark or light pictures). With offset 0 and
+    no pyramid no extra random numbers are drawn, so a run is bit-identical to one without the options. With
+    `generators`, sample i draws from generators[i].
     """
     like = {"device": latents.device, "dtype": latents.dtype}
     if generators is None:
         noise = torch.randn_like(latents)
+        if pyramid_levels > 1:
+            noise = pyramid_noise(noise, pyramid_levels, pyramid_discount)
         if noise_offset:
             noise = noise + noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, **like)
         return noise
     noise = draw_rows(generators, lambda g: torch.randn(latents.shape[1:], generator=g, **like))
+    if pyramid_levels > 1:
+        noise = pyramid_noise(noise, pyramid_levels, pyramid_discount, generators)
     if noise_offset:
         noise = noise + noise_offset * draw_rows(generators, lambda g: torch.randn(latents.shape[1], 1, 1,
                                                                                   generator=g, **like))
@@ -84,6 +92,19 @@ def check_prediction_type(prediction_type: str | None, scheduler_prediction_type
         where = "train.loss.prediction_type" if prediction_type is not None else "the model's scheduler config"
         raise ConfigError(f"{where}: unsupported prediction_type {chosen!r}; use one of {', '.join(PREDICTION_TYPES)}")
     return chosen
+
+
+def zero_terminal_snr_scheduler(scheduler: DDPMScheduler, prediction_type: str) -> DDPMScheduler:
+    """The model's DDPM schedule with its betas rescaled so that the last timestep is pure noise (alphas_cumprod[-1]
+    == 0; Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed"; diffusers'
+    `rescale_betas_zero_snr`). The paper pairs it with v-prediction: at SNR 0 an epsilon model's input is its target,
+    and the clean image it implies, (x_t - sqrt(1 - alpha_bar) * eps) / sqrt(alpha_bar), divides by zero; so epsilon is
+    refused."""
+    if prediction_type == "epsilon":
+        raise ConfigError("train.loss.zero_terminal_snr: zero terminal SNR needs prediction_type v_prediction (or "
+                          "sample): with epsilon the last timestep's clean-image estimate divides by zero (Lin et al. "
+                          "2024); set train.loss.prediction_type=v_prediction")
+    return DDPMScheduler.from_config(scheduler.config, rescale_betas_zero_snr=True)
 
 
 def diffusion_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,
@@ -152,21 +173,28 @@ class DDPMObjective:
     timestep_range: tuple[int, int]  # drawn from [min, max)
     noise_offset: float = 0.0
     min_snr_gamma: float | None = None
+    pyramid_levels: int = 0  # > 1: pyramid noise with this many levels (see pyramid_noise)
+    pyramid_discount: float = 0.4  # level i's weight is discount ** i
+    zero_terminal_snr: bool = False  # the scheduler's betas were rescaled (previews sample with the same schedule)
 
     @classmethod
     def from_spec(cls, scheduler: DDPMScheduler, spec: Any) -> "DDPMObjective":
         """From `train.loss` (LossSpec), checked against the model's scheduler config."""
         config = scheduler.config
-        return cls(scheduler=scheduler,
-                   prediction_type=check_prediction_type(spec.prediction_type, config.prediction_type),
+        prediction_type = check_prediction_type(spec.prediction_type, config.prediction_type)
+        if spec.zero_terminal_snr:
+            scheduler = zero_terminal_snr_scheduler(scheduler, prediction_type)
+        return cls(scheduler=scheduler, prediction_type=prediction_type,
                    timestep_range=check_timestep_range(spec.timestep_min, spec.timestep_max,
                                                        config.num_train_timesteps),
-                   noise_offset=spec.noise_offset, min_snr_gamma=spec.min_snr_gamma)
+                   noise_offset=spec.noise_offset, min_snr_gamma=spec.min_snr_gamma,
+                   pyramid_levels=spec.pyramid_noise_levels, pyramid_discount=spec.pyramid_noise_discount,
+                   zero_terminal_snr=bool(spec.zero_terminal_snr or config.get("rescale_betas_zero_snr", False)))
 
     def noised(self, latents: torch.Tensor, generators: Generators = None) -> Noised:
         """Draw noise, then timesteps (in that order, as diffusers' training examples do), and noise the latents;
         from the global random stream, or sample i from generators[i]."""
-        noise = sample_noise(latents, self.noise_offset, generators)
+        noise = sample_noise(latents, self.noise_offset, generators, self.pyramid_levels, self.pyramid_discount)
         timesteps = sample_timesteps(latents.shape[0], *self.timestep_range, latents.device, generators)
         noisy_latents = self.scheduler.add_noise(latents, noise, timesteps)
         target = diffusion_target(self.scheduler, latents, noise, timesteps, self.prediction_type)

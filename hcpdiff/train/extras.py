@@ -61,13 +61,15 @@ def read_extra_specs(cfg: Any, train_spec: TrainSpec, model_spec: ModelSpec) -> 
 def preview_pipeline(parts: Any, components: dict[str, Any], objective: Any) -> Any:
     """The family's diffusers pipeline over the trainer's own (unwrapped) modules, adapters active, with the model's
     sampler: the same pipeline the visualizer builds, so previews and renders cannot drift apart."""
-    from hcpdiff.infer.pipeline import inference_scheduler
+    from hcpdiff.infer.pipeline import inference_scheduler, zero_snr_sampler
 
     scheduler = inference_scheduler(parts)
     # a DDPM objective may train another prediction type than the model shipped with (train.loss.prediction_type)
     prediction_type = getattr(objective, "prediction_type", None)
     if prediction_type is not None and scheduler.config.get("prediction_type") != prediction_type:
         scheduler = type(scheduler).from_config(scheduler.config, prediction_type=prediction_type)
+    if getattr(objective, "zero_terminal_snr", False) and not scheduler.config.get("rescale_betas_zero_snr", False):
+        scheduler = zero_snr_sampler(scheduler, "train.loss.zero_terminal_snr")
     pipe = parts.family.build_pipeline(components, scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe

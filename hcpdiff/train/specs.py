@@ -89,8 +89,8 @@ class ModelSpec:
 class LossSpec:
     """`train.loss`: how latents are noised and how the denoiser's error is weighted. The defaults change nothing.
 
-    The first five keys are the DDPM objective's (SD, SDXL), the rest the flow-matching objective's (FLUX, SD3); setting
-    a key of the other objective than the model trains with is one error.
+    The first eight keys are the DDPM objective's (SD, SDXL), the rest the flow-matching objective's (FLUX, SD3);
+    setting a key of the other objective than the model trains with is one error.
     """
 
     noise_offset: float = 0.0  # add offset * randn(B, C, 1, 1) to the noise (0.05-0.1 helps very dark / light images)
@@ -98,6 +98,11 @@ class LossSpec:
     prediction_type: str | None = None  # epsilon | v_prediction | sample; null: the model's scheduler config
     timestep_min: int = 0  # timesteps are drawn from [timestep_min, timestep_max)
     timestep_max: int | None = None  # null: the scheduler's num_train_timesteps (1000 for SD)
+    # pyramid (multi-resolution) noise, HCP v1's PyramidNoiseScheduler / kohya's multires noise: 0 (or 1) off, 6-10 on
+    pyramid_noise_levels: Annotated[int, Bound(ge=0, note="0: off")] = 0
+    pyramid_noise_discount: Annotated[float, Bound(gt=0, finite=True)] = 0.4  # level i's field weighs discount ** i
+    # rescale the betas to zero terminal SNR (the last timestep pure noise); needs v_prediction (Lin et al. 2024)
+    zero_terminal_snr: bool = False
     sigma_sampling: str | None = None  # uniform | logit_normal | mode | sigmoid; null: logit_normal
     logit_mean: float | None = None  # logit_normal: mean of the normal before the sigmoid (null: 0)
     logit_std: float | None = None  # logit_normal: its std (null: 1)
