@@ -85,7 +85,8 @@ def generate(cfg: DictConfig) -> list[Path]:
             info = {
                 "prompt": prompt, "negative_prompt": spec.neg_prompt, "seed": seed,
                 "steps": infer_args.num_inference_steps, "guidance_scale": infer_args.guidance_scale,
-                "width": image.width, "height": image.height, "sampler": type(pipe.scheduler).__name__,
+                "width": infer_args.width or image.width, "height": infer_args.height or image.height,
+                "sampler": type(pipe.scheduler).__name__,
                 "model": spec.pretrained_model, "lora": lora_paths, "clip_skip": spec.clip_skip,
                 "guidance_rescale": infer_args.guidance_rescale, "zero_terminal_snr": spec.zero_terminal_snr,
                 **mode.settings(infer_args.width, infer_args.height, infer_args.num_inference_steps),
