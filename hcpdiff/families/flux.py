@@ -264,6 +264,15 @@ class Flux(Family):
         """vae factor x 2 (2x2 packing): 16 for FLUX."""
         return self.vae_scale_factor(read_config) * PACKING * int(read_config("transformer").get("patch_size", 1))
 
+    def run_warnings(self, noise_scheduler: Any) -> list[str]:
+        """FLUX.1-schnell (told by its scheduler: a static shift, where dev's shifts with the resolution) is
+        step-distilled: a LoRA trained on it tends to break its 1-4 step sampling."""
+        if noise_scheduler.config.get("use_dynamic_shifting", True):
+            return []
+        return ["this looks like FLUX.1-schnell (its scheduler does not shift with the resolution), a step-distilled "
+                "model: a LoRA trained on it tends to break its 1-4 step sampling; train on FLUX.1-dev and render the "
+                "LoRA on schnell, or train on a de-distilled schnell"]
+
     def check_run(self, mixed_precision: str | None) -> None:
         """fp16 overflows FLUX's activations (NaN losses, empty LoRAs): refused."""
         if mixed_precision == "fp16":

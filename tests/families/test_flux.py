@@ -95,6 +95,12 @@ def test_denoise_is_the_pipelines_transformer_call(flux_pipe):
     assert torch.allclose(ours, unpack_latents(theirs, 4, 6), atol=1e-6)
 
 
+def test_only_schnell_is_warned_about_as_distilled(tiny_flux, tiny_schnell):
+    warnings = {name: family_named("flux").run_warnings(load_model_parts(str(model)).noise_scheduler)
+                for name, model in (("dev", tiny_flux), ("schnell", tiny_schnell))}
+    assert warnings["dev"] == [] and "train on FLUX.1-dev" in warnings["schnell"][0]
+
+
 def test_schnell_has_no_guidance_and_256_t5_tokens(tiny_schnell):
     parts = load_model_parts(str(tiny_schnell))
     conditioner = parts.family.build_conditioner(parts.components, 1, 0, guidance=1.0)
@@ -168,6 +174,8 @@ def test_schnell_overfits_one_image_through_accelerate_launch(workdir, tiny_schn
     losses = [float(value) for value in re.findall(r"step \d+/40 loss ([\d.]+)", log.read_text())]
     assert len(losses) == 40
     assert "text embeddings cached in memory for 1 prompts" in log.read_text()
+    # schnell is step-distilled: the run says once what to train on instead
+    assert log.read_text().count("this looks like FLUX.1-schnell") == 1
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.95 * first, (first, last)
 
