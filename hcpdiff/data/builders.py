@@ -11,7 +11,8 @@ from typing import Annotated, Any
 from hcpdiff.config import instantiate as config_instantiate
 from hcpdiff.config import Bound, read_fields
 from hcpdiff.data.buckets import Bucket
-from hcpdiff.data.captions import IMAGE_EXTENSIONS, Columns, image_key, image_stem, load_caption_entries
+from hcpdiff.data.captions import (IMAGE_EXTENSIONS, Columns, image_key, image_stem, load_caption_entries,
+                                   load_condition_entries)
 from hcpdiff.data.dataset import DataItem, ImageCaptionDataset
 from hcpdiff.data.images import UnusableImage, scan_image
 from hcpdiff.data.latent_cache import CachedLatentDataset, LatentEncoder, fill_latent_cache
@@ -111,11 +112,13 @@ def build_dataset(
     barrier: Callable[[], None] | None = None,
     show_progress: bool = True,
     text_encoder_trained: bool = False,
+    max_conditions: int | None = None,
 ) -> BuiltDataset:
     """Read the dataset node, scan its sources, bucket the images, and make the dataset and batch sampler.
 
     With `latent_encoder` (the trainer's VAE) and `cache_latents: true`, the dataset is served from the latent
-    cache, filled here; `barrier` lets the processes of a distributed run share a disk cache.
+    cache, filled here; `barrier` lets the processes of a distributed run share a disk cache. `max_conditions`: the
+    most input images one sample may have (the model family's); rows with more are skipped with the others.
     """
     spec = read_fields(node, key_path, DatasetSpec)
     source_specs = _read_sources(spec.source, f"{key_path}.source")
@@ -133,7 +136,7 @@ def build_dataset(
         sizes, unreadable = _scan_source(source, where, entries)
         captions_by_key = {image_key(entry): caption for entry, caption in entries.items()}
         captions_by_stem = {image_stem(entry): caption for entry, caption in entries.items()}
-        conditions = _condition_images(source, where, sizes)
+        conditions = _condition_images(source, where, sizes, max_conditions)
         missing: list[str] = []
         for path, size_wh in sizes.items():
             relative = Path(path).relative_to(source.img_root).as_posix()
@@ -157,6 +160,10 @@ def build_dataset(
         prompt_builders.append(PromptBuilder(templates, source.word_names))
         bg_colors.append(tuple(source.bg_color))
 
+    counts = sorted({len(item.condition) for item in items if item.condition is not None})
+    if len(counts) > 1 and spec.batch_size > 1:  # a batch's input images join one sequence: as many for each sample
+        raise ConfigError(f"{key_path}.batch_size: rows have {counts[0]} to {counts[-1]} input images, and a batch "
+                          "needs as many for every sample; set batch_size: 1 or give every row the same number")
     bucket = _build_bucket(spec.bucket, f"{key_path}.bucket", image_sizes, pixel_step, instantiate)
     num_upscaled = _warn_upscaled(image_sizes, bucket, key_path)
     limits = [s.max_image_pixels for s in source_specs.values() if s.max_image_pixels is not None]
@@ -294,9 +301,11 @@ def _scan_source(
     return sizes, unreadable
 
 
-def _condition_images(source: SourceSpec, where: str, sizes: Mapping[str, tuple[int, int]]) -> dict[str, str] | None:
-    """{image path: its condition image's path} for a source with a condition_column (None without one). Images whose
-    row names no condition image, or names one that is missing or unreadable, are left out with one warning."""
+def _condition_images(source: SourceSpec, where: str, sizes: Mapping[str, tuple[int, int]],
+                      max_conditions: int | None) -> dict[str, tuple[str, ...]] | None:
+    """{image path: its input images' paths} for a source with a condition_column (None without one). Images whose
+    row names no input image, one that is missing or unreadable, or more than `max_conditions` are left out with
+    one warning."""
     if source.condition_column is None:
         return None
     key = f"{where}.condition_column"
@@ -304,30 +313,27 @@ def _condition_images(source: SourceSpec, where: str, sizes: Mapping[str, tuple[
         raise ConfigError(f"{key}: condition images are named in a metadata table; set {where}.caption_file to a "
                           f".csv, .json or .jsonl file with an image column and a '{source.condition_column}' column")
     columns = Columns(source.image_column, source.condition_column, caption_key="condition_column")
-    named = {image_key(name): value for name, value in
-             load_caption_entries(source.caption_file, source.img_root, key, columns).items() if value}
+    named = load_condition_entries(source.caption_file, source.img_root, key, columns)
     img_root = Path(source.img_root)
     # condition images beside their targets (DiffSynth's layout) are inputs, not training images of their own
-    inputs = {image_key(Path(value).as_posix()) for value in named.values()}
-    conditions: dict[str, str] = {}
+    inputs = {image_key(Path(value).as_posix()) for values in named.values() for value in values}
+    conditions: dict[str, tuple[str, ...]] = {}
     skipped: dict[str, str] = {}  # image name -> why
     for path in sizes:
         relative = Path(path).relative_to(img_root).as_posix()
-        condition = named.get(image_key(relative))
-        if condition is None:
+        names = named.get(image_key(relative))
+        if names is None:
             if image_key(relative) not in inputs:
                 skipped[relative] = f"no {source.condition_column}"
             continue
-        condition_path = img_root / condition
-        if not condition_path.is_file():
-            skipped[relative] = f"{condition} does not exist"
+        if max_conditions is not None and len(names) > max_conditions:
+            skipped[relative] = f"{len(names)} input images, the model takes at most {max_conditions}"
             continue
-        try:
-            scan_image(condition_path, source.max_image_pixels)
-        except UnusableImage as err:
-            skipped[relative] = f"{condition}: {err}"
+        problem = next((why for why in map(lambda name: _unusable(img_root / name, name, source), names) if why), None)
+        if problem:
+            skipped[relative] = problem
             continue
-        conditions[path] = str(condition_path)
+        conditions[path] = tuple(str(img_root / name) for name in names)
     if skipped:
         shown = "; ".join(f"{name}: {why}" for name, why in list(skipped.items())[:3])
         logger.warning("%d image(s) in %s have no usable condition image and are skipped (%s%s).", len(skipped),
@@ -336,6 +342,17 @@ def _condition_images(source: SourceSpec, where: str, sizes: Mapping[str, tuple[
         raise DataError(f"{key}: no image in '{source.img_root}' has a usable '{source.condition_column}' image "
                         f"in {source.caption_file}")
     return conditions
+
+
+def _unusable(path: Path, name: str, source: SourceSpec) -> str | None:
+    """Why an input image cannot be used (None: it can)."""
+    if not path.is_file():
+        return f"{name} does not exist"
+    try:
+        scan_image(path, source.max_image_pixels)
+    except UnusableImage as err:
+        return f"{name}: {err}"
+    return None
 
 
 def _warn_missing_captions(source: SourceSpec, num_images: int, missing: list[str]) -> None:

@@ -52,6 +52,43 @@ def load_caption_entries(
     return _load_table(caption_path, columns)
 
 
+def load_condition_entries(
+    caption_file: str | os.PathLike, img_root: str | os.PathLike, where: str, columns: Columns
+) -> dict[str, tuple[str, ...]]:
+    """Read a metadata table's condition column into {image key: its input images' paths}: a path, a json / jsonl
+    list of paths, or in a csv cell a JSON list (`["a.png", "b.png"]`); empty values are left out."""
+    path = _resolve(caption_file, img_root, where)
+    if path.is_dir():
+        tables = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in (".json", ".csv", ".jsonl"))
+        if len(tables) != 1:
+            raise DataError(f"{where}: '{path}' must hold one metadata table (.csv, .json or .jsonl) naming the "
+                            "input images")
+        path = tables[0]
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        rows = _csv_rows(path, columns)
+    elif suffix == ".jsonl":
+        rows = _jsonl_rows(path, columns)
+    elif suffix == ".json" and isinstance(parsed := _parse_json(path), list):
+        rows = _record_rows(parsed, path, columns, "item")
+    else:
+        raise DataError(f"{where}: input images are named in a .csv, .jsonl or a .json list of records, not '{path}'")
+    conditions: dict[str, tuple[str, ...]] = {}
+    for name, value, place in rows:
+        if isinstance(value, str) and value.strip().startswith("["):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"Caption file '{path}' {place}: '{value}' is not a JSON list of paths.") from exc
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(item, str) for item in values if item is not None):
+            raise DataError(f"Caption file '{path}' {place}: an input image is a path or a list of paths.")
+        paths = tuple(item.strip() for item in values if item and item.strip())
+        if paths:
+            conditions[image_key(name)] = paths
+    return conditions
+
+
 def _resolve(caption_file: str | os.PathLike, img_root: str | os.PathLike, where: str) -> Path:
     caption_path = Path(caption_file)
     if caption_path.exists():

@@ -24,13 +24,13 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DataItem:
     """One training image: its file, its bucket key, its caption (None when it has none), its source, and the
-    condition image it is trained with (an image-editing family's input image; None when the source has none)."""
+    condition images it is trained with (an image-editing family's input images; None when the source has none)."""
 
     path: str
     key: str
     caption: str | None
     source_index: int
-    condition: str | None = None
+    condition: tuple[str, ...] | None = None
 
 
 def noise_seed(seed: int, index: int, draw: int) -> torch.Tensor:
@@ -96,14 +96,13 @@ class ImageCaptionDataset(Dataset):
         image_transform = self.image_transforms[item.source_index]
         if image_transform.random_flip and image_rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            if condition is not None:
-                condition = condition.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            condition = [image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for image in condition or []] or None
         # original_size (h, w) and crop_top_left (top, left): SDXL's size and crop conditioning
         sample = {"pixel_values": to_tensor(image), "prompt": self._prompt(item, index, draw, rng),
                   "original_size": torch.tensor([original_wh[1], original_wh[0]]),
                   "crop_top_left": torch.tensor(crop_top_left), "noise_seed": noise_seed(self.seed, index, draw)}
-        if condition is not None:  # the image an editing model starts from, shaped exactly as its target
-            sample["condition_pixels"] = to_tensor(condition)
+        if condition is not None:  # the images an editing model starts from [K, 3, H, W], shaped as the target
+            sample["condition_pixels"] = torch.stack([to_tensor(image) for image in condition])
         return sample
 
     def sample_prompt(self, index: int, draw: int = 0) -> str:
@@ -118,8 +117,8 @@ class ImageCaptionDataset(Dataset):
 
     def _load_or_substitute(
         self, index: int, bucket_wh: tuple[int, int], rng: random.Random, image_rng: random.Random
-    ) -> tuple[DataItem, tuple[Image.Image, tuple[int, int], tuple[int, int]], Image.Image | None]:
-        """The item's image (and condition image) shaped to its bucket, or, if a file does not decode, another item
+    ) -> tuple[DataItem, tuple[Image.Image, tuple[int, int], tuple[int, int]], list[Image.Image] | None]:
+        """The item's image (and condition images) shaped to its bucket, or, if a file does not decode, another item
         of the same bucket."""
         item = self.items[index]
         if item.path not in self._broken_paths:
@@ -140,21 +139,24 @@ class ImageCaptionDataset(Dataset):
 
     def _try_load(
         self, item: DataItem, bucket_wh: tuple[int, int], image_rng: random.Random
-    ) -> tuple[tuple[Image.Image, tuple[int, int], tuple[int, int]], Image.Image | None] | None:
+    ) -> tuple[tuple[Image.Image, tuple[int, int], tuple[int, int]], list[Image.Image] | None] | None:
         crop = self.image_transforms[item.source_index].crop
         bg_color = self.bg_colors[item.source_index]
         if self.max_image_pixels is not None:
             allow_image_pixels(self.max_image_pixels)
         path = item.path
         try:
-            # the condition image is cut where its image is: the same resize, the same (random) window
+            # condition images are cut where their image is: the same resize, the same (random) window
             crop_state = image_rng.getstate()
             loaded = load_for_bucket(path, bucket_wh, bg_color, crop, image_rng)
             if item.condition is None:
                 return loaded, None
-            path, condition_rng = item.condition, random.Random()
-            condition_rng.setstate(crop_state)
-            return loaded, load_for_bucket(path, bucket_wh, bg_color, crop, condition_rng)[0]
+            conditions = []
+            for path in item.condition:
+                condition_rng = random.Random()
+                condition_rng.setstate(crop_state)
+                conditions.append(load_for_bucket(path, bucket_wh, bg_color, crop, condition_rng)[0])
+            return loaded, conditions
         except IMAGE_READ_ERRORS as exc:
             self._broken_paths.add(item.path)
             logger.warning("Image '%s' cannot be decoded (%s); another image of its bucket is used instead.", path, exc)

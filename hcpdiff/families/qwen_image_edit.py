@@ -99,7 +99,7 @@ class QwenImageEditConditioner:
         self.area = area
 
     def __call__(self, prompts: list[str], batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-        images = [to_pil(pixels) for pixels in batch["condition_pixels"]]
+        images = [to_pil(pixels[0]) for pixels in batch["condition_pixels"]]  # [B, 1, 3, H, W]: one per sample
         return encode_edit(self.pipe, prompts, images, device, self.area)
 
     def set_text_encoder(self, text_encoder: torch.nn.Module, index: int = 0) -> None:

@@ -78,7 +78,8 @@ def collate_batch(samples: list[dict]) -> dict:
     for key in samples[0]:
         values = [sample[key] for sample in samples]
         name = "prompts" if key == "prompt" else key
-        batch[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+        stackable = isinstance(values[0], torch.Tensor) and all(value.shape == values[0].shape for value in values)
+        batch[name] = torch.stack(values) if stackable else values
     return batch
 
 
@@ -410,6 +411,7 @@ class Trainer:
                 latent_encoder=latent_encoder, barrier=self.accelerator.wait_for_everyone,
                 show_progress=self.accelerator.is_main_process,
                 text_encoder_trained=any(part in self.trained for part in self.family.text_encoders),
+                max_conditions=self.family.condition_images,
             )
             built_datasets[name] = built
             # The loader's own generator keeps worker seeding off the global RNG, so resuming replays it exactly.

@@ -45,12 +45,12 @@ def test_condition_image_is_cut_and_flipped_as_its_image(edits):
     flips = set()
     for draw in range(8):  # random windows and flips differ between draws, the pair never does
         sample = built.dataset[(by_key["s1/target0.png"], draw)]
-        assert torch.equal(sample["condition_pixels"], sample["pixel_values"])
+        assert torch.equal(sample["condition_pixels"], sample["pixel_values"][None])  # [K = 1, 3, H, W]
         flips.add(sample["pixel_values"][:, :, 0].sum().item())
     assert len(flips) > 1
     other = built.dataset[(by_key["s1/target1.png"], 0)]
-    assert other["condition_pixels"].shape == other["pixel_values"].shape
-    assert not torch.equal(other["condition_pixels"], other["pixel_values"])
+    assert other["condition_pixels"].shape == (1, *other["pixel_values"].shape)
+    assert not torch.equal(other["condition_pixels"][0], other["pixel_values"])
     assert other["prompt"] == "make it blue"
 
 
@@ -91,3 +91,27 @@ def test_latent_cache_is_off_with_condition_images(edits, caplog):
         assert not _latent_cache_allowed(spec, {"s1": SourceSpec(img_root=str(edits), condition_column="e")},
                                          "data.dataset1")
     assert "cache_latents is off: data.dataset1.source.s1 has condition images" in caplog.text
+
+
+def test_several_condition_images_per_row_in_json_lists_and_csv_cells(edits):
+    """A row may name several input images (a json / jsonl list, a JSON list in a csv cell), each cut as its image;
+    rows with more than the model takes are skipped with the warning, and a batch needs as many per sample."""
+    (edits / "same.png").write_bytes((edits / "target0.png").read_bytes())
+    records = [{"image": "target0.png", "prompt": "a", "edit_image": ["same.png", "input0.png"]},
+               {"image": "target1.png", "prompt": "b", "edit_image": "input1.png"}]
+    (edits / "meta.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    node = {"batch_size": 1, "source": {"s1": {"img_root": str(edits), "caption_file": "meta.jsonl",
+                                               "condition_column": "edit_image", "crop": "random"}}, "bucket": BUCKET}
+    built = build_dataset(node, "data.dataset1", pixel_step=16, seed=0, max_conditions=3)
+    by_key = {item.key: i for i, item in enumerate(built.dataset.items)}
+    two = built.dataset[(by_key["s1/target0.png"], 0)]
+    assert two["condition_pixels"].shape[0] == 2 and torch.equal(two["condition_pixels"][0], two["pixel_values"])
+    assert built.dataset[(by_key["s1/target1.png"], 0)]["condition_pixels"].shape[0] == 1
+    with pytest.raises(ConfigError, match="data.dataset1.batch_size: rows have 1 to 2 input images"):
+        build_dataset({**node, "batch_size": 2}, "data.dataset1", pixel_step=16, seed=0, max_conditions=3)
+    built = build_dataset(node, "data.dataset1", pixel_step=16, seed=0, max_conditions=1)
+    assert [item.key for item in built.dataset.items] == ["s1/target1.png"]  # two images: more than the model takes
+
+    (edits / "meta.csv").write_text('image,prompt,edit_image\ntarget0.png,a,"[""input0.png"", ""input1.png""]"\n')
+    built = build(edits, caption_file="meta.csv", condition_column="edit_image")
+    assert built.dataset.items[0].condition == (str(edits / "input0.png"), str(edits / "input1.png"))

@@ -31,7 +31,7 @@ def test_wrapped_text_encoders_encode_as_the_plain_ones(family, process_group, t
     batch = {"pixel_values": torch.zeros(len(PROMPTS), 3, 64, 64)}  # SDXL's time ids read the image size
     condition = {}
     if family.condition_images:  # an editing family's encoder also reads the input images (small ones here)
-        batch["condition_pixels"] = torch.rand(len(PROMPTS), 3, 64, 64) * 2 - 1
+        batch["condition_pixels"] = torch.rand(len(PROMPTS), family.condition_images, 3, 64, 64) * 2 - 1
         condition = {"condition_area": 64 * 64}
     conditioner = family.build_conditioner(parts.components, 1, 0, **condition)
     with torch.no_grad():

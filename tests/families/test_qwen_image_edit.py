@@ -92,7 +92,7 @@ def test_conditioner_and_denoise_are_what_the_pipeline_feeds_its_transformer(par
     seen = record_transformer_call(pipe, image, "make it red")
     kwargs = seen["kwargs"]
     conditioning = EDIT.build_conditioner(parts.components, 1, 0)(["make it red"],
-                                                                   {"condition_pixels": as_pixels(image)[None]}, CPU)
+                                                                   {"condition_pixels": as_pixels(image)[None, None]}, CPU)
     assert torch.equal(conditioning["encoder_hidden_states"], kwargs["encoder_hidden_states"])
     assert kwargs["encoder_hidden_states_mask"] is None  # one prompt: the pipeline drops an all-ones mask
     assert conditioning["encoder_hidden_states_mask"].all()
@@ -113,7 +113,7 @@ def test_a_batch_of_two_edits_trains_as_its_samples_one_by_one(parts):
     what each predicts alone."""
     conditioner = EDIT.build_conditioner(parts.components, 1, 0, condition_area=64 * 64)
     prompts = ["make it red", "make the circle a blue square photo with the original background"]
-    images = torch.stack([as_pixels(random_image(32, 32, seed)) for seed in (2, 3)])
+    images = torch.stack([as_pixels(random_image(32, 32, seed)) for seed in (2, 3)])[:, None]  # [B, K = 1, 3, H, W]
     noisy, sigmas = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([0.3, 0.8])
     with torch.no_grad():
         batched = conditioner(prompts, {"condition_pixels": images}, CPU)
