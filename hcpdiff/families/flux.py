@@ -213,9 +213,10 @@ class Flux(Family):
 
     @classmethod
     def matches(cls, index: dict[str, Any], read_config: ConfigReader) -> bool:
-        if index.get("_class_name") == "FluxPipeline":
-            return True
-        # text-to-image FLUX only: Fill / Depth / Canny transformers take extra image channels (384 / 128 inputs)
+        # text-to-image FLUX only: Kontext (FluxKontextPipeline) has the same transformer config, so a pipeline class
+        # decides; without one, Fill / Depth / Canny transformers take extra image channels (384 / 128 inputs)
+        if "_class_name" in index:
+            return index["_class_name"] == "FluxPipeline"
         transformer = read_config("transformer")
         return (transformer is not None and transformer.get("_class_name") == "FluxTransformer2DModel"
                 and transformer.get("in_channels", 64) == 64)

@@ -180,7 +180,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--family", choices=tiny_variants(), default="sd",
                         help="sd: SD1.x (epsilon); sd2: SD2.x layout with a v-prediction scheduler; "
                              "sdxl: two text encoders and text_time conditioning; flux: FLUX.1-dev layout (CLIP + "
-                             "T5, guidance embedding); flux-schnell: FLUX.1-schnell layout; sd3: SD3-medium layout (CLIP-L, "
+                             "T5, guidance embedding); flux-schnell: FLUX.1-schnell layout; flux_kontext: FLUX.1 Kontext (FLUX.1-dev's parts as a "
+                             "FluxKontextPipeline); sd3: SD3-medium layout (CLIP-L, "
                              "CLIP-G, T5); sd3.5: SD3.5-medium layout (q/k norms, dual attention); qwen_image: Qwen-Image "
                              "layout (Qwen2.5-VL text encoder, 60 blocks, per-channel VAE latents); z_image: Z-Image layout (Qwen3 text "
                              "encoder, 30 single-stream blocks, static shift 6); z_image-turbo: Z-Image-Turbo's "
