@@ -15,13 +15,14 @@ from hcpdiff.families.flux import Flux
 from hcpdiff.families.flux_kontext import FluxKontext
 from hcpdiff.families.qwen_image import QwenImage
 from hcpdiff.families.qwen_image_edit import QwenImageEdit
+from hcpdiff.families.qwen_image_edit_plus import QwenImageEditPlus
 from hcpdiff.families.sd import StableDiffusion
 from hcpdiff.families.sd3 import StableDiffusion3
 from hcpdiff.families.sdxl import StableDiffusionXL
 from hcpdiff.families.z_image import ZImage
 
 FAMILIES: tuple[Family, ...] = (Flux(), StableDiffusion3(), StableDiffusionXL(), StableDiffusion(), QwenImage(),
-                                 QwenImageEdit(), ZImage(), FluxKontext())
+                                 QwenImageEdit(), QwenImageEditPlus(), ZImage(), FluxKontext())
 # Every part name some family trains: config keys `lora_<part>` / `<part>:` are read for these before any model loads.
 TRAINABLE_PARTS: tuple[str, ...] = tuple(dict.fromkeys(p for family in FAMILIES for p in family.trainable_parts))
 PART_NAMES: tuple[str, ...] = tuple(dict.fromkeys(

@@ -45,8 +45,9 @@ class Family:
     render_modes: ClassVar[tuple[str, ...]] = ("txt2img",)
     # a key fragment only this family's original-layout single files have (None: none tells it apart from SD's)
     single_file_marker: ClassVar[str | None] = None
-    # input images a sample is trained and rendered with (an editing model's): 0 none; then each dataset source
-    # names them (`condition_column`), the batch holds `condition_pixels`, renders take `condition_image`
+    # the most input images a sample is trained and rendered with (an editing model's): 0 none; then each dataset
+    # source names them (`condition_column`), the batch holds `condition_pixels` [B, K, 3, H, W], renders take
+    # `condition_image`
     condition_images: ClassVar[int] = 0
 
     # ---------------------------------------------------------------------------------------- parts and loading
@@ -154,7 +155,8 @@ class Family:
         raise NotImplementedError
 
     def condition_args(self, images: list[Any]) -> dict[str, Any]:
-        """The pipeline's keyword arguments for one call's input images (PIL), with condition_images > 0."""
+        """The pipeline's keyword arguments for one call's (one prompt's) input images (PIL), with
+        condition_images > 0."""
         raise NotImplementedError(f"{self.name}: renders take no input image")
 
     def pipeline_call_args(self, call_args: dict[str, Any]) -> dict[str, Any]:

@@ -46,11 +46,13 @@ def image_processor_only(image_processor: Any, tokenizer: Any) -> Any:
     return Qwen2VLImageProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
-def edit_pipeline(components: dict[str, Any], scheduler: Any = None, transformer: Any = None) -> Any:
-    """QwenImageEditPipeline over these components (without scheduler and transformer: the conditioner's)."""
-    from diffusers import QwenImageEditPipeline
+def edit_pipeline(components: dict[str, Any], scheduler: Any = None, transformer: Any = None,
+                  pipeline_class: str = "QwenImageEditPipeline") -> Any:
+    """QwenImageEditPipeline (or `pipeline_class`) over these components (without scheduler and transformer: the
+    conditioner's)."""
+    import diffusers
 
-    return QwenImageEditPipeline(scheduler=scheduler, vae=components["vae"], text_encoder=components["text_encoder"],
+    return getattr(diffusers, pipeline_class)(scheduler=scheduler, vae=components["vae"], text_encoder=components["text_encoder"],
                                  tokenizer=components["tokenizer"], processor=components["processor"],
                                  transformer=transformer)
 
@@ -86,7 +88,7 @@ def encode_edit(pipe: Any, prompts: list[str], images: list[Image.Image], device
     batch, channels, _, latent_height, latent_width = latents.shape
     tokens = pipe._pack_latents(latents, batch, channels, latent_height, latent_width)
     return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask, "condition_latents": tokens.float(),
-            "condition_size": (latent_height, latent_width)}
+            "condition_sizes": ((latent_height, latent_width),)}
 
 
 class QwenImageEditConditioner:
@@ -142,14 +144,14 @@ class QwenImageEdit(QwenImage):
 
     def denoise(self, denoiser: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
                 conditioning: dict[str, Any]) -> torch.Tensor:
-        """The noisy latents' tokens, then the input image's, on one sequence with a shape each (the pipeline's
+        """The noisy latents' tokens, then the input images', on one sequence with a shape each (the pipeline's
         img_shapes); the prediction for the noisy tokens, unpacked."""
         height, width = noisy_latents.shape[-2:]
         tokens = pack_latents(noisy_latents)
         condition = conditioning["condition_latents"].to(tokens.dtype)
-        condition_height, condition_width = conditioning["condition_size"]
         img_shapes = [[(1, height // PACKING, width // PACKING),
-                       (1, condition_height // PACKING, condition_width // PACKING)]] * noisy_latents.shape[0]
+                       *((1, h // PACKING, w // PACKING) for h, w in conditioning["condition_sizes"])]
+                      ] * noisy_latents.shape[0]
         prediction = call_transformer(denoiser, torch.cat([tokens, condition], dim=1), timesteps, conditioning,
                                       img_shapes)
         return unpack_latents(prediction[:, : tokens.shape[1]], height, width)

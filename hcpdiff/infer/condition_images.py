@@ -10,9 +10,11 @@ from PIL import Image
 from hcpdiff.errors import ConfigError
 
 
-def condition_images_for(family: Any, paths: list[str], num_prompts: int, key: str) -> list[Image.Image] | None:
-    """One input image per prompt (RGB, upright), or None for a family that takes none; one ConfigError naming
-    `key` when images are missing, not wanted, not one per prompt, or unreadable."""
+def condition_images_for(family: Any, paths: list[Any], num_prompts: int, key: str
+                         ) -> list[list[Image.Image]] | None:
+    """Each prompt's input images (RGB, upright; an entry of `paths` is one path or, for a family taking several,
+    a list of them), or None for a family that takes none; one ConfigError naming `key` when images are missing, not
+    wanted, not one entry per prompt, too many, or unreadable."""
     if not family.condition_images:
         if paths:
             raise ConfigError(f"{key}: a {family.description} model takes no input image; remove it")
@@ -24,21 +26,29 @@ def condition_images_for(family: Any, paths: list[str], num_prompts: int, key: s
                           f"{len(paths)}")
     from hcpdiff.data.images import IMAGE_READ_ERRORS, load_image
 
-    images = []
-    for path in paths:
-        if not Path(path).is_file():
-            raise ConfigError(f"{key}: image file '{path}' does not exist")
-        try:
-            images.append(load_image(path))
-        except IMAGE_READ_ERRORS as err:
-            raise ConfigError(f"{key}: '{path}' is not a readable image ({err})") from err
-    return images * num_prompts if len(images) == 1 else images
+    entries = []
+    for entry in paths:
+        names = [entry] if isinstance(entry, str) else list(entry)
+        if not 1 <= len(names) <= family.condition_images:
+            raise ConfigError(f"{key}: a {family.description} model takes 1 to {family.condition_images} input "
+                              f"image(s) per prompt, not {len(names)}")
+        images = []
+        for path in names:
+            if not Path(path).is_file():
+                raise ConfigError(f"{key}: image file '{path}' does not exist")
+            try:
+                images.append(load_image(path))
+            except IMAGE_READ_ERRORS as err:
+                raise ConfigError(f"{key}: '{path}' is not a readable image ({err})") from err
+        entries.append(images)
+    return entries * num_prompts if len(entries) == 1 else entries
 
 
-def path_list(value: Any) -> list[str]:
-    """A config value naming images (null, a path, or a list of paths) as a list of paths."""
+def path_list(value: Any) -> list[Any]:
+    """A config value naming images (null, a path, or a list whose entries are paths or lists of paths) as a
+    list of entries."""
     if value is None:
         return []
     if isinstance(value, str):
         return [value]
-    return [str(path) for path in value]
+    return [entry if isinstance(entry, str) else [str(path) for path in entry] for entry in value]

@@ -78,7 +78,7 @@ def generate(cfg: DictConfig) -> list[Path]:
                                                [spec.neg_prompt] * len(batch), clip_skip=spec.clip_skip,
                                                all_prompts=all_prompts)
         if conditions:
-            prompt_args.update(parts.family.condition_args([conditions[p] for p, _, _ in batch]))
+            prompt_args.update(parts.family.condition_args(conditions[batch[0][0]]))  # one prompt per call
         generators = [torch.Generator("cpu").manual_seed(seed) for _, _, seed in batch]
         images = render(mode, prompt_args, generators, parts.family.pipeline_call_args(vars(infer_args)))
         for image, (p, prompt, seed) in zip(images, batch):

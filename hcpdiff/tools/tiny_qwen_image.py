@@ -122,10 +122,12 @@ def build_vl_image_processor() -> Any:
     return Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=VL_MAX_PIXELS)
 
 
-def make_tiny_qwen_image_edit(out_dir: str | Path, seed: int = 0) -> Path:
+def make_tiny_qwen_image_edit(out_dir: str | Path, seed: int = 0, pipeline_class: str = "QwenImageEditPipeline"
+                              ) -> Path:
     """The tiny Qwen-Image-Edit pipeline in diffusers format, `processor/` as the real model ships it (the image
     processor's and the tokenizer's files), so QwenImageEditPipeline's own loader reads it where torchvision is
-    installed, and hcpdiff's family loader everywhere."""
+    installed, and hcpdiff's family loader everywhere. `pipeline_class` QwenImageEditPlusPipeline: Edit-2509 /
+    2511's folder (the same parts)."""
     out_path = Path(out_dir)
     torch.manual_seed(seed)
     tokenizer = build_qwen_tokenizer(EDIT_TEMPLATE_TEXT, vision_tokens=True)
@@ -141,6 +143,6 @@ def make_tiny_qwen_image_edit(out_dir: str | Path, seed: int = 0) -> Path:
     tokenizer.save_pretrained(out_path / "processor")
     index_path = out_path / "model_index.json"
     index = json.loads(index_path.read_text(encoding="utf-8"))
-    index.update(_class_name="QwenImageEditPipeline", processor=["transformers", "Qwen2VLProcessor"])
+    index.update(_class_name=pipeline_class, processor=["transformers", "Qwen2VLProcessor"])
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True), encoding="utf-8")
     return out_path

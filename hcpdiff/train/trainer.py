@@ -27,6 +27,7 @@ from hcpdiff.data.latent_cache import LatentEncoder, vae_identity
 from hcpdiff.data.tensor_store import TensorStore
 from hcpdiff.errors import ConfigError, ConfigProblems
 from hcpdiff.families import TRAINABLE_PARTS, Family
+from hcpdiff.infer.condition_images import path_list
 from hcpdiff.lora import LoraGroupSpec, attach_lora, load_checkpoint, load_lora_into, lora_state_dict, save_lora
 from hcpdiff.lora.spec import AttachedGroup
 from hcpdiff.lora.state_io import lora_metadata
@@ -339,7 +340,8 @@ class Trainer:
             if preview is not None and not preview.condition_images:
                 problems.add(f"previewer.condition_images: a {family.description} model edits an input image; give "
                              "one image path per preview prompt (or one for all)")
-            for path in preview.condition_images if preview is not None else []:
+            entries = path_list(preview.condition_images) if preview is not None else []
+            for path in (path for entry in entries for path in ([entry] if isinstance(entry, str) else entry)):
                 if not Path(path).is_file():
                     problems.add(f"previewer.condition_images: image file '{path}' does not exist")
             return

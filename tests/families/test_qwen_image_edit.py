@@ -98,7 +98,7 @@ def test_conditioner_and_denoise_are_what_the_pipeline_feeds_its_transformer(par
     assert conditioning["encoder_hidden_states_mask"].all()
     noisy_tokens = 64 // 16 * 48 // 16
     assert torch.equal(conditioning["condition_latents"], kwargs["hidden_states"][:, noisy_tokens:].float())
-    height, width = conditioning["condition_size"]
+    ((height, width),) = conditioning["condition_sizes"]
     assert kwargs["img_shapes"] == [[(1, 4, 3), (1, height // 2, width // 2)]]
     assert (width * 8, height * 8) == (1248, 832)  # the pipeline's 1024x1024 area at 3:2
 
