@@ -1,15 +1,17 @@
 """Steady-state ms per optimizer step: hcpdiff's trainer against a bare diffusers + peft loop.
 
 Both run in this process on the same model, batch size, image size and LoRA layers (SD: rank 8 on to_q, to_k,
-to_v, to_out.0; FLUX: the shipped lora_flux.yaml group, rank 16 on the attention and MLP projections), the bare loop
-encoding images with the VAE and prompts with the text encoder(s) every step. Blocks of steps alternate between the
-two so drift in machine load hits both alike; the median block is reported. The trainer runs with its caches off
-(as the bare loop), or with `--caches` (latent + text cache on; FLUX then releases its text encoders).
+to_v, to_out.0; FLUX, SD3, Qwen-Image: the shipped lora_<family>.yaml transformer group), the bare loop encoding
+images with the VAE and prompts with the text encoder(s) every step, with the pipeline's own encode_prompt and packing
+(tools/bench_flow.py). Blocks of steps alternate between the two so drift in machine load hits both alike; the median
+block is reported. The trainer runs with its caches off (as the bare loop), or with `--caches` (latent + text cache
+on; the flow-matching families then release their text encoders).
 
     python tools/bench_train_step.py                              # tiny model, 256 px, batch 2, CPU
     python tools/bench_train_step.py --model PATH --size 512 --batch 8 --mixed_precision bf16   # on a GPU
     python tools/bench_train_step.py --sd15-unet --size 512 --batch 1 --mixed_precision bf16     # SD1.5-shaped U-Net, random weights
     python tools/bench_train_step.py --family flux [--caches]     # tiny FLUX.1-dev, 256 px, batch 2
+    python tools/bench_train_step.py --family sd3|qwen_image [--caches]   # tiny SD3 (with T5) / Qwen-Image
     python tools/bench_train_step.py --family flux --flux-full-width --size 512 --batch 1 --mixed_precision bf16
         # FLUX.1's width (3072), 1 double + 1 single block, random weights: s/step and peak RSS, each loop in its own
         # process (so each peak is its own); blocks cannot alternate there
@@ -40,6 +42,15 @@ from hcpdiff.train.run import quiet_libraries  # noqa: E402
 from hcpdiff.train.trainer import Trainer  # noqa: E402
 
 LAYERS = ["to_q", "to_k", "to_v", "to_out.0"]
+FLOW_FAMILIES = ("flux", "sd3", "qwen_image")  # tools/bench_flow.py's bare loops
+
+
+def default_sequence_length(family: str) -> int:
+    """The prompt tokens a flow-matching family trains with by default (model.max_sequence_length: null)."""
+    from hcpdiff.families import flux, qwen_image, sd3
+
+    return {"flux": flux.DEV_MAX_SEQUENCE_LENGTH, "sd3": sd3.MAX_SEQUENCE_LENGTH,
+            "qwen_image": qwen_image.MAX_SEQUENCE_LENGTH}[family]
 
 
 def sync(device: torch.device) -> None:
@@ -114,8 +125,8 @@ class BenchTrainer(Trainer):
 
 
 def build_trainer(model_dir: str, data_dir: Path, exp_root: Path, args) -> Trainer:
-    """hcpdiff's trainer from demo_tiny.yaml (FLUX: lora_flux.yaml), pointed at the same model, data, batch and
-    layers."""
+    """hcpdiff's trainer from demo_tiny.yaml (a flow-matching family: its shipped lora_<family>.yaml), pointed at the
+    same model, data, batch and layers."""
     caches = "true" if args.caches else "false"
     overrides = [
         f"model.pretrained_model_name_or_path={model_dir}",
@@ -130,8 +141,10 @@ def build_trainer(model_dir: str, data_dir: Path, exp_root: Path, args) -> Train
         f"train.workers={args.workers}", f"exp_dir={exp_root / 'trainer'}",
         f"mixed_precision={args.mixed_precision or 'null'}",
     ]
-    if args.family == "flux":  # the shipped transformer group as it is, at the bare loop's lr and without warm-up
-        config = REPO_ROOT / "cfgs/train/examples/lora_flux.yaml"
+    if args.family in FLOW_FAMILIES:  # the shipped transformer group as it is, at the bare loop's lr, no warm-up
+        from bench_flow import shipped_config
+
+        config = shipped_config(args.family)
         overrides += ["transformer_lr=1e-4", "train.scheduler.num_warmup_steps=0",
                       f"model.max_sequence_length={args.max_sequence_length}"]
     else:
@@ -165,12 +178,13 @@ def time_bare_block(bare: BareLoop, steps: int) -> float:
 
 def bare_loop(model_dir: str, data_dir: Path, device: torch.device, dtype: torch.dtype, args,
               sd_batch: dict | None = None) -> object:
-    """The family's bare diffusers + peft loop: SD on the trainer's first batch, FLUX on the first demo images."""
-    if args.family == "flux":
-        from bench_flux import FluxBareLoop, demo_batch
+    """The family's bare diffusers + peft loop: SD on the trainer's first batch, a flow-matching family on the first
+    demo images."""
+    if args.family in FLOW_FAMILIES:
+        from bench_flow import BARE_LOOPS, demo_batch
 
-        return FluxBareLoop(model_dir, demo_batch(data_dir, args.size, args.batch), device, dtype,
-                            max_sequence_length=args.max_sequence_length)
+        return BARE_LOOPS[args.family](model_dir, demo_batch(data_dir, args.size, args.batch), device, dtype,
+                                       max_sequence_length=args.max_sequence_length)
     return BareLoop(model_dir, sd_batch, device, dtype)
 
 
@@ -202,7 +216,7 @@ def run_one_loop(args) -> None:
 
 def run_full_width(args) -> None:
     """FLUX at full width, reduced depth: build it once, then time each loop in its own process (its own peak RSS)."""
-    from bench_flux import make_full_width_flux
+    from bench_flow import make_full_width_flux
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -236,14 +250,16 @@ def run_full_width(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=["sd", "flux"], default="sd")
+    parser.add_argument("--family", choices=["sd", *FLOW_FAMILIES], default="sd")
     parser.add_argument("--model", help="diffusers folder (default: a tiny random model made here)")
     parser.add_argument("--sd15-unet", action="store_true", help="swap in a random SD1.5-architecture U-Net")
     parser.add_argument("--flux-full-width", action="store_true",
                         help="FLUX.1's width at 1 double + 1 single block, random weights; loops in own processes")
     parser.add_argument("--caches", action="store_true", help="the trainer caches latents and text (the bare loop "
                                                               "cannot)")
-    parser.add_argument("--max_sequence_length", type=int, default=512, help="FLUX: T5 tokens per prompt")
+    parser.add_argument("--max_sequence_length", type=int, default=None,
+                        help="flow-matching families: prompt tokens (T5's for FLUX / SD3); default the family's own "
+                             "(FLUX.1-dev 512, SD3 256, Qwen-Image 512)")
     parser.add_argument("--only", choices=["trainer", "bare"], help=argparse.SUPPRESS)  # a --flux-full-width child
     parser.add_argument("--size", type=int, default=256, help="square image side in pixels")
     parser.add_argument("--batch", type=int, default=2)
@@ -253,6 +269,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
     args = parser.parse_args()
+    if args.flux_full_width and args.family != "flux":
+        parser.error("--flux-full-width: only with --family flux")
+    if args.max_sequence_length is None and args.family in FLOW_FAMILIES:
+        args.max_sequence_length = default_sequence_length(args.family)
     quiet_libraries()
     torch.manual_seed(0)
     if args.only:
@@ -266,8 +286,9 @@ def main() -> None:
         tmp = Path(tmp)
         if args.model:
             model_dir = args.model
-        elif args.family == "flux":
-            model_dir = str(tiny_variant_family("flux").make_tiny(tmp / "tiny_flux", seed=0, variant="flux"))
+        elif args.family in FLOW_FAMILIES:
+            model_dir = str(tiny_variant_family(args.family).make_tiny(tmp / f"tiny_{args.family}", seed=0,
+                                                                       variant=args.family))
         else:
             model_dir = str(make_tiny_model(tmp / "tiny", seed=0))
         if args.sd15_unet:
@@ -277,7 +298,7 @@ def main() -> None:
         trainer.train()  # warm-up steps
         sd_batch = next(iter(trainer.streams[0].loader)) if args.family == "sd" else None
         bare = bare_loop(model_dir, data_dir, trainer.accelerator.device, trainer.weight_dtype, args, sd_batch)
-        if args.family == "flux":  # the same layers, or the comparison means nothing
+        if args.family in FLOW_FAMILIES:  # the same layers, or the comparison means nothing
             ours = {layer for group in trainer.trained["transformer"].lora_groups for layer in group.layers}
             if ours != bare.adapted_layers():
                 sys.exit(f"the loops adapt different layers: {sorted(ours ^ bare.adapted_layers())[:5]}")

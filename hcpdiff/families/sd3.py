@@ -126,6 +126,7 @@ class StableDiffusion3(Family):
     tiny_variants: ClassVar[tuple[str, ...]] = ("sd3", "sd3.5")
     # diffusers' SD3 img2img / inpaint pipelines of the same components (AutoPipelineFor*.from_pipe)
     render_modes: ClassVar[tuple[str, ...]] = ("txt2img", "img2img", "inpaint", "highres_fix", "latent_upscale")
+    single_file_marker: ClassVar[str | None] = "joint_blocks."  # Stability's original MMDiT layout
 
     @classmethod
     def matches(cls, index: dict[str, Any], read_config: ConfigReader) -> bool:
@@ -156,6 +157,25 @@ class StableDiffusion3(Family):
             "text_encoder_3": lambda: T5EncoderModel.from_pretrained(source, subfolder="text_encoder_3", **common),
             "tokenizer_3": lambda: T5TokenizerFast.from_pretrained(source, subfolder="tokenizer_3", **common),
         }
+
+    def load_single_file(self, path: str, options: dict[str, Any]) -> dict[str, Any]:
+        """The transformer from one file in Stability's original MMDiT layout (`joint_blocks.0.x_block.attn.qkv.weight`,
+        ..., with or without `model.diffusion_model.`; other parts a full checkpoint holds are not read), converted by
+        diffusers' from_single_file with the config folder's transformer config; every other part (VAE, CLIPs, T5
+        unless `options["skip"]` names it, tokenizers, scheduler) from the config folder, whose own transformer weights
+        are never read."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+        folder, skip = options["config"], options.get("skip", ())
+        common = {"revision": None, "local_files_only": options.get("local_files_only", True)}
+        components = {part: load() for part, load in self.part_loaders(folder, common).items()
+                      if part != "transformer" and part not in skip}
+        # fp32 as from a folder: the trainer casts frozen weights to the run's precision itself
+        components["transformer"] = SD3Transformer2DModel.from_single_file(
+            path, config=folder, subfolder="transformer", torch_dtype=torch.float32, **common)
+        components["scheduler"] = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler",
+                                                                                  **common)
+        return components
 
     def training_scheduler(self, scheduler_config: dict[str, Any]) -> Any:
         """The model's own FlowMatchEulerDiscreteScheduler: its config's `shift` is the static shift trained with."""

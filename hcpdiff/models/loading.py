@@ -125,7 +125,7 @@ def peek_model(name_or_path: str, *, single_file_config: str | None = None,
         folder, family = local, check_model_folder(local, where, name_or_path, drop_t5)
     elif local.is_file() and single_file_config and Path(os.path.expanduser(single_file_config)).is_dir():
         folder = Path(os.path.expanduser(single_file_config))
-        family = check_model_folder(folder, sibling_key(where, "single_file_config"), single_file_config)
+        family = check_model_folder(folder, sibling_key(where, "single_file_config"), single_file_config, drop_t5)
     else:
         return None
     scheduler_config = folder_config_reader(folder)("scheduler")
@@ -151,8 +151,9 @@ def original_layout_family(path: Path) -> Family | None:
 
 
 def single_file_config_folder(single_file_config: str | None, where: str, shown: str,
-                              path: Path | None = None) -> tuple[str | None, Family]:
-    """The local folder giving a single file's configs; None lets diffusers fetch them (only when the hub is reachable)."""
+                              path: Path | None = None, drop_t5: bool = False) -> tuple[str | None, Family]:
+    """The local folder giving a single file's configs; None lets diffusers fetch them (only when the hub is reachable).
+    With `drop_t5` the folder need not hold the T5 parts."""
     config_key = sibling_key(where, "single_file_config")
     if single_file_config is None:
         family = original_layout_family(path) if path is not None else None
@@ -178,16 +179,18 @@ def single_file_config_folder(single_file_config: str | None, where: str, shown:
                 f"{config_key}: '{single_file_config}' is not a local diffusers folder nor a hub id in the local cache."
             )
         folder = snapshot
-    return str(folder), check_model_folder(folder, config_key, single_file_config)
+    return str(folder), check_model_folder(folder, config_key, single_file_config, drop_t5)
 
 
 def load_single_file_parts(path: Path, single_file_config: str | None, *, where: str, shown: str,
                            drop_t5: bool = False) -> tuple[Family, dict[str, Any]]:
-    """Load an original-layout (CompVis / a1111, or Black Forest Labs' FLUX transformer) checkpoint with diffusers'
-    from_single_file; the config folder's family says how to read the file."""
-    config, family = single_file_config_folder(single_file_config, where, shown, path)
+    """Load an original-layout (CompVis / a1111, Black Forest Labs' FLUX or Stability's SD3 transformer) checkpoint with
+    diffusers' from_single_file; the config folder's family says how to read the file."""
+    config, family = single_file_config_folder(single_file_config, where, shown, path, drop_t5)
     dropped = family.dropped_parts(drop_t5, sibling_key(where, "drop_t5"))
     options = {"config": config, "local_files_only": True} if config else {}
+    if dropped:  # only a family with an optional T5 gets here (dropped_parts refuses the others): leave it unread
+        options["skip"] = dropped
     try:
         with transformers_progress_off():
             components = family.load_single_file(str(path), options)

@@ -137,9 +137,11 @@ def pad_rows(value: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def text_identity(family: Any, conditioner: Any, components: dict[str, Any], name_or_path: str) -> str:
-    """What besides the prompt decides a conditioner's output: family, conditioner settings, text encoder weights."""
+    """What besides the prompt decides a conditioner's output: family, conditioner settings, text encoder weights (None
+    for one left out, as SD3's T5 with drop_t5, whose place the conditioner fills with zeros)."""
     settings = conditioner.cache_settings() if hasattr(conditioner, "cache_settings") else {}
-    encoders = [weights_identity(components[part], f"{name_or_path}/{part}") for part in family.text_encoders]
+    encoders = [None if components.get(part) is None else weights_identity(components[part], f"{name_or_path}/{part}")
+                for part in family.text_encoders]
     return json.dumps({"family": family.name, "settings": settings, "encoders": encoders}, sort_keys=True)
 
 

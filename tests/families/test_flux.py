@@ -1,10 +1,9 @@
 """FLUX.1 as a family: detection, packing and ids as FluxPipeline's, its conditioner and prompt encoding as the
-pipeline's, the flow-matching objective, fp16 refused, a run that overfits one image, resume from the disk text cache,
-and two processes against one."""
+pipeline's, the flow-matching objective, fp16 refused, a run that overfits one image, and two processes against
+one (resume: tests/families/test_flow_resume.py)."""
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -196,36 +195,6 @@ def assert_same_loras(a: Path, b: Path, atol: float = 0.0) -> None:
     worst = max(float((left[key] - right[key]).abs().max()) for key in left)
     assert worst <= atol, f"{a.name}: weights differ by up to {worst}"
     assert any(float(value.abs().max()) > 100 * atol for key, value in left.items() if ".lora_B." in key)  # trained
-
-
-@pytest.mark.e2e
-def test_resume_from_the_disk_text_cache_is_bit_exact(workdir, tiny_flux, cli):
-    """With a cache_dir, the first run encodes every prompt (CLIP pooled + T5) into cache_dir/text_embeds and releases
-    both text encoders; the run resumed from its step-2 state (mid-epoch) encodes no prompt at all (every entry read
-    from the disk, encoders released before any step), logs the same losses for steps 3-4 and ends with the
-    uninterrupted run's LoRA, bit for bit."""
-    data = make_demo_data(workdir / "data", num=3)
-    args = train_args(tiny_flux, data, "mixed_precision=null", "train.train_steps=4", "train.save_step=2",
-                      "train.log_step=1", "transformer_lr=1e-3", "data.dataset1.cache_dir=cache")
-    full = cli([*args, "exp_dir=exps/full"], cwd=workdir)
-    assert full.returncode == 0, full.stderr[-3000:]
-    filled = re.search(r"text embeddings cached in cache/text_embeds for (\d+) prompts: \1 encoded, 0 reused", full.stderr)
-    assert filled, full.stderr[-3000:]
-    prompts = int(filled[1])
-    assert len(list((workdir / "cache" / "text_embeds").glob("*.safetensors"))) == prompts
-    assert "text encoders released (text_encoder, text_encoder_2)" in full.stderr
-    shutil.copytree(workdir / "exps/full", workdir / "exps/cut")  # an interrupted copy: nothing after step 2
-    for path in [workdir / "exps/cut/ckpts/transformer-4.safetensors", workdir / "exps/cut/state/step-4.pt"]:
-        path.unlink()
-    resumed = cli([*args, "train.resume=exps/cut"], cwd=workdir)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"for {prompts} prompts: 0 encoded, {prompts} reused" in resumed.stderr
-    assert "text encoders released" in resumed.stderr and "resumed" in resumed.stderr
-    assert_same_loras(workdir / "exps/full/ckpts/transformer-4.safetensors",
-                      workdir / "exps/cut/ckpts/transformer-4.safetensors")
-    # the copied log holds the full run's steps 1-4, then the resumed run's steps 3-4
-    losses = re.findall(r"step (\d)/4 loss ([\d.]+)", (workdir / "exps/cut/train.log").read_text())
-    assert losses[4:] == losses[2:4] and len(losses) == 6
 
 
 @pytest.mark.e2e

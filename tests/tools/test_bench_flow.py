@@ -1,0 +1,30 @@
+"""The flow-matching bare loops of tools/bench_train_step.py (tools/bench_flow.py) still run on each family's tiny
+model and adapt exactly the layers hcpdiff selects from the shipped config, so the benchmark compares like with like.
+In process: the script's own smoke run (tests/tools/test_benchmarks_run.py, FLUX) covers its trainer side."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hcpdiff.families import family_named, tiny_variant_family
+from hcpdiff.lora.layer_select import select_layers
+from hcpdiff.tools.make_demo_data import make_demo_data
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+from bench_flow import BARE_LOOPS, demo_batch, shipped_lora_group  # noqa: E402
+
+
+@pytest.mark.parametrize("family", ["sd3", "qwen_image"])
+def test_bare_loop_steps_on_the_shipped_layers(tmp_path, family):
+    model = tiny_variant_family(family).make_tiny(tmp_path / family, seed=0, variant=family)
+    batch = demo_batch(make_demo_data(tmp_path / "data", num=2), 32, 2)
+    loop = BARE_LOOPS[family](str(model), batch, torch.device("cpu"), torch.float32, max_sequence_length=64)
+    before = [param.detach().clone() for param in loop.params]
+    loop.step()
+    assert any(not torch.equal(old, new) for old, new in zip(before, loop.params))
+    # peft's layers are hcpdiff's selection, made on an unadapted transformer as the trainer makes it
+    load = family_named(family).part_loaders(str(model), {"revision": None, "local_files_only": True})["transformer"]
+    assert loop.adapted_layers() == set(select_layers(load(), shipped_lora_group(family)["layers"], "layers"))

@@ -1,0 +1,283 @@
+"""Flow-matching parts of tools/bench_train_step.py: the bare diffusers + peft loops of FLUX, SD3 and Qwen-Image (one
+shared step, with each family's diffusers functions for latents, prompts, sigmas and the transformer call), the
+full-width FLUX builder, and the batch the bare loops train on. Not run on its own."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shipped_config(family: str) -> Path:
+    """The family's shipped training config (cfgs/train/examples/lora_<family>.yaml): the trainer runs it."""
+    from hcpdiff.families import family_named
+
+    return REPO_ROOT / family_named(family).train_config
+
+
+def shipped_lora_group(family: str) -> dict:
+    """The shipped config's transformer LoRA group (rank, alpha, layer patterns): both loops train it."""
+    return yaml.safe_load(shipped_config(family).read_text())["lora_transformer"][0]
+
+
+def peft_target_regex(patterns: list[str]) -> str:
+    """hcpdiff's `re:` patterns (each must match a module's whole dotted name) as one regex, which peft fullmatches."""
+    return "|".join(f"(?:{pattern.removeprefix('re:')})" for pattern in patterns)
+
+
+def demo_batch(data_dir: Path, size: int, batch_size: int) -> dict:
+    """The first `batch_size` demo images at size x size (cover-resized, center-cropped) and their captions."""
+    from hcpdiff.data.images import load_for_bucket, to_tensor
+
+    paths = sorted(data_dir.glob("*.png"))[:batch_size]
+    pixels = [to_tensor(load_for_bucket(str(path), (size, size), (255, 255, 255))[0]) for path in paths]
+    prompts = [path.with_suffix(".txt").read_text().strip() for path in paths]
+    return {"pixel_values": torch.stack(pixels), "prompts": prompts}
+
+
+def make_full_width_flux(out_dir: Path, seed: int = 0) -> Path:
+    """FLUX.1's transformer width (3072 = 24 heads x 128, joint_attention_dim 4096, pooled 768) at reduced depth
+    (1 double + 1 single block), random weights; CLIP and T5 are one-layer encoders with those output widths, the VAE
+    the tiny 16-channel one (8x, as FLUX's), so the conditioning has real shapes at little cost."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from hcpdiff.tools.make_tiny_model import build_tokenizer, write_slow_tokenizer_files
+    from hcpdiff.tools.tiny_flux import DEV_SCHEDULER, build_flux_vae, build_t5_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = build_tokenizer(), build_t5_tokenizer(512)
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=768, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=77, projection_dim=768, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id))
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_2), d_model=4096, d_kv=64, d_ff=256, num_layers=1, num_heads=2,
+        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0))
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56))
+    pipeline = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**DEV_SCHEDULER), vae=build_flux_vae(),
+                            text_encoder=clip, tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=tokenizer_2,
+                            transformer=transformer)
+    pipeline.save_pretrained(out_dir, safe_serialization=True)
+    write_slow_tokenizer_files(tokenizer, out_dir / "tokenizer")
+    return out_dir
+
+
+class FlowBareLoop:
+    """The loop diffusers' LoRA training examples write for a flow-matching transformer: VAE encode, the pipeline's
+    encode_prompt, noise and sigmas, the transformer, MSE to noise - latents, clipping, AdamW; every step encodes
+    images and prompts. A subclass gives its family's text pipeline, latents, sigmas and transformer call."""
+
+    family: str
+
+    def __init__(self, model_dir: str, batch: dict, device: torch.device, dtype: torch.dtype,
+                 max_sequence_length: int, lr: float = 1e-4):
+        from peft import LoraConfig
+
+        from hcpdiff.models import load_model_parts
+
+        parts = load_model_parts(model_dir)
+        self.vae, self.transformer, self.scheduler = parts.vae, parts.transformer, parts.noise_scheduler
+        encoders = [parts.components[name] for name in parts.family.text_encoders if name in parts.components]
+        self.text = self.text_pipeline(parts)
+        modules = (self.vae, self.transformer, *encoders)
+        for module in modules:
+            module.requires_grad_(False)
+        group = shipped_lora_group(self.family)
+        self.transformer.add_adapter(LoraConfig(r=group["rank"], lora_alpha=group["alpha"], init_lora_weights="gaussian",
+                                                target_modules=peft_target_regex(group["layers"])))
+        self.params = [p for p in self.transformer.parameters() if p.requires_grad]
+        for module in modules:
+            for p in module.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(dtype)
+            module.to(device)
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=1e-2)
+        self.device, self.dtype, self.max_sequence_length = device, dtype, max_sequence_length
+        self.pixel_values = batch["pixel_values"].to(device, dtype)
+        self.prompts = batch["prompts"]
+        self.vae_factor = parts.vae_scale_factor
+
+    def adapted_layers(self) -> set[str]:
+        """Dotted names of the transformer layers peft put a LoRA on."""
+        return {name for name, module in self.transformer.named_modules() if hasattr(module, "lora_A")}
+
+    def step(self) -> None:
+        """One optimizer step."""
+        autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        with torch.no_grad():
+            latents = self.encode_images()
+            with autocast:
+                text = self.encode_text()
+        noise = torch.randn_like(latents)
+        sigmas, timesteps = self.sigmas(latents)
+        expanded = sigmas.view(-1, 1, 1, 1)
+        noisy = (1.0 - expanded) * latents + expanded * noise
+        with autocast:
+            pred = self.predict(noisy, timesteps, text)
+        weighting = compute_loss_weighting_for_sd3("none", sigmas).view(-1, 1, 1, 1)
+        loss = (weighting * (pred.float() - (noise - latents).float()) ** 2).reshape(latents.shape[0], -1).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def text_pipeline(self, parts: Any) -> Any:
+        """The family's diffusers pipeline holding the parts its encode_prompt needs."""
+        raise NotImplementedError
+
+    def encode_images(self) -> torch.Tensor:
+        """The batch's clean latents [B, C, H, W], made as the family's diffusers training example makes them."""
+        raise NotImplementedError
+
+    def encode_text(self) -> dict:
+        """The transformer's text keyword arguments for the batch's prompts, by the pipeline's encode_prompt."""
+        raise NotImplementedError
+
+    def sigmas(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigmas [B] in [0, 1] for the noise mix, the timesteps [B] the transformer is given)."""
+        raise NotImplementedError
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: dict) -> torch.Tensor:
+        """The transformer's velocity prediction [B, C, H, W] for noisy latents [B, C, H, W]."""
+        raise NotImplementedError
+
+    def logit_normal(self, batch: int) -> torch.Tensor:
+        """Unshifted sigmas: logit-normal(0, 1), the shipped configs' sampling."""
+        return compute_density_for_timestep_sampling("logit_normal", batch, logit_mean=0.0, logit_std=1.0,
+                                                     device=self.device)
+
+    def resolution_shifted(self, u: torch.Tensor, image_seq_len: int) -> torch.Tensor:
+        """Sigmas shifted for `image_seq_len` packed tokens, as FluxPipeline and QwenImagePipeline shift them."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        config = self.scheduler.config
+        mu = calculate_shift(image_seq_len, config.base_image_seq_len, config.max_image_seq_len, config.base_shift,
+                             config.max_shift)
+        return self.scheduler.time_shift(mu, 1.0, u)
+
+
+class FluxBareLoop(FlowBareLoop):
+    """diffusers' FLUX LoRA example: latents shifted and scaled, FluxPipeline.encode_prompt, logit-normal sigmas with
+    the resolution shift, 2x2 packing, the transformer at sigma with guidance 1."""
+
+    family = "flux"
+
+    def text_pipeline(self, parts: Any) -> Any:
+        from diffusers import FluxPipeline
+
+        return FluxPipeline(scheduler=None, vae=None, transformer=None, text_encoder=parts.text_encoder,
+                            tokenizer=parts.tokenizer, text_encoder_2=parts.text_encoder_2,
+                            tokenizer_2=parts.tokenizer_2)
+
+    def encode_images(self) -> torch.Tensor:
+        latents = self.vae.encode(self.pixel_values).latent_dist.sample()
+        return ((latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor).float()
+
+    def encode_text(self) -> dict:
+        embeds, pooled, text_ids = self.text.encode_prompt(self.prompts, prompt_2=None, device=self.device,
+                                                           max_sequence_length=self.max_sequence_length)
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": text_ids}
+
+    def sigmas(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        height, width = latents.shape[-2:]
+        sigmas = self.resolution_shifted(self.logit_normal(latents.shape[0]), (height // 2) * (width // 2))
+        return sigmas, sigmas
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: dict) -> torch.Tensor:
+        from diffusers import FluxPipeline
+
+        batch, channels, height, width = noisy.shape
+        packed = FluxPipeline._pack_latents(noisy, batch, channels, height, width)
+        image_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, self.device, self.dtype)
+        guidance = torch.full((batch,), 1.0, device=self.device) if self.transformer.config.guidance_embeds else None
+        pred = self.transformer(hidden_states=packed.to(self.dtype), timestep=timesteps, guidance=guidance,
+                                img_ids=image_ids, return_dict=False, **text)[0]
+        return FluxPipeline._unpack_latents(pred, height * self.vae_factor, width * self.vae_factor, self.vae_factor)
+
+
+class SD3BareLoop(FlowBareLoop):
+    """diffusers' train_dreambooth_lora_sd3: latents shifted and scaled, StableDiffusion3Pipeline.encode_prompt (CLIP-L,
+    CLIP-G, T5), logit-normal draws indexing the scheduler's (statically shifted) timesteps and sigmas, the transformer
+    on unpacked latents at t = sigma * 1000."""
+
+    family = "sd3"
+
+    def text_pipeline(self, parts: Any) -> Any:
+        from diffusers import StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline(
+            transformer=parts.transformer, scheduler=None, vae=None, text_encoder=parts.text_encoder,
+            tokenizer=parts.tokenizer, text_encoder_2=parts.text_encoder_2, tokenizer_2=parts.tokenizer_2,
+            text_encoder_3=parts.text_encoder_3, tokenizer_3=parts.tokenizer_3)
+
+    def encode_images(self) -> torch.Tensor:
+        latents = self.vae.encode(self.pixel_values).latent_dist.sample()
+        return ((latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor).float()
+
+    def encode_text(self) -> dict:
+        embeds, _, pooled, _ = self.text.encode_prompt(self.prompts, None, None, device=self.device,
+                                                       do_classifier_free_guidance=False,
+                                                       max_sequence_length=self.max_sequence_length)
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+    def sigmas(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = (self.logit_normal(latents.shape[0]) * self.scheduler.config.num_train_timesteps).long()
+        return self.scheduler.sigmas[indices].to(self.device), self.scheduler.timesteps[indices].to(self.device)
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: dict) -> torch.Tensor:
+        return self.transformer(hidden_states=noisy.to(self.dtype), timestep=timesteps, return_dict=False, **text)[0]
+
+
+class QwenImageBareLoop(FlowBareLoop):
+    """diffusers' train_dreambooth_lora_qwen_image: one-frame VAE latents normalised per channel,
+    QwenImagePipeline.encode_prompt (states and mask), logit-normal sigmas with the resolution shift,
+    QwenImagePipeline._pack_latents / _unpack_latents, the transformer at sigma with the text mask."""
+
+    family = "qwen_image"
+
+    def text_pipeline(self, parts: Any) -> Any:
+        from diffusers import QwenImagePipeline
+
+        return QwenImagePipeline(scheduler=None, vae=None, transformer=None, text_encoder=parts.text_encoder,
+                                 tokenizer=parts.tokenizer)
+
+    def encode_images(self) -> torch.Tensor:
+        latents = self.vae.encode(self.pixel_values.unsqueeze(2)).latent_dist.sample()  # [B, C, 1, H, W]
+        shape = (1, self.vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(self.vae.config.latents_mean).view(shape).to(latents)
+        std = torch.tensor(self.vae.config.latents_std).view(shape).to(latents)
+        return ((latents - mean) / std).squeeze(2).float()
+
+    def encode_text(self) -> dict:
+        embeds, mask = self.text.encode_prompt(self.prompts, device=self.device,
+                                               max_sequence_length=self.max_sequence_length)
+        return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask}
+
+    def sigmas(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        height, width = latents.shape[-2:]
+        sigmas = self.resolution_shifted(self.logit_normal(latents.shape[0]), (height // 2) * (width // 2))
+        return sigmas, sigmas
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: dict) -> torch.Tensor:
+        from diffusers import QwenImagePipeline
+
+        batch, channels, height, width = noisy.shape
+        packed = QwenImagePipeline._pack_latents(noisy.to(self.dtype), batch, channels, height, width)
+        img_shapes = [[(1, height // 2, width // 2)]] * batch
+        pred = self.transformer(hidden_states=packed, timestep=timesteps, img_shapes=img_shapes, return_dict=False,
+                                **text)[0]
+        return QwenImagePipeline._unpack_latents(pred, height * self.vae_factor, width * self.vae_factor,
+                                                 self.vae_factor).squeeze(2)
+
+
+BARE_LOOPS = {loop.family: loop for loop in (FluxBareLoop, SD3BareLoop, QwenImageBareLoop)}
