@@ -13,12 +13,13 @@ and `denoise` cuts each back to its own tokens.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
 
-from hcpdiff.errors import ConfigError
+from hcpdiff.errors import ConfigError, ModelError
 from hcpdiff.families.base import ConfigReader, Family, pipeline_text_encoder
 
 PATCH = 2  # the transformer's 2x2 latent patches (all_patch_size)
@@ -26,6 +27,16 @@ MAX_SEQUENCE_LENGTH = 512  # chat-templated prompt tokens: ZImagePipeline.__call
 # Z-Image-Turbo's scheduler_config.json has shift 3.0, the base Z-Image's 6.0 (both static); the transformer configs
 # are the same, so the scheduler's shift is what tells the distilled checkpoint apart
 DISTILLED_SHIFTS = {3.0: "Z-Image-Turbo"}
+
+
+# ComfyUI runs Z-Image in its original layout (the single file diffusers' convert_z_image_transformer_checkpoint_to_
+# diffusers reads): q, k, v fused into one `attention.qkv`, `attention.out` for `to_out.0`, `x_embedder` /
+# `final_layer` for diffusers' `all_x_embedder.2-1` / `all_final_layer.2-1`, every other module under its diffusers
+# path. Its LoRA loader reads a layer as `diffusion_model.<original module path>` (comfy/lora.py's generic key map).
+COMFY_PREFIX = "diffusion_model."
+QKV = ("to_q", "to_k", "to_v")
+ORIGINAL_RENAMES = (("all_x_embedder.2-1", "x_embedder"), ("all_final_layer.2-1", "final_layer"),
+                    (".attention.to_out.0", ".attention.out"))  # diffusers -> original, on module paths
 
 
 def text_pipeline(components: dict[str, Any]) -> Any:
@@ -129,6 +140,8 @@ class ZImage(Family):
     train_config: ClassVar[str] = "cfgs/train/examples/lora_z_image.yaml"
     infer_config: ClassVar[str] = "cfgs/infer/text2img_z_image.yaml"
     tiny_variants: ClassVar[tuple[str, ...]] = ("z_image", "z_image-turbo")
+    webui_prefixes: ClassVar[dict[str, str]] = {"transformer": COMFY_PREFIX}
+    has_webui_layout: ClassVar[bool] = True
 
     @classmethod
     def matches(cls, index: dict[str, Any], read_config: ConfigReader) -> bool:
@@ -223,6 +236,31 @@ class ZImage(Family):
         return {"prompt_embeds": captions, "negative_prompt_embeds": negative,
                 "max_sequence_length": MAX_SEQUENCE_LENGTH}
 
+    # ---------------------------------------------------------------------------------------- LoRA files
+    def is_webui_file(self, keys: list[str], metadata: dict[str, str]) -> bool:
+        """A ComfyUI Z-Image file: `diffusion_model.` keys of its original layout (fused `attention.qkv`, refiners),
+        or Z-Image version metadata."""
+        version = metadata.get("ss_base_model_version", "") + " " + metadata.get("modelspec.architecture", "")
+        return "z_image" in version or "z-image" in version or any(
+            key.startswith(tuple(f"{COMFY_PREFIX}{block}" for block in ("layers.", "noise_refiner.",
+                                                                         "context_refiner.")))
+            and ".attention." in key for key in keys)
+
+    def native_to_webui(self, states: dict[str, dict[str, torch.Tensor]]
+                        ) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+        """ComfyUI's names: `diffusion_model.` + the original layout's module path, q / k / v fused exactly."""
+        return native_to_webui(self, states)
+
+    def webui_to_native(self, state: dict[str, torch.Tensor], model_path: str | None
+                        ) -> dict[str, dict[str, torch.Tensor]]:
+        """Native transformer states of a ComfyUI Z-Image file (its fused q / k / v split exactly)."""
+        return webui_to_native(self, state)
+
+    def kohya_version(self, base_model: str | None) -> dict[str, str]:
+        """Version metadata naming Z-Image."""
+        return {"ss_base_model_version": "z_image", "ss_v2": "False", "architecture": "z-image",
+                "network_module": "networks.lora"}
+
     def pipeline_call_args(self, call_args: dict[str, Any]) -> dict[str, Any]:
         """hcpdiff's `guidance_scale` is the usual classifier-free guidance scale (neg + s (pos - neg); 1 = off);
         ZImagePipeline's own is pos + s (pos - neg), so it gets s - 1 (its model card's 4 is 5 here; Turbo's 0 is 1)."""
@@ -230,3 +268,59 @@ class ZImage(Family):
         if "guidance_scale" in args:
             args["guidance_scale"] = args["guidance_scale"] - 1.0
         return args
+
+
+# ---------------------------------------------------------------------------------------- LoRA files (ComfyUI)
+
+
+def original_layer(layer: str) -> tuple[Any, int]:
+    """(the original-layout layer holding diffusers layer `layer`: a FusedLayer, the layer's place in it)."""
+    from hcpdiff.lora.fused_layout import FusedLayer
+
+    if match := re.fullmatch(r"(.+\.attention)\.(to_q|to_k|to_v)", layer):
+        return (FusedLayer(f"{match[1]}.qkv", tuple(f"{match[1]}.{piece}" for piece in QKV), (1, 1, 1)),
+                QKV.index(match[2]))
+    name = f"{layer}."
+    for diffusers_name, original in ORIGINAL_RENAMES:
+        name = name.replace(f"{diffusers_name}.", f"{original}.")
+    return FusedLayer(name[:-1], (layer,)), 0
+
+
+def layer_of_original_name(name: str) -> Any:
+    """The FusedLayer an original-layout module path names (`layers.0.attention.qkv`, `x_embedder`, ...)."""
+    from hcpdiff.lora.fused_layout import FusedLayer
+
+    if name.endswith(".attention.qkv"):
+        return original_layer(name.removesuffix("qkv") + "to_q")[0]
+    layer = f"{name}."
+    for diffusers_name, original in ORIGINAL_RENAMES:
+        layer = layer.replace(f"{original}.", f"{diffusers_name}.")
+    return FusedLayer(name, (layer[:-1],))
+
+
+def native_to_webui(family: Family, states: dict[str, dict[str, torch.Tensor]]
+                    ) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+    """{transformer: {`diffusion_model.<original layer>`: its native tensors}}, q / k / v fused exactly."""
+    from hcpdiff.lora.fused_layout import native_to_fused
+
+    if other := [part for part in states if part != family.denoiser]:
+        raise ModelError(f"--to_webui: a Z-Image {other[0]} LoRA has no ComfyUI layout in hcpdiff; convert the "
+                         "transformer LoRA alone, and render the text-encoder LoRA with hcpdiff's visualizer")
+    fused = native_to_fused(states[family.denoiser], original_layer, family.denoiser)
+    return {family.denoiser: {COMFY_PREFIX + name: parts for name, parts in fused.items()}}
+
+
+def webui_to_native(family: Family, state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Native transformer states of a ComfyUI Z-Image file (`diffusion_model.` + original names, or bare ones),
+    fused q / k / v split back exactly."""
+    from hcpdiff.lora.fused_layout import fused_to_native
+    from hcpdiff.lora.lycoris_format import native_tensors
+    from hcpdiff.lora.webui_format import split_webui_key
+
+    by_layer: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        webui_layer, suffix = split_webui_key(key)
+        by_layer.setdefault(webui_layer.removeprefix(COMFY_PREFIX), {})[suffix] = tensor
+    layers = {name: layer_of_original_name(name) for name in by_layer}
+    by_original = {name: native_tensors(name, parts) for name, parts in by_layer.items()}
+    return {family.denoiser: fused_to_native(by_original, layers.values(), family.denoiser)}
