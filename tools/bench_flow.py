@@ -93,8 +93,11 @@ class FlowBareLoop:
         for module in modules:
             module.requires_grad_(False)
         group = shipped_lora_group(self.family)
+        # the layers the family leaves out of hcpdiff's groups (outputs the model discards) are left out here too
+        unused = sorted(parts.family.unused_layers("transformer", self.transformer))
         self.transformer.add_adapter(LoraConfig(r=group["rank"], lora_alpha=group["alpha"], init_lora_weights="gaussian",
-                                                target_modules=peft_target_regex(group["layers"])))
+                                                target_modules=peft_target_regex(group["layers"]),
+                                                exclude_modules=unused or None))
         self.params = [p for p in self.transformer.parameters() if p.requires_grad]
         for module in modules:
             for p in module.parameters():
@@ -280,4 +283,39 @@ class QwenImageBareLoop(FlowBareLoop):
                                                  self.vae_factor).squeeze(2)
 
 
-BARE_LOOPS = {loop.family: loop for loop in (FluxBareLoop, SD3BareLoop, QwenImageBareLoop)}
+class ZImageBareLoop(FlowBareLoop):
+    """A Z-Image loop as diffusers' flow-matching LoRA examples write one, with ZImagePipeline's own conventions:
+    FLUX-VAE latents shifted and scaled, ZImagePipeline.encode_prompt (one caption of its own length per prompt),
+    logit-normal sigmas with the scheduler's static shift, the transformer on one [C, 1, H, W] frame per sample at
+    1 - sigma, its output negated (it predicts x0 - noise)."""
+
+    family = "z_image"
+
+    def text_pipeline(self, parts: Any) -> Any:
+        from diffusers import ZImagePipeline
+
+        return ZImagePipeline(scheduler=None, vae=None, transformer=None, text_encoder=parts.text_encoder,
+                              tokenizer=parts.tokenizer)
+
+    def encode_images(self) -> torch.Tensor:
+        latents = self.vae.encode(self.pixel_values).latent_dist.sample()
+        return ((latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor).float()
+
+    def encode_text(self) -> dict:
+        captions, _ = self.text.encode_prompt(list(self.prompts), device=self.device, do_classifier_free_guidance=False,
+                                              max_sequence_length=self.max_sequence_length)
+        return {"captions": captions}
+
+    def sigmas(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shift = float(self.scheduler.config.shift)
+        u = self.logit_normal(latents.shape[0])
+        sigmas = shift * u / (1 + (shift - 1) * u)
+        return sigmas, sigmas
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: dict) -> torch.Tensor:
+        frames = list(noisy.to(self.dtype).unsqueeze(2).unbind(dim=0))
+        out = self.transformer(frames, 1.0 - timesteps, text["captions"], return_dict=False)[0]
+        return -torch.stack(out).squeeze(2)
+
+
+BARE_LOOPS = {loop.family: loop for loop in (FluxBareLoop, SD3BareLoop, QwenImageBareLoop, ZImageBareLoop)}
