@@ -411,9 +411,9 @@ class Trainer:
 
     def _swap_blocks(self, denoiser: torch.nn.Module):
         """`model.blocks_to_swap`: keep that many of the denoiser's blocks in CPU memory; place the rest."""
-        if self.accelerator.num_processes > 1:
-            raise ConfigError("model.blocks_to_swap: block swap runs in one process; remove it or train with one "
-                              "process")
+        if self.accelerator.num_processes > 1 or self.deepspeed_config is not None:
+            raise ConfigError("model.blocks_to_swap: block swap runs in one process without DeepSpeed; remove it or "
+                              "train with one plain process")
         swapper = setup_block_swap(denoiser, self.family.swappable_blocks(denoiser), self.model_spec.blocks_to_swap,
                                    self.accelerator.device, self.family.description)
         swapper.place(denoiser)
