@@ -58,6 +58,22 @@ def setup_block_swap(denoiser: nn.Module, blocks: list[nn.Module], count: int, d
     return BlockSwapper(denoiser, blocks, count, device)
 
 
+@contextlib.contextmanager
+def on_device(module: nn.Module | None, device: torch.device, parked: bool) -> Iterator[None]:
+    """While active, a `parked` module (the VAE, while every latent is cached) is on `device`; afterwards back in CPU
+    memory. A module that is not parked is left alone."""
+    if module is None or not parked:
+        yield
+        return
+    module.to(device)
+    try:
+        yield
+    finally:
+        module.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 # ------------------------------------------------------------------------------------------- reporting
 def peak_rss_mib() -> float:
     """The process's peak resident set size so far, in MiB."""

@@ -41,8 +41,8 @@ from hcpdiff.train.finetune import (FinetuneGroup, FinetuneGroupSpec, enable_fin
 from hcpdiff.train.logs import setup_run_logging
 from hcpdiff.train.extras import preview_pipeline, read_extra_specs, start_wandb
 from hcpdiff.train.ema import EmaWeights
-from hcpdiff.train.memory import (activations_offloaded, lowering_options, memory_table, out_of_memory, peak_rss_mib,
-                                  setup_block_swap)
+from hcpdiff.train.memory import (activations_offloaded, lowering_options, memory_table, on_device, out_of_memory,
+                                  peak_rss_mib, setup_block_swap)
 from hcpdiff.train.metrics import SmoothedValue, peak_memory_mib
 from hcpdiff.train.preview import preview_prompt_args, render_previews, save_previews
 from hcpdiff.train.optim import build_lr_scheduler, build_optimizer, param_groups
@@ -445,6 +445,18 @@ class Trainer:
         self.batch_size = self.streams[0].loader.batch_sampler.batch_size
         self.preview_prompt_args = None  # the previews' encoded prompts, when the text encoders are released
         self._setup_text_cache(built_datasets)
+        self._park_vae()
+
+    def _park_vae(self) -> None:
+        """Every dataset trains on cached latents (and no input image is encoded per step): the VAE waits in CPU
+        memory for the training loop; previews bring it back while they render."""
+        self.vae_parked = (self.family.condition_images == 0
+                           and all(isinstance(stream.loader.dataset, CachedLatentDataset) for stream in self.streams))
+        if self.vae_parked:
+            self.parts.vae.to("cpu")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            logger.info("vae in CPU memory for the training loop: every latent is cached (previews bring it back)")
 
     def _setup_text_cache(self, built_datasets: dict[str, BuiltDataset]) -> None:
         """Encode every prompt the datasets can give once (in memory, or under each dataset's cache_dir, reused by
@@ -750,7 +762,8 @@ class Trainer:
         try:
             for module, _ in modes:
                 module.eval()
-            with torch.no_grad(), self.accelerator.autocast():
+            with torch.no_grad(), self.accelerator.autocast(), on_device(self.parts.vae, self.accelerator.device,
+                                                                         self.vae_parked):
                 images = render_previews(pipe, self.family, self.preview_spec, self.model_spec.clip_skip,
                                          self.preview_prompt_args)
         finally:

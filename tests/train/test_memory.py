@@ -161,12 +161,13 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 @pytest.mark.e2e
 def test_flux_offload_and_block_swap_train_exactly_the_plain_run(workdir, tiny_flux, cli_in_process):
-    """blocks_to_swap alone and with gradient_checkpointing offload: the same losses and the same LoRA weights
+    """blocks_to_swap alone (and rendering previews) and with gradient_checkpointing offload: the same losses and the same LoRA weights
     after 2 steps as the plain run, bit for bit; the plain run's train.log has the memory table. In bf16: the frozen
     weights are then fresh (aligned) tensors in every run, as block swap's copies are; fp32 weights read from a
     safetensors file sit at unaligned addresses, where CPU matmuls round differently in the last bit."""
     data = make_demo_data(workdir / "data", num=2)
-    runs = {"plain": [], "swap": ["model.blocks_to_swap=3"],
+    preview = "previewer={step: 2, prompts: ['a red circle'], width: 32, height: 32, num_inference_steps: 2}"
+    runs = {"plain": [], "swap": ["model.blocks_to_swap=3", preview],
             "swap_offload": ["model.blocks_to_swap=2", "model.gradient_checkpointing=offload"]}
     for name, overrides in runs.items():
         result = cli_in_process(flux_args(tiny_flux, data, f"exp_dir=exps/{name}", *overrides), cwd=workdir)
@@ -184,6 +185,9 @@ def test_flux_offload_and_block_swap_train_exactly_the_plain_run(workdir, tiny_f
     assert "not in memory" in table[3]  # the text encoders were released: every prompt is cached
     assert re.search(r"step 2/2 loss .* peak RSS \d+ MiB", log)
     assert "2 denoiser blocks swap in from CPU" in (exps / "swap_offload/train.log").read_text()
+    # every latent is cached: the VAE waits in CPU memory, and comes back for the previews (rendered with swapped blocks)
+    assert "vae in CPU memory for the training loop" in log
+    assert len(list((exps / "swap/preview").rglob("*.png"))) == 1
 
 
 @pytest.mark.e2e
