@@ -49,6 +49,9 @@ class Family:
     # source names them (`condition_column`), the batch holds `condition_pixels` [B, K, 3, H, W], renders take
     # `condition_image`
     condition_images: ClassVar[int] = 0
+    # the denoiser's lists of repeated blocks, in the order they run (`model.blocks_to_swap` keeps some in CPU
+    # memory); empty: the family refuses blocks_to_swap (a U-Net's blocks differ in size and nest)
+    block_lists: ClassVar[tuple[str, ...]] = ()
 
     # ---------------------------------------------------------------------------------------- parts and loading
     @property
@@ -70,6 +73,10 @@ class Family:
         """Layers of a part whose outputs the model discards (a LoRA there gets no gradient): LoRA groups leave them
         out of their matches. None by default."""
         return frozenset()
+
+    def swappable_blocks(self, denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+        """The denoiser's transformer blocks in the order they run (`block_lists`), for block swap."""
+        return [block for name in self.block_lists for block in (getattr(denoiser, name, None) or [])]
 
     def dropped_parts(self, drop_t5: bool, key: str) -> tuple[str, ...]:
         """The parts left unloaded (None in the components): with `drop_t5` (the config's `key`) the T5 encoder and

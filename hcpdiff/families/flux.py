@@ -197,6 +197,7 @@ class Flux(Family):
     name: ClassVar[str] = "flux"
     description: ClassVar[str] = "FLUX.1 (dev / schnell)"
     denoiser: ClassVar[str] = "transformer"
+    block_lists: ClassVar[tuple[str, ...]] = ("transformer_blocks", "single_transformer_blocks")
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")  # CLIP-L (pooled), T5 (sequence)
     tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
     # kohya's lora_flux.py: lora_unet (the transformer, BFL layout), lora_te1 (CLIP-L), lora_te3 (T5; ComfyUI reads it)

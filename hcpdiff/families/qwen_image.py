@@ -158,6 +158,7 @@ class QwenImage(Family):
     name: ClassVar[str] = "qwen_image"
     description: ClassVar[str] = "Qwen-Image"
     denoiser: ClassVar[str] = "transformer"
+    block_lists: ClassVar[tuple[str, ...]] = ("transformer_blocks",)
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)  # Qwen2.5-VL
     tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer",)
     webui_prefixes: ClassVar[dict[str, str]] = {"transformer": COMFY_PREFIX}

@@ -113,6 +113,7 @@ class StableDiffusion3(Family):
     name: ClassVar[str] = "sd3"
     description: ClassVar[str] = "Stable Diffusion 3 / 3.5"
     denoiser: ClassVar[str] = "transformer"
+    block_lists: ClassVar[tuple[str, ...]] = ("transformer_blocks",)
     # CLIP-L, CLIP-G (both with projections), T5; T5 trains only when a config asks (lora_text_encoder_3)
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2", "text_encoder_3")
     tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2", "tokenizer_3")

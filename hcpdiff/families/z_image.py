@@ -135,6 +135,7 @@ class ZImage(Family):
     name: ClassVar[str] = "z_image"
     description: ClassVar[str] = "Z-Image"
     denoiser: ClassVar[str] = "transformer"
+    block_lists: ClassVar[tuple[str, ...]] = ("noise_refiner", "context_refiner", "layers")
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)  # Qwen3
     tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer",)
     train_config: ClassVar[str] = "cfgs/train/examples/lora_z_image.yaml"

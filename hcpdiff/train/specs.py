@@ -79,7 +79,10 @@ class ModelSpec:
     # an editing model's input-image area in pixels while training, at the image's aspect ratio; null: its pipeline's
     # (Qwen-Image-Edit: 1024*1024). Renders always use the pipeline's: lower trains faster, less like it renders
     condition_area: Annotated[int | None, Bound(ge=1)] = None
-    gradient_checkpointing: bool = False  # trade compute for memory in the U-Net (and trained text encoder)
+    # trade compute for memory in the denoiser (and a trained text encoder); offload: also keep the checkpointed
+    # blocks' inputs in CPU memory until backward
+    gradient_checkpointing: bool | Literal["offload"] = False
+    blocks_to_swap: Annotated[int, Bound(ge=0, note="0: off")] = 0  # transformer blocks kept in CPU memory, copied in to run
     preset_lora: list = field(default_factory=list)  # [{path, alpha}]: native LoRAs fused into the base before training
     init_lora: dict = field(default_factory=dict)  # {unet: path, text_encoder: path}: adapters start from these weights
     ema: Any = None  # null, or {decay: 0.999}: see EmaSpec

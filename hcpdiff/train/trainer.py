@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Mapping
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from hcpdiff.config import check_targets, instantiate, read_fields
 from hcpdiff.data import build_dataset
 from hcpdiff.data.builders import BuiltDataset, check_dataset_fields
-from hcpdiff.data.latent_cache import LatentEncoder, vae_identity
+from hcpdiff.data.latent_cache import CachedLatentDataset, LatentEncoder, vae_identity
 from hcpdiff.data.tensor_store import TensorStore
 from hcpdiff.errors import ConfigError, ConfigProblems
 from hcpdiff.families import TRAINABLE_PARTS, Family
@@ -41,6 +41,8 @@ from hcpdiff.train.finetune import (FinetuneGroup, FinetuneGroupSpec, enable_fin
 from hcpdiff.train.logs import setup_run_logging
 from hcpdiff.train.extras import preview_pipeline, read_extra_specs, start_wandb
 from hcpdiff.train.ema import EmaWeights
+from hcpdiff.train.memory import (activations_offloaded, lowering_options, memory_table, on_device, out_of_memory,
+                                  peak_rss_mib, setup_block_swap)
 from hcpdiff.train.metrics import SmoothedValue, peak_memory_mib
 from hcpdiff.train.preview import preview_prompt_args, render_previews, save_previews
 from hcpdiff.train.optim import build_lr_scheduler, build_optimizer, param_groups
@@ -320,6 +322,9 @@ class Trainer:
                     problems.add(f"{key}: model.drop_t5 is true, so the {part} is not loaded; set model.drop_t5 "
                                  "to false to train it")
         self._check_condition_images(family, problems)
+        if self.model_spec.blocks_to_swap and not family.block_lists:
+            problems.add(f"model.blocks_to_swap: a {family.description} model has no transformer blocks to swap; "
+                         "remove it (gradient_checkpointing lowers a U-Net's memory)")
         problems.raise_any()
         family.check_run(self.cfg.get("mixed_precision"))
         return family.build_objective(noise_scheduler, self.extras.loss)
@@ -391,6 +396,7 @@ class Trainer:
                     enable_gradient_checkpointing(self.trained[part].module)
         # Frozen weights run in the mixed-precision dtype; trained adapters and fine-tuned weights stay fp32.
         device = self.accelerator.device
+        self.block_swapper = None
         for part, module in self.parts.components.items():
             if not isinstance(module, torch.nn.Module):
                 continue
@@ -398,7 +404,20 @@ class Trainer:
             for param in module.parameters():
                 if not param.requires_grad:
                     param.data = param.data.to(dtype)
-            module.to(device)
+            if part == self.family.denoiser and self.model_spec.blocks_to_swap:
+                self.block_swapper = self._swap_blocks(module)  # the swapped blocks never reach the device whole
+            else:
+                module.to(device)
+
+    def _swap_blocks(self, denoiser: torch.nn.Module):
+        """`model.blocks_to_swap`: keep that many of the denoiser's blocks in CPU memory; place the rest."""
+        if self.accelerator.num_processes > 1 or self.deepspeed_config is not None:
+            raise ConfigError("model.blocks_to_swap: block swap runs in one process without DeepSpeed; remove it or "
+                              "train with one plain process")
+        swapper = setup_block_swap(denoiser, self.family.swappable_blocks(denoiser), self.model_spec.blocks_to_swap,
+                                   self.accelerator.device, self.family.description)
+        swapper.place(denoiser)
+        return swapper
 
     def _setup_data(self) -> None:
         self.streams: list[DataStream] = []
@@ -426,6 +445,18 @@ class Trainer:
         self.batch_size = self.streams[0].loader.batch_sampler.batch_size
         self.preview_prompt_args = None  # the previews' encoded prompts, when the text encoders are released
         self._setup_text_cache(built_datasets)
+        self._park_vae()
+
+    def _park_vae(self) -> None:
+        """Every dataset trains on cached latents (and no input image is encoded per step): the VAE waits in CPU
+        memory for the training loop; previews bring it back while they render."""
+        self.vae_parked = (self.family.condition_images == 0
+                           and all(isinstance(stream.loader.dataset, CachedLatentDataset) for stream in self.streams))
+        if self.vae_parked:
+            self.parts.vae.to("cpu")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            logger.info("vae in CPU memory for the training loop: every latent is cached (previews bring it back)")
 
     def _setup_text_cache(self, built_datasets: dict[str, BuiltDataset]) -> None:
         """Encode every prompt the datasets can give once (in memory, or under each dataset's cache_dir, reused by
@@ -491,7 +522,10 @@ class Trainer:
             self.scheduler_spec.name, optimizer, self.scheduler_spec.num_warmup_steps,
             self.train_steps, self.scheduler_spec.scheduler_kwargs,
         )
-        prepared = accelerator.prepare(*(trained.module for trained in self.trained.values()), optimizer)
+        # accelerate would move a block-swapping denoiser to the device whole
+        placement = [not (self.block_swapper and part == self.family.denoiser) for part in self.trained] + [True]
+        prepared = accelerator.prepare(*(trained.module for trained in self.trained.values()), optimizer,
+                                       device_placement=placement)
         for trained, module in zip(self.trained.values(), prepared[:-1]):
             trained.forward = module
         self.optimizer = prepared[-1]
@@ -545,6 +579,8 @@ class Trainer:
             lr = param_group.get("initial_lr", param_group["lr"])  # before warm-up scales it
             logger.info("group %s: lr %.3g (effective), %d layers, %d trainable parameters",
                         label, lr, len(group.layers), n_params)
+        swapped = f", {self.model_spec.blocks_to_swap} denoiser blocks swap in from CPU" if self.block_swapper else ""
+        logger.info("model memory%s:\n%s", swapped, memory_table(self.parts.components))
 
     # ----------------------------------------------------------------------------------------------- train
     def train(self) -> None:
@@ -559,6 +595,8 @@ class Trainer:
         try:
             with StopSignals() as stop:
                 self._train_loop(stop, batch_iters, trained_modules, progress)
+        except torch.OutOfMemoryError:  # one line naming the step and what would help, not a traceback
+            raise self._out_of_memory() from None
         finally:
             progress.close()
 
@@ -601,6 +639,14 @@ class Trainer:
                     self.save_checkpoint()
                 raise TrainingInterrupted(stop.requested or 2, self.global_step, str(self.exp_dir))
 
+    def _out_of_memory(self) -> Exception:
+        spec = self.model_spec
+        options = lowering_options(
+            checkpointing=spec.gradient_checkpointing, blocks_to_swap=spec.blocks_to_swap,
+            swappable=len(self.family.swappable_blocks(self.parts.denoiser)), batch_size=self.batch_size,
+            latents_cached=all(isinstance(stream.loader.dataset, CachedLatentDataset) for stream in self.streams))
+        return out_of_memory(self.global_step + 1, self.accelerator.device, options)
+
     def compute_loss(self, batch: dict, loss_weight: float, noise_salt: int = 0) -> torch.Tensor:
         """Noise one batch's latents as the family's objective says and score the denoiser's prediction."""
         device = self.accelerator.device
@@ -613,8 +659,10 @@ class Trainer:
         with self.accelerator.autocast():
             with torch.set_grad_enabled(any(part in self.trained for part in self.family.text_encoders)):
                 conditioning = self.conditioner(batch["prompts"], batch, device)
-            prediction = self.family.denoise(self.denoiser, noised.noisy_latents.to(self.weight_dtype),
-                                             noised.timesteps, cast_floats(conditioning, self.weight_dtype))
+            offload = self.model_spec.gradient_checkpointing == "offload"
+            with activations_offloaded(self.parts.denoiser, device) if offload else nullcontext():
+                prediction = self.family.denoise(self.denoiser, noised.noisy_latents.to(self.weight_dtype),
+                                                 noised.timesteps, cast_floats(conditioning, self.weight_dtype))
         return self.objective.loss(prediction, noised) * loss_weight
 
     def sample_generators(self, batch: dict, noise_salt: int = 0) -> list[torch.Generator] | None:
@@ -672,16 +720,16 @@ class Trainer:
         lrs = {f"lr/{label}": g["lr"] for label, g in zip(self.group_labels, self.optimizer.param_groups)}
         smoothed = self.smoothed_loss.update(loss)
         images_per_s = self.total_batch_size / step_time if step_time > 0 else 0.0
-        peak_mib = peak_memory_mib(self.accelerator.device)
+        peak_mib, rss_mib = peak_memory_mib(self.accelerator.device), peak_rss_mib()
         values = {"loss": loss, "loss_smoothed": smoothed, "step_time_s": step_time, "images_per_s": images_per_s,
-                  "peak_memory_mib": peak_mib, **lrs}
+                  "peak_memory_mib": peak_mib, "peak_rss_mib": rss_mib, **lrs}
         if self.accelerator.is_main_process:
             for tracker in [self.tracker, *self.extra_trackers]:
                 tracker.log(values, step=self.global_step)
             lr_text = ", ".join(f"{k[3:]}={v:.3g}" for k, v in lrs.items())
             logging.getLogger("hcpdiff.train.log").info(
-                "step %d/%d loss %.5f (smoothed %.5f) %s %.3f s/step %.2f img/s peak mem %.0f MiB",
-                self.global_step, self.train_steps, loss, smoothed, lr_text, step_time, images_per_s, peak_mib)
+                "step %d/%d loss %.5f (smoothed %.5f) %s %.3f s/step %.2f img/s peak mem %.0f MiB peak RSS %.0f MiB",
+                self.global_step, self.train_steps, loss, smoothed, lr_text, step_time, images_per_s, peak_mib, rss_mib)
 
     def _setup_extras(self) -> None:
         """EMA shadows, the preview pipeline's settings, extra trackers (the objective is built with the models)."""
@@ -714,7 +762,8 @@ class Trainer:
         try:
             for module, _ in modes:
                 module.eval()
-            with torch.no_grad(), self.accelerator.autocast():
+            with torch.no_grad(), self.accelerator.autocast(), on_device(self.parts.vae, self.accelerator.device,
+                                                                         self.vae_parked):
                 images = render_previews(pipe, self.family, self.preview_spec, self.model_spec.clip_skip,
                                          self.preview_prompt_args)
         finally:
