@@ -46,16 +46,21 @@ class EmbeddingsSpec:
 
 def wants_embeddings(cfg: Any) -> bool:
     """Whether the config lists embeddings to train (in either spelling), before the section is read."""
-    return any(isinstance(cfg.get(key), Mapping) and bool(cfg[key].get("train")) for key in ("embeddings", V1_KEY))
+    return lists_entries(cfg.get("embeddings")) or lists_entries(cfg.get(V1_KEY))
+
+
+def lists_entries(node: Any) -> bool:
+    """Whether an embeddings section (either spelling) lists any embedding to train."""
+    return isinstance(node, Mapping) and bool(node.get("train"))
 
 
 def read_embeddings_spec(cfg: Any) -> tuple[str, EmbeddingsSpec, list[EmbeddingTrainSpec]] | None:
     """(config key, section, entries) of `embeddings:` or v1's `tokenizer_pt:`; None when neither trains anything."""
     ours, v1 = cfg.get("embeddings"), cfg.get(V1_KEY)
-    if ours and v1:
+    if ours and v1 and lists_entries(ours):  # train_base.yaml's empty `embeddings:` gives way to a v1 section
         raise ConfigError(f"embeddings and {V1_KEY}: both are set; {V1_KEY} is HCP-Diffusion v1's spelling of "
                           "embeddings, keep one")
-    key, node = ("embeddings", ours) if ours else (V1_KEY, v1)
+    key, node = (V1_KEY, v1) if v1 else ("embeddings", ours)
     if not node:
         return None
     if key == V1_KEY:
@@ -74,6 +79,9 @@ def read_embeddings_spec(cfg: Any) -> tuple[str, EmbeddingsSpec, list[EmbeddingT
     for name in set(names):
         if names.count(name) > 1:
             raise ConfigError(f"{key}.train: embedding '{name}' is listed twice; list it once")
+    for i, entry in enumerate(entries):  # before any model loads
+        if not embedding_path(spec.emb_dir, entry.name).is_file():
+            raise missing_embedding_error(entry.name, spec.emb_dir, f"{key}.train[{i}].name")
     return (key, spec, entries) if entries else None
 
 
@@ -122,15 +130,10 @@ class EmbeddingGroup:
         return list(self.vectors.values())
 
 
-def attach_embeddings(entries: list[EmbeddingTrainSpec], emb_dir: str, key: str, components: dict[str, Any],
+def attach_embeddings(entries: list[EmbeddingTrainSpec], emb_dir: str, components: dict[str, Any],
                       tokenizer_parts: tuple[str, ...], encoder_parts: tuple[str, ...]) -> list[EmbeddingGroup]:
     """Add each embedding's tokens to every tokenizer and its vectors as trainable rows of every text encoder."""
-    loaded = []
-    for i, entry in enumerate(entries):
-        path = embedding_path(emb_dir, entry.name)
-        if not path.is_file():
-            raise missing_embedding_error(entry.name, emb_dir, f"{key}.train[{i}].name")
-        loaded.append(read_embedding(path, encoder_parts))
+    loaded = [read_embedding(embedding_path(emb_dir, entry.name), encoder_parts) for entry in entries]
     vectors: dict[str, dict[str, nn.Parameter]] = {entry.name: {} for entry in entries}
     for tokenizer_part, part in zip(tokenizer_parts, encoder_parts):
         tokenizer, encoder = components[tokenizer_part], components[part]

@@ -386,9 +386,9 @@ class Trainer:
                                            *(group.name for group in trained.finetune_groups))]
         self.embedding_groups = []
         if self.embeddings_spec is not None:  # their text encoders train (and are prepared) for their vectors
-            key, section, entries = self.embeddings_spec
+            _, section, entries = self.embeddings_spec
             components = self.parts.components
-            self.embedding_groups = attach_embeddings(entries, section.emb_dir, key, components, self.family.tokenizers,
+            self.embedding_groups = attach_embeddings(entries, section.emb_dir, components, self.family.tokenizers,
                                                       self.family.text_encoders)
             for part in self.family.text_encoders:
                 self.trained.setdefault(part, TrainedPart(part, components[part], []))
