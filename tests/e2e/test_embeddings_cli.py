@@ -181,3 +181,28 @@ def test_pivotal_tuning_in_v1_spelling_writes_both_checkpoints(workdir, tiny_mod
     line = one_error_line(missing)
     assert "tokenizer_pt.train[0].name: embedding 'pt-dog9' not found" in line and "holds pt-cat1" in line
     assert not (workdir / "exps/none").exists()
+
+
+def test_resume_is_bit_exact_and_sdxl_trains_both_encoders(workdir, tiny_model, tiny_sdxl, cli_in_process):
+    data = make_demo_data(workdir / "data", num=1)
+    base = ["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/textual_inversion.yaml",
+            f"data.dataset1.source.data_source1.img_root={data}", *TRAIN, "train.save_step=2",
+            "train.scheduler.name=constant"]
+    sd = [*base, f"model.pretrained_model_name_or_path={tiny_model}"]
+    create_embedding(str(tiny_model), "pt-cat1", 2, "cat", str(workdir / "embs"))
+    for args in (["train.train_steps=2", "exp_dir=exps/r"], ["train.train_steps=4", "train.resume=exps/r"],
+                 ["train.train_steps=4", "exp_dir=exps/straight"]):
+        run = cli_in_process([*sd, *args], cwd=workdir)
+        assert run.returncode == 0, run.stderr[-3000:]
+    resumed, straight = (load_file(workdir / f"exps/{name}/ckpts/pt-cat1-4.safetensors")["text_encoder"]
+                         for name in ("r", "straight"))
+    assert torch.equal(resumed, straight)
+
+    create_embedding(str(tiny_sdxl), "pt-cat1", 2, "cat", str(workdir / "embs_xl"))
+    run = cli_in_process([*base, f"model.pretrained_model_name_or_path={tiny_sdxl}", "embeddings.emb_dir=embs_xl",
+                          "train.train_steps=2", "exp_dir=exps/xl"], cwd=workdir)
+    assert run.returncode == 0, run.stderr[-3000:]
+    init, final = (load_file(path) for path in (workdir / "embs_xl/pt-cat1.safetensors",
+                                                 workdir / "exps/xl/ckpts/pt-cat1-2.safetensors"))
+    assert sorted(final) == ["text_encoder", "text_encoder_2"]
+    assert all(not torch.equal(final[part], init[part]) for part in final)
