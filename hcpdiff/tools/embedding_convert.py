@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from hcpdiff.cli import run_cli
@@ -26,7 +26,7 @@ def file_keys(path: str | Path) -> list[str]:
     try:
         with safe_open(str(path), framework="pt") as handle:
             return list(handle.keys())
-    except Exception as err:  # safetensors raises its own and OS errors
+    except (SafetensorError, OSError) as err:
         raise ModelError(f"'{path}' cannot be read as safetensors: {err}") from err
 
 

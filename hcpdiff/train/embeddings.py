@@ -19,6 +19,7 @@ from torch import nn
 
 from hcpdiff.config import read_fields
 from hcpdiff.errors import ConfigError
+from hcpdiff.families import TRAINABLE_PARTS
 from hcpdiff.lora.spec import GROUP_LR
 from hcpdiff.models.embeddings import (DEFAULT_EMB_DIR, add_placeholder_tokens, embedding_path,
                                        missing_embedding_error, read_embedding, write_embedding)
@@ -71,8 +72,6 @@ def read_embeddings_spec(cfg: Any) -> tuple[str, EmbeddingsSpec, list[EmbeddingT
                           "(set it to false or remove it)")
     entries = [read_fields(item, f"{key}.train[{i}]", EmbeddingTrainSpec) for i, item in enumerate(spec.train or [])]
     names = [entry.name for entry in entries]
-    from hcpdiff.families import TRAINABLE_PARTS
-
     for i, name in enumerate(names):
         if name in TRAINABLE_PARTS:  # ckpts/<name>-<step> would be that part's checkpoint
             raise ConfigError(f"{key}.train[{i}].name: '{name}' is a model part's name; rename the embedding")

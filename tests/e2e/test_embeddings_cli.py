@@ -136,7 +136,8 @@ def test_webui_file_renders_the_same_image_in_diffusers(ti_run, tiny_model, tiny
     back = root / "back" / "pt-cat1.safetensors"
     assert cli_in_process(["-m", "hcpdiff.tools.embedding_convert", "--from_webui", str(webui), "--dump_path",
                            str(back)], cwd=root).returncode == 0
-    assert torch.equal(load_file(back)["text_encoder"], load_file(root / "exps/ti/ckpts/pt-cat1-10.safetensors")["text_encoder"])
+    trained = load_file(root / "exps/ti/ckpts/pt-cat1-10.safetensors")["text_encoder"]
+    assert torch.equal(load_file(back)["text_encoder"], trained)
 
     # SDXL: clip_l / clip_g, loaded into each encoder as diffusers' docs say
     xl_emb = create_embedding(str(tiny_sdxl), "pt-cat1", 3, "dog", str(root / "embs_xl"))
@@ -168,7 +169,8 @@ def test_pivotal_tuning_in_v1_spelling_writes_both_checkpoints(workdir, tiny_mod
         "data:\n  dataset1:\n    source:\n      data_source1:\n"
         "        caption_file: null\n        prompt_template: cfgs/prompt_templates/object.txt\n"
         "        word_names: {pt1: pt-cat1}\n")
-    args = ["-m", "hcpdiff.train_ac_single", "--cfg", "pivotal.yaml", f"model.pretrained_model_name_or_path={tiny_model}",
+    args = ["-m", "hcpdiff.train_ac_single", "--cfg", "pivotal.yaml",
+            f"model.pretrained_model_name_or_path={tiny_model}",
             f"data.dataset1.source.data_source1.img_root={data}", *TRAIN, "train.train_steps=2", "exp_dir=exps/piv"]
     result = cli_in_process(args, cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
