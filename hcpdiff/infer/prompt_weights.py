@@ -7,6 +7,7 @@ import re
 import torch
 
 from hcpdiff.models import PromptEncoder
+from hcpdiff.models.embeddings import expand_placeholders
 from hcpdiff.models.sdxl import encode_penultimate
 
 BARE_WEIGHT = 1.1  # a1111's weight for `(text)` without a number
@@ -53,6 +54,7 @@ def weighted_tokens(tokenizer, prompt: str) -> tuple[list[int], list[float]]:
         span_ids = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
         ids += span_ids
         weights += [weight] * len(span_ids)
+    ids, weights = expand_placeholders(tokenizer, ids, weights)  # an embedding's weight covers all its vectors
     return ids, weights
 
 

@@ -15,6 +15,7 @@ from hcpdiff.infer.pipeline import DTYPES, build_pipeline, merge_all, to_plain
 from hcpdiff.infer.saving import next_index, save_image
 from hcpdiff.infer.specs import InferArgs, SaveSpec, VisualizerSpec
 from hcpdiff.models import load_model_parts
+from hcpdiff.models.embeddings import load_prompt_embeddings
 from hcpdiff.models.loading import peek_model
 
 
@@ -56,6 +57,9 @@ def generate(cfg: DictConfig) -> list[Path]:
     if mode is None:
         mode, conditions = checked(parts.family)
     pipe = build_pipeline(parts, spec.new_components, spec.zero_terminal_snr)
+    all_prompts = [*prompts, spec.neg_prompt]
+    embeddings = load_prompt_embeddings(pipe.components, parts.family.tokenizers, parts.family.text_encoders,
+                                        spec.emb_dir, all_prompts)
     # once, before sampling; fp32 weights, then cast
     lora_paths = merge_all(pipe, spec.merge, parts.family, spec.pretrained_model)
     pipe.to(pick_device(spec.device))
@@ -69,7 +73,6 @@ def generate(cfg: DictConfig) -> list[Path]:
     if save.save_cfg:
         OmegaConf.save(cfg, out_dir / "cfg.yaml")
     jobs = [(p, prompt, spec.seed + i) for p, prompt in enumerate(prompts) for i in range(spec.num)]
-    all_prompts = [*prompts, spec.neg_prompt]
     index, written = next_index(out_dir), []
     batch_size = 1 if conditions else spec.bs  # an editing pipeline takes one input image per call
     for start in range(0, len(jobs), batch_size):
@@ -87,7 +90,8 @@ def generate(cfg: DictConfig) -> list[Path]:
                 "steps": infer_args.num_inference_steps, "guidance_scale": infer_args.guidance_scale,
                 "width": infer_args.width or image.width, "height": infer_args.height or image.height,
                 "sampler": type(pipe.scheduler).__name__,
-                "model": spec.pretrained_model, "lora": lora_paths, "clip_skip": spec.clip_skip,
+                "model": spec.pretrained_model, "lora": lora_paths, "embeddings": embeddings,
+                "clip_skip": spec.clip_skip,
                 "guidance_rescale": infer_args.guidance_rescale, "zero_terminal_snr": spec.zero_terminal_snr,
                 **mode.settings(infer_args.width, infer_args.height, infer_args.num_inference_steps),
             }

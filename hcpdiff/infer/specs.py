@@ -79,3 +79,4 @@ class VisualizerSpec:
     mask_image: str | None = None  # inpaint (with init_image): white repaints, black keeps
     highres_fix: Any = None  # {scale, upscale: latent | pixel, strength, steps}: a second, upscaled img2img pass
     zero_terminal_snr: bool = False  # sample with zero-terminal-SNR betas and trailing timesteps
+    emb_dir: str = "embs/"  # prompt embeddings (textual inversion) by file name: `{pt-cat1:1.2}` in a prompt

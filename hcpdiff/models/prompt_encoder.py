@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from hcpdiff.models.embeddings import expand_placeholders
+
 
 class PromptEncoder:
     """Tokenize prompts into `repeats` chunks of [bos] + 75 tokens + [eos] + padding, and encode them with CLIP."""
@@ -23,6 +25,7 @@ class PromptEncoder:
     def tokenize(self, prompts: list[str]) -> torch.LongTensor:
         """Token ids [B, 77 * repeats]; content past 75 * repeats tokens is cut off."""
         content_ids = self.tokenizer(list(prompts), add_special_tokens=False, truncation=False, verbose=False).input_ids
+        content_ids = [expand_placeholders(self.tokenizer, ids)[0] for ids in content_ids]  # multi-vector embeddings
         rows = [self.chunked(ids[: self.content_len * self.repeats]) for ids in content_ids]
         return torch.tensor(rows, dtype=torch.long)
 

@@ -54,6 +54,8 @@ class RunSpec:
     train: Any = None  # see TrainSpec
     data: Any = None  # datasets by name
     previewer: Any = None  # see PreviewSpec
+    embeddings: Any = None  # prompt embeddings to train: {emb_dir, train: [{name, lr}]} (hcpdiff/train/embeddings.py)
+    tokenizer_pt: Any = None  # HCP-Diffusion v1's spelling of `embeddings`
 
 
 RUN_SCALARS = ("exp_dir", "seed", "mixed_precision", "allow_tf32")  # read through RunSpec; the sections have specs

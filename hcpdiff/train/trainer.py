@@ -41,6 +41,8 @@ from hcpdiff.train.finetune import (FinetuneGroup, FinetuneGroupSpec, enable_fin
 from hcpdiff.train.logs import setup_run_logging
 from hcpdiff.train.extras import preview_pipeline, read_extra_specs, start_wandb
 from hcpdiff.train.ema import EmaWeights
+from hcpdiff.train.embeddings import (attach_embeddings, load_embedding_checkpoints, read_embeddings_spec,
+                                      save_embedding_checkpoints, wants_embeddings)
 from hcpdiff.train.memory import (activations_offloaded, lowering_options, memory_table, on_device, out_of_memory,
                                   peak_rss_mib, setup_block_swap)
 from hcpdiff.train.metrics import SmoothedValue, peak_memory_mib
@@ -138,6 +140,7 @@ class Trainer:
                 spec for i, node in enumerate(cfg.get(part) or [])
                 if (spec := collect(read_fields, node, f"{part}[{i}]", FinetuneGroupSpec)) is not None
             ]
+        self.embeddings_spec = collect(read_embeddings_spec, cfg)  # (key, section, entries) or None
         if self.train_spec is not None:
             steps, epochs = self.train_spec.train_steps, self.train_spec.train_epochs
             if steps is None and epochs is None:
@@ -148,9 +151,10 @@ class Trainer:
             problems.add("model.pretrained_model_name_or_path: missing; give a diffusers folder or a hub id")
         # groups that exist but failed to read have their own message; "none configured" would be false beside it
         any_group = any(cfg.get(f"lora_{part}") or cfg.get(part) for part in TRAINABLE_PARTS)
-        if not any_group:
+        if not any_group and not wants_embeddings(cfg):
             problems.add(f"{' / '.join('lora_' + part for part in TRAINABLE_PARTS)}: no LoRA group is configured "
-                         f"(nor a {' / '.join(TRAINABLE_PARTS)} fine-tuning group), so nothing would train")
+                         f"(nor a {' / '.join(TRAINABLE_PARTS)} fine-tuning group, nor embeddings.train), "
+                         "so nothing would train")
         if not cfg.get("data"):
             problems.add("data: no dataset is configured")
         elif isinstance(cfg.get("data"), DictConfig):
@@ -385,6 +389,16 @@ class Trainer:
         self.group_labels = [label for part, trained in self.trained.items()
                              for label in (*(f"lora_{part}[{i}]" for i in range(len(trained.lora_groups))),
                                            *(group.name for group in trained.finetune_groups))]
+        self.embedding_groups = []
+        if self.embeddings_spec is not None:  # their text encoders train (and are prepared) for their vectors
+            _, section, entries = self.embeddings_spec
+            components = self.parts.components
+            self.embedding_groups = attach_embeddings(entries, section.emb_dir, components, self.family.tokenizers,
+                                                      self.family.text_encoders)
+            for part in self.family.text_encoders:
+                self.trained.setdefault(part, TrainedPart(part, components[part], []))
+            self.groups += self.embedding_groups
+            self.group_labels += [group.name for group in self.embedding_groups]
         lora_parts = [part for part, trained in self.trained.items() if trained.lora_specs]
         load_initial_loras({part: self.trained[part].module for part in lora_parts}, self.model_spec.init_lora, lora_parts)
         if self.accelerator.is_main_process:
@@ -542,8 +556,10 @@ class Trainer:
             raise ConfigError(f"train.resume: the state is at step {step} and train.train_epochs="
                               f"{self.train_spec.train_epochs} gives {self.train_steps} steps, so there is nothing to "
                               "train; raise train.train_epochs")
-        for part in self.trained:
-            self.load_trained_weights(part, self.ckpt_dir / f"{part}-{step}.safetensors")
+        for part, trained in self.trained.items():
+            if trained.lora_specs or trained.finetune_groups:
+                self.load_trained_weights(part, self.ckpt_dir / f"{part}-{step}.safetensors")
+        load_embedding_checkpoints(self.embedding_groups, self.ckpt_dir, step)
         rng_states = state["rng"]
         if len(rng_states) != self.accelerator.num_processes:
             raise ConfigError(f"train.resume: the state was saved by {len(rng_states)} processes, "
@@ -784,6 +800,8 @@ class Trainer:
         with gathered_for_saving(self.trained_params(), self.deepspeed_config):
             if self.accelerator.is_main_process:
                 for part, trained in self.trained.items():
+                    if not (trained.lora_specs or trained.finetune_groups):  # trains only embeddings' vectors
+                        continue
                     metadata = lora_metadata(part, str(self.parts.name_or_path), trained.lora_groups,
                                              self.global_step, family=self.family.name,
                                              finetune=trained.finetune_groups)
@@ -795,6 +813,9 @@ class Trainer:
                         with self.ema.swapped_in():
                             save_lora(ema_path, self.checkpoint_state(part), {**metadata, "ema_decay": str(self.ema.decay)})
                         written.append(ema_path)
+                written += save_embedding_checkpoints(self.embedding_groups, self.ckpt_dir, self.global_step,
+                                                      {"base_model": str(self.parts.name_or_path),
+                                                       "family": self.family.name})
         self.save_resume_state(written)
         return written
 
