@@ -27,8 +27,9 @@ SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
 
 
 def build_flux2_vae(width: int = 8) -> AutoencoderKLFlux2:
-    """4 blocks (8x, as the real VAE) of `width`, 2x, 2x, 2x channels, 32 latent channels, with random batch-norm
-    running statistics (the real ones are the latent distribution's; the default 0 / 1 would test nothing)."""
+    """4 blocks (8x, as the real VAE) of `width`, 2x, 2x, 2x channels, 32 latent channels, quant convs (as the real
+    one), random batch-norm running statistics (the real ones are the latent distribution's; the default 0 / 1 would
+    test nothing) and a small posterior std."""
     vae = AutoencoderKLFlux2(
         in_channels=3, out_channels=3, block_out_channels=(width, 2 * width, 2 * width, 2 * width),
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
@@ -37,6 +38,10 @@ def build_flux2_vae(width: int = 8) -> AutoencoderKLFlux2:
     with torch.no_grad():
         vae.bn.running_mean.copy_(0.1 * torch.randn_like(vae.bn.running_mean))
         vae.bn.running_var.copy_(0.5 + torch.rand_like(vae.bn.running_var))
+        # a posterior std of about 0.05, as a trained VAE's is small: random weights give about 1, and sampled latents
+        # that vary that much from step to step leave a tiny model nothing to overfit
+        vae.quant_conv.weight[LATENT_CHANNELS:] = 0.0
+        vae.quant_conv.bias[LATENT_CHANNELS:] = -6.0
     return vae
 
 
