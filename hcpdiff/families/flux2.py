@@ -142,6 +142,15 @@ class Flux2Klein(Family):
             raise ConfigError("mixed_precision: fp16 overflows FLUX.2's transformer (NaN losses); use bf16 "
                               "(or null for fp32)")
 
+    def pipeline_warnings(self, pipeline_settings: dict[str, Any]) -> list[str]:
+        """A step-distilled klein (FLUX.2-klein-4B / -9B: `is_distilled` in model_index.json, the only setting that
+        tells it from the base): LoRAs trained on it tend to lose the 4-step sampling."""
+        if not pipeline_settings.get("is_distilled"):
+            return []
+        return ["this looks like a step-distilled FLUX.2 [klein] (is_distilled in its model_index.json): a LoRA "
+                "trained on it tends to lose the 4-step sampling; train on the base klein "
+                "(black-forest-labs/FLUX.2-klein-base-4B / -base-9B) and render the LoRA on the distilled one"]
+
     # ---------------------------------------------------------------------------------------- latents
     def pixel_step(self, read_config: ConfigReader) -> int:
         """vae factor x the 2x2 patches: 16 for FLUX.2 (the pipeline rounds other sizes down)."""

@@ -43,7 +43,7 @@ def klein_pipe(tiny_klein) -> Flux2KleinPipeline:
     return pipe
 
 
-def test_tiny_models_are_detected_as_klein_and_dev_is_not(tiny_klein, klein_pipe, tmp_path):
+def test_tiny_models_are_detected_as_klein_and_a_distilled_one_is_warned_about(tiny_klein, klein_pipe, tmp_path):
     index = json.loads((tiny_klein / "model_index.json").read_text())
     read = folder_config_reader(tiny_klein)
     assert detect_family(index, read, str(tiny_klein), "test") is KLEIN
@@ -53,8 +53,12 @@ def test_tiny_models_are_detected_as_klein_and_dev_is_not(tiny_klein, klein_pipe
     parts = load_model_parts(str(tiny_klein))
     assert parts.family is KLEIN and parts.pixel_step == 16 == klein_pipe.vae_scale_factor * 2
     assert type(parts.text_encoder).__name__ == "Qwen3ForCausalLM" and index["is_distilled"] is False
-    distilled = KLEIN.make_tiny(tmp_path / "distilled", variant="flux2_klein-distilled")
-    assert json.loads((distilled / "model_index.json").read_text())["is_distilled"] is True
+    assert parts.pipeline_settings == {"is_distilled": False} and KLEIN.pipeline_warnings(parts.pipeline_settings) == []
+    distilled = load_model_parts(str(KLEIN.make_tiny(tmp_path / "distilled", variant="flux2_klein-distilled")))
+    assert distilled.pipeline_settings == {"is_distilled": True}  # model_index.json's; nothing else tells them apart
+    assert dict(distilled.noise_scheduler.config) == dict(parts.noise_scheduler.config)
+    (warning,) = KLEIN.pipeline_warnings(distilled.pipeline_settings)
+    assert warning.startswith("this looks like a step-distilled FLUX.2 [klein]") and "train on the base klein" in warning
     # Qwen3's layers after the deepest state the pipeline reads (27) and the LM head never reach the transformer
     unused = KLEIN.unused_layers("text_encoder", parts.text_encoder)
     assert "lm_head" in unused and "model.layers.27.mlp.down_proj" in unused
@@ -246,6 +250,7 @@ def fixed_noise_loss(pipe: Flux2KleinPipeline, image: Image.Image, prompt: str) 
 def test_shipped_config_overfits_one_image(trained):
     model, exp, converted = trained
     log = (exp / "train.log").read_text()
+    assert "distilled" not in log
     assert len(re.findall(rf"step \d+/{STEPS} loss ([\d.]+)", log)) == STEPS
     data = exp.parents[1] / "data"
     image, prompt = Image.open(data / "0.png"), (data / "0.txt").read_text().strip()
@@ -287,3 +292,16 @@ def test_visualizer_and_to_diffusers_render_the_trained_lora_alike(trained, tmp_
     with_lora = render_with_diffusers(loaded)
     assert np.abs(with_lora - base).mean() > 1  # the LoRA changes the image
     assert np.abs(with_lora - rendered).max() <= 2  # hcpdiff's merge renders as diffusers' peft layers
+
+
+@pytest.mark.e2e
+def test_a_distilled_run_says_once_at_start_to_train_on_the_base(tmp_path, cli_in_process):
+    model = KLEIN.make_tiny(tmp_path / "distilled", variant="flux2_klein-distilled")
+    (tmp_path / "cfgs").symlink_to(REPO_ROOT / "cfgs")
+    data = make_demo_data(tmp_path / "data", num=1)
+    result = cli_in_process(train_args(model, data, 1), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if "step-distilled FLUX.2 [klein]" in line]
+    assert len(warnings) == 1 and "train on the base klein" in warnings[0], result.stderr[-3000:]
+    log = (next((tmp_path / "exps").iterdir()) / "train.log").read_text()
+    assert log.count("step-distilled FLUX.2 [klein]") == 1
