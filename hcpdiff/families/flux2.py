@@ -131,7 +131,8 @@ class Flux2Klein(Family):
                                               for i in range(DEEPEST_TEXT_LAYER, len(model.model.layers)))))
 
     def training_scheduler(self, scheduler_config: dict[str, Any]) -> Any:
-        """The model's own FlowMatchEulerDiscreteScheduler (dynamic shifting: the objective applies the pipeline's mu)."""
+        """The model's own FlowMatchEulerDiscreteScheduler (dynamic shifting: the objective applies the pipeline's
+        mu)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
@@ -158,7 +159,8 @@ class Flux2Klein(Family):
 
     def encode_latent_dist(self, vae: Any, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images [B, 3, H, W] -> the posterior's (mean, std) [B, 128, H/16, W/16], fp32, patchified and batch-normed
-        as Flux2KleinPipeline._encode_vae_image makes (its mean) latents (both linear per channel, so the std follows)."""
+        as Flux2KleinPipeline._encode_vae_image makes latents (its mean; both steps are linear per channel, so the
+        std follows)."""
         from diffusers import Flux2KleinPipeline
 
         dist = vae.encode(pixel_values.to(vae.device, dtype=vae.dtype)).latent_dist

@@ -2,11 +2,12 @@
 
 The real layout at tiny width and depth: a Flux2Transformer2DModel with 2 double-stream and 4 single-stream blocks
 (klein 4B has 5 and 20; the shipped config names layers by pattern, and every prompt is 512 tokens, so depth is CPU
-test time; 2 heads of 16, rope axes 4 x 4, no guidance embedding, 128 input channels = 32 VAE channels in 2x2 patches), the FLUX.2
-VAE (AutoencoderKLFlux2: 4 blocks, 8x, 32 latent channels, its batch-norm statistics over the 128 patchified channels,
-set to random values here so that the normalisation is not the identity), a 28-layer Qwen3ForCausalLM text encoder
-(the pipeline reads hidden states 9, 18 and 27, so 27 must be a middle layer, as in the real 36) and the offline Qwen2
-byte-level BPE tokenizer with Qwen3's chat template (tiny_z_image's). The scheduler config is FLUX.1-dev's, as
+test time; 2 heads of 16, rope axes 4 x 4, no guidance embedding, 128 input channels = 32 VAE channels in 2x2
+patches), the FLUX.2 VAE (AutoencoderKLFlux2: 4 blocks, 8x, 32 latent channels, its batch-norm statistics over the 128
+patchified channels, set to random values here so that the normalisation is not the identity, and a small posterior
+std), a 28-layer Qwen3ForCausalLM text encoder (the pipeline reads hidden states 9, 18 and 27, so 27 must be a
+middle layer, as in the real 36) and the offline Qwen2 byte-level BPE tokenizer with Qwen3's chat template
+(tiny_z_image's). The scheduler config is FLUX.1-dev's, as
 diffusers' convert_flux2_to_diffusers writes it (dynamic shifting; the pipeline computes its own mu).
 """
 from __future__ import annotations

@@ -58,7 +58,8 @@ def test_tiny_models_are_detected_as_klein_and_a_distilled_one_is_warned_about(t
     assert distilled.pipeline_settings == {"is_distilled": True}  # model_index.json's; nothing else tells them apart
     assert dict(distilled.noise_scheduler.config) == dict(parts.noise_scheduler.config)
     (warning,) = KLEIN.pipeline_warnings(distilled.pipeline_settings)
-    assert warning.startswith("this looks like a step-distilled FLUX.2 [klein]") and "train on the base klein" in warning
+    assert warning.startswith("this looks like a step-distilled FLUX.2 [klein]")
+    assert "train on the base klein" in warning
     # Qwen3's layers after the deepest state the pipeline reads (27) and the LM head never reach the transformer
     unused = KLEIN.unused_layers("text_encoder", parts.text_encoder)
     assert "lm_head" in unused and "model.layers.27.mlp.down_proj" in unused
