@@ -78,6 +78,36 @@ def test_conditioner_is_the_pipelines_encode_prompt_at_a_fixed_length(klein_pipe
     assert cut["encoder_hidden_states"].shape[1] == 64
 
 
+def test_text_encoder_lora_trains_through_the_conditioner(tiny_klein):
+    """lora_text_encoder on Qwen3: the layers after hidden state 27 are left out of a group's matches, set_text_encoder
+    routes prompts through the adapted (wrapped) encoder, and its LoRA gets gradients from the transformer's output."""
+    import copy
+
+    from hcpdiff.lora import LoraGroupSpec, attach_lora
+
+    parts = load_model_parts(str(tiny_klein))
+    encoder = copy.deepcopy(parts.text_encoder).requires_grad_(False)
+    (group,) = attach_lora(encoder, [LoraGroupSpec(lr=1e-4, layers=[r"re:model\.layers\.\d+\.self_attn\.q_proj"],
+                                                   rank=2)],
+                           "text_encoder", "lora_text_encoder", KLEIN.unused_layers("text_encoder", encoder))
+    assert sorted(int(layer.split(".")[2]) for layer in group.layers) == list(range(27))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # lora_B starts at 0, which blocks lora_A's gradient
+        for name, param in encoder.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    conditioner = KLEIN.build_conditioner(parts.components, 1, 0, max_sequence_length=32)
+    conditioner.set_text_encoder(encoder)
+    conditioning = conditioner([SHORT], {}, CPU)
+    plain = KLEIN.build_conditioner(parts.components, 1, 0, max_sequence_length=32)([SHORT], {}, CPU)
+    assert not torch.allclose(conditioning["encoder_hidden_states"], plain["encoder_hidden_states"])
+    prediction = KLEIN.denoise(parts.transformer, torch.randn(1, 128, 2, 2, generator=generator), torch.tensor([0.5]),
+                               conditioning)
+    prediction.square().mean().backward()
+    lora_params = [p for name, p in encoder.named_parameters() if "lora_A" in name]
+    assert lora_params and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_params)
+
+
 def test_latents_are_patchified_and_batch_normed_as_the_pipeline_makes_them(klein_pipe):
     vae = klein_pipe.vae
     pixels = torch.rand(1, 3, 32, 48) * 2 - 1
