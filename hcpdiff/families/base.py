@@ -112,6 +112,12 @@ class Family:
         step-distilled model: what to train on instead); the default has none."""
         return []
 
+    def pipeline_warnings(self, pipeline_settings: dict[str, Any]) -> list[str]:
+        """Warning lines the run logs once at start about this checkpoint, told by its model_index.json's settings
+        (ModelParts.pipeline_settings: FLUX.2 [klein]'s is_distilled) where its scheduler config tells nothing; the
+        default has none."""
+        return []
+
     # ---------------------------------------------------------------------------------------- latents
     def vae_scale_factor(self, read_config: ConfigReader) -> int:
         """Pixels per latent cell per side, from the VAE config (8 for real SD; tiny models keep the ratio)."""

@@ -87,7 +87,21 @@ def load_parts(source: str, family: Family, *, revision: str | None, local_files
         scheduler_config = DDPMScheduler.load_config(source, subfolder="scheduler", **common)
     except (OSError, ValueError) as err:
         raise ModelError(f"{where}: cannot load the scheduler of '{shown}': {err}") from err
-    return {"components": components, "noise_scheduler": family.training_scheduler(scheduler_config)}
+    return {"components": components, "noise_scheduler": family.training_scheduler(scheduler_config),
+            "pipeline_settings": pipeline_settings(source, common)}
+
+
+def pipeline_settings(source: str, common: dict[str, Any]) -> dict[str, Any]:
+    """model_index.json's entries that are settings of the pipeline, not parts ([library, class] pairs) nor `_` keys;
+    empty without a model_index.json."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = dict(DiffusionPipeline.load_config(source, **common))
+    except (OSError, ValueError):
+        return {}
+    return {key: value for key, value in index.items()
+            if not key.startswith("_") and not (isinstance(value, (list, tuple)) and len(value) == 2)}
 
 
 def load_model_parts(

@@ -1,7 +1,7 @@
 """The loaded parts of a base model, as one plain value."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from hcpdiff.families import PART_NAMES, Family
@@ -16,6 +16,8 @@ class ModelParts:
     components: dict[str, Any]  # diffusers folder name (unet / transformer, vae, text_encoder, tokenizer, ...) -> part
     noise_scheduler: Any  # the scheduler the family's objective trains with
     name_or_path: str  # as the user gave it
+    # model_index.json's own settings, not its parts (FLUX.2 [klein]'s is_distilled); empty for a single file
+    pipeline_settings: dict[str, Any] = field(default_factory=dict)
 
     def __getattr__(self, name: str) -> Any:
         """`parts.unet`, `parts.text_encoder_2`, ...: a part of this model, None for a part its family lacks."""

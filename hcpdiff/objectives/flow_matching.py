@@ -7,7 +7,7 @@ inference does. FlowMatchingObjective is configured by the flow-matching keys of
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
@@ -83,15 +83,20 @@ class FlowMatchingObjective:
     sigmoid_scale: float = 1.0
     shift: str = "resolution"
     shift_value: float = 1.0  # the static shift
+    # the resolution shift's exponent mu for latents of (height, width) cells; None: FluxPipeline's calculate_shift
+    # over 2x2-packed tokens (a family whose pipeline computes mu otherwise passes its own: FLUX.2)
+    resolution_mu: Callable[[int, int], float] | None = None
     weighting: str = "none"
     # score x0 = x_t - sigma * prediction against the clean latents instead of the velocity against noise - x0
     # (diffusers' train_dreambooth_lora_sd3 --precondition_outputs); the same minimum, weighted by sigma^2
     precondition_outputs: bool = False
 
     @classmethod
-    def from_spec(cls, scheduler: Any, spec: Any) -> "FlowMatchingObjective":
+    def from_spec(cls, scheduler: Any, spec: Any,
+                  resolution_mu: Callable[[int, int], float] | None = None) -> "FlowMatchingObjective":
         """From the flow-matching keys of `train.loss` (LossSpec); unset keys take the model's defaults: resolution
-        shift when its scheduler shifts dynamically (FLUX-dev), else its static shift (schnell: 1, i.e. none)."""
+        shift when its scheduler shifts dynamically (FLUX-dev), else its static shift (schnell: 1, i.e. none);
+        `resolution_mu` as the field."""
         config = scheduler.config
         values = {key: getattr(spec, key) for key in FLOW_LOSS_KEYS if getattr(spec, key) is not None}
         check_choice("sigma_sampling", values.get("sigma_sampling"), SIGMA_SAMPLINGS)
@@ -108,7 +113,7 @@ class FlowMatchingObjective:
                                   f"but {owner} is {chosen[owner]}")
         if values.get("logit_std", 1.0) <= 0 or values.get("shift_value", 1.0) <= 0:
             raise ConfigError("train.loss.logit_std / shift_value: must be > 0")
-        return cls(scheduler=scheduler, **values)
+        return cls(scheduler=scheduler, resolution_mu=resolution_mu, **values)
 
     def sample_sigmas(self, latents: torch.Tensor, generators: Generators = None) -> torch.Tensor:
         """Shifted sigmas [B] for latents [B, C, H, W]."""
@@ -117,6 +122,9 @@ class FlowMatchingObjective:
                                sigmoid_scale=self.sigmoid_scale, device=latents.device, generators=generators)
         if self.shift == "static":
             return static_shift(sigmas, self.shift_value)
+        if self.shift == "resolution" and self.resolution_mu is not None:
+            mu = self.resolution_mu(latents.shape[-2], latents.shape[-1])
+            return self.scheduler.time_shift(mu, 1.0, sigmas)
         if self.shift == "resolution":
             seq_len = (latents.shape[-2] // PATCH_SIZE) * (latents.shape[-1] // PATCH_SIZE)
             return self.scheduler.time_shift(resolution_mu(self.scheduler.config, seq_len), 1.0, sigmas)
@@ -147,7 +155,9 @@ def check_choice(key: str, value: str | None, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"train.loss.{key}: {value!r} is not one of {', '.join(choices)}")
 
 
-def flow_matching_objective(scheduler: Any, spec: Any, family: str) -> FlowMatchingObjective:
-    """A flow-matching family's objective from `train.loss`; DDPM-only keys set there are one error naming them."""
+def flow_matching_objective(scheduler: Any, spec: Any, family: str,
+                            resolution_mu: Callable[[int, int], float] | None = None) -> FlowMatchingObjective:
+    """A flow-matching family's objective from `train.loss`; DDPM-only keys set there are one error naming them.
+    `resolution_mu`: (latent height, width) -> the resolution shift's mu, for a pipeline that computes its own."""
     refuse_other_objective_keys(spec, DDPM_LOSS_KEYS, "DDPM", "flow matching", family)
-    return FlowMatchingObjective.from_spec(scheduler, spec)
+    return FlowMatchingObjective.from_spec(scheduler, spec, resolution_mu)

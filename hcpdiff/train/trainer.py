@@ -584,6 +584,8 @@ class Trainer:
                     self.parts.pixel_step)
         for warning in self.family.run_warnings(self.parts.noise_scheduler):  # a distilled checkpoint, ...
             logger.warning(warning)
+        for warning in self.family.pipeline_warnings(self.parts.pipeline_settings):  # ... told by model_index.json
+            logger.warning(warning)
         if not self.writes_resume_state:
             logger.info("%s: checkpoints are written, resumable state files are not (sharded optimizer state)",
                         self.accelerator.distributed_type.value)
