@@ -536,10 +536,11 @@ class Trainer:
             self.scheduler_spec.name, optimizer, self.scheduler_spec.num_warmup_steps,
             self.train_steps, self.scheduler_spec.scheduler_kwargs,
         )
-        # accelerate would move a block-swapping denoiser to the device whole
-        placement = [not (self.block_swapper and part == self.family.denoiser) for part in self.trained] + [True]
-        prepared = accelerator.prepare(*(trained.module for trained in self.trained.values()), optimizer,
-                                       device_placement=placement)
+        # accelerate would move a block-swapping denoiser to the device whole (block swap runs without DeepSpeed,
+        # which refuses any placement argument)
+        placement = ({"device_placement": [part != self.family.denoiser for part in self.trained] + [True]}
+                     if self.block_swapper else {})
+        prepared = accelerator.prepare(*(trained.module for trained in self.trained.values()), optimizer, **placement)
         for trained, module in zip(self.trained.values(), prepared[:-1]):
             trained.forward = module
         self.optimizer = prepared[-1]
