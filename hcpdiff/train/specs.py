@@ -80,6 +80,8 @@ class ModelSpec:
     # (Qwen-Image-Edit: 1024*1024). Renders always use the pipeline's: lower trains faster, less like it renders
     condition_area: Annotated[int | None, Bound(ge=1)] = None
     gradient_checkpointing: bool = False  # trade compute for memory in the U-Net (and trained text encoder)
+    # part -> int8 | fp8 | nf4: store that part's frozen Linear weights quantized (torchao); LoRAs stay in full precision
+    quantize: dict = field(default_factory=dict)
     preset_lora: list = field(default_factory=list)  # [{path, alpha}]: native LoRAs fused into the base before training
     init_lora: dict = field(default_factory=dict)  # {unet: path, text_encoder: path}: adapters start from these weights
     ema: Any = None  # null, or {decay: 0.999}: see EmaSpec
