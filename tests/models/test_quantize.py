@@ -127,3 +127,14 @@ def test_bad_quantize_values_are_one_error_line(tiny_flux, workspace, cli_in_pro
     line = one_error_line(cli_in_process(train_args(tiny_flux, workspace / "data", "train.train_steps=1", override,
                                                     "exp_dir=exps/refused"), cwd=workspace))
     assert line.startswith(message), line
+
+
+def test_text_cache_identity_reads_quantized_weights_and_tells_them_from_plain_ones(tiny_flux):
+    """The text cache's key hashes each encoder's weights: a quantized T5 (fp8) has an identity, not the plain one's."""
+    from hcpdiff.data.tensor_store import weights_identity
+
+    parts = load_model_parts(str(tiny_flux))
+    plain = weights_identity(parts.components["text_encoder_2"], "t5")
+    quantize_parts(parts.components, {"text_encoder_2": "fp8"}, torch.float32)
+    quantized = weights_identity(parts.components["text_encoder_2"], "t5")
+    assert quantized != plain and quantized == weights_identity(parts.components["text_encoder_2"], "t5")
