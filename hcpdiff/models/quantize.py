@@ -57,7 +57,8 @@ def torchao_config(kind: str) -> Any:
 
 
 def quantizable(layer: nn.Module, kind: str) -> bool:
-    """Whether one Linear's weight can take this quantization (nf4 needs whole 64-weight blocks and 256-scale blocks)."""
+    """Whether one frozen Linear's weight can take this quantization (nf4: whole blocks of 64 weights and of 256
+    scales)."""
     if not isinstance(layer, nn.Linear) or layer.weight.requires_grad or is_quantized(layer.weight):
         return False
     if kind == "nf4":
@@ -66,43 +67,49 @@ def quantizable(layer: nn.Module, kind: str) -> bool:
     return True
 
 
-def quantize_linear_weights(module: nn.Module, kind: str, where: str) -> tuple[int, int]:
-    """Quantize every frozen Linear weight in `module` in place (storage `kind`, compute in the weights' dtype);
-    returns (quantized, Linear layers in all). A library or device that cannot do it is one ConfigError naming
-    `where`, the kind and the device."""
+def quantize_linear_weights(module: nn.Module, kind: str, where: str,
+                            device: torch.device | None = None) -> tuple[int, int]:
+    """Quantize every frozen Linear weight in `module` in place (storage `kind`, compute in the weights' dtype), layer
+    by layer on `device` (there the layer stays; default: where it is), so a part larger than the device's memory in
+    bf16 never has to fit unquantized; returns (quantized, Linear layers in all). A library or device that cannot do
+    it (checked by one forward pass of the first quantized layer) is one ConfigError naming `where`, kind and device."""
     if kind not in QUANTIZATIONS:
         raise ConfigError(f"{where}: '{kind}' is not a quantization; use one of {', '.join(QUANTIZATIONS)}")
     linears = [layer for layer in module.modules() if isinstance(layer, nn.Linear)]
     chosen = [layer for layer in linears if quantizable(layer, kind)]
-    device = chosen[0].weight.device if chosen else torch.device("cpu")
     try:
-        import torchao  # noqa: F401
-    except ImportError as err:
-        raise ConfigError(f"{where}: {kind} quantization needs torchao, which is not installed; {INSTALL_HINT}") from err
-    try:
-        if kind == "nf4":
-            from torchao.quantization import to_nf4
-
-            for layer in chosen:
-                layer.weight = nn.Parameter(to_nf4(layer.weight.data, NF4_BLOCK, NF4_SCALER_BLOCK), requires_grad=False)
-        else:
-            from torchao.quantization import quantize_
-
-            ids = {id(layer) for layer in chosen}
-            quantize_(module, torchao_config(kind), filter_fn=lambda layer, _name: id(layer) in ids)
-    except (RuntimeError, ImportError, NotImplementedError, AssertionError, ValueError, TypeError) as err:
         import torchao
+    except ImportError as err:
+        raise ConfigError(f"{where}: {kind} quantization needs torchao, which is not installed; "
+                          f"{INSTALL_HINT}") from err
+    for index, layer in enumerate(chosen):
+        target = device if device is not None else layer.weight.device
+        compute_dtype = layer.weight.dtype
+        try:
+            layer.to(target)
+            if kind == "nf4":
+                from torchao.quantization import to_nf4
 
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"{where}: torchao {torchao.__version__} cannot quantize to {kind} on {device.type} "
-                          f"({first_line}); use another of {', '.join(QUANTIZATIONS)} or remove the key") from err
+                layer.weight = nn.Parameter(to_nf4(layer.weight.data, NF4_BLOCK, NF4_SCALER_BLOCK), requires_grad=False)
+            else:
+                from torchao.quantization import quantize_
+
+                quantize_(layer, torchao_config(kind))
+            if index == 0:  # the device's kernels run (or fail) here, not at the first training step
+                with torch.no_grad():
+                    layer(torch.zeros(1, layer.in_features, device=target, dtype=compute_dtype))
+        except (RuntimeError, ImportError, NotImplementedError, AssertionError, ValueError, TypeError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"{where}: torchao {torchao.__version__} cannot quantize to {kind} on "
+                              f"{torch.device(target).type} ({reason}); use another of {', '.join(QUANTIZATIONS)} or "
+                              "remove the key") from err
     return len(chosen), len(linears)
 
 
 def quantize_parts(components: Mapping[str, Any], quantize: Mapping[str, str], dtype: torch.dtype,
-                   where: str = "model.quantize") -> dict[str, tuple[int, int]]:
-    """Freeze each named part, cast its weights to `dtype` (the compute dtype), then quantize its Linear weights;
-    part -> (quantized, Linear layers in all)."""
+                   device: torch.device | None = None, where: str = "model.quantize") -> dict[str, tuple[int, int]]:
+    """Freeze each named part, cast its weights to `dtype` (the compute dtype), then quantize its Linear weights
+    layer by layer onto `device`; part -> (quantized, Linear layers in all)."""
     counts: dict[str, tuple[int, int]] = {}
     for part, kind in quantize.items():
         module: nn.Module = components[part]
@@ -110,5 +117,5 @@ def quantize_parts(components: Mapping[str, Any], quantize: Mapping[str, str], d
         for param in module.parameters():
             if not param.requires_grad and not is_quantized(param):
                 param.data = param.data.to(dtype)
-        counts[part] = quantize_linear_weights(module, kind, f"{where}.{part}")
+        counts[part] = quantize_linear_weights(module, kind, f"{where}.{part}", device)
     return counts

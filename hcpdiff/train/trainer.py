@@ -305,8 +305,10 @@ class Trainer:
             self.objective = self._check_for_family(self.family, self.parts.noise_scheduler, absent)
         fuse_preset_loras(self.parts, spec.preset_lora)
         if spec.quantize:  # after preset LoRAs are fused into the base, before LoRA attaches
-            for part, (done, total) in quantize_parts(self.parts.components, spec.quantize, self.weight_dtype).items():
-                rest = f"; the other {total - done} keep {str(self.weight_dtype).removeprefix('torch.')}" * (done < total)
+            for part, (done, total) in quantize_parts(self.parts.components, spec.quantize, self.weight_dtype,
+                                                          self.accelerator.device).items():
+                kept = str(self.weight_dtype).removeprefix("torch.")
+                rest = f"; the other {total - done} keep {kept}" * (done < total)
                 logger.info(f"model.quantize: {done} of the {part}'s {total} Linear layers store {spec.quantize[part]} "
                             f"weights{rest}")
         # an editing family's conditioner also encodes the input images, at this area
