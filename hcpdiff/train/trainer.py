@@ -515,6 +515,13 @@ class Trainer:
             self.scheduler_spec.name, optimizer, self.scheduler_spec.num_warmup_steps,
             self.train_steps, self.scheduler_spec.scheduler_kwargs,
         )
+        for trained in self.trained.values():
+            # DDP broadcasts every parameter when it wraps a module, which torchao's quantized tensors do not support;
+            # they are frozen and the same in every process (same file, same deterministic quantization)
+            quantized = [name for name, param in trained.module.named_parameters() if is_quantized(param)]
+            if quantized:
+                torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                    trained.module, quantized)
         prepared = accelerator.prepare(*(trained.module for trained in self.trained.values()), optimizer)
         for trained, module in zip(self.trained.values(), prepared[:-1]):
             trained.forward = module
