@@ -20,6 +20,15 @@ from hcpdiff.errors import DataError
 from hcpdiff.folders import make_folder
 
 
+def plain_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding a tensor's data: itself, or a quantized tensor subclass's stored parts (torchao's
+    int8 / fp8 / nf4 weights keep their data and scales as inner tensors, listed by `__tensor_flatten__`)."""
+    if type(tensor) is torch.Tensor or not hasattr(tensor, "__tensor_flatten__"):
+        return [tensor]
+    names, _ = tensor.__tensor_flatten__()
+    return [plain for name in names for plain in plain_tensors(getattr(tensor, name))]
+
+
 def weights_identity(module: torch.nn.Module, name_or_path: str, bytes_per_tensor: int = 4096,
                      first_tensor_bytes: int = 1 << 20) -> str:
     """`<model path>|<dtype>|<sha256 of the config, every tensor's name and shape, its first bytes and 1 MiB of the
@@ -33,9 +42,10 @@ def weights_identity(module: torch.nn.Module, name_or_path: str, bytes_per_tenso
         if index == 0:
             dtype = str(tensor.dtype).replace("torch.", "")
         limit = first_tensor_bytes if index == 0 else bytes_per_tensor
-        head = tensor.detach().reshape(-1)[: max(1, limit // tensor.element_size())]
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(head.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{type(tensor).__name__}".encode())
+        for stored in plain_tensors(tensor.detach()):
+            head = stored.reshape(-1)[: max(1, limit // stored.element_size())]
+            digest.update(head.cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return f"{name_or_path}|{dtype}|{digest.hexdigest()[:16]}"
 
 

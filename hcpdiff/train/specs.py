@@ -85,6 +85,8 @@ class ModelSpec:
     # blocks' inputs in CPU memory until backward
     gradient_checkpointing: bool | Literal["offload"] = False
     blocks_to_swap: Annotated[int, Bound(ge=0, note="0: off")] = 0  # transformer blocks kept in CPU memory, copied in to run
+    # part -> int8 | fp8 | nf4: store that part's frozen Linear weights quantized (torchao); LoRAs stay in full precision
+    quantize: dict = field(default_factory=dict)
     preset_lora: list = field(default_factory=list)  # [{path, alpha}]: native LoRAs fused into the base before training
     init_lora: dict = field(default_factory=dict)  # {unet: path, text_encoder: path}: adapters start from these weights
     ema: Any = None  # null, or {decay: 0.999}: see EmaSpec

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from hcpdiff.lora.spec import AttachedGroup
 from hcpdiff.lora.state_io import lora_metadata
 from hcpdiff.models import cast_floats, enable_gradient_checkpointing, load_model_parts
 from hcpdiff.models.loading import peek_model
+from hcpdiff.models.quantize import check_quantize_parts, check_quantize_values, is_quantized, quantize_parts
 from hcpdiff.objectives.ddpm import sample_noise
 from hcpdiff.train.exp_dir import (LOCK_NAME, claim_exp_dir, lock_exp_dir, remove_if_no_outputs,
                                    remove_stale_temp_files, unlock_exp_dir)
@@ -149,6 +151,9 @@ class Trainer:
                 problems.add("train.optimizer: missing; give a `_target_` optimizer with `_partial_: true`")
         if self.model_spec is not None and not self.model_spec.pretrained_model_name_or_path:
             problems.add("model.pretrained_model_name_or_path: missing; give a diffusers folder or a hub id")
+        if self.model_spec is not None:
+            for message in check_quantize_values(self.model_spec.quantize):
+                problems.add(message)
         # groups that exist but failed to read have their own message; "none configured" would be false beside it
         any_group = any(cfg.get(f"lora_{part}") or cfg.get(part) for part in TRAINABLE_PARTS)
         if not any_group and not wants_embeddings(cfg):
@@ -305,6 +310,13 @@ class Trainer:
             absent = tuple(part for part in self.family.trainable_parts if self.parts.components.get(part) is None)
             self.objective = self._check_for_family(self.family, self.parts.noise_scheduler, absent)
         fuse_preset_loras(self.parts, spec.preset_lora)
+        if spec.quantize:  # after preset LoRAs are fused into the base, before LoRA attaches
+            for part, (done, total) in quantize_parts(self.parts.components, spec.quantize, self.weight_dtype,
+                                                          self.accelerator.device).items():
+                kept = str(self.weight_dtype).removeprefix("torch.")
+                rest = f"; the other {total - done} keep {kept}" * (done < total)
+                logger.info(f"model.quantize: {done} of the {part}'s {total} Linear layers store {spec.quantize[part]} "
+                            f"weights{rest}")
         # an editing family's conditioner also encodes the input images, at this area
         condition = {"condition_area": spec.condition_area} if self.family.condition_images else {}
         self.conditioner = self.family.build_conditioner(self.parts.components, spec.tokenizer_repeats, spec.clip_skip,
@@ -329,6 +341,14 @@ class Trainer:
         if self.model_spec.blocks_to_swap and not family.block_lists:
             problems.add(f"model.blocks_to_swap: a {family.description} model has no transformer blocks to swap; "
                          "remove it (gradient_checkpointing lowers a U-Net's memory)")
+        quantize = self.model_spec.quantize or {}
+        for message in check_quantize_parts(quantize, [p for p in family.trainable_parts if p not in absent],
+                                            family.description):
+            problems.add(message)
+        for part in quantize:
+            if self.finetune_specs.get(part):
+                problems.add(f"model.quantize.{part}: the {part} is fully fine-tuned ({part}: groups), and only frozen "
+                             "weights can be quantized; remove one of the two")
         problems.raise_any()
         family.check_run(self.cfg.get("mixed_precision"))
         return family.build_objective(noise_scheduler, self.extras.loss)
@@ -372,8 +392,12 @@ class Trainer:
             model = self.parts.components[part]
             # Fine-tuned parameters are picked by their plain names, before adapters wrap the layers holding them.
             finetune = select_finetune_groups(model, finetune_specs, part)
-            attached = (attach_lora(model, lora_specs, part, key, self.family.unused_layers(part, model))
-                        if lora_specs else [])
+            with warnings.catch_warnings():
+                # peft warns that an adapter on a torchao layer cannot merge into it; training never merges, and the
+                # visualizer merges into an unquantized base
+                warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
+                attached = (attach_lora(model, lora_specs, part, key, self.family.unused_layers(part, model))
+                            if lora_specs else [])
             enable_finetuning(finetune)  # after attach_lora froze everything but the adapters
             self.trained[part] = TrainedPart(part, model, lora_specs, attached, finetune)
             if attached:
@@ -416,7 +440,7 @@ class Trainer:
                 continue
             dtype = self.weight_dtype if part != "vae" or self.weight_dtype == torch.bfloat16 else torch.float32
             for param in module.parameters():
-                if not param.requires_grad:
+                if not param.requires_grad and not is_quantized(param):  # quantized storage keeps its own dtype
                     param.data = param.data.to(dtype)
             if part == self.family.denoiser and self.model_spec.blocks_to_swap:
                 self.block_swapper = self._swap_blocks(module)  # the swapped blocks never reach the device whole
@@ -536,6 +560,13 @@ class Trainer:
             self.scheduler_spec.name, optimizer, self.scheduler_spec.num_warmup_steps,
             self.train_steps, self.scheduler_spec.scheduler_kwargs,
         )
+        for trained in self.trained.values():
+            # DDP broadcasts every parameter when it wraps a module, which torchao's quantized tensors do not support;
+            # they are frozen and the same in every process (same file, same deterministic quantization)
+            quantized = [name for name, param in trained.module.named_parameters() if is_quantized(param)]
+            if quantized:
+                torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                    trained.module, quantized)
         # accelerate would move a block-swapping denoiser to the device whole (block swap runs without DeepSpeed,
         # which refuses any placement argument)
         placement = ({"device_placement": [part != self.family.denoiser for part in self.trained] + [True]}
