@@ -16,8 +16,9 @@ from omegaconf import OmegaConf
 
 from hcpdiff.cli import run_cli
 from hcpdiff.config.loader import load_config, load_tree
-from hcpdiff.config.v1_compat import (is_v1_infer, is_v1_train, referenced_keys, translate_infer,
-                                      translate_train)
+from hcpdiff.config.v1_compat import is_v1_infer, is_v1_train, referenced_keys
+from hcpdiff.config.v1_infer import translate_infer
+from hcpdiff.config.v1_train import translate_train
 from hcpdiff.errors import ConfigError
 
 INFER_KEYS = ("pretrained_model", "infer_args", "interface", "new_components", "prompt")

@@ -7,7 +7,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from hcpdiff.config import load_config
-from hcpdiff.config.v1_compat import is_v1_infer, is_v1_train, translate_infer, translate_train
+from hcpdiff.config.v1_compat import is_v1_infer, is_v1_train
+from hcpdiff.config.v1_infer import translate_infer
+from hcpdiff.config.v1_train import translate_train
 from hcpdiff.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,8 +36,8 @@ def test_loss_ema_loggers_buckets_and_deleted_keys():
                       "optimizer": {"_target_": "torch.optim.AdamW", "type": "---"}},
             "logger": [{"_target_": "hcpdiff.loggers.TBLogger", "log_step": 5},
                        {"_target_": "hcpdiff.loggers.WanDBLogger", "log_step": 7}],
-            "data": {"d": {"source": {"s": {"img_root": "i", "caption_file": {"_targe_": "hcpdiff.data.JsonCaptionLoader",
-                                                                               "path": "c.json"}}},
+            "data": {"d": {"source": {"s": {"img_root": "i", "caption_file": {  # `_targe_`: v1's own DreamArtist++ typo
+                "_targe_": "hcpdiff.data.JsonCaptionLoader", "path": "c.json"}}},
                            "bucket": {"_target_": "hcpdiff.data.bucket.SizeBucket.from_files", "num_bucket": 1,
                                       "target_area": "---"}}}}
     out = translate_train(tree).tree

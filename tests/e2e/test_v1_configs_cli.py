@@ -80,7 +80,8 @@ def test_v1_fine_tuning_and_dreambooth_train_after_migrate(cli_in_process, workd
 
 @pytest.mark.parametrize("name, words", [
     ("textual_inversion", ["`tokenizer_pt.train`", "embeddings: {emb_dir, train: [{name, lr}]}"]),
-    ("controlnet", ["`plugin_unet`", "TextImageCondPairDataset", "Text2ImageCondSource", "ControlNet is not supported"]),
+    ("controlnet", ["`plugin_unet`", "TextImageCondPairDataset", "Text2ImageCondSource",
+                    "ControlNet is not supported"]),
 ])
 def test_v1_unsupported_train_configs_stop_in_one_line(cli_in_process, workdir, v1_dir, one_error_line, name, words):
     """Textual inversion (not in this branch) and ControlNet stop before any model loads, in training and migration."""
