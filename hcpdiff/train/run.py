@@ -10,7 +10,7 @@ from types import FrameType
 from typing import Iterator
 
 from hcpdiff.cli import cfg_parser
-from hcpdiff.config import load_config
+from hcpdiff.config.v1_compat import MIGRATE_HINT, load_maybe_v1
 from hcpdiff.errors import ConfigError
 from hcpdiff.train.logs import setup_console_logging
 
@@ -89,6 +89,7 @@ def interrupted_exit(err) -> int:
     return err.exit_code
 
 
+V1_READ = "%s is an HCP-Diffusion v1 config, read as today's: %s. `%s` writes it in today's spelling."
 SEVERAL_PROCESSES = "hcpdiff.train_ac_single runs one process; launch hcpdiff.train_ac for several"
 
 
@@ -104,7 +105,9 @@ def main(argv: list[str], *, prog: str, single_process: bool) -> int:
     from hcpdiff.families import TRAINABLE_PARTS
     from hcpdiff.train.specs import top_level_keys
 
-    cfg = load_config(args.cfg, args.overrides, top_level=top_level_keys(TRAINABLE_PARTS))
+    cfg, v1 = load_maybe_v1(args.cfg, args.overrides, kind="train", top_level=top_level_keys(TRAINABLE_PARTS))
+    if v1 is not None:
+        logging.getLogger("hcpdiff.train").warning(V1_READ, args.cfg, v1.summary(), MIGRATE_HINT)
     from hcpdiff.train.signals import TrainingInterrupted
 
     try:
