@@ -16,7 +16,8 @@ from typing import Any
 from hcpdiff.errors import ConfigError
 
 V1_TRAIN_KEYS = ("tokenizer_pt", "logger", "ckpt_type", "vis_info", "plugin_unet", "plugin_TE")
-V1_INFER_KEYS = ("emb_dir", "N_repeats", "clip_final_norm", "encoder_attention_mask", "amp", "condition", "ex_input",
+# (v1's `emb_dir` is today's too: prompt embeddings by name)
+V1_INFER_KEYS = ("N_repeats", "clip_final_norm", "encoder_attention_mask", "amp", "condition", "ex_input",
                  "offload", "vae_optimize", "interface", "save_model")
 V1_MODEL_KEYS = ("enable_xformers", "force_cast_precision", "ema_unet", "ema_text_encoder", "clip_final_norm",
                  "tokenizer", "noise_scheduler", "unet", "text_encoder", "vae")

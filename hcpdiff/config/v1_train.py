@@ -134,9 +134,8 @@ def _train_section(tree: dict, out: Translation) -> None:
     cfg_scale = train.pop("cfg_scale", None)
     if cfg_scale is not None and str(cfg_scale) not in ("1", "1.0"):
         out.refuse("train.cfg_scale", targets.DREAMARTIST)
-    for key in ("optimizer_pt", "scheduler_pt", "scale_lr_pt"):
-        if key in train and not tree.get("embeddings"):
-            out.drop(train, key, "train")
+    for key in ("optimizer_pt", "scheduler_pt", "scale_lr_pt"):  # embeddings train in train.optimizer at their lr
+        out.drop(train, key, "train")
     resume = train.get("resume")
     if isinstance(resume, dict):
         out.refuse("train.resume", "v1's {ckpt_path, start_step} is replaced by train.resume: <experiment folder>")

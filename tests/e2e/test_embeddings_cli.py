@@ -176,12 +176,12 @@ def test_pivotal_tuning_in_v1_spelling_writes_both_checkpoints(workdir, tiny_mod
     assert result.returncode == 0, result.stderr[-3000:]
     ckpts = sorted(p.name for p in (workdir / "exps/piv/ckpts").iterdir())
     assert ckpts == ["pt-cat1-2.safetensors", "unet-2.safetensors"]
-    assert "tokenizer_pt: read as `embeddings:`" in result.stderr
+    assert "`tokenizer_pt`: -> embeddings" in result.stderr  # read as today's embeddings: (the v1 translation says so)
 
     missing = cli_in_process([*args, "tokenizer_pt.train=[{name: pt-dog9, lr: 0.01}]", "exp_dir=exps/none"],
                              cwd=workdir)
     line = one_error_line(missing)
-    assert "tokenizer_pt.train[0].name: embedding 'pt-dog9' not found" in line and "holds pt-cat1" in line
+    assert "embeddings.train[0].name: embedding 'pt-dog9' not found" in line and "holds pt-cat1" in line
     assert not (workdir / "exps/none").exists()
 
 

@@ -79,12 +79,11 @@ def test_v1_fine_tuning_and_dreambooth_train_after_migrate(cli_in_process, workd
 
 
 @pytest.mark.parametrize("name, words", [
-    ("textual_inversion", ["`tokenizer_pt.train`", "embeddings: {emb_dir, train: [{name, lr}]}"]),
     ("controlnet", ["`plugin_unet`", "TextImageCondPairDataset", "Text2ImageCondSource",
                     "ControlNet is not supported"]),
 ])
 def test_v1_unsupported_train_configs_stop_in_one_line(cli_in_process, workdir, v1_dir, one_error_line, name, words):
-    """Textual inversion (not in this branch) and ControlNet stop before any model loads, in training and migration."""
+    """ControlNet stops before any model loads, in training and migration."""
     trained = cli_in_process(["-m", "hcpdiff.train_ac_single", "--cfg", str(v1_dir / f"{name}.yaml")], cwd=workdir)
     migrated = cli_in_process(["-m", "hcpdiff.tools.migrate_v1", str(v1_dir / f"{name}.yaml"), "new.yaml"],
                               cwd=workdir)
@@ -120,3 +119,19 @@ def test_v1_infer_configs_render_or_stop(cli_in_process, workdir, v1_dir, tiny_m
                              cwd=workdir)
     line = one_error_line(refused)
     assert "`ex_input`" in line and "`merge.group1.plugin`" in line and "ControlNet is not supported" in line
+
+
+def test_v1_textual_inversion_migrates_to_embeddings(cli_in_process, workdir, v1_dir, one_error_line):
+    """v1's tokenizer_pt becomes `embeddings:` (its optimizer_pt / scheduler_pt dropped: embeddings train in
+    train.optimizer at their own lr); run as v1 wrote it, the one line left names the embedding to create."""
+    import yaml
+
+    migrated = cli_in_process(["-m", "hcpdiff.tools.migrate_v1", str(v1_dir / "textual_inversion.yaml"), "new.yaml"],
+                              cwd=workdir)
+    assert migrated.returncode == 0, migrated.stderr[-2000:]
+    written = yaml.safe_load((workdir / "new.yaml").read_text())
+    assert written["embeddings"]["train"] == [{"name": "pt-catgirl1", "lr": 0.003}] and "tokenizer_pt" not in written
+    assert not {"optimizer_pt", "scheduler_pt", "scale_lr_pt"} & set(written["train"])
+    line = one_error_line(cli_in_process(["-m", "hcpdiff.train_ac_single", "--cfg",
+                                          str(v1_dir / "textual_inversion.yaml")], cwd=workdir))
+    assert "embedding 'pt-catgirl1' not found" in line and "create_embedding" in line
