@@ -8,7 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+import numpy as np
 import torch
+from PIL import Image
 
 from hcpdiff.errors import ConfigError
 
@@ -205,6 +207,29 @@ class Family:
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
+
+
+def to_pil(pixels: torch.Tensor) -> Image.Image:
+    """An image tensor [3, H, W] in [-1, 1] as the RGB image it was read from (exact for 8-bit images)."""
+    array = pixels.detach().float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+    return Image.fromarray(np.ascontiguousarray(array.permute(1, 2, 0).cpu().numpy()), "RGB")
+
+
+def batch_condition_images(batch: dict[str, Any]) -> list[list[Any]]:
+    """Each sample's input images as PIL images (RGB), from the batch's `condition_pixels` [B, K, 3, H, W]: what an
+    editing family's pipeline is given at render time."""
+    return [[to_pil(pixels) for pixels in sample] for sample in batch["condition_pixels"]]
+
+
+def pad_sequences(captions: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-prompt states [L_i, D] -> (states [B, L, D] zero-padded to the longest, mask [B, L] long: 1 for a token),
+    as the pipelines pad a batch of prompts of different lengths."""
+    longest = max(caption.shape[0] for caption in captions)
+    states = torch.stack([torch.cat([caption, caption.new_zeros(longest - caption.shape[0], caption.shape[1])])
+                          for caption in captions])
+    lengths = torch.tensor([caption.shape[0] for caption in captions], device=states.device)
+    mask = (torch.arange(longest, device=states.device)[None, :] < lengths[:, None]).long()
+    return states, mask
 
 
 def pipeline_text_encoder(text_encoder: torch.nn.Module) -> torch.nn.Module:

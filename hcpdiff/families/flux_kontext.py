@@ -17,10 +17,9 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
-from hcpdiff.families.base import ConfigReader
+from hcpdiff.families.base import ConfigReader, batch_condition_images
 from hcpdiff.families.flux import (PACKING, Flux, FluxConditioner, default_max_sequence_length, pack_latents,
                                    unpack_latents)
-from hcpdiff.families.qwen_image_edit import to_pil
 
 
 def kontext_pipeline(components: dict[str, Any], scheduler: Any = None, transformer: Any = None) -> Any:
@@ -74,7 +73,7 @@ class FluxKontextConditioner(FluxConditioner):
 
     def __call__(self, prompts: list[str], batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         conditioning = super().__call__(prompts, batch, device)
-        images = [to_pil(pixels[0]) for pixels in batch["condition_pixels"]]  # [B, 1, 3, H, W]: one per sample
+        images = [sample[0] for sample in batch_condition_images(batch)]  # one per sample
         return {**conditioning, **encode_kontext_images(self.pipe, images, device, self.area)}
 
 

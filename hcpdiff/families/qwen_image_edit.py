@@ -12,11 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-import numpy as np
 import torch
 from PIL import Image
 
-from hcpdiff.families.base import ConfigReader
+from hcpdiff.families.base import ConfigReader, batch_condition_images
 from hcpdiff.families.qwen_image import (PACKING, QwenImage, call_transformer, pack_latents, plain_prompts,
                                          unpack_latents)
 
@@ -52,15 +51,9 @@ def edit_pipeline(components: dict[str, Any], scheduler: Any = None, transformer
     conditioner's)."""
     import diffusers
 
-    return getattr(diffusers, pipeline_class)(scheduler=scheduler, vae=components["vae"], text_encoder=components["text_encoder"],
-                                 tokenizer=components["tokenizer"], processor=components["processor"],
-                                 transformer=transformer)
-
-
-def to_pil(pixels: torch.Tensor) -> Image.Image:
-    """An image tensor [3, H, W] in [-1, 1] as the RGB image it was read from (exact for 8-bit images)."""
-    array = pixels.detach().float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
-    return Image.fromarray(np.ascontiguousarray(array.permute(1, 2, 0).cpu().numpy()), "RGB")
+    pipeline = getattr(diffusers, pipeline_class)
+    return pipeline(scheduler=scheduler, vae=components["vae"], text_encoder=components["text_encoder"],
+                    tokenizer=components["tokenizer"], processor=components["processor"], transformer=transformer)
 
 
 def edit_size(image: Image.Image, area: int = EDIT_AREA) -> tuple[int, int]:
@@ -101,7 +94,7 @@ class QwenImageEditConditioner:
         self.area = area
 
     def __call__(self, prompts: list[str], batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-        images = [to_pil(pixels[0]) for pixels in batch["condition_pixels"]]  # [B, 1, 3, H, W]: one per sample
+        images = [sample[0] for sample in batch_condition_images(batch)]  # one per sample
         return encode_edit(self.pipe, prompts, images, device, self.area)
 
     def set_text_encoder(self, text_encoder: torch.nn.Module, index: int = 0) -> None:

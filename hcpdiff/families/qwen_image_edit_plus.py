@@ -15,8 +15,8 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
-from hcpdiff.families.base import ConfigReader
-from hcpdiff.families.qwen_image_edit import EDIT_AREA, QwenImageEdit, QwenImageEditConditioner, edit_pipeline, to_pil
+from hcpdiff.families.base import ConfigReader, batch_condition_images, pad_sequences
+from hcpdiff.families.qwen_image_edit import EDIT_AREA, QwenImageEdit, QwenImageEditConditioner, edit_pipeline
 
 PIPELINE = "QwenImageEditPlusPipeline"
 VL_AREA = 384 * 384  # the pipeline's CONDITION_IMAGE_SIZE: the area Qwen2.5-VL reads each input image at
@@ -52,25 +52,15 @@ def encode_edit_plus(pipe: Any, prompt: str, images: list[Image.Image], device: 
             "condition_latents": torch.cat(tokens, dim=1).float(), "condition_sizes": tuple(sizes)}
 
 
-def pad_and_stack(states: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample prompt states [1, L_i, D] and masks [1, L_i] -> one batch padded to the longest, as the pipelines
-    pad a batch (zeros, mask 0)."""
-    longest = max(state.shape[1] for state in states)
-    padded = [torch.cat([state, state.new_zeros(1, longest - state.shape[1], state.shape[2])], dim=1)
-              for state in states]
-    padded_masks = [torch.cat([mask, mask.new_zeros(1, longest - mask.shape[1])], dim=1) for mask in masks]
-    return torch.cat(padded), torch.cat(padded_masks)
-
-
 class QwenImageEditPlusConditioner(QwenImageEditConditioner):
     """(prompts, batch with `condition_pixels` [B, K, 3, H, W]) -> padded prompt states and mask, and each sample's
     K input images' packed latents (as many, of one size, for every sample of a batch)."""
 
     def __call__(self, prompts: list[str], batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-        samples = [encode_edit_plus(self.pipe, prompt, [to_pil(pixels) for pixels in sample_pixels], device, self.area)
-                   for prompt, sample_pixels in zip(prompts, batch["condition_pixels"])]
-        embeds, mask = pad_and_stack([s["encoder_hidden_states"] for s in samples],
-                                     [s["encoder_hidden_states_mask"] for s in samples])
+        samples = [encode_edit_plus(self.pipe, prompt, images, device, self.area)
+                   for prompt, images in zip(prompts, batch_condition_images(batch))]
+        # one prompt per call: each sample's states are all its own tokens
+        embeds, mask = pad_sequences([s["encoder_hidden_states"][0] for s in samples])
         return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask,
                 "condition_latents": torch.cat([s["condition_latents"] for s in samples]),
                 "condition_sizes": samples[0]["condition_sizes"]}

@@ -20,7 +20,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from hcpdiff.errors import ConfigError, ModelError
-from hcpdiff.families.base import ConfigReader, Family, pipeline_text_encoder
+from hcpdiff.families.base import ConfigReader, Family, pad_sequences, pipeline_text_encoder
 
 PATCH = 2  # the transformer's 2x2 latent patches (all_patch_size)
 MAX_SEQUENCE_LENGTH = 512  # chat-templated prompt tokens: ZImagePipeline.__call__'s default
@@ -45,16 +45,6 @@ def text_pipeline(components: dict[str, Any]) -> Any:
 
     return ZImagePipeline(scheduler=None, vae=None, transformer=None, text_encoder=components["text_encoder"],
                           tokenizer=components["tokenizer"])
-
-
-def pad_captions(captions: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-prompt states [L_i, D] -> (states [B, L, D] zero-padded to the longest, mask [B, L] long: 1 for a token)."""
-    longest = max(caption.shape[0] for caption in captions)
-    states = torch.stack([torch.cat([caption, caption.new_zeros(longest - caption.shape[0], caption.shape[1])])
-                          for caption in captions])
-    lengths = torch.tensor([caption.shape[0] for caption in captions], device=states.device)
-    mask = (torch.arange(longest, device=states.device)[None, :] < lengths[:, None]).long()
-    return states, mask
 
 
 def unpad_captions(states: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
@@ -83,7 +73,7 @@ class ZImageConditioner:
 
     def __call__(self, prompts: list[str], batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         """The transformer's caption inputs for one batch, encoded as ZImagePipeline encodes them."""
-        states, mask = pad_captions(encode_prompts(self.pipe, prompts, self.max_sequence_length, device))
+        states, mask = pad_sequences(encode_prompts(self.pipe, prompts, self.max_sequence_length, device))
         return {"cap_feats": states, "cap_mask": mask}
 
     def set_text_encoder(self, text_encoder: torch.nn.Module, index: int = 0) -> None:
