@@ -2,7 +2,8 @@
 
 The family comes from a native file's metadata (a kohya file's from its names): FLUX.1 files use kohya's FLUX names
 in BFL's original layout, SD3 / SD3.5 files kohya's SD3 names in the original MMDiT layout (q / k / v fused exactly
-in both), SD and SDXL ones kohya's SD names (`--sdxl` for SDXL's).
+in both), SD and SDXL ones kohya's SD names (SDXL's told by the metadata, a second CLIP or the base model
+folder; `--sdxl` for files that tell none of these).
 
 Alpha: hcpdiff, kohya and the webui all scale a layer by alpha / rank, so alpha is copied as is and the
 converted file has exactly the native effect. `--auto_scale_alpha` is kept for HCP-Diffusion v1 commands
@@ -74,11 +75,11 @@ def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
 
 
 def native_parts(
-    lora_path: str | None, lora_path_te: str | None, lora_path_te2: str | None = None, sdxl: bool = False,
+    lora_path: str | None, lora_path_te: str | None, lora_path_te2: str | None = None,
     lora_path_te3: str | None = None,
 ) -> NativeParts:
     """The native (state, metadata) given on the command line, by part (any subset, at least one); a file of another
-    part, or an SD-layout SDXL file without `sdxl` (its webui names differ), is an error."""
+    part is an error."""
     if not lora_path and not lora_path_te and not lora_path_te2 and not lora_path_te3:
         raise ModelError("give at least one native LoRA: --lora_path (U-Net or transformer), --lora_path_TE (text "
                          "encoder), --lora_path_TE2 (SDXL's second text encoder, FLUX's T5, SD3's CLIP-G), "
@@ -93,14 +94,21 @@ def native_parts(
                 part = metadata["part"]  # the denoiser of the file's family: a U-Net, or FLUX's transformer
             if metadata.get("part", part) != part:
                 raise ModelError(f"{flag} '{path}' is a {metadata['part']} LoRA; {flag} takes the {part} one.")
-            # files of another family say so (FLUX, SD3's CLIP-G): only SD / SDXL files need --sdxl
-            sdxl_file = metadata.get("family") in (None, "sdxl")
-            if not sdxl and sdxl_file and (part == "text_encoder_2"
-                                           or base_model_is_sdxl(metadata.get("base_model", ""))):
-                raise ModelError(f"{flag} '{path}' is an SDXL LoRA; add --sdxl (kohya's SDXL names: lora_te1_ / lora_te2_).")
             check_layers_exist(state, path, part, metadata.get("base_model", ""))
             parts[part] = (state, metadata)
     return parts
+
+
+def files_are_sdxl(parts: NativeParts) -> bool:
+    """Whether SD-layout native files are SDXL's (their kohya names differ from SD1/2's): the metadata's family says
+    so, or there is a second CLIP of no other family, or the base model named in the metadata is a local SDXL folder.
+    Files that tell none of these (HCP-Diffusion v1's) read as SD1/2 unless `--sdxl` is given."""
+    for part, (_, metadata) in parts.items():
+        family = metadata.get("family")
+        if family == "sdxl" or (family is None and (part == "text_encoder_2"
+                                                    or base_model_is_sdxl(metadata.get("base_model", "")))):
+            return True
+    return False
 
 
 def is_model_folder(path: str | None) -> bool:
@@ -287,11 +295,12 @@ def to_webui_of_family(args: argparse.Namespace, family: Family, parts: NativePa
 def to_webui(args: argparse.Namespace) -> None:
     """Write one webui file holding the U-Net and text-encoder LoRAs given, with the metadata kohya writes."""
     webui: dict[str, torch.Tensor] = {}
-    prefixes = SDXL_WEBUI_PREFIX if args.sdxl else WEBUI_PREFIX
-    parts = native_parts(args.lora_path, args.lora_path_TE, args.lora_path_TE2, args.sdxl, args.lora_path_TE3)
+    parts = native_parts(args.lora_path, args.lora_path_TE, args.lora_path_TE2, args.lora_path_TE3)
     if (family := files_family(parts)) is not None and family.has_webui_layout:
         to_webui_of_family(args, family, parts)
         return
+    args.sdxl = args.sdxl or files_are_sdxl(parts)
+    prefixes = SDXL_WEBUI_PREFIX if args.sdxl else WEBUI_PREFIX
     refuse_unwritable_webui_parts(parts, prefixes)
     states = {part: state for part, (state, _) in parts.items()}
     base_model = args.model or next(
@@ -313,7 +322,7 @@ def to_webui(args: argparse.Namespace) -> None:
 def to_diffusers(args: argparse.Namespace) -> None:
     """Write a `pytorch_lora_weights.safetensors` for diffusers' `load_lora_weights` (alpha folded into B)."""
     out: dict[str, torch.Tensor] = {}
-    for part, (state, _) in native_parts(args.lora_path, args.lora_path_TE, args.lora_path_TE2, True,
+    for part, (state, _) in native_parts(args.lora_path, args.lora_path_TE, args.lora_path_TE2,
                                          args.lora_path_TE3).items():
         if part not in DIFFUSERS_PREFIX:  # SD3's T5: StableDiffusion3Pipeline loads LoRAs of the two CLIPs only
             raise ModelError(f"--to_diffusers: diffusers' load_lora_weights loads no {part} LoRA; convert it with "
@@ -335,11 +344,10 @@ def from_webui(args: argparse.Namespace) -> None:
         return
     if metadata.get("format") == FORMAT or not is_webui_state(state):
         raise ModelError(f"--from_webui: '{args.lora_path}' is not a webui LoRA (keys lora_unet_... / lora_te_...).")
-    if is_sdxl_webui_state(state) and not args.sdxl:
-        raise ModelError(f"--from_webui: '{args.lora_path}' is an SDXL LoRA (lora_te1_ / lora_te2_ keys); "
-                         "add --sdxl and --model with the SDXL base model folder.")
+    args.sdxl = args.sdxl or is_sdxl_webui_state(state)  # kohya's SDXL files name two CLIPs lora_te1_ / lora_te2_
     if args.sdxl and args.model is None:
-        raise ModelError("--from_webui --sdxl: give --model, the SDXL base model folder whose module names decode the keys.")
+        raise ModelError(f"--from_webui: '{args.lora_path}' is an SDXL LoRA; give --model, the SDXL base model folder "
+                         "whose module names decode its keys.")
     models = meta_models(args.model)
     # U-Net layers are read by their diffusers-style and their original-layout names, as ComfyUI reads them
     states = webui_to_native(state, module_names(models), SDXL_WEBUI_PREFIX if args.sdxl else WEBUI_PREFIX,
@@ -417,9 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="second text-encoder LoRA (native: SDXL's OpenCLIP, FLUX's T5, SD3's CLIP-G), if any")
     parser.add_argument("--lora_path_TE3", default=None, help="third text-encoder LoRA (native: SD3's T5), if any")
     parser.add_argument("--sdxl", action="store_true",
-                        help="SDXL LoRA (SD-layout files cannot tell; FLUX files say their family): kohya's SDXL "
-                             "names (lora_unet_ + original-layout U-Net names, lora_te1_, lora_te2_); --from_webui "
-                             "needs --model")
+                        help="read SD-layout files as SDXL when nothing in them tells (HCP-Diffusion v1 files): kohya's "
+                             "SDXL names (lora_unet_ + original-layout U-Net names, lora_te1_, lora_te2_). hcpdiff's "
+                             "files say their family, and SDXL kohya files are told by their keys; --from_webui of "
+                             "an SDXL file needs --model")
     parser.add_argument("--dump_path", required=True, help="output file (a folder with --from_webui)")
     parser.add_argument("--model", default=None,
                         help="base model folder whose module names decode (--from_webui; for FLUX, its text "

@@ -103,12 +103,26 @@ def test_sdxl_round_trip_through_webui(cli, tmp_path, tiny_sdxl, sdxl_files):
         assert all(torch.equal(original[k], restored[k]) for k in original)
 
 
-def test_sdxl_file_without_flag_is_one_clear_error(cli, tmp_path, sdxl_files):
-    done = convert(cli, tmp_path, "--to_webui", "--lora_path", str(sdxl_files["unet"]), "--dump_path",
-                   str(tmp_path / "x.safetensors"))
-    assert done.returncode == 2
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "SDXL" in lines[0] and "--sdxl" in lines[0], done.stderr
+def test_sdxl_files_need_no_flag(cli, tmp_path, sdxl_files, tiny_sdxl):
+    """A file that tells it is SDXL's (its family, a second CLIP, its SDXL base model folder) converts without --sdxl
+    to the same kohya file; the kohya file reads back without --sdxl too (its lora_te1_ / lora_te2_ keys tell)."""
+    args = ["--lora_path", str(sdxl_files["unet"]), "--lora_path_TE2", str(sdxl_files["text_encoder_2"])]
+    assert convert(cli, tmp_path, "--to_webui", "--sdxl", *args, "--dump_path", str(tmp_path / "flag.safetensors")
+                   ).returncode == 0
+    done = convert(cli, tmp_path, "--to_webui", *args, "--dump_path", str(tmp_path / "told.safetensors"))
+    assert done.returncode == 0, done.stderr
+    flagged, told = load_file(tmp_path / "flag.safetensors"), load_file(tmp_path / "told.safetensors")
+    assert flagged.keys() == told.keys() and all(torch.equal(flagged[k], told[k]) for k in flagged)
+    back = convert(cli, tmp_path, "--from_webui", "--lora_path", str(tmp_path / "told.safetensors"), "--dump_path",
+                   str(tmp_path / "back"), "--model", str(tiny_sdxl))
+    assert back.returncode == 0, back.stderr
+    restored = load_lora(tmp_path / "back" / "text_encoder_2-told.safetensors")[0]
+    original = load_lora(sdxl_files["text_encoder_2"])[0]
+    assert original.keys() == restored.keys() and all(torch.equal(original[k], restored[k]) for k in original)
+    no_model = convert(cli, tmp_path, "--from_webui", "--lora_path", str(tmp_path / "told.safetensors"),
+                       "--dump_path", str(tmp_path / "back2"))
+    assert no_model.returncode == 2 and len(no_model.stderr.strip().splitlines()) == 1
+    assert "--model" in no_model.stderr
 
 
 @pytest.fixture(scope="module")
