@@ -1,7 +1,9 @@
 """Gradient checkpointing that still lets LoRA inside a frozen model receive gradients."""
 from __future__ import annotations
 
+import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -23,3 +25,18 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
         raise TypeError(f"gradient checkpointing needs a diffusers or transformers model, got {type(model).__name__}")
+
+
+def checkpoint_blocks(blocks: list[nn.Module]) -> None:
+    """Selective checkpointing: each of `blocks` keeps only its inputs for backward and recomputes the rest there
+    (non-reentrant, like the model-wide switch); the model's other blocks run plainly. The block's `forward` is
+    wrapped on the instance, so hooks (block swap's) and state-dict keys are unchanged."""
+    for block in blocks:
+        forward = block.forward
+
+        def checkpointed(*args, _forward=forward, **kwargs):
+            if not torch.is_grad_enabled():
+                return _forward(*args, **kwargs)
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        block.forward = checkpointed

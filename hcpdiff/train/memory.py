@@ -117,11 +117,11 @@ def memory_table(components: dict[str, Any]) -> str:
                                for i, (cell, width) in enumerate(zip(row, widths))).rstrip() for row in rows)
 
 
-def lowering_options(*, checkpointing: bool | str, blocks_to_swap: int, swappable: int, batch_size: int,
+def lowering_options(*, checkpointing: bool | str | dict, blocks_to_swap: int, swappable: int, batch_size: int,
                      latents_cached: bool) -> list[str]:
     """The (at most three) settings that would lower training memory most, in that order, given the current ones."""
     options = []
-    if not checkpointing:
+    if not checkpointing or isinstance(checkpointing, dict):  # off, or only some blocks ({blocks: N})
         options.append("model.gradient_checkpointing=true")
     elif checkpointing != "offload":
         options.append("model.gradient_checkpointing=offload")

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Annotated, Any, Iterable, Literal
 
-from hcpdiff.config.fields import Bound
+from hcpdiff.config.fields import Bound, read_fields
 
 COUNT = Bound(ge=1)  # steps, epochs, intervals: a zero would divide by zero or never happen, a negative means nothing
 
@@ -82,8 +82,8 @@ class ModelSpec:
     # (Qwen-Image-Edit: 1024*1024). Renders always use the pipeline's: lower trains faster, less like it renders
     condition_area: Annotated[int | None, Bound(ge=1)] = None
     # trade compute for memory in the denoiser (and a trained text encoder); offload: also keep the checkpointed
-    # blocks' inputs in CPU memory until backward
-    gradient_checkpointing: bool | Literal["offload"] = False
+    # blocks' inputs in CPU memory until backward; {blocks: N}: only the transformer's first N blocks
+    gradient_checkpointing: bool | Literal["offload"] | dict = False
     blocks_to_swap: Annotated[int, Bound(ge=0, note="0: off")] = 0  # transformer blocks kept in CPU memory, copied in to run
     # part -> int8 | fp8 | nf4: store that part's frozen Linear weights quantized (torchao); LoRAs stay in full precision
     quantize: dict = field(default_factory=dict)
@@ -129,3 +129,17 @@ class EmaSpec:
     """`model.ema`: an exponential moving average of the trained weights, saved as `<part>-ema-<step>.safetensors`."""
 
     decay: float = 0.999  # shadow = decay * shadow + (1 - decay) * weights, after every optimizer step
+
+
+@dataclass
+class CheckpointBlocksSpec:
+    """`model.gradient_checkpointing: {blocks: N}`: checkpoint the denoiser's first N transformer blocks only."""
+
+    blocks: Annotated[int, Bound(ge=1)]
+
+
+def checkpointed_block_count(model: ModelSpec) -> int | None:
+    """N of `model.gradient_checkpointing: {blocks: N}`, None for the other settings; bad keys are one ConfigError."""
+    if not isinstance(model.gradient_checkpointing, dict):
+        return None
+    return read_fields(model.gradient_checkpointing, "model.gradient_checkpointing", CheckpointBlocksSpec).blocks

@@ -32,7 +32,7 @@ from hcpdiff.infer.condition_images import path_list
 from hcpdiff.lora import LoraGroupSpec, attach_lora, load_checkpoint, load_lora_into, lora_state_dict, save_lora
 from hcpdiff.lora.spec import AttachedGroup
 from hcpdiff.lora.state_io import lora_metadata
-from hcpdiff.models import cast_floats, enable_gradient_checkpointing, load_model_parts
+from hcpdiff.models import cast_floats, checkpoint_blocks, enable_gradient_checkpointing, load_model_parts
 from hcpdiff.models.loading import peek_model
 from hcpdiff.models.quantize import check_quantize_parts, check_quantize_values, is_quantized, quantize_parts
 from hcpdiff.objectives.ddpm import sample_noise
@@ -50,7 +50,7 @@ from hcpdiff.train.memory import (activations_offloaded, lowering_options, memor
 from hcpdiff.train.metrics import SmoothedValue, peak_memory_mib
 from hcpdiff.train.preview import preview_prompt_args, render_previews, save_previews
 from hcpdiff.train.optim import build_lr_scheduler, build_optimizer, param_groups
-from hcpdiff.train.specs import RUN_SCALARS, ModelSpec, RunSpec, SchedulerSpec, TrainSpec
+from hcpdiff.train.specs import RUN_SCALARS, ModelSpec, RunSpec, SchedulerSpec, TrainSpec, checkpointed_block_count
 from hcpdiff.train.state import (ResumePoint, find_resume_state, folder_steps, load_checked_state, prune_checkpoints,
                                  resume_dir_of, rng_state, save_state, set_rng_state, step_files)
 from hcpdiff.train.sharding import (
@@ -122,6 +122,7 @@ class Trainer:
         collect(read_fields, {key: cfg.get(key) for key in RUN_SCALARS if key in cfg}, "", RunSpec)
         self.train_spec = collect(read_fields, cfg.get("train", {}), "train", TrainSpec)
         self.model_spec = collect(read_fields, cfg.get("model", {}), "model", ModelSpec)
+        self.checkpointed_blocks = collect(checkpointed_block_count, self.model_spec) if self.model_spec else None
         self.scheduler_spec = None
         if self.train_spec is not None:
             self.scheduler_spec = collect(read_fields, self.train_spec.scheduler or {}, "train.scheduler", SchedulerSpec)
@@ -338,6 +339,9 @@ class Trainer:
                     problems.add(f"{key}: model.drop_t5 is true, so the {part} is not loaded; set model.drop_t5 "
                                  "to false to train it")
         self._check_condition_images(family, problems)
+        if self.checkpointed_blocks and not family.block_lists:
+            problems.add(f"model.gradient_checkpointing.blocks: a {family.description} model has no transformer "
+                         "blocks to choose from; use gradient_checkpointing: true")
         if self.model_spec.blocks_to_swap and not family.block_lists:
             problems.add(f"model.blocks_to_swap: a {family.description} model has no transformer blocks to swap; "
                          "remove it (gradient_checkpointing lowers a U-Net's memory)")
@@ -427,8 +431,16 @@ class Trainer:
         load_initial_loras({part: self.trained[part].module for part in lora_parts}, self.model_spec.init_lora, lora_parts)
         if self.accelerator.is_main_process:
             (self.exp_dir / "lora_layers.json").write_text(json.dumps(layer_lists, indent=1))
-        if self.model_spec.gradient_checkpointing:
+        if self.checkpointed_blocks:  # {blocks: N}: the first N blocks in the order they run
+            blocks = self.family.swappable_blocks(self.parts.denoiser)
+            if self.checkpointed_blocks > len(blocks):
+                raise ConfigError(f"model.gradient_checkpointing.blocks: {self.checkpointed_blocks}, but this "
+                                  f"{self.family.description} transformer has {len(blocks)} blocks; give at most "
+                                  f"{len(blocks)} (or true for all)")
+            checkpoint_blocks(blocks[:self.checkpointed_blocks])
+        elif self.model_spec.gradient_checkpointing:
             enable_gradient_checkpointing(self.parts.denoiser)
+        if self.model_spec.gradient_checkpointing:
             for part in self.family.text_encoders:
                 if part in self.trained:
                     enable_gradient_checkpointing(self.trained[part].module)

@@ -1,4 +1,5 @@
-"""Memory options: activation offload and block swap train exactly what the plain run trains; the start-of-run
+"""Memory options: activation offload, selective checkpointing and block swap train exactly what the plain run
+trains; the start-of-run
 memory table lists every part; an out-of-memory error is one line naming the step; a U-Net refuses block swap.
 
 On a CPU both "devices" are the CPU: offload's hooks run and move nothing, block swap copies each swapped block's
@@ -18,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from hcpdiff.families import family_named, tiny_variant_family
 from hcpdiff.models.block_swap import BlockSwapper
+from hcpdiff.models.checkpointing import checkpoint_blocks
 from hcpdiff.tools.make_demo_data import make_demo_data
 from hcpdiff.train.memory import activations_offloaded, lowering_options, memory_table
 
@@ -99,6 +101,30 @@ def test_offload_hooks_run_and_change_no_gradient():
             assert torch.equal(ours.grad, theirs.grad)
 
 
+def test_selective_checkpointing_recomputes_only_its_blocks_and_changes_no_gradient():
+    """{blocks: N}: the first N blocks run their forward again in backward, the others once; gradients are those of
+    the plain stack (and of full checkpointing); without grad (a preview) nothing is checkpointed."""
+    torch.manual_seed(0)
+    plain = Stack(False)
+    frozen_but_lora(plain)
+    selective = copy.deepcopy(plain)
+    checkpoint_blocks(list(selective.blocks)[:2])
+    calls = [0] * 4
+    for index, block in enumerate(selective.blocks):
+        block.register_forward_hook(lambda *_, i=index: calls.__setitem__(i, calls[i] + 1))
+        block.frozen.register_forward_hook(lambda *_, i=index: calls.__setitem__(i, calls[i] + 10))
+    hidden = torch.randn(2, 8)
+    plain(hidden).square().sum().backward()
+    selective(hidden).square().sum().backward()
+    assert calls == [21, 21, 11, 11]  # the inner layer ran twice in the two checkpointed blocks
+    for ours, theirs in zip(selective.parameters(), plain.parameters()):
+        if ours.requires_grad:
+            assert torch.equal(ours.grad, theirs.grad)
+    assert "lora.weight" in dict(selective.blocks[0].named_parameters())  # state-dict names unchanged
+    with torch.no_grad():
+        assert torch.equal(selective(hidden), plain(hidden))
+
+
 def test_lowering_options_follow_the_current_settings():
     assert lowering_options(checkpointing=False, blocks_to_swap=0, swappable=57, batch_size=4,
                             latents_cached=False) == ["model.gradient_checkpointing=true", "model.blocks_to_swap=28",
@@ -161,14 +187,16 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 @pytest.mark.e2e
 def test_flux_offload_and_block_swap_train_exactly_the_plain_run(workdir, tiny_flux, cli_in_process):
-    """blocks_to_swap alone (and rendering previews) and with gradient_checkpointing offload: the same losses and the same LoRA weights
+    """blocks_to_swap alone (and rendering previews), with gradient_checkpointing offload and with {blocks: 2}: the same
+    losses and the same LoRA weights
     after 2 steps as the plain run, bit for bit; the plain run's train.log has the memory table. In bf16: the frozen
     weights are then fresh (aligned) tensors in every run, as block swap's copies are; fp32 weights read from a
     safetensors file sit at unaligned addresses, where CPU matmuls round differently in the last bit."""
     data = make_demo_data(workdir / "data", num=2)
     preview = "previewer={step: 2, prompts: ['a red circle'], width: 32, height: 32, num_inference_steps: 2}"
     runs = {"plain": [], "swap": ["model.blocks_to_swap=3", preview],
-            "swap_offload": ["model.blocks_to_swap=2", "model.gradient_checkpointing=offload"]}
+            "swap_offload": ["model.blocks_to_swap=2", "model.gradient_checkpointing=offload"],
+            "selective_swap": ["model.blocks_to_swap=2", "model.gradient_checkpointing={blocks: 2}"]}
     for name, overrides in runs.items():
         result = cli_in_process(flux_args(tiny_flux, data, f"exp_dir=exps/{name}", *overrides), cwd=workdir)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -229,3 +257,16 @@ def test_unet_refuses_blocks_to_swap_in_one_line(workdir, tiny_model, cli_in_pro
     data = make_demo_data(workdir / "data", num=1)
     line = one_error_line(cli_in_process(sd_args(tiny_model, data, "model.blocks_to_swap=2"), cwd=workdir))
     assert line.startswith("error: model.blocks_to_swap: a ") and "no transformer blocks to swap" in line
+    line = one_error_line(cli_in_process(sd_args(tiny_model, data, "model.gradient_checkpointing={blocks: 2}"),
+                                         cwd=workdir))
+    assert line.startswith("error: model.gradient_checkpointing.blocks: a ") and "true" in line
+
+
+@pytest.mark.parametrize(("value", "wanted"), [("{blocks: 0}", "model.gradient_checkpointing.blocks`: must be >= 1"),
+                                               ("{block: 2}", "model.gradient_checkpointing.block`: unknown key"),
+                                               ("{blocks: 99}", "has 4 blocks; give at most 4")])
+def test_bad_selective_checkpointing_is_one_line(workdir, tiny_flux, cli_in_process, one_error_line, value, wanted):
+    data = make_demo_data(workdir / "data", num=1)
+    line = one_error_line(cli_in_process(flux_args(tiny_flux, data, f"model.gradient_checkpointing={value}"),
+                                         cwd=workdir))
+    assert wanted in line, line
