@@ -565,7 +565,9 @@ class Trainer:
             if replaced and accelerator.is_main_process:
                 logger.warning("DeepSpeed config follows the hcpdiff config (data batch_size, "
                                "train.gradient_accumulation_steps, train.max_grad_norm): %s", ", ".join(replaced))
-        make_optimizer = instantiate(spec.optimizer, "train.optimizer")
+        # plain lists and dicts for its arguments: an optimizer keeps them (betas) in the state that resume reads back
+        # with weights_only, which refuses OmegaConf containers
+        make_optimizer = instantiate(spec.optimizer, "train.optimizer", _convert_="all")
         optimizer = build_optimizer(make_optimizer, param_groups(self.groups, lr_scale))
         # The lr schedule is stepped by hand once per optimizer step, so it counts what the config says.
         self.lr_scheduler = build_lr_scheduler(

@@ -62,7 +62,7 @@ def test_bad_extra_options_are_reported_together(workdir, tiny_model, cli):
     data = make_demo_data(workdir / "data", num=1)
     args = train_args(tiny_model, data, "exps/bad", "train.loss.prediction_type=x0", "model.ema={decay: 2}",
                       "train.log_with=[tensorboard, wandb]",
-                      "train.optimizer={_target_: bitsandbytes.optim.AdamW8bit, _partial_: true}")
+                      "train.optimizer={_target_: prodigyopt.Prodigy, _partial_: true}")
     result = cli(args, cwd=workdir)
     assert result.returncode == 2
     error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -70,5 +70,5 @@ def test_bad_extra_options_are_reported_together(workdir, tiny_model, cli):
     assert "train.loss.prediction_type: 'x0'" in error[0] and "model.ema.decay" in error[0]
     if "wandb" not in result.stderr or "pip install wandb" in error[0]:
         assert "pip install wandb" in error[0]
-    assert "`train.optimizer._target_`" in error[0] and "pip install bitsandbytes" in error[0]
+    assert "`train.optimizer._target_`" in error[0] and "pip install prodigyopt" in error[0]
     assert not (workdir / "exps").exists()
