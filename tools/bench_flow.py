@@ -40,9 +40,9 @@ def demo_batch(data_dir: Path, size: int, batch_size: int) -> dict:
     return {"pixel_values": torch.stack(pixels), "prompts": prompts}
 
 
-def make_full_width_flux(out_dir: Path, seed: int = 0) -> Path:
+def make_full_width_flux(out_dir: Path, seed: int = 0, double: int = 1, single: int = 1) -> Path:
     """FLUX.1's transformer width (3072 = 24 heads x 128, joint_attention_dim 4096, pooled 768) at reduced depth
-    (1 double + 1 single block), random weights; CLIP and T5 are one-layer encoders with those output widths, the VAE
+    (`double` + `single` blocks; FLUX.1 has 19 + 38), random weights; CLIP and T5 are one-layer encoders with those output widths, the VAE
     the tiny 16-channel one (8x, as FLUX's), so the conditioning has real shapes at little cost."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -61,7 +61,7 @@ def make_full_width_flux(out_dir: Path, seed: int = 0) -> Path:
         relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
         decoder_start_token_id=0))
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
+        patch_size=1, in_channels=64, num_layers=double, num_single_layers=single, attention_head_dim=128,
         num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
         axes_dims_rope=(16, 56, 56))
     pipeline = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**DEV_SCHEDULER), vae=build_flux_vae(),
