@@ -39,6 +39,7 @@ TURBO_MU = 1.15  # Krea2Pipeline's fixed shift exponent with is_distilled
 # its Krea 2 aliases for diffusers' names), as does diffusers' own _convert_non_diffusers_krea2_lora_to_diffusers.
 COMFY_PREFIX = "diffusion_model."
 READ_PREFIXES = (COMFY_PREFIX, "base_model.model.", "transformer.")  # ComfyUI / Krea's trainer, ai-toolkit, diffusers
+KOHYA_PREFIX = "lora_unet_"  # ComfyUI also reads `lora_unet_` + the original path with underscores
 BLOCK_RENAMES = {"attn.to_q": "attn.wq", "attn.to_k": "attn.wk", "attn.to_v": "attn.wv", "attn.to_gate": "attn.gate",
                  "attn.to_out.0": "attn.wo", "ff.gate": "mlp.gate", "ff.up": "mlp.up", "ff.down": "mlp.down"}
 TOP_RENAMES = {"img_in": "first", "time_embed.linear_1": "tmlp.0", "time_embed.linear_2": "tmlp.2",
@@ -48,7 +49,8 @@ DIFFUSERS_BLOCK = re.compile(r"(transformer_blocks|text_fusion\.(?:layerwise_blo
 ORIGINAL_BLOCK = re.compile(r"(blocks|txtfusion\.(?:layerwise_blocks|refiner_blocks))\.(\d+)\.(.+)")
 # names only Krea 2's original layout has: a webui file with them is Krea 2's
 ORIGINAL_ONLY = re.compile(r"(diffusion_model\.|base_model\.model\.)?(blocks\.\d+\.(attn\.(wq|wk|wv|wo|gate)|"
-                           r"mlp\.(gate|up|down))|txtfusion\.|txtmlp\.|tproj\.|tmlp\.)")
+                           r"mlp\.(gate|up|down))|txtfusion\.|txtmlp\.|tproj\.|tmlp\.)"
+                           r"|lora_unet_(blocks_\d+_(attn_(wq|wk|wv|wo|gate)|mlp_(gate|up|down))|txtfusion_|txtmlp_)")
 
 
 def text_pipeline(components: dict[str, Any]) -> Any:
@@ -294,7 +296,8 @@ class Krea2(Family):
     def webui_to_native(self, state: dict[str, torch.Tensor], model_path: str | None
                         ) -> dict[str, dict[str, torch.Tensor]]:
         """Native transformer states of a Krea 2 file in ComfyUI's names (`diffusion_model.` + the original layout's,
-        also bare, ai-toolkit's `base_model.model.`, or diffusers' names under any of those or `transformer.`)."""
+        also bare, ai-toolkit's `base_model.model.`, kohya's `lora_unet_` + the original path with underscores, or
+        diffusers' names under any of those or `transformer.`)."""
         from hcpdiff.lora.lycoris_format import native_tensors
         from hcpdiff.lora.webui_format import split_webui_key
 
@@ -305,6 +308,8 @@ class Krea2(Family):
         native: dict[str, torch.Tensor] = {}
         for webui_layer, parts in by_layer.items():
             name = next((webui_layer.removeprefix(p) for p in READ_PREFIXES if webui_layer.startswith(p)), webui_layer)
+            if name.startswith(KOHYA_PREFIX):
+                name = kohya_original_name(name.removeprefix(KOHYA_PREFIX))
             layer = diffusers_name(name)
             native.update({layer + suffix: tensor for suffix, tensor in native_tensors(layer, parts).items()})
         return {self.denoiser: native}
@@ -341,3 +346,12 @@ def diffusers_name(name: str) -> str:
         return f"{block}.{match[2]}.{block_renames[match[3]]}"
     raise ModelError(f"webui LoRA layer '{name}' names no layer of the Krea 2 transformer (diffusion_model."
                      "blocks.0.attn.wq, ...); nothing was written.")
+
+
+def kohya_original_name(name: str) -> str:
+    """The original module path of a kohya layer name (`blocks_0_attn_wq` -> `blocks.0.attn.wq`): underscores are
+    dots except inside `layerwise_blocks` / `refiner_blocks`."""
+    dotted = name.replace("_", ".")
+    for kept in ("layerwise_blocks", "refiner_blocks"):
+        dotted = dotted.replace(kept.replace("_", "."), kept)
+    return dotted
