@@ -104,11 +104,35 @@ def patch_size(read_config: ConfigReader) -> int:
     return math.isqrt(int(read_config("transformer")["in_channels"]) // int(read_config("vae")["z_dim"]))
 
 
-def plain_prompts(prompts: list[str]) -> list[str]:
-    """Prompts without `(word:1.2)` weight syntax."""
-    from hcpdiff.infer.prompt_weights import parse_prompt_weights
+def encode_weighted(pipe: Any, prompts: list[str], max_sequence_length: int, device: torch.device
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(states, mask) as `encode_prompts` gives them for the prompts without their markup, with `(word:1.2)` weights
+    on each prompt's own tokens' states (all twelve layers; each prompt's tokens rescaled to their unweighted mean).
+    The weights follow the tokens as the pipeline tokenises the template around the plain text (a token takes the
+    weight of its last character); padding and the assistant suffix keep weight 1."""
+    from hcpdiff.infer.prompt_weights import apply_weights, parse_prompt_weights
 
-    return ["".join(text for text, _ in parse_prompt_weights(prompt)) for prompt in prompts]
+    spans = [parse_prompt_weights(prompt) for prompt in prompts]
+    plain = ["".join(text for text, _ in prompt_spans) for prompt_spans in spans]
+    states, mask = encode_prompts(pipe, plain, max_sequence_length, device)
+    if all(weight == 1.0 for prompt_spans in spans for _, weight in prompt_spans):
+        return states, mask
+    prefix, drop = pipe.prompt_template_encode_prefix, pipe.prompt_template_encode_start_idx
+    suffix_tokens = pipe.prompt_template_encode_num_suffix_tokens
+    texts = [prefix + text for text in plain]  # Krea2Pipeline.get_text_hidden_states' tokenisation, with offsets
+    tokens = pipe.tokenizer(texts, truncation=True, padding="max_length", return_offsets_mapping=True,
+                            max_length=max_sequence_length + drop - suffix_tokens)
+    weighted = states.clone()
+    for i, (prompt_spans, text, offsets) in enumerate(zip(spans, texts, tokens["offset_mapping"])):
+        char_weights = [1.0] * len(prefix) + [w for span, w in prompt_spans for _ in span]
+        char_weights += [1.0] * (len(text) - len(char_weights))
+        token_weights = [char_weights[end - 1] if end > start else 1.0 for start, end in offsets][drop:]
+        weights = torch.tensor(token_weights + [1.0] * suffix_tokens)
+        own = mask[i].cpu()
+        rows = states[i][mask[i]]  # [tokens, 12, D]
+        scaled = apply_weights(rows.flatten(1)[None], weights[own][None])[0]
+        weighted[i][mask[i]] = scaled.view(rows.shape)
+    return weighted, mask
 
 
 class Krea2(Family):
@@ -255,13 +279,12 @@ class Krea2(Family):
 
     def prompt_args(self, pipe: Any, prompts: list[str], neg_prompts: list[str], *, clip_skip: int,
                     all_prompts: list[str]) -> dict[str, Any]:
-        """The prompts' and negative prompts' states and masks by the pipeline's encode_prompt. `(word:1.2)` weights
-        are read and dropped (the text without its markup is encoded): weighting twelve stacked Qwen3-VL layers
-        before the transformer's own text fusion is not done yet."""
+        """The prompts' and negative prompts' states and masks, with `(word:1.2)` weights (an unweighted prompt: the
+        pipeline's encode_prompt exactly)."""
         device = pipe.text_encoder.device
         with torch.no_grad():
-            states, mask = encode_prompts(pipe, plain_prompts(prompts), MAX_SEQUENCE_LENGTH, device)
-            neg_states, neg_mask = encode_prompts(pipe, plain_prompts(neg_prompts), MAX_SEQUENCE_LENGTH, device)
+            states, mask = encode_weighted(pipe, prompts, MAX_SEQUENCE_LENGTH, device)
+            neg_states, neg_mask = encode_weighted(pipe, neg_prompts, MAX_SEQUENCE_LENGTH, device)
         return {"prompt_embeds": states, "prompt_embeds_mask": mask, "negative_prompt_embeds": neg_states,
                 "negative_prompt_embeds_mask": neg_mask, "max_sequence_length": MAX_SEQUENCE_LENGTH}
 

@@ -2,7 +2,7 @@
 Krea2Pipeline's encode_prompt (twelve tapped layers at a fixed length with a mask, text-cached), latents normalised as
 the pipeline denormalises them, the denoiser called exactly as a recorded pipeline call of the transformer, Euler steps
 along it (with guidance_scale as the pipeline's minus one) sampling as the pipeline samples, the resolution shift as
-the pipeline's mu, a batch of two training as its samples one by one, fp16 refused, Turbo's one warning line, and one
+the pipeline's mu, a batch of two training as its samples one by one, (word:1.2) weights, fp16 refused, Turbo's one warning line, and one
 run of the shipped config whose loss falls and whose LoRA the visualizer renders as Krea2Pipeline.load_lora_weights
 renders the --to_diffusers file."""
 from __future__ import annotations
@@ -206,11 +206,23 @@ def test_a_batch_of_two_trains_as_its_samples_one_by_one(krea2_pipe):
     assert torch.allclose(batched, alone, rtol=1e-5, atol=1e-6), (batched, alone)
 
 
-def test_prompt_args_are_encode_prompt_without_weight_markup(krea2_pipe):
-    args = KREA2.prompt_args(krea2_pipe, ["a (red:1.5) circle"], [""], clip_skip=0, all_prompts=[])
-    states, mask = krea2_pipe.encode_prompt([SHORT], device="cpu")
+def test_prompt_args_are_encode_prompt_and_weight_the_weighted_tokens(krea2_pipe):
+    args = KREA2.prompt_args(krea2_pipe, [SHORT, LONG], ["", ""], clip_skip=0, all_prompts=[])
+    states, mask = krea2_pipe.encode_prompt([SHORT, LONG], device="cpu")
     assert torch.equal(args["prompt_embeds"], states) and torch.equal(args["prompt_embeds_mask"], mask)
     assert args["negative_prompt_embeds"].shape == states.shape and args["max_sequence_length"] == 512
+    weighted = KREA2.prompt_args(krea2_pipe, ["a (red:1.5) circle", LONG], [""], clip_skip=0, all_prompts=[])
+    assert torch.equal(weighted["prompt_embeds_mask"], mask)  # the same tokens
+    assert torch.equal(weighted["prompt_embeds"][1], states[1])  # an unweighted row stays
+    # row 0's own tokens: a, " red", " circle", then the 5 suffix tokens; " red" scaled 1.5 against the others (all
+    # twelve layers), then the row rescaled to its mean; the padding is left as it was
+    own = mask[0]
+    ratio = weighted["prompt_embeds"][0][own] / states[0][own]
+    scale = ratio[0].median()
+    others = torch.cat([ratio[:1], ratio[2:]])
+    assert own.sum() == 8 and torch.allclose(others, scale.expand(others.shape), rtol=1e-4)
+    assert torch.allclose(ratio[1], 1.5 * scale.expand(ratio.shape[1:]), rtol=1e-4)
+    assert torch.equal(weighted["prompt_embeds"][0][~own], states[0][~own])
 
 
 def test_fp16_is_refused():
