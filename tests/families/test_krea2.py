@@ -2,9 +2,9 @@
 Krea2Pipeline's encode_prompt (twelve tapped layers at a fixed length with a mask, text-cached), latents normalised as
 the pipeline denormalises them, the denoiser called exactly as a recorded pipeline call of the transformer, Euler steps
 along it (with guidance_scale as the pipeline's minus one) sampling as the pipeline samples, the resolution shift as
-the pipeline's mu, a batch of two training as its samples one by one, (word:1.2) weights, fp16 refused, Turbo's one warning line, and one
-run of the shipped config whose loss falls and whose LoRA the visualizer renders as Krea2Pipeline.load_lora_weights
-renders the --to_diffusers file."""
+the pipeline's mu, a batch of two training as its samples one by one, (word:1.2) weights, fp16 refused, Turbo's one
+warning line, and one run of the shipped config whose loss falls and whose LoRA the visualizer renders as
+Krea2Pipeline.load_lora_weights renders the --to_diffusers file."""
 from __future__ import annotations
 
 import json
@@ -242,11 +242,13 @@ def trained(tmp_path_factory, tiny_krea2, cli_in_process) -> tuple[Path, Path, s
     (workdir / "cfgs").symlink_to(REPO_ROOT / "cfgs")
     data = make_demo_data(workdir / "data", num=1)
     args = ["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/lora_krea2.yaml",
-            f"model.pretrained_model_name_or_path={tiny_krea2}", "mixed_precision=null", "model.max_sequence_length=64",
-            f"data.dataset1.source.data_source1.img_root={data}", f"data.dataset1.source.data_source1.caption_file={data}",
-            "train.workers=0", "train.scheduler.num_warmup_steps=0", 'data.dataset1.bucket.target_area=${hcp.eval:"64*64"}',
-            "data.dataset1.bucket.num_bucket=1", f"train.train_steps={STEPS}", "train.log_step=1", "train.save_step=1000",
-            "transformer_lr=1e-2", "train.loss.logit_std=0.3", "lora_transformer.0.rank=4", "lora_transformer.0.alpha=4"]
+            f"model.pretrained_model_name_or_path={tiny_krea2}", "mixed_precision=null",
+            "model.max_sequence_length=64", f"data.dataset1.source.data_source1.img_root={data}",
+            f"data.dataset1.source.data_source1.caption_file={data}", "train.workers=0",
+            "train.scheduler.num_warmup_steps=0", 'data.dataset1.bucket.target_area=${hcp.eval:"64*64"}',
+            "data.dataset1.bucket.num_bucket=1", f"train.train_steps={STEPS}", "train.log_step=1",
+            "train.save_step=1000", "transformer_lr=1e-2", "train.loss.logit_std=0.3", "lora_transformer.0.rank=4",
+            "lora_transformer.0.alpha=4"]
     result = cli_in_process(args, cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     return tiny_krea2, next((workdir / "exps").iterdir()), result.stderr
