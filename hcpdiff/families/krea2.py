@@ -31,7 +31,6 @@ from hcpdiff.families.base import ConfigReader, Family, pipeline_text_encoder
 MAX_SEQUENCE_LENGTH = 512  # prompt tokens after the template's prefix: Krea2Pipeline.__call__'s default
 # Krea2Pipeline's taps when model_index.json names none (hidden state i is layer i - 1's output; 0: the embeddings)
 DEFAULT_TAPS = (2, 5, 8, 11, 14, 17, 20, 23, 26, 29, 32, 35)
-TURBO_MU = 1.15  # Krea2Pipeline's fixed shift exponent with is_distilled
 
 # ComfyUI runs Krea 2 in its original layout (comfy/ldm/krea2/model.py, the single file diffusers'
 # convert_krea2_transformer_checkpoint_to_diffusers reads), whose Linear layers are diffusers' one for one, renamed;
