@@ -1,4 +1,5 @@
-"""Flow-matching parts of tools/bench_train_step.py: the bare diffusers + peft loops of FLUX, SD3 and Qwen-Image (one
+"""Flow-matching parts of tools/bench_train_step.py: the bare diffusers + peft loops of FLUX, SD3, Qwen-Image, Z-Image
+and Krea 2 (one
 shared step, with each family's diffusers functions for latents, prompts, sigmas and the transformer call), the
 full-width FLUX builder, and the batch the bare loops train on. Not run on its own."""
 from __future__ import annotations
@@ -318,4 +319,46 @@ class ZImageBareLoop(FlowBareLoop):
         return -torch.stack(out).squeeze(2)
 
 
-BARE_LOOPS = {loop.family: loop for loop in (FluxBareLoop, SD3BareLoop, QwenImageBareLoop, ZImageBareLoop)}
+class Krea2BareLoop(FlowBareLoop):
+    """A Krea 2 loop as diffusers' flow-matching LoRA examples write one, with Krea2Pipeline's own conventions:
+    one-frame Qwen-Image-VAE latents normalised per channel, Krea2Pipeline.encode_prompt (twelve tapped layers at a
+    fixed length, with the mask), logit-normal sigmas with the resolution shift, Krea2Pipeline._pack_latents /
+    prepare_position_ids / _unpack_latents, the transformer at sigma."""
+
+    family = "krea2"
+
+    def text_pipeline(self, parts: Any) -> Any:
+        from diffusers import Krea2Pipeline
+
+        return Krea2Pipeline(scheduler=None, vae=None, transformer=None, text_encoder=parts.text_encoder,
+                             tokenizer=parts.tokenizer)
+
+    def encode_images(self) -> torch.Tensor:
+        latents = self.vae.encode(self.pixel_values.unsqueeze(2)).latent_dist.sample()  # [B, C, 1, H, W]
+        shape = (1, self.vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(self.vae.config.latents_mean).view(shape).to(latents)
+        std = torch.tensor(self.vae.config.latents_std).view(shape).to(latents)
+        return ((latents - mean) / std).squeeze(2).float()
+
+    def encode_text(self) -> dict:
+        states, mask = self.text.encode_prompt(list(self.prompts), device=self.device,
+                                               max_sequence_length=self.max_sequence_length)
+        return {"encoder_hidden_states": states, "encoder_attention_mask": mask}
+
+    def sigmas(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        height, width = latents.shape[-2:]
+        sigmas = self.resolution_shifted(self.logit_normal(latents.shape[0]), (height // 2) * (width // 2))
+        return sigmas, sigmas
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: dict) -> torch.Tensor:
+        batch, channels, height, width = noisy.shape
+        packed = self.text._pack_latents(noisy.to(self.dtype), batch, channels, height, width)
+        position_ids = self.text.prepare_position_ids(text["encoder_hidden_states"].shape[1], height // 2,
+                                                      width // 2, self.device)
+        pred = self.transformer(hidden_states=packed, timestep=timesteps.to(self.dtype), position_ids=position_ids,
+                                return_dict=False, **text)[0]
+        return self.text._unpack_latents(pred, height * self.vae_factor, width * self.vae_factor).squeeze(2)
+
+
+BARE_LOOPS = {loop.family: loop for loop in (FluxBareLoop, SD3BareLoop, QwenImageBareLoop, ZImageBareLoop,
+                                             Krea2BareLoop)}
