@@ -213,7 +213,7 @@ def test_shipped_config_adapts_the_attention_and_mlp_of_every_block(ideogram_pip
 def train_args(model: Path, data: Path, steps: int) -> list[str]:
     """The documented command on lora_ideogram4.yaml, fp32 on the CPU, one 64 px bucket, rank 4, a LoRA on every
     Linear of the transformer (`''`): the tiny random model's blocks alone move its output too little in a few
-    steps (the final layer's frozen projection holds its size and span)."""
+    steps (the final layer's frozen projection holds its size and span); one preview at the end."""
     return ["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/lora_ideogram4.yaml",
             f"model.pretrained_model_name_or_path={model}", "mixed_precision=null",
             f"data.dataset1.source.data_source1.img_root={data}",
@@ -221,7 +221,8 @@ def train_args(model: Path, data: Path, steps: int) -> list[str]:
             "train.scheduler.num_warmup_steps=0", 'data.dataset1.bucket.target_area=${hcp.eval:"64*64"}',
             "data.dataset1.bucket.num_bucket=1", f"train.train_steps={steps}", "train.log_step=1",
             "train.save_step=1000", "transformer_lr=1e-2", "train.loss.logit_std=0.3", "lora_transformer.0.rank=4",
-            "lora_transformer.0.alpha=4", "lora_transformer.0.layers=['']"]
+            "lora_transformer.0.alpha=4", "lora_transformer.0.layers=['']",
+            f"previewer={{step: {steps}, prompts: ['a red circle'], width: 64, height: 64, num_inference_steps: 2}}"]
 
 
 STEPS = 12
@@ -264,6 +265,10 @@ def test_shipped_config_overfits_one_image(trained):
     model, exp, converted = trained
     log = (exp / "train.log").read_text()
     assert len(re.findall(rf"step \d+/{STEPS} loss ([\d.]+)", log)) == STEPS
+    # every caption is text-cached, but the pipeline renders previews from prompt text: the encoder stays
+    assert "text embeddings cached in memory" in log and "text encoders kept for the previews" in log
+    assert "text encoders released" not in log
+    assert Image.open(exp / "preview" / f"{STEPS}-0.png").size == (64, 64)
     data = exp.parents[1] / "data"
     image, prompt = Image.open(data / "0.png"), (data / "0.txt").read_text().strip()
     pipe = Ideogram4Pipeline.from_pretrained(model)
