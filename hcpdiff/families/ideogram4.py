@@ -266,8 +266,8 @@ class Ideogram4(Family):
     def prompt_args(self, pipe: Any, prompts: list[str], neg_prompts: list[str], *, clip_skip: int,
                     all_prompts: list[str]) -> dict[str, Any]:
         """The prompts as text (Ideogram4Pipeline takes no prompt embeddings; `(word:1.2)` weights are read and
-        dropped), its text rows as long as the longest. It has no negative prompt (its unconditional transformer sees no text): a non-empty one is warned
-        about and left out."""
+        dropped), its text rows as long as the longest. It has no negative prompt (its unconditional transformer sees
+        no text): a non-empty one is warned about and left out."""
         from hcpdiff.infer.prompt_weights import parse_prompt_weights
 
         if any(prompt.strip() for prompt in neg_prompts):
