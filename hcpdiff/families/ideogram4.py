@@ -32,7 +32,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from hcpdiff.errors import ConfigError
-from hcpdiff.families.base import ConfigReader, Family, pad_sequences, pipeline_text_encoder
+from hcpdiff.families.base import ConfigReader, Family, pad_sequences
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +86,16 @@ class Ideogram4Conditioner:
         return {"llm_features": features, "llm_mask": mask}
 
     def set_text_encoder(self, text_encoder: torch.nn.Module, index: int = 0) -> None:
-        """Use a wrapped (prepared) text encoder for the forward pass."""
-        self.pipe.text_encoder = pipeline_text_encoder(text_encoder)
+        """Use the trained text encoder for the forward pass. A DDP-wrapped one is refused: encode_prompt runs the
+        encoder's embedding and decoder layers directly, never the wrapper's forward, so its gradients would not be
+        synchronised across processes."""
+        from accelerate.utils import extract_model_from_parallel
+
+        if extract_model_from_parallel(text_encoder) is not text_encoder:
+            raise ConfigError("lora_text_encoder: Ideogram4Pipeline.encode_prompt runs the text encoder's layers "
+                              "directly, past the multi-process wrapper that synchronises its gradients; train the "
+                              "Qwen3-VL LoRA in one process, or only the transformer in several")
+        self.pipe.text_encoder = text_encoder
 
     def cache_settings(self) -> dict[str, Any]:
         """What besides the prompt decides the states (part of the text cache's key): nothing (the limit only

@@ -86,6 +86,38 @@ def test_conditioner_is_the_pipelines_encode_prompt_without_its_left_padding(ide
         IDEOGRAM.build_conditioner(dict(ideogram_pipe.components), 1, 0, max_sequence_length=8)([LONG], {}, CPU)
 
 
+def test_text_encoder_lora_trains_through_the_conditioner(tiny_ideogram):
+    """lora_text_encoder on Qwen3-VL: the vision tower is left out of a group's matches, set_text_encoder routes
+    prompts through the adapted encoder, and its LoRA gets gradients from the transformer's output; a multi-process
+    (wrapped) encoder is refused, since encode_prompt runs its layers past the wrapper."""
+    import copy
+
+    from hcpdiff.lora import LoraGroupSpec, attach_lora
+
+    parts = load_model_parts(str(tiny_ideogram))
+    encoder = copy.deepcopy(parts.text_encoder).requires_grad_(False)
+    (group,) = attach_lora(encoder, [LoraGroupSpec(lr=1e-4, layers=[r"re:.*\.q_proj|.*\.qkv"], rank=2)],
+                           "text_encoder", "lora_text_encoder", IDEOGRAM.unused_layers("text_encoder", encoder))
+    assert sorted(int(layer.split(".")[2]) for layer in group.layers) == list(range(36))  # no visual.*.qkv
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # lora_B starts at 0, which blocks lora_A's gradient
+        for name, param in encoder.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    conditioner = IDEOGRAM.build_conditioner(parts.components, 1, 0)
+    plain = conditioner([SHORT], {}, CPU)["llm_features"].detach()
+    conditioner.set_text_encoder(encoder)
+    conditioning = conditioner([SHORT], {}, CPU)
+    assert not torch.allclose(conditioning["llm_features"], plain)
+    prediction = IDEOGRAM.denoise(parts.transformer, torch.randn(1, 128, 2, 2, generator=generator),
+                                  torch.tensor([0.5]), conditioning)
+    prediction.square().mean().backward()
+    lora_params = [p for name, p in encoder.named_parameters() if "lora_A" in name]
+    assert lora_params and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_params)
+    with pytest.raises(ConfigError, match=r"^lora_text_encoder: Ideogram4Pipeline.encode_prompt runs"):
+        conditioner.set_text_encoder(torch.nn.DataParallel(encoder))
+
+
 def test_latents_decode_through_the_pipeline_into_the_image_they_encode(ideogram_pipe):
     """The pipeline, given our latents and transformers that predict zero velocity, decodes what the VAE decodes from
     the posterior mean: the latents are the exact inverse of its unpatchify and batch-norm denormalisation."""
