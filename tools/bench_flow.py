@@ -1,5 +1,5 @@
 """Flow-matching parts of tools/bench_train_step.py: the bare diffusers + peft loops of FLUX, SD3, Qwen-Image, Z-Image
-and Krea 2 (one
+Krea 2 and Ideogram 4 (one
 shared step, with each family's diffusers functions for latents, prompts, sigmas and the transformer call), the
 full-width FLUX builder, and the batch the bare loops train on. Not run on its own."""
 from __future__ import annotations
@@ -362,3 +362,55 @@ class Krea2BareLoop(FlowBareLoop):
 
 BARE_LOOPS = {loop.family: loop for loop in (FluxBareLoop, SD3BareLoop, QwenImageBareLoop, ZImageBareLoop,
                                              Krea2BareLoop)}
+class Ideogram4BareLoop(FlowBareLoop):
+    """An Ideogram 4 loop as diffusers' flow-matching LoRA examples write one, with Ideogram4Pipeline's own
+    conventions: FLUX.2-VAE latents patchified 2x2 as its decoding unpatchifies them (channels per token: patch row,
+    patch column, VAE channel) and batch-normed by the VAE's statistics, Ideogram4Pipeline.encode_prompt (text padded
+    to max_sequence_length, its packed ids), logit-normal sigmas around the pipeline's resolution-aware mean, the
+    conditional transformer on [text rows of zeros][image tokens] at 1 - sigma, its image rows negated (it predicts
+    x0 - noise)."""
+
+    family = "ideogram4"
+
+    def text_pipeline(self, parts: Any) -> Any:
+        from diffusers import Ideogram4Pipeline
+
+        return Ideogram4Pipeline(scheduler=None, vae=None, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                                 transformer=None, unconditional_transformer=None)
+
+    def encode_images(self) -> torch.Tensor:
+        latents = self.vae.encode(self.pixel_values).latent_dist.sample()
+        batch, channels, height, width = latents.shape
+        cells = latents.view(batch, channels, height // 2, 2, width // 2, 2).permute(0, 3, 5, 1, 2, 4)
+        packed = cells.reshape(batch, 4 * channels, height // 2, width // 2)
+        mean = self.vae.bn.running_mean.view(1, -1, 1, 1)
+        std = torch.sqrt(self.vae.bn.running_var + self.vae.config.batch_norm_eps).view(1, -1, 1, 1)
+        return ((packed - mean) / std).float()
+
+    def encode_text(self) -> dict:
+        height, width = (side // (self.vae_factor * 2) for side in self.pixel_values.shape[-2:])
+        features, position_ids, segment_ids, indicator = self.text.encode_prompt(
+            self.prompts, grid_h=height, grid_w=width, max_sequence_length=self.max_sequence_length,
+            device=self.device)
+        return {"encoder_hidden_states": features, "position_ids": position_ids, "segment_ids": segment_ids,
+                "indicator": indicator}
+
+    def sigmas(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from diffusers.pipelines.ideogram4.pipeline_ideogram4 import _resolution_aware_mu
+
+        height, width = (side * self.vae_factor * 2 for side in latents.shape[-2:])
+        sigmas = self.scheduler.time_shift(_resolution_aware_mu(height, width, 0.0), 1.0,
+                                           self.logit_normal(latents.shape[0]))
+        return sigmas, 1.0 - sigmas
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: dict) -> torch.Tensor:
+        batch, channels, height, width = noisy.shape
+        tokens = noisy.to(self.dtype).flatten(2).transpose(1, 2)
+        padding = tokens.new_zeros(batch, self.max_sequence_length, channels)
+        out = self.transformer(hidden_states=torch.cat([padding, tokens], dim=1), timestep=timesteps.to(self.dtype),
+                               return_dict=False, **text)[0]
+        return -out[:, self.max_sequence_length:].transpose(1, 2).reshape(batch, channels, height, width)
+
+
+BARE_LOOPS = {loop.family: loop for loop in (FluxBareLoop, SD3BareLoop, QwenImageBareLoop, ZImageBareLoop,
+                                             Ideogram4BareLoop)}

@@ -54,6 +54,9 @@ class Family:
     # the denoiser's lists of repeated blocks, in the order they run (`model.blocks_to_swap` keeps some in CPU
     # memory); empty: the family refuses blocks_to_swap (a U-Net's blocks differ in size and nest)
     block_lists: ClassVar[tuple[str, ...]] = ()
+    # True: the family's pipeline takes prompts as text only (no embeddings), so it renders through the text encoders:
+    # a run with previews keeps them loaded even when every caption is text-cached
+    renders_from_text: ClassVar[bool] = False
 
     # ---------------------------------------------------------------------------------------- parts and loading
     @property

@@ -530,8 +530,13 @@ class Trainer:
         logger.info("text embeddings cached %s for %d prompts: %d encoded, %d reused",
                     " and ".join(dict.fromkeys(places)), len(conditioner.prompts), report.encoded, report.reused)
         self.conditioner = conditioner
-        if len(cached) == len(built_datasets):
-            self._release_text_encoders()
+        if len(cached) < len(built_datasets):
+            return
+        if self.family.renders_from_text and self.extras.preview is not None:
+            logger.info("text encoders kept for the previews: the %s pipeline encodes prompt text itself",
+                        self.family.description)
+            return
+        self._release_text_encoders()
 
     def _release_text_encoders(self) -> None:
         """Every prompt the data gives is cached and no text encoder trains: drop the encoders (after encoding the
