@@ -104,8 +104,14 @@ class QwenImage21Conditioner:
         return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask}
 
     def set_text_encoder(self, text_encoder: torch.nn.Module, index: int = 0) -> None:
-        """Use a wrapped (prepared) text encoder for the forward pass."""
-        self.pipe.text_encoder = pipeline_text_encoder(text_encoder)
+        """Use a wrapped (prepared) text encoder for the forward pass. The pipeline hooks `text_encoder.model`'s
+        final norm (to read the pre-norm states), so a prepared encoder also answers `.model` with the plain one's."""
+        from accelerate.utils import extract_model_from_parallel
+
+        encoder = pipeline_text_encoder(text_encoder)
+        if encoder is not text_encoder:  # not registered as a submodule: the wrapper already holds it
+            encoder.__dict__["model"] = extract_model_from_parallel(text_encoder).model
+        self.pipe.text_encoder = encoder
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
