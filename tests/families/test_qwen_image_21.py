@@ -19,7 +19,7 @@ from diffusers.pipelines.qwenimage21.pipeline_qwenimage21 import calculate_shift
 from PIL import Image
 from safetensors.torch import load_file
 
-from hcpdiff.errors import ModelError
+from hcpdiff.errors import ConfigError, ModelError
 from hcpdiff.families import detect_family, family_named, folder_config_reader
 from hcpdiff.families.qwen_image_21 import pack_latents, unpack_latents
 from hcpdiff.models import load_model_parts
@@ -125,6 +125,33 @@ def test_denoise_is_the_pipelines_recorded_transformer_call(pipe):
     assert torch.equal(pack_latents(latents), kwargs["hidden_states"])
 
 
+def test_text_encoder_lora_trains_through_the_pipelines_pre_norm_states(tiny, parts):
+    """lora_text_encoder on Qwen3-VL: the conditioner reads the adapted encoder's states through the pipeline's
+    final-norm hook, and its LoRA gets gradients from the transformer's loss."""
+    import copy
+
+    from hcpdiff.lora import LoraGroupSpec, attach_lora
+
+    encoder = copy.deepcopy(parts.text_encoder).requires_grad_(False)
+    attach_lora(encoder, [LoraGroupSpec(lr=1e-4, layers=[r"re:.*language_model\.layers\.\d+\.self_attn$"], rank=2)],
+                "text_encoder", "lora_text_encoder")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # lora_B starts at 0, which blocks lora_A's gradient
+        for name, param in encoder.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    conditioner = Q21.build_conditioner(dict(parts.components), 1, 0)
+    plain = conditioner([SHORT, LONG], {}, CPU)
+    conditioner.set_text_encoder(encoder)
+    conditioning = conditioner([SHORT, LONG], {}, CPU)
+    assert not torch.allclose(conditioning["encoder_hidden_states"], plain["encoder_hidden_states"])
+    prediction = Q21.denoise(parts.transformer, torch.randn(2, 64, 2, 2, generator=generator), torch.tensor([0.5, 0.5]),
+                             conditioning)
+    prediction.square().mean().backward()
+    lora_params = [p for name, p in encoder.named_parameters() if "lora_A" in name]
+    assert lora_params and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_params)
+
+
 def noisy_and_target(latents, noise, sigmas) -> tuple[torch.Tensor, torch.Tensor]:
     expanded = sigmas.view(-1, 1, 1, 1)
     return (1 - expanded) * latents + expanded * noise, noise - latents
@@ -194,6 +221,8 @@ def test_prompt_args_weights_turbo_warning_and_webui_refusal(pipe, tmp_path):
     assert torch.allclose(ratio[1], 1.5 * scale.expand(ratio.shape[1]), rtol=1e-3)
     assert torch.allclose(ratio[2], scale.expand(ratio.shape[1]), rtol=1e-3)
     assert Q21.pipeline_call_args({"guidance_scale": 1.0}) == {"true_cfg_scale": 1.0}
+    with pytest.raises(ConfigError, match=r"^mixed_precision: fp16 overflows Qwen-Image 2.1's transformer"):
+        Q21.check_run("fp16")
 
     assert Q21.pipeline_warnings({}) == [] and Q21.pipeline_warnings({"sample_sigmas": None}) == []
     (line,) = Q21.pipeline_warnings({"sample_sigmas": [1.0, 0.9, 0.75, 0.5]})
