@@ -18,6 +18,7 @@ The Turbo checkpoint differs by model_index.json's `sample_sigmas` (its few-step
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
@@ -33,12 +34,28 @@ SLOT = 2  # one img_mask slot holds 2x2 latent tokens (the transformer's _IMG_TO
 
 def load_processor(source: str, common: dict[str, Any]) -> Any:
     """The Qwen3-VL processor from the model's `processor/` folder (image processor, tokenizer, chat template),
-    without its video processor (see qwen_image_edit.image_processor_only)."""
+    without its video processor (see qwen_image_edit.image_processor_only). QwenImage21Pipeline tokenises the system
+    message with the processor's chat template to find its drop index."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
     image_processor = AutoImageProcessor.from_pretrained(source, subfolder="processor", **common)
     tokenizer = AutoTokenizer.from_pretrained(source, subfolder="processor", **common)
-    return image_processor_only(image_processor, tokenizer, "Qwen3VLProcessor", chat_template=tokenizer.chat_template)
+    return image_processor_only(image_processor, tokenizer, "Qwen3VLProcessor",
+                                chat_template=processor_chat_template(source, common) or tokenizer.chat_template)
+
+
+def processor_chat_template(source: str, common: dict[str, Any]) -> str | None:
+    """The processor folder's own chat template (`chat_template.jinja`, or `chat_template.json` as processors saved
+    it before), as Qwen3VLProcessor.from_pretrained reads it; None without one."""
+    from transformers.utils import cached_file
+
+    for name in ("chat_template.jinja", "chat_template.json"):
+        path = cached_file(source, name, subfolder="processor", _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False, **common)
+        if path is not None:
+            text = Path(path).read_text(encoding="utf-8")
+            return json.loads(text)["chat_template"] if name.endswith(".json") else text
+    return None
 
 
 def text_pipeline(components: dict[str, Any]) -> Any:
