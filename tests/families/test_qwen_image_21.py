@@ -309,3 +309,6 @@ def test_visualizer_and_to_diffusers_render_the_trained_lora_alike(trained, pipe
     assert np.abs(with_lora - base).mean() > 1  # the LoRA changes the image
     assert np.abs(with_lora - rendered).max() <= 2  # hcpdiff's merge renders as diffusers' peft layers
     assert load_file(converted).keys() and all(key.startswith("transformer.") for key in load_file(converted))
+    with pytest.raises(ModelError, match=r"^--to_webui: hcpdiff knows no ComfyUI / kohya layout for Qwen-Image 2.1"):
+        lora_convert(["--to_webui", "--lora_path", str(lora), "--dump_path", str(tmp_path / "webui.safetensors")])
+    assert not (tmp_path / "webui.safetensors").exists()
