@@ -24,7 +24,8 @@ from hcpdiff.families.sdxl import StableDiffusionXL
 from hcpdiff.families.z_image import ZImage
 
 FAMILIES: tuple[Family, ...] = (Flux(), StableDiffusion3(), StableDiffusionXL(), StableDiffusion(), QwenImage(),
-                                 QwenImageEdit(), QwenImageEditPlus(), QwenImage21(), ZImage(), FluxKontext(), Flux2Klein())
+                                 QwenImageEdit(), QwenImageEditPlus(), QwenImage21(), ZImage(), FluxKontext(),
+                                 Flux2Klein())
 # Every part name some family trains: config keys `lora_<part>` / `<part>:` are read for these before any model loads.
 TRAINABLE_PARTS: tuple[str, ...] = tuple(dict.fromkeys(p for family in FAMILIES for p in family.trainable_parts))
 PART_NAMES: tuple[str, ...] = tuple(dict.fromkeys(
