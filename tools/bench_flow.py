@@ -1,5 +1,5 @@
-"""Flow-matching parts of tools/bench_train_step.py: the bare diffusers + peft loops of FLUX, SD3, Qwen-Image, Z-Image
-Krea 2 and Ideogram 4 (one
+"""Flow-matching parts of tools/bench_train_step.py: the bare diffusers + peft loops of FLUX, SD3, Qwen-Image, Z-Image,
+Krea 2, Ideogram 4 and Qwen-Image 2.1 (one
 shared step, with each family's diffusers functions for latents, prompts, sigmas and the transformer call), the
 full-width FLUX builder, and the batch the bare loops train on. Not run on its own."""
 from __future__ import annotations
@@ -360,8 +360,6 @@ class Krea2BareLoop(FlowBareLoop):
         return self.text._unpack_latents(pred, height * self.vae_factor, width * self.vae_factor).squeeze(2)
 
 
-BARE_LOOPS = {loop.family: loop for loop in (FluxBareLoop, SD3BareLoop, QwenImageBareLoop, ZImageBareLoop,
-                                             Krea2BareLoop)}
 class Ideogram4BareLoop(FlowBareLoop):
     """An Ideogram 4 loop as diffusers' flow-matching LoRA examples write one, with Ideogram4Pipeline's own
     conventions: FLUX.2-VAE latents patchified 2x2 as its decoding unpatchifies them (channels per token: patch row,
@@ -412,5 +410,52 @@ class Ideogram4BareLoop(FlowBareLoop):
         return -out[:, self.max_sequence_length:].transpose(1, 2).reshape(batch, channels, height, width)
 
 
+class QwenImage21BareLoop(FlowBareLoop):
+    """A Qwen-Image 2.1 loop with QwenImage21Pipeline's own conventions (diffusers has no 2.1 training example): the
+    image made RGBA, one-frame VAE latents normalised per channel, QwenImage21Pipeline.encode_prompt (states, mask,
+    image-slot mask), logit-normal sigmas with the resolution shift over H x W tokens, _pack_latents (a flatten), and
+    one transformer call for the batch as the pipeline makes it (prompts padded, its text mask, img_mask with the
+    target's slots appended)."""
+
+    family = "qwen_image_21"
+
+    def text_pipeline(self, parts: Any) -> Any:
+        from diffusers import QwenImage21Pipeline
+
+        return QwenImage21Pipeline(scheduler=None, vae=None, transformer=None, text_encoder=parts.text_encoder,
+                                   processor=parts.components["processor"])
+
+    def encode_images(self) -> torch.Tensor:
+        alpha = self.pixel_values.new_ones(self.pixel_values.shape[0], 1, *self.pixel_values.shape[2:])
+        rgba = torch.cat([self.pixel_values, alpha], dim=1).unsqueeze(2)
+        latents = self.vae.encode(rgba).latent_dist.sample()  # [B, C, 1, H, W]
+        shape = (1, self.vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(self.vae.config.latents_mean).view(shape).to(latents)
+        std = torch.tensor(self.vae.config.latents_std).view(shape).to(latents)
+        return ((latents - mean) / std).squeeze(2).float()
+
+    def encode_text(self) -> dict:
+        embeds, mask, image_pad_mask = self.text.encode_prompt(self.prompts, device=self.device)
+        return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask, "img_mask": image_pad_mask}
+
+    def sigmas(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        height, width = latents.shape[-2:]
+        sigmas = self.resolution_shifted(self.logit_normal(latents.shape[0]), height * width)
+        return sigmas, sigmas
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: dict) -> torch.Tensor:
+        from diffusers import QwenImage21Pipeline
+
+        batch, channels, height, width = noisy.shape
+        packed = QwenImage21Pipeline._pack_latents(noisy.to(self.dtype), batch, channels, height, width)
+        img_mask = text["img_mask"]
+        img_mask = torch.cat([img_mask, img_mask.new_ones(img_mask.shape[0], packed.shape[1] // 4)], dim=1)
+        pred = self.transformer(hidden_states=packed, timestep=timesteps,
+                                encoder_hidden_states=text["encoder_hidden_states"],
+                                encoder_hidden_states_mask=text["encoder_hidden_states_mask"],
+                                img_shapes=[[(1, height, width)]] * batch, img_mask=img_mask, return_dict=False)[0]
+        return QwenImage21Pipeline._unpack_latents(pred[:, -packed.shape[1]:], height, width, 1).squeeze(2)
+
+
 BARE_LOOPS = {loop.family: loop for loop in (FluxBareLoop, SD3BareLoop, QwenImageBareLoop, ZImageBareLoop,
-                                             Ideogram4BareLoop)}
+                                             Krea2BareLoop, Ideogram4BareLoop, QwenImage21BareLoop)}

@@ -17,6 +17,7 @@ from hcpdiff.families.flux_kontext import FluxKontext
 from hcpdiff.families.ideogram4 import Ideogram4
 from hcpdiff.families.krea2 import Krea2
 from hcpdiff.families.qwen_image import QwenImage
+from hcpdiff.families.qwen_image_21 import QwenImage21
 from hcpdiff.families.qwen_image_edit import QwenImageEdit
 from hcpdiff.families.qwen_image_edit_plus import QwenImageEditPlus
 from hcpdiff.families.sd import StableDiffusion
@@ -25,8 +26,8 @@ from hcpdiff.families.sdxl import StableDiffusionXL
 from hcpdiff.families.z_image import ZImage
 
 FAMILIES: tuple[Family, ...] = (Flux(), StableDiffusion3(), StableDiffusionXL(), StableDiffusion(), QwenImage(),
-                                 QwenImageEdit(), QwenImageEditPlus(), ZImage(), FluxKontext(), Flux2Klein(), Krea2(),
-                                 Ideogram4())
+                                 QwenImageEdit(), QwenImageEditPlus(), QwenImage21(), ZImage(), FluxKontext(),
+                                 Flux2Klein(), Krea2(), Ideogram4())
 # Every part name some family trains: config keys `lora_<part>` / `<part>:` are read for these before any model loads.
 TRAINABLE_PARTS: tuple[str, ...] = tuple(dict.fromkeys(p for family in FAMILIES for p in family.trainable_parts))
 PART_NAMES: tuple[str, ...] = tuple(dict.fromkeys(

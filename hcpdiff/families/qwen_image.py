@@ -214,8 +214,8 @@ class QwenImage(Family):
         """fp16 is refused: Qwen-Image is bf16-native and its transformer's activations overflow fp16 (NaN losses,
         black images)."""
         if mixed_precision == "fp16":
-            raise ConfigError("mixed_precision: fp16 overflows Qwen-Image's transformer (NaN losses); use bf16 "
-                              "(or null for fp32)")
+            raise ConfigError(f"mixed_precision: fp16 overflows {self.description}'s transformer (NaN losses); "
+                              "use bf16 (or null for fp32)")
 
     # ---------------------------------------------------------------------------------------- latents
     def vae_scale_factor(self, read_config: ConfigReader) -> int:

@@ -32,17 +32,19 @@ def load_vl_processor(source: str, common: dict[str, Any]) -> Any:
     return image_processor_only(image_processor, tokenizer)
 
 
-def image_processor_only(image_processor: Any, tokenizer: Any) -> Any:
-    """A Qwen2VLProcessor without a video processor. transformers (5.x) checks the class of every processor part,
-    a missing one too, and without torchvision that check fails for the video processor; hcpdiff never gives videos,
-    so a missing part is not checked. Processing is the library's own."""
-    from transformers import Qwen2VLProcessor
+def image_processor_only(image_processor: Any, tokenizer: Any, processor_class: str = "Qwen2VLProcessor",
+                         **kwargs: Any) -> Any:
+    """A Qwen2VLProcessor (or transformers' `processor_class`, e.g. Qwen3VLProcessor; `kwargs`: its chat_template)
+    without a video processor. transformers (5.x) checks the class of every processor part, a missing one too, and
+    without torchvision that check fails for the video processor; hcpdiff never gives videos, so a missing part is
+    not checked. Processing is the library's own."""
+    import transformers
 
-    class Qwen2VLImageProcessor(Qwen2VLProcessor):
+    class ImageOnlyProcessor(getattr(transformers, processor_class)):
         def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
             return None if argument is None else super().check_argument_for_proper_class(argument_name, argument)
 
-    return Qwen2VLImageProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    return ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
 
 
 def edit_pipeline(components: dict[str, Any], scheduler: Any = None, transformer: Any = None,
