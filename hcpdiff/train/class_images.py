@@ -12,7 +12,6 @@ import torch
 from tqdm.auto import tqdm
 
 from hcpdiff.data.class_images import plan_class_images, render_class_images
-from hcpdiff.errors import ConfigError
 from hcpdiff.lora.attach import adapters_disabled
 from hcpdiff.train.preview import kept_random_state
 
@@ -38,10 +37,7 @@ def generate_class_images(data: Mapping[str, Any], parts: Any, accelerator: Any,
     todo = [plan for plan in plans if plan.missing]
     if not todo:
         return
-    family = parts.family
-    if family.condition_images:
-        raise ConfigError(f"{todo[0].key_path}: a {family.description} model edits an input image and cannot render "
-                          f"class images from a prompt; put {todo[0].spec.num} images in {todo[0].folder} instead")
+    family = parts.family  # a text-to-image one: an editing family's datasets need input images, checked before
     accelerator.wait_for_everyone()  # every process has counted before any writes
     from hcpdiff.infer.pipeline import build_pipeline
 

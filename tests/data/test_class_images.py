@@ -68,7 +68,8 @@ def test_each_process_renders_its_share_with_per_index_seeds(tmp_path):
     assert [p.name for p in written] == ["00001.png", "00004.png"] and pipe.seeds == [[11, 14]] and done == [2]
     render_class_images(plan, pipe, family, rank=0, num_replicas=2)
     assert pipe.seeds[1] == [10, 12] and family.encoded == [2, 2]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"0000{i}.{ext}" for i in (0, 1, 2, 4) for ext in ("png", "txt")]
+    names = [f"0000{i}.{ext}" for i in (0, 1, 2, 4) for ext in ("png", "txt")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
     assert (tmp_path / "00004.txt").read_text() == "a dog\n"
     assert Image.open(tmp_path / "00004.png").getpixel((0, 0)) == (14, 0, 0)
 
