@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from hcpdiff.data.class_images import plan_class_images, render_class_images
+from hcpdiff.data.class_images import ClassImagePlan, plan_class_images, render_class_images
 from hcpdiff.lora.attach import adapters_disabled
 from hcpdiff.train.preview import kept_random_state
 
@@ -35,14 +35,23 @@ def generate_class_images(data: Mapping[str, Any], parts: Any, accelerator: Any,
             logger.info("%s: %d class images in %s, none to render (reused)", plan.key_path, plan.present,
                         plan.folder)
     todo = [plan for plan in plans if plan.missing]
-    if not todo:
+    if not plans:
         return
-    family = parts.family  # a text-to-image one: an editing family's datasets need input images, checked before
+    # The barriers depend on the config alone, never on what one process found: no process can wait for another
+    # that went on (a folder some process does not see is the user's error, not a hang).
     accelerator.wait_for_everyone()  # every process has counted before any writes
+    if todo:
+        _render(todo, parts, accelerator, clip_skip)
+    accelerator.wait_for_everyone()  # every image is written before any process scans the folder
+
+
+def _render(todo: list[ClassImagePlan], parts: Any, accelerator: Any, clip_skip: int) -> None:
+    """This process's share of every plan, with the family's pipeline over the loaded parts (adapters bypassed, eval
+    mode, the random state and train modes put back, the pipeline dropped after)."""
     from hcpdiff.infer.pipeline import build_pipeline
 
     started = time.perf_counter()
-    pipe = build_pipeline(parts, {})
+    pipe = build_pipeline(parts, {})  # a text-to-image family: an editing family's datasets need input images
     pipe.set_progress_bar_config(disable=True)
     modules = [module for module in parts.components.values() if isinstance(module, torch.nn.Module)]
     modes = [(module, module.training) for module in modules]
@@ -54,7 +63,7 @@ def generate_class_images(data: Mapping[str, Any], parts: Any, accelerator: Any,
             module.eval()
         with kept_random_state(), adapters_disabled(modules), torch.no_grad(), accelerator.autocast():
             for plan in todo:
-                render_class_images(plan, pipe, family, clip_skip=clip_skip, rank=rank, num_replicas=replicas,
+                render_class_images(plan, pipe, parts.family, clip_skip=clip_skip, rank=rank, num_replicas=replicas,
                                     progress=progress.update)
     finally:
         progress.close()
@@ -64,6 +73,5 @@ def generate_class_images(data: Mapping[str, Any], parts: Any, accelerator: Any,
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    accelerator.wait_for_everyone()
-    logger.info("%d class images rendered in %.1f s", sum(len(plan.missing) for plan in todo),
-                time.perf_counter() - started)
+    logger.info("%d class images rendered in %.1f s (this process: %d)", sum(len(plan.missing) for plan in todo),
+                time.perf_counter() - started, total)
