@@ -13,6 +13,7 @@ from hcpdiff.config import Bound, read_fields
 from hcpdiff.data.buckets import Bucket
 from hcpdiff.data.captions import (IMAGE_EXTENSIONS, Columns, image_key, image_stem, load_caption_entries,
                                    load_condition_entries)
+from hcpdiff.data.class_images import read_generate
 from hcpdiff.data.dataset import DataItem, ImageCaptionDataset
 from hcpdiff.data.images import UnusableImage, scan_image
 from hcpdiff.data.latent_cache import CachedLatentDataset, LatentEncoder, fill_latent_cache
@@ -36,6 +37,9 @@ class DatasetSpec:
     cache_latents: bool = False  # VAE-encode each image once (bucket size, crop, both flips) and train on stored latents
     cache_dir: str | None = None  # null: latent and text caches live in memory; a folder: on disk, reused across runs
     cache_text_embeds: bool | str = "auto"  # auto: cache prompt embeddings when prompts are fixed and no TE trains
+    # prior preservation: {prompt, num, steps, ...} (class_images.GenerateSpec); the base model renders the images
+    # its one source's img_root lacks before training, captioned with the prompt
+    generate: dict | None = None
 
 
 @dataclass
@@ -122,6 +126,9 @@ def build_dataset(
     """
     spec = read_fields(node, key_path, DatasetSpec)
     source_specs = _read_sources(spec.source, f"{key_path}.source")
+    if read_generate(node, key_path) is not None:  # the generated images' captions: <stem>.txt beside each
+        for source in source_specs.values():
+            source.caption_file = source.caption_file or source.img_root
     cache_text = _text_cache_wanted(spec.cache_text_embeds, source_specs, key_path, text_encoder_trained)
 
     items: list[DataItem] = []
@@ -242,6 +249,7 @@ def check_dataset_fields(node: Any, key_path: str, problems: ConfigProblems) -> 
     if spec is not None and isinstance(spec.source, Mapping):
         for name, source_node in spec.source.items():
             problems.collect(read_fields, source_node, f"{key_path}.source.{name}", SourceSpec)
+        problems.collect(read_generate, node, key_path)
 
 
 def _read_sources(sources: Any, key_path: str) -> dict[str, SourceSpec]:

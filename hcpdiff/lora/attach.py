@@ -4,7 +4,8 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from collections.abc import Collection
+from collections.abc import Collection, Iterable, Iterator
+from contextlib import contextmanager
 from numbers import Real
 
 from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
@@ -171,3 +172,20 @@ def adapter_params(model: nn.Module, adapter_name: str) -> list[nn.Parameter]:
         if isinstance(module, BaseTunerLayer):
             params += list(adapter_tensors(module, adapter_name).values())
     return params
+
+
+@contextmanager
+def adapters_disabled(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """The modules run as their base weights inside the block (every peft adapter layer bypassed, as peft's own
+    `disable_adapter` does); adapters and each parameter's requires_grad are as before afterwards."""
+    layers = [layer for module in modules for layer in module.modules() if isinstance(layer, BaseTunerLayer)]
+    trainable = {param: param.requires_grad for layer in layers for param in layer.parameters()}
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for param, requires_grad in trainable.items():
+            param.requires_grad_(requires_grad)

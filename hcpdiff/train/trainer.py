@@ -36,6 +36,7 @@ from hcpdiff.models import cast_floats, checkpoint_blocks, enable_gradient_check
 from hcpdiff.models.loading import peek_model
 from hcpdiff.models.quantize import check_quantize_parts, check_quantize_values, is_quantized, quantize_parts
 from hcpdiff.objectives.ddpm import sample_noise
+from hcpdiff.train.class_images import generate_class_images
 from hcpdiff.train.exp_dir import (LOCK_NAME, claim_exp_dir, lock_exp_dir, remove_if_no_outputs,
                                    remove_stale_temp_files, unlock_exp_dir)
 from hcpdiff.train.finetune import (FinetuneGroup, FinetuneGroupSpec, enable_finetuning, finetuned_state,
@@ -107,6 +108,8 @@ class Trainer:
         self._setup_exp_dir()
         self._setup_models()
         self._setup_lora()
+        # prior preservation: class folders filled by the base model (adapters bypassed) before the data scans them
+        generate_class_images(self.cfg.data, self.parts, self.accelerator, self.model_spec.clip_skip)
         self._setup_data()
         self._setup_optimization()
         if self.resume_state is not None:
