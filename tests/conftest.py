@@ -31,6 +31,22 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """`tiny_models(variant)`: the `make_tiny_model --family <variant>` model (seed 0), built once per session (per
+    xdist worker) and shared by every test module that only reads it; a test that changes a model copies it first."""
+    from hcpdiff.families import tiny_variant_family
+
+    built: dict[str, Path] = {}
+
+    def get(variant: str) -> Path:
+        if variant not in built:
+            folder = tmp_path_factory.mktemp("tiny_" + variant.replace(".", "_").replace("-", "_"))
+            built[variant] = tiny_variant_family(variant).make_tiny(folder / variant, seed=0, variant=variant)
+        return built[variant]
+    return get
+
+
+@pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory) -> Path:
     """A random-weight SDXL pipeline (two text encoders, text_time conditioning), built offline once per session."""
     from hcpdiff.tools.tiny_sdxl import make_tiny_sdxl

@@ -19,10 +19,10 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module", params=[family.name for family in FAMILIES])
-def family_model(request, tmp_path_factory) -> tuple:
+def family_model(request, tiny_models) -> tuple:
     """(family, its tiny model folder), built by the family's own tiny builder."""
     family = family_named(request.param)
-    return family, family.make_tiny(tmp_path_factory.mktemp(family.name) / "model", seed=0)
+    return family, tiny_models(family.tiny_variants[0])
 
 
 def render(run, workdir: Path, family, model: Path, lora: Path, alpha: float, size: int,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from hcpdiff.families import family_named, tiny_variant_family
+from hcpdiff.families import family_named
 from hcpdiff.tools.make_demo_data import make_demo_data
 
 # each family's tiny variant of the same name: FLUX.1-dev (guidance embedding, resolution shift), SD3 with T5
@@ -20,10 +20,9 @@ LAYERS = r"re:transformer_blocks\.[01]\.attn\.(to_q|to_k|to_v|to_out\.0)"
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def tiny(request, tmp_path_factory) -> tuple[str, Path]:
+def tiny(request, tiny_models) -> tuple[str, Path]:
     """(family name, its tiny model folder)."""
-    name = request.param
-    return name, tiny_variant_family(name).make_tiny(tmp_path_factory.mktemp(name) / name, seed=0, variant=name)
+    return request.param, tiny_models(request.param)
 
 
 def assert_same_loras(a: Path, b: Path) -> None:

@@ -13,7 +13,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file
 
 from hcpdiff.errors import ConfigError
-from hcpdiff.families import detect_family, family_named, folder_config_reader, tiny_variant_family
+from hcpdiff.families import detect_family, family_named, folder_config_reader
 from hcpdiff.families.flux import pack_latents, unpack_latents
 from hcpdiff.models import load_model_parts
 from hcpdiff.objectives.flow_matching import FlowMatchingObjective
@@ -22,14 +22,13 @@ from hcpdiff.train.specs import LossSpec
 
 
 @pytest.fixture(scope="module")
-def tiny_flux(tmp_path_factory) -> Path:
-    return tiny_variant_family("flux").make_tiny(tmp_path_factory.mktemp("flux") / "dev", seed=0, variant="flux")
+def tiny_flux(tiny_models) -> Path:
+    return tiny_models("flux")
 
 
 @pytest.fixture(scope="module")
-def tiny_schnell(tmp_path_factory) -> Path:
-    return tiny_variant_family("flux-schnell").make_tiny(tmp_path_factory.mktemp("flux") / "schnell", seed=0,
-                                                         variant="flux-schnell")
+def tiny_schnell(tiny_models) -> Path:
+    return tiny_models("flux-schnell")
 
 
 @pytest.fixture(scope="module")

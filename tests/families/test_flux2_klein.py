@@ -32,8 +32,8 @@ SHORT, LONG = "a red circle", "a blue square photo of the objects and background
 
 
 @pytest.fixture(scope="module")
-def tiny_klein(tmp_path_factory) -> Path:
-    return KLEIN.make_tiny(tmp_path_factory.mktemp("flux2_klein") / "klein", seed=0)
+def tiny_klein(tiny_models) -> Path:
+    return tiny_models("flux2_klein")
 
 
 @pytest.fixture(scope="module")

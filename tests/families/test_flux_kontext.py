@@ -30,8 +30,8 @@ STEPS = 20
 
 
 @pytest.fixture(scope="module")
-def tiny_kontext(tmp_path_factory) -> Path:
-    return KONTEXT.make_tiny(tmp_path_factory.mktemp("flux_kontext") / "flux_kontext", seed=0)
+def tiny_kontext(tiny_models) -> Path:
+    return tiny_models("flux_kontext")
 
 
 @pytest.fixture(scope="module")

@@ -33,8 +33,8 @@ SHORT, LONG = "a red circle", "a blue square photo of the objects and background
 
 
 @pytest.fixture(scope="module")
-def tiny_ideogram(tmp_path_factory) -> Path:
-    return IDEOGRAM.make_tiny(tmp_path_factory.mktemp("ideogram4") / "ideogram4", seed=0)
+def tiny_ideogram(tiny_models) -> Path:
+    return tiny_models("ideogram4")
 
 
 @pytest.fixture(scope="module")

@@ -38,8 +38,8 @@ TOKENS = 32  # prompt tokens in the unit tests (the pipeline's 512 in the runs)
 
 
 @pytest.fixture(scope="module")
-def tiny_krea2(tmp_path_factory) -> Path:
-    return KREA2.make_tiny(tmp_path_factory.mktemp("krea2") / "krea2", seed=0)
+def tiny_krea2(tiny_models) -> Path:
+    return tiny_models("krea2")
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from hcpdiff.errors import ConfigError
 from hcpdiff.families import FAMILIES
 from hcpdiff.models import load_model_parts
 
@@ -39,7 +40,11 @@ def test_wrapped_text_encoders_encode_as_the_plain_ones(family, process_group, t
     for index, part in enumerate(family.text_encoders):
         encoder = parts.components.get(part)
         if encoder is not None:
-            conditioner.set_text_encoder(DistributedDataParallel(encoder.requires_grad_(True)), index)
+            try:
+                conditioner.set_text_encoder(DistributedDataParallel(encoder.requires_grad_(True)), index)
+            except ConfigError as err:  # a family whose pipeline runs the encoder past the wrapper refuses it in
+                assert "one process" in str(err)  # one line (Ideogram 4: its text-encoder LoRA trains in one process)
+                return
     with torch.no_grad():
         wrapped = conditioner(PROMPTS, batch, cpu)
     assert flat(plain).keys() == flat(wrapped).keys()

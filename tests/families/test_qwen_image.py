@@ -36,8 +36,8 @@ SHORT, LONG = "a red circle", "a blue square photo of the objects and background
 
 
 @pytest.fixture(scope="module")
-def tiny_qwen(tmp_path_factory) -> Path:
-    return QWEN.make_tiny(tmp_path_factory.mktemp("qwen") / "qwen_image", seed=0)
+def tiny_qwen(tiny_models) -> Path:
+    return tiny_models("qwen_image")
 
 
 @pytest.fixture(scope="module")

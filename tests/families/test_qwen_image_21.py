@@ -35,8 +35,8 @@ SHORT, LONG = "a red circle", "a blue square photo of cat, a red circle and more
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return Q21.make_tiny(tmp_path_factory.mktemp("q21") / "qwen_image_21", seed=0)
+def tiny(tiny_models) -> Path:
+    return tiny_models("qwen_image_21")
 
 
 @pytest.fixture(scope="module")

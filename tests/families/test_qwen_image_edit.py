@@ -28,8 +28,8 @@ STEPS = 30
 
 
 @pytest.fixture(scope="module")
-def tiny_edit(tmp_path_factory) -> Path:
-    return EDIT.make_tiny(tmp_path_factory.mktemp("qwen_edit") / "qwen_image_edit", seed=0)
+def tiny_edit(tiny_models) -> Path:
+    return tiny_models("qwen_image_edit")
 
 
 @pytest.fixture(scope="module")

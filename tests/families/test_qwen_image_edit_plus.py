@@ -22,8 +22,8 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def tiny_plus(tmp_path_factory) -> Path:
-    return PLUS.make_tiny(tmp_path_factory.mktemp("qwen_edit_plus") / "model", seed=0)
+def tiny_plus(tiny_models) -> Path:
+    return tiny_models("qwen_image_edit_plus")
 
 
 @pytest.fixture(scope="module")

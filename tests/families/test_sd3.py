@@ -31,13 +31,13 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def tiny_sd3(tmp_path_factory) -> Path:
-    return SD3.make_tiny(tmp_path_factory.mktemp("sd3") / "sd3", seed=0, variant="sd3")
+def tiny_sd3(tiny_models) -> Path:
+    return tiny_models("sd3")
 
 
 @pytest.fixture(scope="module")
-def tiny_sd35(tmp_path_factory) -> Path:
-    return SD3.make_tiny(tmp_path_factory.mktemp("sd3") / "sd35", seed=0, variant="sd3.5")
+def tiny_sd35(tiny_models) -> Path:
+    return tiny_models("sd3.5")
 
 
 @pytest.fixture(scope="module")

@@ -36,8 +36,8 @@ SHORT, LONG = "a red circle", "a blue square photo of the objects and background
 
 
 @pytest.fixture(scope="module")
-def tiny_z_image(tmp_path_factory) -> Path:
-    return Z_IMAGE.make_tiny(tmp_path_factory.mktemp("z_image") / "z_image", seed=0)
+def tiny_z_image(tiny_models) -> Path:
+    return tiny_models("z_image")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file
 
 from hcpdiff.errors import ConfigError
-from hcpdiff.families import tiny_variant_family
 from hcpdiff.models import load_model_parts
 from hcpdiff.models.quantize import is_quantized, quantize_linear_weights, quantize_parts
 from hcpdiff.tools.make_demo_data import make_demo_data
@@ -22,8 +21,8 @@ STEPS = 12
 
 
 @pytest.fixture(scope="module")
-def tiny_flux(tmp_path_factory) -> Path:
-    return tiny_variant_family("flux").make_tiny(tmp_path_factory.mktemp("flux") / "dev", seed=0, variant="flux")
+def tiny_flux(tiny_models) -> Path:
+    return tiny_models("flux")
 
 
 @pytest.fixture(scope="module")

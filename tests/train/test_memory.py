@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from hcpdiff.families import family_named, tiny_variant_family
+from hcpdiff.families import family_named
 from hcpdiff.models.block_swap import BlockSwapper
 from hcpdiff.models.checkpointing import checkpoint_blocks
 from hcpdiff.tools.make_demo_data import make_demo_data
@@ -153,8 +153,8 @@ def test_flux_swaps_its_double_then_single_blocks_and_sd_none():
 
 # ------------------------------------------------------------------------------------------- runs
 @pytest.fixture(scope="module")
-def tiny_flux(tmp_path_factory) -> Path:
-    return tiny_variant_family("flux").make_tiny(tmp_path_factory.mktemp("flux") / "dev", seed=0, variant="flux")
+def tiny_flux(tiny_models) -> Path:
+    return tiny_models("flux")
 
 
 def flux_args(model: Path, data: Path, *extra: str) -> list[str]:

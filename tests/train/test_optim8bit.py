@@ -9,15 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hcpdiff.families import tiny_variant_family
 from hcpdiff.tools.make_demo_data import make_demo_data
 
 pytest.importorskip("bitsandbytes", reason='pip install "hcpdiff[optim8bit]" (tools/install.sh test does)')
 
 
 @pytest.fixture(scope="module")
-def tiny_flux(tmp_path_factory) -> Path:
-    return tiny_variant_family("flux").make_tiny(tmp_path_factory.mktemp("flux") / "dev", seed=0, variant="flux")
+def tiny_flux(tiny_models) -> Path:
+    return tiny_models("flux")
 
 
 @pytest.mark.e2e
