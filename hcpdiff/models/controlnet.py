@@ -118,7 +118,7 @@ def controlnet_base(value: str, exp_dir: Path) -> str:
     local = Path(os.path.expanduser(value))
     if value != FROM_UNET and local.is_dir():
         return str(local.resolve())
-    return str(exp_dir / INIT_FOLDER)
+    return str((exp_dir / INIT_FOLDER).resolve())  # absolute: checkpoints are read from anywhere
 
 
 def needs_init_folder(value: str) -> bool:
