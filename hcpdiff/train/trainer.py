@@ -345,6 +345,9 @@ class Trainer:
         """The family's checks of this run: groups only for parts it has (and loads), its own run settings
         (FLUX refuses fp16), train.loss read by its objective. Returns the objective."""
         problems = ConfigProblems()
+        # the ControlNet is loaded after the model, when model.controlnet names one: nothing to train or quantize else
+        absent = (*(part for part in absent if part != "controlnet"),
+                  *(() if self.model_spec.controlnet else ("controlnet",)))
         for part in TRAINABLE_PARTS:
             keys = [f"lora_{part}"] * bool(self.lora_specs[part]) + [part] * bool(self.finetune_specs[part])
             if part not in family.trainable_parts:
@@ -469,7 +472,7 @@ class Trainer:
             (self.exp_dir / "lora_layers.json").write_text(json.dumps(layer_lists, indent=1))
         if self.model_spec.gradient_checkpointing:
             enable_gradient_checkpointing(self.parts.denoiser)
-            for part in self.family.text_encoders:
+            for part in (*self.family.text_encoders, "controlnet"):  # the other parts that train
                 if part in self.trained:
                     enable_gradient_checkpointing(self.trained[part].module)
         # Frozen weights run in the mixed-precision dtype; trained adapters and fine-tuned weights stay fp32.
