@@ -211,8 +211,10 @@ def main(argv: list[str]) -> int:
     if args.controlnet:
         from hcpdiff.families import tiny_variant_family
 
+        from hcpdiff.errors import ConfigError
+
         if not tiny_variant_family(args.family).takes_controlnet:
-            parser.error(f"--controlnet: a {args.family} model takes no ControlNet here (sd, sd2 and sdxl do)")
+            raise ConfigError(f"--controlnet: a {args.family} model takes no ControlNet here (sd, sd2 and sdxl do)")
     print(make_tiny_model(args.out_dir, seed=args.seed, family=args.family))
     if args.controlnet:
         print(make_tiny_controlnet(args.out_dir, args.controlnet, seed=args.seed))

@@ -181,7 +181,9 @@ def test_visualizer_renders_with_one_and_two_controlnets(trained, folder, tiny_m
         (path,) = generate(load_config("cfgs/infer/controlnet.yaml", [
             *SMALL_RENDER, f"pretrained_model={tiny_model}", "prompt=a square", f"save.out_dir={out}", *overrides]))
         image = Image.open(path)
-        return np.asarray(image.convert("RGB")).astype(np.int16), json.loads(image.text["hcpdiff"])
+        info = json.loads(image.text["hcpdiff"])
+        assert all(f"ControlNet {i}: " in image.text["parameters"] for i in range(len(info["controlnet"])))
+        return np.asarray(image.convert("RGB")).astype(np.int16), info
 
     zero, _ = render(f"controlnet_path={tiny}", f"control_image={control}", "controlnet_scale=0")
     one, info = render(f"controlnet_path={tiny}", f"control_image={control}")
@@ -213,3 +215,11 @@ def test_training_refusals_are_one_line(folder, tiny_model, cli_in_process, over
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and key in errors[0], run.stderr
+
+
+def test_make_tiny_model_refuses_a_controlnet_for_a_family_without(folder, cli_in_process):
+    run = cli_in_process(["-m", "hcpdiff.tools.make_tiny_model", str(folder / "x"), "--family", "flux",
+                          "--controlnet", str(folder / "y")], cwd=folder)
+    assert run.returncode == 2 and run.stderr.strip() == (
+        "error: --controlnet: a flux model takes no ControlNet here (sd, sd2 and sdxl do)"), run.stderr
+    assert not (folder / "x").exists()
