@@ -195,12 +195,17 @@ def test_visualizer_renders_with_one_and_two_controlnets(trained, folder, tiny_m
     assert np.abs(both - one).mean() > 0.0 and [entry["scale"] for entry in info["controlnet"]] == [1.0, 0.5]
 
 
-def test_sdxl_trains_a_new_controlnet(folder, tiny_sdxl, cli_in_process):
+def test_sdxl_trains_a_new_controlnet_and_renders_with_it(folder, tiny_sdxl, cli_in_process, monkeypatch):
+    monkeypatch.chdir(folder)  # the infer config's _base_ path is cfgs/...
     run = cli_in_process(train_args(folder, tiny_sdxl, "train.train_steps=1", "exp_dir=exps/sdxl",
                                     cfg="controlnet_sdxl.yaml"), cwd=folder)
     assert run.returncode == 0, run.stderr[-3000:]
-    saved = load_file(folder / "exps/sdxl/ckpts/controlnet-1.safetensors")
-    assert any(key.startswith("add_embedding.") for key in saved)  # SDXL's text_time embedding, from its U-Net
+    ckpt = folder / "exps/sdxl/ckpts/controlnet-1.safetensors"
+    assert any(key.startswith("add_embedding.") for key in load_file(ckpt))  # SDXL's text_time embedding
+    (path,) = generate(load_config(str(REPO_ROOT / "cfgs/infer/controlnet.yaml"), [
+        *SMALL_RENDER, f"pretrained_model={tiny_sdxl}", "prompt=a square", f"save.out_dir={folder / 'out_sdxl'}",
+        f"controlnet_path={ckpt}", f"control_image={folder / 'data/input/0.png'}"]))
+    assert Image.open(path).size == (64, 64)
 
 
 @pytest.mark.parametrize("overrides, key", [
