@@ -1,7 +1,9 @@
 """HCP-Diffusion v1's `_target_` paths: the ones today's classes replace, and what replaces the rest (one sentence)."""
 from __future__ import annotations
 
-CONTROLNET = "ControlNet is not supported yet (issue 15 item 3); remove it to run without one"
+CONTROLNET = ("v1's ControlNet plugin does not migrate; write today's: model.controlnet, a controlnet: group and "
+              "condition_column (cfgs/train/examples/controlnet.yaml), the visualizer's controlnet: list "
+              "(cfgs/infer/controlnet.yaml)")
 DREAMARTIST = "DreamArtist's positive/negative branches have no replacement; train a LoRA (lora_unet) instead"
 
 # v1 bucket -> today's bucket; both are built as partials with the images' sizes.

@@ -57,12 +57,16 @@ class Family:
     # True: the family's pipeline takes prompts as text only (no embeddings), so it renders through the text encoders:
     # a run with previews keeps them loaded even when every caption is text-cached
     renders_from_text: ClassVar[bool] = False
+    # True: a ControlNet (diffusers' ControlNetModel, part `controlnet`) can steer the denoiser: trained with
+    # `model.controlnet` (control_residuals), rendered with the visualizer's `controlnet:` (build_pipeline with a
+    # `controlnet` component, control_args)
+    takes_controlnet: ClassVar[bool] = False
 
     # ---------------------------------------------------------------------------------------- parts and loading
     @property
     def trainable_parts(self) -> tuple[str, ...]:
         """Parts that can carry LoRA (`lora_<part>`) or full fine-tuning (`<part>:`) groups."""
-        return (self.denoiser, *self.text_encoders)
+        return (self.denoiser, *self.text_encoders, *(("controlnet",) if self.takes_controlnet else ()))
 
     @property
     def required_folders(self) -> tuple[str, ...]:
@@ -161,6 +165,13 @@ class Family:
         """The denoiser's prediction for noisy latents at `timesteps` under `conditioning`."""
         raise NotImplementedError
 
+    def control_residuals(self, controlnet: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                          conditioning: dict[str, Any], control_pixels: torch.Tensor) -> dict[str, Any]:
+        """The denoiser adapter of a ControlNet (takes_controlnet): given the noisy latents, timesteps, conditioning
+        and control images [B, 3, H, W] in [-1, 1] (the batch's first `condition_pixels`), the extra keyword
+        arguments of the denoiser's call (its residuals), merged into the conditioning `denoise` is given."""
+        raise NotImplementedError(f"{self.name}: takes no ControlNet")
+
     # ---------------------------------------------------------------------------------------- rendering
     def build_pipeline(self, components: dict[str, Any], scheduler: Any) -> Any:
         """The family's diffusers pipeline over these components; previews and the visualizer both use it."""
@@ -176,6 +187,11 @@ class Family:
         """The pipeline's keyword arguments for one call's (one prompt's) input images (PIL), with
         condition_images > 0."""
         raise NotImplementedError(f"{self.name}: renders take no input image")
+
+    def control_args(self, images: list[Any], scales: list[float]) -> dict[str, Any]:
+        """The ControlNet pipeline's keyword arguments for each ControlNet's control image (PIL, at the render's size)
+        and conditioning scale (takes_controlnet)."""
+        raise NotImplementedError(f"{self.name}: takes no ControlNet")
 
     def pipeline_call_args(self, call_args: dict[str, Any]) -> dict[str, Any]:
         """The pipeline's own keyword arguments for hcpdiff's sampling settings (width, height, num_inference_steps,

@@ -20,6 +20,7 @@ class StableDiffusion(Family):
     tiny_variants: ClassVar[tuple[str, ...]] = ("sd", "sd2")  # sd2: SD2.x layout, v-prediction
     # diffusers' img2img / inpaint pipelines of the same components (AutoPipelineFor*.from_pipe)
     render_modes: ClassVar[tuple[str, ...]] = ("txt2img", "img2img", "inpaint", "highres_fix", "latent_upscale")
+    takes_controlnet: ClassVar[bool] = True
 
     @classmethod
     def matches(cls, index: dict[str, Any], read_config: ConfigReader) -> bool:
@@ -80,14 +81,29 @@ class StableDiffusion(Family):
                 conditioning: dict[str, Any]) -> torch.Tensor:
         return denoiser(noisy_latents, timesteps, **conditioning).sample
 
-    def build_pipeline(self, components: dict[str, Any], scheduler: Any) -> Any:
-        from diffusers import StableDiffusionPipeline
+    def control_residuals(self, controlnet: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                          conditioning: dict[str, Any], control_pixels: torch.Tensor) -> dict[str, Any]:
+        """The ControlNet's residuals for the U-Net, as StableDiffusion(XL)ControlNetPipeline computes them: the
+        same latents, timestep and text (SDXL: added_cond_kwargs) and the control image in [0, 1]."""
+        control = (control_pixels.to(noisy_latents.device, noisy_latents.dtype) + 1) / 2
+        down, mid = controlnet(noisy_latents, timesteps, controlnet_cond=control, return_dict=False, **conditioning)
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
-        return StableDiffusionPipeline(
-            unet=components["unet"], vae=components["vae"], text_encoder=components["text_encoder"],
-            tokenizer=components["tokenizer"], scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+    def build_pipeline(self, components: dict[str, Any], scheduler: Any) -> Any:
+        from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
+
+        parts = dict(unet=components["unet"], vae=components["vae"], text_encoder=components["text_encoder"],
+                     tokenizer=components["tokenizer"], scheduler=scheduler,
+                     safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        if components.get("controlnet") is not None:
+            return StableDiffusionControlNetPipeline(controlnet=components["controlnet"], **parts)
+        return StableDiffusionPipeline(**parts)
+
+    def control_args(self, images: list[Any], scales: list[float]) -> dict[str, Any]:
+        """`image` and `controlnet_conditioning_scale`: one of each, or a list for a MultiControlNetModel."""
+        if len(images) == 1:
+            return {"image": images[0], "controlnet_conditioning_scale": scales[0]}
+        return {"image": list(images), "controlnet_conditioning_scale": list(scales)}
 
     def prompt_args(self, pipe: Any, prompts: list[str], neg_prompts: list[str], *, clip_skip: int,
                     all_prompts: list[str]) -> dict[str, Any]:

@@ -60,13 +60,14 @@ class StableDiffusionXL(StableDiffusion):
         return SDXLConditioner(*encoders, vae_scale_factor=self.vae_scale_factor(components_config_reader(components)))
 
     def build_pipeline(self, components: dict[str, Any], scheduler: Any) -> Any:
-        from diffusers import StableDiffusionXLPipeline
+        from diffusers import StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
 
-        return StableDiffusionXLPipeline(
-            unet=components["unet"], vae=components["vae"], text_encoder=components["text_encoder"],
-            tokenizer=components["tokenizer"], text_encoder_2=components["text_encoder_2"],
-            tokenizer_2=components["tokenizer_2"], scheduler=scheduler, add_watermarker=False,
-        )
+        parts = dict(unet=components["unet"], vae=components["vae"], text_encoder=components["text_encoder"],
+                     tokenizer=components["tokenizer"], text_encoder_2=components["text_encoder_2"],
+                     tokenizer_2=components["tokenizer_2"], scheduler=scheduler, add_watermarker=False)
+        if components.get("controlnet") is not None:
+            return StableDiffusionXLControlNetPipeline(controlnet=components["controlnet"], **parts)
+        return StableDiffusionXLPipeline(**parts)
 
     def prompt_args(self, pipe: Any, prompts: list[str], neg_prompts: list[str], *, clip_skip: int,
                     all_prompts: list[str]) -> dict[str, Any]:

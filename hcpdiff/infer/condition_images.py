@@ -52,3 +52,25 @@ def path_list(value: Any) -> list[Any]:
     if isinstance(value, str):
         return [value]
     return [entry if isinstance(entry, str) else [str(path) for path in entry] for entry in value]
+
+
+def control_images_for(paths: list[Any], num_prompts: int, width: int, height: int, key: str) -> list[Image.Image]:
+    """Each prompt's ControlNet control image (one path for every prompt, or one per prompt), resized to cover
+    width x height and center-cropped, as the training images and their control images are; one ConfigError naming
+    `key` for a missing, unreadable or miscounted one."""
+    if len(paths) not in (1, num_prompts) or not all(isinstance(path, str) for path in paths):
+        raise ConfigError(f"{key}: give one control image path for every prompt or one per prompt ({num_prompts})")
+    images = [control_image(path, width, height, key) for path in paths]
+    return images * num_prompts if len(images) == 1 else images
+
+
+def control_image(path: str, width: int, height: int, key: str) -> Image.Image:
+    """One control image, resized to cover width x height and center-cropped (the webui's "crop and resize")."""
+    from hcpdiff.data.images import IMAGE_READ_ERRORS, load_image, resize_and_crop
+
+    if not Path(path).is_file():
+        raise ConfigError(f"{key}: image file '{path}' does not exist")
+    try:
+        return resize_and_crop(load_image(path), (width, height))
+    except IMAGE_READ_ERRORS as err:
+        raise ConfigError(f"{key}: '{path}' is not a readable image ({err})") from err

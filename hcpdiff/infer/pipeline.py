@@ -113,9 +113,10 @@ def merge_all(pipe: Any, merge: Any, family: Family, base_model: str = "") -> li
             aliases = [alias for alias, name in PART_ALIASES.items() if name in family.trainable_parts]
             raise ConfigError(f"`{where}.type`: '{group.type}' is not a part of this {family.description} model; "
                               f"use one of {', '.join([*family.trainable_parts, *aliases])}.")
-        model = getattr(pipe, part)
+        model = getattr(pipe, part, None)
         if model is None:
-            raise ConfigError(f"`{where}.type`: the {part} is not loaded (drop_t5: true), so nothing can merge into it.")
+            why = "drop_t5: true" if part in family.t5_parts else "no `controlnet:` entry names one"
+            raise ConfigError(f"`{where}.type`: the {part} is not loaded ({why}), so nothing can merge into it.")
         items = [read_fields(item, f"{where}.lora.{i}", LoraItem) for i, item in enumerate(group.lora)]
         loaded = []
         for item in items:

@@ -9,12 +9,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from hcpdiff.config import check_targets, read_fields
 from hcpdiff.errors import ConfigError
-from hcpdiff.infer.condition_images import condition_images_for, path_list
+from hcpdiff.infer.condition_images import condition_images_for, control_image, path_list
 from hcpdiff.infer.modes import prepare, read_render_mode, render
 from hcpdiff.infer.pipeline import DTYPES, build_pipeline, merge_all, to_plain
 from hcpdiff.infer.saving import next_index, save_image
-from hcpdiff.infer.specs import InferArgs, SaveSpec, VisualizerSpec
+from hcpdiff.infer.specs import ControlNetItem, InferArgs, SaveSpec, VisualizerSpec
 from hcpdiff.models import load_model_parts
+from hcpdiff.models.controlnet import combined, load_controlnet
 from hcpdiff.models.embeddings import load_prompt_embeddings
 from hcpdiff.models.loading import peek_model
 
@@ -48,14 +49,20 @@ def generate(cfg: DictConfig) -> list[Path]:
     mode_keys = (spec.init_image, spec.mask_image, spec.highres_fix, infer_args)
     condition_paths = path_list(to_plain(spec.condition_image))
 
+    controlnets = read_controlnets(spec.controlnet)
+
     def checked(family: Any) -> tuple[Any, Any]:
-        return (read_render_mode(*mode_keys, family),
-                condition_images_for(family, condition_paths, len(prompts), "condition_image"))
+        mode = read_render_mode(*mode_keys, family)
+        check_controlnets(controlnets, family, mode, infer_args)
+        return mode, condition_images_for(family, condition_paths, len(prompts), "condition_image")
 
     mode, conditions = checked(peeked[0]) if peeked else (None, None)
     parts = load_model_parts(spec.pretrained_model, where="pretrained_model", drop_t5=spec.drop_t5)
     if mode is None:
         mode, conditions = checked(parts.family)
+    if controlnets:
+        parts.components["controlnet"] = combined([load_controlnet(item.path, f"controlnet.{i}.path")
+                                                   for i, item in enumerate(controlnets)])
     pipe = build_pipeline(parts, spec.new_components, spec.zero_terminal_snr)
     all_prompts = [*prompts, spec.neg_prompt]
     embeddings = load_prompt_embeddings(pipe.components, parts.family.tokenizers, parts.family.text_encoders,
@@ -67,6 +74,11 @@ def generate(cfg: DictConfig) -> list[Path]:
         pipe.to(dtype=DTYPES[spec.dtype])
     pipe.set_progress_bar_config(disable=True)
     prepare(mode, pipe, parts.family, infer_args.width, infer_args.height)
+    control = {}
+    if controlnets:
+        control = parts.family.control_args(
+            [control_image(item.image, infer_args.width, infer_args.height, f"controlnet.{i}.image")
+             for i, item in enumerate(controlnets)], [item.scale for item in controlnets])
 
     out_dir = Path(save.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -82,6 +94,7 @@ def generate(cfg: DictConfig) -> list[Path]:
                                                all_prompts=all_prompts)
         if conditions:
             prompt_args.update(parts.family.condition_args(conditions[batch[0][0]]))  # one prompt per call
+        prompt_args.update(control)
         generators = [torch.Generator("cpu").manual_seed(seed) for _, _, seed in batch]
         images = render(mode, prompt_args, generators, parts.family.pipeline_call_args(vars(infer_args)))
         for image, (p, prompt, seed) in zip(images, batch):
@@ -95,8 +108,37 @@ def generate(cfg: DictConfig) -> list[Path]:
                 "guidance_rescale": infer_args.guidance_rescale, "zero_terminal_snr": spec.zero_terminal_snr,
                 **mode.settings(infer_args.width, infer_args.height, infer_args.num_inference_steps),
             }
+            if controlnets:
+                info["controlnet"] = [vars(item) for item in controlnets]
             if conditions:
                 info["condition_image"] = condition_paths[p if len(condition_paths) > 1 else 0]
             written.append(save_image(image, out_dir, index, info, save.image_type, save.quality))
             index += 1
     return written
+
+
+def read_controlnets(node: Any) -> list[ControlNetItem]:
+    """The `controlnet:` list (null or empty: none), each entry read by name."""
+    plain = to_plain(node)
+    if plain is None:
+        return []
+    if not isinstance(plain, list):
+        raise ConfigError("`controlnet`: expected a list of {path, image, scale} entries.")
+    items = [read_fields(entry, f"controlnet.{i}", ControlNetItem) for i, entry in enumerate(plain)]
+    return [item for item in items if item.path is not None]  # a null path (controlnet.yaml's default): skipped
+
+
+def check_controlnets(controlnets: list[ControlNetItem], family: Any, mode: Any, infer_args: InferArgs) -> None:
+    """ControlNets render text to image with a family that takes them, at a set size, from existing images."""
+    if not controlnets:
+        return
+    if not family.takes_controlnet:
+        raise ConfigError(f"`controlnet`: a {family.description} model takes no ControlNet here (SD and SDXL do); "
+                          "remove it")
+    if mode.name != "txt2img" or mode.highres is not None:
+        raise ConfigError("`controlnet`: renders text to image only; remove init_image / mask_image / highres_fix")
+    if infer_args.width is None or infer_args.height is None:
+        raise ConfigError("infer_args.width / height: give the render size; the control images are cut to it")
+    for i, item in enumerate(controlnets):
+        if not item.image or not Path(item.image).is_file():
+            raise ConfigError(f"controlnet.{i}.image: image file '{item.image}' does not exist")

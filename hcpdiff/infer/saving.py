@@ -35,6 +35,8 @@ def a1111_parameters(info: dict[str, Any]) -> str:
                        "Hires resize": f"{highres['width']}x{highres['height']}"})
     if info["lora"]:
         fields["Lora"] = " ".join(info["lora"])
+    for i, entry in enumerate(info.get("controlnet") or []):  # as the webui's ControlNet extension names its units
+        fields[f"ControlNet {i}"] = f'"Model: {entry["path"]}, Image: {entry["image"]}, Weight: {entry["scale"]}"'
     tail = ", ".join(f"{key}: {value}" for key, value in fields.items())
     return f"{info['prompt']}\nNegative prompt: {info['negative_prompt']}\n{tail}"
 

@@ -42,6 +42,15 @@ class LoraItem:
 
 
 @dataclass
+class ControlNetItem:
+    """One entry of the visualizer's `controlnet:` list: a ControlNet, its control image and its weight."""
+
+    path: str | None  # a diffusers ControlNet folder, a controlnet-<step>.safetensors checkpoint or a single file
+    image: str | None  # the control image, resized to cover width x height and center-cropped
+    scale: float = 1.0  # controlnet_conditioning_scale: 0 leaves the render as without it
+
+
+@dataclass
 class MergeGroup:
     """LoRAs merged into one model part; the base weights of their layers are scaled by base_model_alpha first."""
 
@@ -79,4 +88,8 @@ class VisualizerSpec:
     mask_image: str | None = None  # inpaint (with init_image): white repaints, black keeps
     highres_fix: Any = None  # {scale, upscale: latent | pixel, strength, steps}: a second, upscaled img2img pass
     zero_terminal_snr: bool = False  # sample with zero-terminal-SNR betas and trailing timesteps
+    controlnet: Any = None  # SD / SDXL: a list of {path, image, scale}, rendered through the ControlNet pipeline
+    controlnet_path: str | None = None  # shortcuts that controlnet.yaml feeds into `controlnet`
+    control_image: str | None = None
+    controlnet_scale: float = 1.0
     emb_dir: str = "embs/"  # prompt embeddings (textual inversion) by file name: `{pt-cat1:1.2}` in a prompt

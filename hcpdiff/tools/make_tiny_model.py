@@ -170,6 +170,23 @@ def make_tiny_sd(out_dir: str | Path, seed: int = 0, v_prediction: bool = False)
     return out_path
 
 
+def make_tiny_controlnet(model_dir: str | Path, out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny ControlNet for the tiny SD / SDXL model in `model_dir` (diffusers' ControlNetModel.from_unet, small
+    conditioning embedding), its zero convolutions given random weights as a trained ControlNet's are, so renders
+    change with it; written as a diffusers ControlNet folder."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(str(model_dir), subfolder="unet")
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 16))
+    with torch.no_grad():
+        for zero_conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                          controlnet.controlnet_cond_embedding.conv_out]:
+            zero_conv.weight.normal_(0, 0.05)
+    controlnet.save_pretrained(str(out_dir), safe_serialization=True)
+    return Path(out_dir)
+
+
 def main(argv: list[str]) -> int:
     """CLI: `python -m hcpdiff.tools.make_tiny_model OUT [--seed N]`."""
     parser = argparse.ArgumentParser(prog="python -m hcpdiff.tools.make_tiny_model", description=__doc__)
@@ -187,9 +204,20 @@ def main(argv: list[str]) -> int:
                              "encoder, 30 single-stream blocks, static shift 6); z_image-turbo: Z-Image-Turbo's "
                              "scheduler (shift 3); flux2_klein: FLUX.2 [klein] layout (Qwen3 text encoder, 2 + 4 blocks, FLUX.2 "
                              "VAE with batch-norm statistics); flux2_klein-distilled: the same with is_distilled")
+    parser.add_argument("--controlnet", metavar="DIR", help="sd, sd2, sdxl: also write a tiny ControlNet for the model "
+                        "(random, not zero, output convolutions) into DIR")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     args = parser.parse_args(argv)
+    if args.controlnet:
+        from hcpdiff.families import tiny_variant_family
+
+        from hcpdiff.errors import ConfigError
+
+        if not tiny_variant_family(args.family).takes_controlnet:
+            raise ConfigError(f"--controlnet: a {args.family} model takes no ControlNet here (sd, sd2 and sdxl do)")
     print(make_tiny_model(args.out_dir, seed=args.seed, family=args.family))
+    if args.controlnet:
+        print(make_tiny_controlnet(args.out_dir, args.controlnet, seed=args.seed))
     return 0
 
 

@@ -25,7 +25,7 @@ class PreviewSpec:
     num_inference_steps: int = 30
     guidance_scale: float = 7.5
     # an editing model's input images: one entry per prompt, or one for all, each a path or a list of paths (for a
-    # model taking several); the model's family says if it takes any
+    # model taking several); the model's family says if it takes any. With model.controlnet: the control images
     condition_images: list[Any] = field(default_factory=list)
 
 
@@ -48,16 +48,22 @@ def preview_prompt_args(pipe: Any, family: Any, spec: PreviewSpec, clip_skip: in
     """Each preview prompt's pipeline keyword arguments, encoded by the family as the visualizer encodes them
     (`(word:1.2)` weights, long prompts), with its input image for an editing model. While the text encoders are
     frozen they never change, so a run that releases its text encoders encodes them once, before."""
-    from hcpdiff.infer.condition_images import condition_images_for, path_list
+    from hcpdiff.infer.condition_images import condition_images_for, control_images_for, path_list
 
     all_prompts = [*spec.prompts, spec.neg_prompt]
-    conditions = condition_images_for(family, path_list(spec.condition_images), len(spec.prompts),
-                                      "previewer.condition_images")
+    paths = path_list(spec.condition_images)
+    controlled = getattr(pipe, "controlnet", None) is not None  # a run with a ControlNet: these are its images
+    conditions = None if controlled else condition_images_for(family, paths, len(spec.prompts),
+                                                              "previewer.condition_images")
     with torch.no_grad():
         args = [family.prompt_args(pipe, [prompt], [spec.neg_prompt], clip_skip=clip_skip, all_prompts=all_prompts)
                 for prompt in spec.prompts]
     for i, prompt_args in enumerate(args if conditions else []):
         prompt_args.update(family.condition_args(conditions[i]))
+    if controlled:
+        controls = control_images_for(paths, len(spec.prompts), spec.width, spec.height, "previewer.condition_images")
+        for prompt_args, control in zip(args, controls):
+            prompt_args.update(family.control_args([control], [1.0]))
     return args
 
 

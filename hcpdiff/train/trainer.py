@@ -33,6 +33,8 @@ from hcpdiff.lora import LoraGroupSpec, attach_lora, load_checkpoint, load_lora_
 from hcpdiff.lora.spec import AttachedGroup
 from hcpdiff.lora.state_io import lora_metadata
 from hcpdiff.models import cast_floats, checkpoint_blocks, enable_gradient_checkpointing, load_model_parts
+from hcpdiff.models.controlnet import (checkpoint_metadata, controlnet_base, needs_init_folder,
+                                       new_or_loaded_controlnet, write_init_folder)
 from hcpdiff.models.loading import peek_model
 from hcpdiff.models.quantize import check_quantize_parts, check_quantize_values, is_quantized, quantize_parts
 from hcpdiff.objectives.ddpm import sample_noise
@@ -314,6 +316,8 @@ class Trainer:
             absent = tuple(part for part in self.family.trainable_parts if self.parts.components.get(part) is None)
             self.objective = self._check_for_family(self.family, self.parts.noise_scheduler, absent)
         fuse_preset_loras(self.parts, spec.preset_lora)
+        if spec.controlnet:
+            self._setup_controlnet(spec.controlnet)
         if spec.quantize:  # after preset LoRAs are fused into the base, before LoRA attaches
             for part, (done, total) in quantize_parts(self.parts.components, spec.quantize, self.weight_dtype,
                                                           self.accelerator.device).items():
@@ -327,20 +331,44 @@ class Trainer:
                                                          max_sequence_length=spec.max_sequence_length,
                                                          guidance=self.train_spec.guidance, **condition)
 
+    def _setup_controlnet(self, value: str) -> None:
+        """`model.controlnet`: load it (or make it from the U-Net) as the part `controlnet`; a new one, or one read
+        from a file, has its starting weights written to the experiment folder (its checkpoints' base), and a resumed
+        run starts from those."""
+        base = controlnet_base(value, self.exp_dir)
+        if needs_init_folder(value) and Path(base).is_dir():  # resumed: the same starting weights
+            value = base
+        controlnet = new_or_loaded_controlnet(value, self.family, self.parts.components, "model.controlnet")
+        controlnet.requires_grad_(False)
+        if needs_init_folder(value) and self.accelerator.is_main_process:
+            write_init_folder(controlnet, self.exp_dir)
+        self.parts.components["controlnet"] = controlnet
+        self.controlnet_base = base
+
     def _check_for_family(self, family: Family, noise_scheduler: Any, absent: tuple[str, ...]) -> Any:
         """The family's checks of this run: groups only for parts it has (and loads), its own run settings
         (FLUX refuses fp16), train.loss read by its objective. Returns the objective."""
         problems = ConfigProblems()
+        # the ControlNet is loaded after the model, when model.controlnet names one: nothing to train or quantize else
+        absent = (*(part for part in absent if part != "controlnet"),
+                  *(() if self.model_spec.controlnet else ("controlnet",)))
         for part in TRAINABLE_PARTS:
             keys = [f"lora_{part}"] * bool(self.lora_specs[part]) + [part] * bool(self.finetune_specs[part])
             if part not in family.trainable_parts:
                 for key in keys:
                     problems.add(f"{key}: a {family.description} model has no {part}; its trainable parts are "
                                  f"{', '.join(family.trainable_parts)}")
+            elif part == "controlnet" and not self.model_spec.controlnet:
+                for key in keys:
+                    problems.add(f"{key}: no ControlNet to train; set model.controlnet (unet: a new one from the "
+                                 "U-Net's weights, or a ControlNet folder / file to continue)")
             elif part in absent:
                 for key in keys:
                     problems.add(f"{key}: model.drop_t5 is true, so the {part} is not loaded; set model.drop_t5 "
                                  "to false to train it")
+        if self.model_spec.controlnet and not family.takes_controlnet:
+            problems.add(f"model.controlnet: a {family.description} model takes no ControlNet here (SD and SDXL do); "
+                         "remove it")
         self._check_condition_images(family, problems)
         if self.checkpointed_blocks and not family.block_lists:
             problems.add(f"model.gradient_checkpointing.blocks: a {family.description} model has no transformer "
@@ -367,6 +395,21 @@ class Trainer:
         sources = [(f"data.{name}.source.{source_name}", source) for name, node in (self.cfg.get("data") or {}).items()
                    if isinstance(node, Mapping) and isinstance(node.get("source"), Mapping)
                    for source_name, source in node["source"].items() if isinstance(source, Mapping)]
+        if self.model_spec.controlnet and family.takes_controlnet:  # the control images take the input images' way
+            for where, source in sources:
+                if source.get("condition_column") is None:
+                    problems.add(f"{where}.condition_column: a ControlNet trains on (control image, prompt, image); "
+                                 "name the metadata column holding each row's control image")
+            if preview is not None and not preview.condition_images:
+                problems.add("previewer.condition_images: previews with a ControlNet need its control image; give "
+                             "one image path per preview prompt (or one for all)")
+            for entry in path_list(preview.condition_images) if preview is not None else []:
+                if not isinstance(entry, str):
+                    problems.add("previewer.condition_images: a ControlNet takes one control image per prompt, "
+                                 f"not a list ({entry})")
+                elif not Path(entry).is_file():
+                    problems.add(f"previewer.condition_images: image file '{entry}' does not exist")
+            return
         if family.condition_images:
             for where, source in sources:
                 if source.get("condition_column") is None:
@@ -444,7 +487,7 @@ class Trainer:
         elif self.model_spec.gradient_checkpointing:
             enable_gradient_checkpointing(self.parts.denoiser)
         if self.model_spec.gradient_checkpointing:
-            for part in self.family.text_encoders:
+            for part in (*self.family.text_encoders, "controlnet"):  # the other parts that train
                 if part in self.trained:
                     enable_gradient_checkpointing(self.trained[part].module)
         # Frozen weights run in the mixed-precision dtype; trained adapters and fine-tuned weights stay fp32.
@@ -485,7 +528,7 @@ class Trainer:
                 latent_encoder=latent_encoder, barrier=self.accelerator.wait_for_everyone,
                 show_progress=self.accelerator.is_main_process,
                 text_encoder_trained=any(part in self.trained for part in self.family.text_encoders),
-                max_conditions=self.family.condition_images,
+                max_conditions=self.family.condition_images or int(bool(self.model_spec.controlnet)),
             )
             built_datasets[name] = built
             # The loader's own generator keeps worker seeding off the global RNG, so resuming replays it exactly.
@@ -599,6 +642,9 @@ class Trainer:
         self.optimizer = prepared[-1]
         denoiser = self.family.denoiser
         self.denoiser = self.trained[denoiser].forward if denoiser in self.trained else self.parts.denoiser
+        # a ControlNet adapts the denoiser's call (Family.control_residuals), trained or frozen
+        self.controlnet = (self.trained["controlnet"].forward if "controlnet" in self.trained
+                           else self.parts.components.get("controlnet"))
         for index, part in enumerate(self.family.text_encoders):
             if part in self.trained:
                 self.conditioner.set_text_encoder(self.trained[part].forward, index)
@@ -732,9 +778,13 @@ class Trainer:
             with torch.set_grad_enabled(any(part in self.trained for part in self.family.text_encoders)):
                 conditioning = self.conditioner(batch["prompts"], batch, device)
             offload = self.model_spec.gradient_checkpointing == "offload"
+            noisy_latents = noised.noisy_latents.to(self.weight_dtype)
+            conditioning = cast_floats(conditioning, self.weight_dtype)
+            if self.controlnet is not None:
+                conditioning.update(self.family.control_residuals(
+                    self.controlnet, noisy_latents, noised.timesteps, conditioning, batch["condition_pixels"][:, 0]))
             with activations_offloaded(self.parts.denoiser, device) if offload else nullcontext():
-                prediction = self.family.denoise(self.denoiser, noised.noisy_latents.to(self.weight_dtype),
-                                                 noised.timesteps, cast_floats(conditioning, self.weight_dtype))
+                prediction = self.family.denoise(self.denoiser, noisy_latents, noised.timesteps, conditioning)
         return self.objective.loss(prediction, noised) * loss_weight
 
     def sample_generators(self, batch: dict, noise_salt: int = 0) -> list[torch.Generator] | None:
@@ -861,6 +911,7 @@ class Trainer:
                     metadata = lora_metadata(part, str(self.parts.name_or_path), trained.lora_groups,
                                              self.global_step, family=self.family.name,
                                              finetune=trained.finetune_groups)
+                    metadata.update(checkpoint_metadata(part, trained.module, getattr(self, "controlnet_base", None)))
                     path = self.ckpt_dir / f"{part}-{self.global_step}.safetensors"
                     save_lora(path, self.checkpoint_state(part), metadata)
                     written.append(path)
@@ -940,6 +991,7 @@ class Trainer:
         for trained in getattr(self, "trained", {}).values():
             trained.forward = None
         self.__dict__.pop("denoiser", None)
+        self.__dict__.pop("controlnet", None)
         self.__dict__.pop("optimizer", None)
         self.__dict__.pop("conditioner", None)  # it holds the trained text encoders' wrappers
         gc.collect()

@@ -80,7 +80,7 @@ def test_v1_fine_tuning_and_dreambooth_train_after_migrate(cli_in_process, workd
 
 @pytest.mark.parametrize("name, words", [
     ("controlnet", ["`plugin_unet`", "TextImageCondPairDataset", "Text2ImageCondSource",
-                    "ControlNet is not supported"]),
+                    "ControlNet plugin does not migrate"]),
 ])
 def test_v1_unsupported_train_configs_stop_in_one_line(cli_in_process, workdir, v1_dir, one_error_line, name, words):
     """ControlNet stops before any model loads, in training and migration."""
@@ -118,7 +118,7 @@ def test_v1_infer_configs_render_or_stop(cli_in_process, workdir, v1_dir, tiny_m
     refused = cli_in_process(["-m", "hcpdiff.visualizer", "--cfg", str(v1_dir / "img2img_controlnet.yaml")],
                              cwd=workdir)
     line = one_error_line(refused)
-    assert "`ex_input`" in line and "`merge.group1.plugin`" in line and "ControlNet is not supported" in line
+    assert "`ex_input`" in line and "`merge.group1.plugin`" in line and "ControlNet plugin does not migrate" in line
 
 
 def test_v1_textual_inversion_migrates_to_embeddings(cli_in_process, workdir, v1_dir, one_error_line):
