@@ -124,7 +124,10 @@ class Trainer:
         problems = ConfigProblems()
         collect = problems.collect
         collect(check_targets, cfg)
-        collect(read_fields, {key: cfg.get(key) for key in RUN_SCALARS if key in cfg}, "", RunSpec)
+        run = {key: cfg.get(key) for key in RUN_SCALARS if key in cfg}
+        if run.get("mixed_precision") is False:  # YAML reads accelerate's `no` as false
+            run["mixed_precision"] = "no"
+        collect(read_fields, run, "", RunSpec)
         self.train_spec = collect(read_fields, cfg.get("train", {}), "train", TrainSpec)
         self.model_spec = collect(read_fields, cfg.get("model", {}), "model", ModelSpec)
         self.checkpointed_blocks = collect(checkpointed_block_count, self.model_spec) if self.model_spec else None

@@ -171,7 +171,9 @@ def sd_args(model: Path, data: Path, *extra: str) -> list[str]:
             f"model.pretrained_model_name_or_path={model}", f"data.dataset1.source.data_source1.img_root={data}",
             f"data.dataset1.source.data_source1.caption_file={data}", "train.train_steps=2", "train.log_step=1",
             "data.dataset1.batch_size=1", 'data.dataset1.bucket.target_area=${hcp.eval:"64*64"}',
-            "train.scheduler.num_warmup_steps=0", *extra]
+            "train.scheduler.num_warmup_steps=0",
+            "mixed_precision=no",  # accelerate's spelling of fp32, which YAML reads as false: accepted as "no"
+            *extra]
 
 
 def logged_losses(exp: Path) -> list[str]:
