@@ -54,6 +54,10 @@ class Family:
     # the denoiser's lists of repeated blocks, in the order they run (`model.blocks_to_swap` keeps some in CPU
     # memory); empty: the family refuses blocks_to_swap (a U-Net's blocks differ in size and nest)
     block_lists: ClassVar[tuple[str, ...]] = ()
+    # True: the pipeline renders clips (a list of frames per sample; previews and the visualizer write `.mp4` files,
+    # `num_frames` sets their length) at `video_fps`; False: images (`.png`)
+    renders_video: ClassVar[bool] = False
+    video_fps: ClassVar[int] = 16
 
     # ---------------------------------------------------------------------------------------- parts and loading
     @property

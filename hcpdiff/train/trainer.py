@@ -820,7 +820,8 @@ class Trainer:
             for module, training in modes:
                 module.train(training)
         writer = getattr(self.tracker, "writer", None)
-        paths = save_previews(images, self.exp_dir / "preview", self.global_step, writer)
+        paths = save_previews(images, self.exp_dir / "preview", self.global_step, writer, spec=self.preview_spec,
+                              fps=self.family.video_fps)
         logger.info("step %d: %d preview images in %s", self.global_step, len(paths), self.exp_dir / "preview")
         return paths
 

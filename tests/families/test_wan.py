@@ -1,0 +1,190 @@
+"""Wan as a family: detection (Wan2.1, Wan2.2 TI2V and A14B layouts; the image-to-video and VACE pipelines are not
+it), its conditioner as WanPipeline's encode_prompt, latents (images as 1-frame clips, clips of 4k + 1 frames) as the
+pipeline normalises them, the denoiser call equal to what a real pipeline call feeds its transformer (recorded), a batch
+training as its samples one by one, the sampler's flow shift, fp16 refused, and one run of the shipped config whose
+loss falls and whose LoRA the visualizer renders (an .mp4 with its settings in the tags) as WanPipeline's
+load_lora_weights renders the --to_diffusers file."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import WanPipeline
+from PIL import Image
+
+from hcpdiff.errors import ConfigError
+from hcpdiff.families import detect_family, family_named, folder_config_reader
+from hcpdiff.models import load_model_parts
+from hcpdiff.tools.make_demo_data import make_demo_data
+from hcpdiff.train.specs import LossSpec
+
+WAN = family_named("wan")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CPU = torch.device("cpu")
+SHORT, LONG = "a red circle", "a blue square photo of the objects and background, texture and color detailing"
+
+
+@pytest.fixture(scope="module")
+def tiny_wan(tmp_path_factory) -> Path:
+    return WAN.make_tiny(tmp_path_factory.mktemp("wan") / "wan", seed=0)
+
+
+@pytest.fixture(scope="module")
+def wan_pipe(tiny_wan) -> WanPipeline:
+    pipe = WanPipeline.from_pretrained(tiny_wan)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def ti2v_pipe(tmp_path_factory) -> WanPipeline:
+    pipe = WanPipeline.from_pretrained(WAN.make_tiny(tmp_path_factory.mktemp("ti2v") / "m", variant="wan2.2-ti2v"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_tiny_models_are_detected_as_wan(tiny_wan, wan_pipe, ti2v_pipe):
+    index = json.loads((tiny_wan / "model_index.json").read_text())
+    read = folder_config_reader(tiny_wan)
+    assert detect_family(index, read, str(tiny_wan), "test") is WAN
+    for other in ("WanImageToVideoPipeline", "WanVACEPipeline", "WanVideoToVideoPipeline", "WanAnimatePipeline"):
+        assert not WAN.matches({"_class_name": other}, read)
+    assert WAN.matches({}, read)  # no model_index.json: the transformer config (no image embedder)
+    parts = load_model_parts(str(tiny_wan))
+    assert parts.family is WAN and parts.pixel_step == 16 == wan_pipe.vae_scale_factor_spatial * 2
+    assert type(parts.text_encoder).__name__ == "UMT5EncoderModel"
+    assert WAN.pixel_step(folder_config_reader(Path(ti2v_pipe.transformer.config._name_or_path).parent)) == 32
+    assert ti2v_pipe.config.expand_timesteps and ti2v_pipe.vae_scale_factor_spatial == 16
+
+
+def test_training_scheduler_shifts_by_the_samplers_flow_shift(wan_pipe):
+    scheduler = WAN.training_scheduler(dict(wan_pipe.scheduler.config))
+    objective = WAN.build_objective(scheduler, LossSpec(sigma_sampling="uniform"))
+    assert (objective.shift, objective.shift_value) == ("static", 3.0) == ("static", wan_pipe.scheduler.config.flow_shift)
+    # UniPC's flow sigmas at 4 steps are the same static shift of its unshifted ones
+    wan_pipe.scheduler.set_timesteps(4)
+    plain = torch.linspace(1, 0, 1000 + 1)[:-1]
+    shifted = 3.0 * plain / (1 + 2.0 * plain)
+    assert torch.allclose(wan_pipe.scheduler.sigmas[0], shifted[0], atol=1e-3)
+
+
+def test_fp16_is_refused():
+    with pytest.raises(ConfigError, match=r"^mixed_precision: fp16 overflows Wan"):
+        WAN.check_run("fp16")
+    WAN.check_run("bf16")
+
+
+def test_conditioner_is_the_pipelines_encode_prompt(wan_pipe):
+    conditioner = WAN.build_conditioner(dict(wan_pipe.components), 1, 0)
+    conditioning = conditioner([SHORT, LONG], {}, CPU)
+    expected, _ = wan_pipe.encode_prompt([SHORT, LONG], do_classifier_free_guidance=False, device=CPU,
+                                         max_sequence_length=512)
+    assert conditioning.keys() == {"encoder_hidden_states"} and expected.shape == (2, 512, 32)
+    assert torch.equal(conditioning["encoder_hidden_states"], expected)
+    plain = WAN.prompt_args(wan_pipe, [SHORT], [""], clip_skip=0, all_prompts=[])
+    with torch.no_grad():  # as the visualizer encodes
+        alone, _ = wan_pipe.encode_prompt([SHORT], do_classifier_free_guidance=False, device=CPU,
+                                          max_sequence_length=512)
+    assert torch.equal(plain["prompt_embeds"], alone)  # unweighted: the pipeline's own states
+    weighted = WAN.prompt_args(wan_pipe, [SHORT, "a (red:1.5) circle"], [""] * 2, clip_skip=0, all_prompts=[])
+    assert torch.allclose(weighted["prompt_embeds"][0], expected[0], atol=1e-5)  # tokenised span by span alike
+    assert not torch.allclose(weighted["prompt_embeds"][1], expected[0])
+    assert torch.count_nonzero(weighted["prompt_embeds"][1][20:]) == 0  # zero past its tokens, as the pipeline
+
+
+def test_latents_are_normalised_as_the_pipeline_denormalises_them(wan_pipe):
+    vae = wan_pipe.vae
+    image, clip = torch.rand(2, 3, 32, 48) * 2 - 1, torch.rand(1, 3, 5, 32, 48) * 2 - 1
+    mean, std = WAN.encode_latent_dist(vae, image)
+    assert mean.shape == std.shape == (2, 16, 1, 4, 6)  # an image is a 1-frame clip
+    clip_mean, _ = WAN.encode_latent_dist(vae, clip)
+    assert clip_mean.shape == (1, 16, 2, 4, 6)  # 4k + 1 frames -> k + 1 latent frames
+    with torch.no_grad():
+        raw = vae.encode(image.unsqueeze(2)).latent_dist
+    # WanPipeline.__call__ before vae.decode: latents / (1 / latents_std) + latents_mean
+    stats = [torch.tensor(v).view(1, -1, 1, 1, 1) for v in (vae.config.latents_mean, vae.config.latents_std)]
+    assert torch.allclose(mean * stats[1] + stats[0], raw.mean, atol=1e-5)
+    assert torch.allclose(std * stats[1], raw.std, atol=1e-5)
+
+
+def record_transformer_call(pipe: WanPipeline, prompt: str) -> dict:
+    """The keyword arguments and output of the transformer's second call in a real pipeline run (5 frames of
+    64 x 48 px, two steps, no guidance)."""
+    calls = []
+    forward = pipe.transformer.forward
+
+    def recording(*args, **kwargs):
+        output = forward(*args, **kwargs)
+        calls.append({"kwargs": kwargs, "output": output[0]})
+        return output
+
+    pipe.transformer.forward = recording
+    try:
+        with torch.no_grad():
+            pipe(prompt=prompt, num_inference_steps=2, height=64, width=48, num_frames=5, guidance_scale=1.0,
+                 generator=torch.Generator().manual_seed(0), output_type="latent")
+    finally:
+        pipe.transformer.forward = forward
+    assert len(calls) == 2
+    return {**calls[1], "sigma": pipe.scheduler.sigmas[1]}
+
+
+@pytest.mark.parametrize("variant", ["wan", "wan2.2-ti2v"])
+def test_conditioner_and_denoise_are_what_the_pipeline_feeds_its_transformer(variant, wan_pipe, ti2v_pipe):
+    pipe = wan_pipe if variant == "wan" else ti2v_pipe
+    seen = record_transformer_call(pipe, LONG)
+    kwargs = seen["kwargs"]
+    with torch.no_grad():  # as the pipeline runs
+        conditioning = WAN.build_conditioner(dict(pipe.components), 1, 0)([LONG], {}, CPU)
+    assert torch.equal(conditioning["encoder_hidden_states"], kwargs["encoder_hidden_states"])
+    noisy = kwargs["hidden_states"]
+    assert noisy.shape[2] == 2  # 5 frames
+    timestep = kwargs["timestep"]
+    if variant == "wan2.2-ti2v":  # expand_timesteps: one per latent token, all the step's t in text to video
+        assert timestep.shape == (1, 2 * 2 * 1) and torch.all(timestep == timestep[0, 0])
+        timestep = timestep[:, 0]
+    # UniPC's timesteps are the step's sigma x 1000 rounded to an integer
+    assert torch.allclose(timestep / 1000, seen["sigma"].expand(1), atol=1e-3)
+    with torch.no_grad():
+        prediction = WAN.denoise(pipe.transformer, noisy, timestep / 1000, conditioning)
+    if variant == "wan":
+        assert torch.equal(prediction, seen["output"])
+    else:  # the per-sample timestep reads as the per-token one, to float rounding
+        assert torch.allclose(prediction, seen["output"], atol=1e-5)
+
+
+def per_sample_losses(pipe: WanPipeline, conditioning: dict, latents: torch.Tensor, noise: torch.Tensor,
+                      sigmas: torch.Tensor) -> torch.Tensor:
+    """The flow-matching loss of each sample [B] for fixed noise and sigmas."""
+    expanded = sigmas.view(-1, 1, 1, 1, 1)
+    noisy = (1 - expanded) * latents + expanded * noise
+    with torch.no_grad():
+        prediction = WAN.denoise(pipe.transformer, noisy, sigmas, conditioning)
+    return (prediction - (noise - latents)).square().mean(dim=(1, 2, 3, 4))
+
+
+def test_a_batch_trains_as_its_samples_one_by_one(wan_pipe):
+    conditioner = WAN.build_conditioner(dict(wan_pipe.components), 1, 0)
+    generator = torch.Generator().manual_seed(0)
+    latents, noise = (torch.randn(2, 16, 2, 4, 6, generator=generator) for _ in range(2))
+    sigmas = torch.tensor([0.4, 0.8])
+    batched = per_sample_losses(wan_pipe, conditioner([SHORT, LONG], {}, CPU), latents, noise, sigmas)
+    alone = torch.cat([per_sample_losses(wan_pipe, conditioner([prompt], {}, CPU), latents[i:i + 1], noise[i:i + 1],
+                                         sigmas[i:i + 1]) for i, prompt in enumerate((SHORT, LONG))])
+    assert torch.allclose(batched, alone, rtol=1e-5, atol=1e-6), (batched, alone)
+    assert not torch.allclose(alone[0], alone[1])
+
+
+def test_num_frames_is_4k_plus_1_and_refused_for_an_image_family():
+    from hcpdiff.infer.video import sampling_args
+
+    assert sampling_args(WAN, {"num_frames": None, "width": 64}, "k") == {"num_frames": 1, "width": 64}
+    with pytest.raises(ConfigError, match=r"^num_frames: 6 is not 4k \+ 1 .* use 5$"):
+        sampling_args(WAN, {"num_frames": 6}, "k")
+    with pytest.raises(ConfigError, match=r"^infer_args.num_frames: a Stable Diffusion 1.x / 2.x model renders images"):
+        sampling_args(family_named("sd"), {"num_frames": 5}, "infer_args.num_frames")
+    assert sampling_args(family_named("sd"), {"num_frames": None, "width": 64}, "k") == {"width": 64}
