@@ -58,6 +58,9 @@ class Family:
     # `num_frames` sets their length) at `video_fps`; False: images (`.png`)
     renders_video: ClassVar[bool] = False
     video_fps: ClassVar[int] = 16
+    # a video family's frames per latent frame: its training clips are frame_step k + 1 frames (a source's
+    # num_frames); 0: the family trains on images only
+    frame_step: ClassVar[int] = 0
 
     # ---------------------------------------------------------------------------------------- parts and loading
     @property

@@ -12,8 +12,8 @@ video they are all t, which the transformer reads as the one timestep t (its out
 training passes t per sample.
 
 An image trains as a 1-frame clip (the causal VAE encodes a first frame on its own), so image and video datasets mix.
-Wan2.2 A14B: `transformer` denoises the high-noise steps (t >= boundary_ratio x 1000) and `transformer_2` the rest;
-a run trains one expert (`model.expert`), drawing its timesteps from that expert's range.
+Wan2.2 A14B (`transformer` denoises the high-noise steps, t >= boundary_ratio x 1000, `transformer_2` the rest) is
+refused in one line when it loads: training one expert on its timestep range is not done yet.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from hcpdiff.errors import ConfigError
+from hcpdiff.errors import ConfigError, ModelError
 from hcpdiff.families.base import ConfigReader, Family, pipeline_text_encoder
 
 MAX_SEQUENCE_LENGTH = 512  # UMT5 tokens: WanPipeline.__call__'s default
@@ -88,7 +88,8 @@ def encode_weighted_umt5(pipe: Any, prompts: list[str], max_sequence_length: int
         for text, weight in prompt_spans:
             span_ids = tokenizer(prompt_clean(text), add_special_tokens=False).input_ids
             ids, weights = ids + span_ids, weights + [weight] * len(span_ids)
-        ids, weights = [*ids[: max_sequence_length - 1], tokenizer.eos_token_id], [*weights[: max_sequence_length - 1], 1.0]
+        ids = [*ids[: max_sequence_length - 1], tokenizer.eos_token_id]
+        weights = [*weights[: max_sequence_length - 1], 1.0]
         lengths.append(len(ids))
         rows.append(ids + [tokenizer.pad_token_id] * (max_sequence_length - len(ids)))
         weight_rows.append(weights + [1.0] * (max_sequence_length - len(ids)))
@@ -124,6 +125,7 @@ class Wan(Family):
     tiny_variants: ClassVar[tuple[str, ...]] = ("wan", "wan2.2-ti2v", "wan2.2-a14b")
     renders_video: ClassVar[bool] = True
     video_fps: ClassVar[int] = 16  # Wan2.1's frame rate (Wan2.2 TI2V renders 24)
+    frame_step: ClassVar[int] = TEMPORAL_FACTOR  # training clips of 4k + 1 frames
 
     @classmethod
     def matches(cls, index: dict[str, Any], read_config: ConfigReader) -> bool:
@@ -140,8 +142,15 @@ class Wan(Family):
         return make_tiny_wan(out_dir, seed=seed, variant=variant or "wan")
 
     def part_loaders(self, source: str, common: dict[str, Any]) -> dict[str, Callable[[], Any]]:
+        """The four parts; Wan2.2 A14B's second expert (a `boundary_ratio` in model_index.json) is one ModelError."""
         from diffusers import AutoencoderKLWan, WanTransformer3DModel
         from transformers import AutoTokenizer, UMT5EncoderModel
+
+        from hcpdiff.models.loading import pipeline_settings
+
+        if (boundary := pipeline_settings(source, common).get("boundary_ratio")) is not None:
+            raise ModelError(f"'{source}' is a two-expert Wan2.2 model (transformer_2 below boundary_ratio {boundary}): "
+                             "training or rendering one expert is not supported yet; use Wan2.1 T2V or Wan2.2 TI2V 5B")
 
         return {
             "transformer": lambda: WanTransformer3DModel.from_pretrained(source, subfolder="transformer", **common),

@@ -470,7 +470,7 @@ class Trainer:
                 latent_encoder=latent_encoder, barrier=self.accelerator.wait_for_everyone,
                 show_progress=self.accelerator.is_main_process,
                 text_encoder_trained=any(part in self.trained for part in self.family.text_encoders),
-                max_conditions=self.family.condition_images,
+                max_conditions=self.family.condition_images, frame_step=self.family.frame_step,
             )
             built_datasets[name] = built
             # The loader's own generator keeps worker seeding off the global RNG, so resuming replays it exactly.

@@ -61,10 +61,20 @@ def test_tiny_models_are_detected_as_wan(tiny_wan, wan_pipe, ti2v_pipe):
     assert ti2v_pipe.config.expand_timesteps and ti2v_pipe.vae_scale_factor_spatial == 16
 
 
+def test_a_two_expert_wan22_is_refused_in_one_line(tmp_path):
+    from hcpdiff.errors import ModelError
+
+    model = WAN.make_tiny(tmp_path / "a14b", variant="wan2.2-a14b")
+    with pytest.raises(ModelError, match=r"is a two-expert Wan2.2 model \(transformer_2 below boundary_ratio 0.875\): "
+                                         r"training or rendering one expert is not supported yet"):
+        load_model_parts(str(model))
+
+
 def test_training_scheduler_shifts_by_the_samplers_flow_shift(wan_pipe):
     scheduler = WAN.training_scheduler(dict(wan_pipe.scheduler.config))
     objective = WAN.build_objective(scheduler, LossSpec(sigma_sampling="uniform"))
-    assert (objective.shift, objective.shift_value) == ("static", 3.0) == ("static", wan_pipe.scheduler.config.flow_shift)
+    assert (objective.shift, objective.shift_value) == ("static", 3.0)
+    assert wan_pipe.scheduler.config.flow_shift == 3.0
     # UniPC's flow sigmas at 4 steps are the same static shift of its unshifted ones
     wan_pipe.scheduler.set_timesteps(4)
     plain = torch.linspace(1, 0, 1000 + 1)[:-1]
@@ -188,3 +198,121 @@ def test_num_frames_is_4k_plus_1_and_refused_for_an_image_family():
     with pytest.raises(ConfigError, match=r"^infer_args.num_frames: a Stable Diffusion 1.x / 2.x model renders images"):
         sampling_args(family_named("sd"), {"num_frames": 5}, "infer_args.num_frames")
     assert sampling_args(family_named("sd"), {"num_frames": None, "width": 64}, "k") == {"width": 64}
+
+
+def train_args(model: Path, data: Path, steps: int) -> list[str]:
+    """The documented command on lora_wan_t2v.yaml, fp32 on the CPU, one 64 x 48 bucket, rank 4, prompts padded to 64
+    tokens instead of 512 (CPU time), a LoRA on every Linear of the transformer (`''`: the tiny random model's blocks
+    alone move its output too little in a few steps); the source's videos train as 5-frame clips."""
+    return ["-m", "hcpdiff.train_ac_single", "--cfg", WAN.train_config, f"model.pretrained_model_name_or_path={model}",
+            "mixed_precision=null", f"data.dataset1.source.data_source1.img_root={data}",
+            f"data.dataset1.source.data_source1.caption_file={data}/metadata.jsonl",
+            "+data.dataset1.source.data_source1.num_frames=5", "train.workers=0",
+            "train.scheduler.num_warmup_steps=0", 'data.dataset1.bucket.target_area=${hcp.eval:"64*48"}',
+            "data.dataset1.bucket.num_bucket=1", f"train.train_steps={steps}", "train.log_step=1",
+            "train.save_step=1000", "transformer_lr=1e-2", "train.loss.logit_std=0.3", "lora_transformer.0.rank=4",
+            "lora_transformer.0.alpha=4", "model.max_sequence_length=64", "lora_transformer.0.layers=['']"]
+
+
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_wan, cli_in_process) -> tuple[Path, Path, Path]:
+    """(model, experiment folder, its LoRA by lora_convert --to_diffusers) of lora_wan_t2v.yaml for STEPS steps on a
+    dataset of one PyAV-written clip and one image."""
+    from hcpdiff.infer.video import save_clip
+    from hcpdiff.tools.lora_convert import main as lora_convert
+
+    workdir = tmp_path_factory.mktemp("wan_run")
+    (workdir / "cfgs").symlink_to(REPO_ROOT / "cfgs")
+    data = make_demo_data(workdir / "data", num=1)
+    image = Image.open(data / "0.png").convert("RGB").resize((64, 48))
+    frames = [Image.fromarray(np.roll(np.asarray(image), 4 * i, axis=1)) for i in range(5)]  # the image, panning
+    save_clip(frames, data / "pan.mp4", 16)
+    rows = [{"video": "pan.mp4", "text": "a panning shot"}, {"image": "0.png", "text": (data / "0.txt").read_text()}]
+    (data / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = cli_in_process(train_args(tiny_wan, data, STEPS), cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    exp = next((workdir / "exps").iterdir())
+    converted = workdir / "pytorch_lora_weights.safetensors"
+    assert lora_convert(["--to_diffusers", "--lora_path", str(exp / "ckpts" / f"transformer-{STEPS}.safetensors"),
+                         "--dump_path", str(converted)]) == 0
+    return tiny_wan, exp, converted
+
+
+def fixed_noise_loss(pipe: WanPipeline, image: Image.Image, prompt: str) -> float:
+    """The flow-matching loss of one image (a 1-frame clip) at 64 x 48 over fixed noise draws and sigmas."""
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB").resize((64, 48), Image.BICUBIC), dtype=np.float32))
+    pixels = pixels.permute(2, 0, 1)[None] / 127.5 - 1
+    conditioner = WAN.build_conditioner(dict(pipe.components), 1, 0, max_sequence_length=64)
+    with torch.no_grad():
+        latents, _ = WAN.encode_latent_dist(pipe.vae, pixels)
+        conditioning = conditioner([prompt], {}, CPU)
+        generator = torch.Generator().manual_seed(0)
+        losses = [per_sample_losses(pipe, conditioning, latents, torch.randn(latents.shape, generator=generator),
+                                    torch.tensor([sigma])) for sigma in (0.3, 0.5, 0.7, 0.9) for _ in range(4)]
+    return torch.cat(losses).mean().item()
+
+
+@pytest.mark.e2e
+def test_shipped_config_trains_a_clip_and_an_image_and_overfits(trained):
+    model, exp, converted = trained
+    log = (exp / "train.log").read_text()
+    assert len(re.findall(rf"step \d+/{STEPS} loss ([\d.]+)", log)) == STEPS
+    assert re.search(r"64 x 48 .*\s5\s+1", log)  # the clip's bucket: 64 x 48, 5 frames, 1 item
+    data = exp.parents[1] / "data"
+    image, prompt = Image.open(data / "0.png"), (data / "0.txt").read_text()
+    pipe = WanPipeline.from_pretrained(model)
+    before = fixed_noise_loss(pipe, image, prompt)
+    pipe.load_lora_weights(str(converted))
+    after = fixed_noise_loss(pipe, image, prompt)
+    assert after < 0.95 * before, (before, after)
+
+
+@pytest.mark.e2e
+def test_visualizer_writes_the_clip_the_pipeline_renders_with_the_lora(trained, tmp_path, cli_in_process):
+    """The visualizer's .mp4 (its settings in the file's tags) has the frames WanPipeline renders with the
+    --to_diffusers file loaded by load_lora_weights (to H.264's rounding)."""
+    from hcpdiff.infer.video import read_clip_metadata
+
+    model, exp, converted = trained
+    lora = exp / "ckpts" / f"transformer-{STEPS}.safetensors"
+    (tmp_path / "cfgs").symlink_to(REPO_ROOT / "cfgs")
+    done = cli_in_process(["-m", "hcpdiff.visualizer", "--cfg", WAN.infer_config, f"pretrained_model={model}",
+                           "dtype=fp32", f"lora_path={lora}", "prompt='a red circle'", f"save.out_dir={tmp_path / 'out'}",
+                           "infer_args.width=64", "infer_args.height=48", "infer_args.num_frames=5",
+                           "infer_args.num_inference_steps=2", "infer_args.guidance_scale=2.5"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (clip_file,) = sorted((tmp_path / "out").glob("*.mp4"))
+    tags = read_clip_metadata(clip_file)
+    assert tags["comment"].startswith("a red circle\nNegative prompt: \nSteps: 2")
+    info = json.loads(tags["description"])
+    assert (info["num_frames"], info["fps"], info["seed"], info["lora"]) == (5, 16, 42, [str(lora)])
+    import av
+
+    with av.open(str(clip_file)) as container:
+        rendered = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]).astype(np.int16)
+
+    loaded = WanPipeline.from_pretrained(model)
+    loaded.set_progress_bar_config(disable=True)
+
+    def render() -> np.ndarray:
+        with torch.no_grad():
+            frames = loaded(prompt="a red circle", negative_prompt="", guidance_scale=2.5, height=48, width=64,
+                            num_frames=5, num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(42),
+                            output_type="np").frames[0]
+        return (frames * 255).round().astype(np.int16)
+
+    base = render()
+    loaded.load_lora_weights(str(converted))
+    with_lora = render()
+    assert rendered.shape == with_lora.shape == (5, 48, 64, 3)
+    assert np.abs(with_lora - base).mean() > 2  # the LoRA changes the clip
+    # hcpdiff's merge renders as diffusers' peft layers: the same frames, through the same H.264 encoding
+    from hcpdiff.infer.video import save_clip
+
+    save_clip([Image.fromarray(frame.astype(np.uint8)) for frame in with_lora], tmp_path / "theirs.mp4", 16)
+    with av.open(str(tmp_path / "theirs.mp4")) as container:
+        theirs = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]).astype(np.int16)
+    assert np.abs(theirs - rendered).mean() < 1, np.abs(theirs - rendered).mean()
