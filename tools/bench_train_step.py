@@ -11,7 +11,8 @@ on; the flow-matching families then release their text encoders).
     python tools/bench_train_step.py --model PATH --size 512 --batch 8 --mixed_precision bf16   # on a GPU
     python tools/bench_train_step.py --sd15-unet --size 512 --batch 1 --mixed_precision bf16     # SD1.5-shaped U-Net, random weights
     python tools/bench_train_step.py --family flux [--caches]     # tiny FLUX.1-dev, 256 px, batch 2
-    python tools/bench_train_step.py --family sd3|qwen_image|z_image [--caches]   # tiny SD3 (with T5) / Qwen-Image / Z-Image
+    python tools/bench_train_step.py --family sd3|qwen_image|z_image|wan [--caches]   # tiny SD3 (with T5) / Qwen-Image /
+        # Z-Image / Wan (images as 1-frame clips)
     python tools/bench_train_step.py --family flux --flux-full-width --size 512 --batch 1 --mixed_precision bf16
         # FLUX.1's width (3072), 1 double + 1 single block, random weights: s/step and peak RSS, each loop in its own
         # process (so each peak is its own); blocks cannot alternate there
@@ -42,15 +43,16 @@ from hcpdiff.train.run import quiet_libraries  # noqa: E402
 from hcpdiff.train.trainer import Trainer  # noqa: E402
 
 LAYERS = ["to_q", "to_k", "to_v", "to_out.0"]
-FLOW_FAMILIES = ("flux", "sd3", "qwen_image", "z_image")  # tools/bench_flow.py's bare loops
+FLOW_FAMILIES = ("flux", "sd3", "qwen_image", "z_image", "wan")  # tools/bench_flow.py's bare loops
 
 
 def default_sequence_length(family: str) -> int:
     """The prompt tokens a flow-matching family trains with by default (model.max_sequence_length: null)."""
-    from hcpdiff.families import flux, qwen_image, sd3, z_image
+    from hcpdiff.families import flux, qwen_image, sd3, wan, z_image
 
     return {"flux": flux.DEV_MAX_SEQUENCE_LENGTH, "sd3": sd3.MAX_SEQUENCE_LENGTH,
-            "qwen_image": qwen_image.MAX_SEQUENCE_LENGTH, "z_image": z_image.MAX_SEQUENCE_LENGTH}[family]
+            "qwen_image": qwen_image.MAX_SEQUENCE_LENGTH, "z_image": z_image.MAX_SEQUENCE_LENGTH,
+            "wan": wan.MAX_SEQUENCE_LENGTH}[family]
 
 
 def sync(device: torch.device) -> None:

@@ -149,8 +149,9 @@ class Wan(Family):
         from hcpdiff.models.loading import pipeline_settings
 
         if (boundary := pipeline_settings(source, common).get("boundary_ratio")) is not None:
-            raise ModelError(f"'{source}' is a two-expert Wan2.2 model (transformer_2 below boundary_ratio {boundary}): "
-                             "training or rendering one expert is not supported yet; use Wan2.1 T2V or Wan2.2 TI2V 5B")
+            raise ModelError(f"'{source}' is a two-expert Wan2.2 model (transformer_2 below boundary_ratio "
+                             f"{boundary}): training or rendering one expert is not supported yet; use Wan2.1 T2V or "
+                             "Wan2.2 TI2V 5B")
 
         return {
             "transformer": lambda: WanTransformer3DModel.from_pretrained(source, subfolder="transformer", **common),

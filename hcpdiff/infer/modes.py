@@ -154,8 +154,8 @@ def call_args(pipeline: Any, args: dict[str, Any]) -> dict[str, Any]:
 
 def render(mode: RenderMode, prompt_args: dict[str, Any], generators: list[torch.Generator],
            sampling: dict[str, Any]) -> list[Any]:
-    """One batch of images (a video family's: clips, lists of frames) in the mode; `sampling` is the pipeline's own keyword arguments for infer_args (width,
-    height, steps, guidance; strength and guidance_rescale included)."""
+    """One batch of images (a video family's: clips, lists of frames) in the mode; `sampling` is the pipeline's own
+    keyword arguments for infer_args (width, height, steps, guidance; strength and guidance_rescale included)."""
     sampling = dict(sampling)
     strength = sampling.pop("strength", mode.strength)
     batch = len(generators)

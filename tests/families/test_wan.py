@@ -257,7 +257,14 @@ def fixed_noise_loss(pipe: WanPipeline, image: Image.Image, prompt: str) -> floa
 
 @pytest.mark.e2e
 def test_shipped_config_trains_a_clip_and_an_image_and_overfits(trained):
+    from hcpdiff.errors import ModelError
+    from hcpdiff.tools.lora_convert import main as lora_convert
+
     model, exp, converted = trained
+    # no ComfyUI layout for Wan in hcpdiff yet: --to_webui refuses in one line
+    with pytest.raises(ModelError, match=r"^--to_webui: a Wan transformer LoRA has no webui / kohya layout"):
+        lora_convert(["--to_webui", "--lora_path", str(exp / "ckpts" / f"transformer-{STEPS}.safetensors"),
+                      "--dump_path", str(exp / "webui.safetensors")])
     log = (exp / "train.log").read_text()
     assert len(re.findall(rf"step \d+/{STEPS} loss ([\d.]+)", log)) == STEPS
     assert re.search(r"64 x 48 .*\s5\s+1", log)  # the clip's bucket: 64 x 48, 5 frames, 1 item
@@ -280,7 +287,8 @@ def test_visualizer_writes_the_clip_the_pipeline_renders_with_the_lora(trained, 
     lora = exp / "ckpts" / f"transformer-{STEPS}.safetensors"
     (tmp_path / "cfgs").symlink_to(REPO_ROOT / "cfgs")
     done = cli_in_process(["-m", "hcpdiff.visualizer", "--cfg", WAN.infer_config, f"pretrained_model={model}",
-                           "dtype=fp32", f"lora_path={lora}", "prompt='a red circle'", f"save.out_dir={tmp_path / 'out'}",
+                           "dtype=fp32", f"lora_path={lora}", "prompt='a red circle'",
+                           f"save.out_dir={tmp_path / 'out'}",
                            "infer_args.width=64", "infer_args.height=48", "infer_args.num_frames=5",
                            "infer_args.num_inference_steps=2", "infer_args.guidance_scale=2.5"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
