@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,9 @@ class DatasetSpec:
     cache_latents: bool = False  # VAE-encode each image once (bucket size, crop, both flips) and train on stored latents
     cache_dir: str | None = None  # null: latent and text caches live in memory; a folder: on disk, reused across runs
     cache_text_embeds: bool | str = "auto"  # auto: cache prompt embeddings when prompts are fixed and no TE trains
+    # a video model's clips: the most pixels one clip holds (width x height x frames); a clip bucket above it is scaled
+    # down (aspect kept, sides multiples of the pixel step); null: clips take their frames' bucket size
+    clip_area: Annotated[int | None, Bound(ge=1)] = None
 
 
 @dataclass
@@ -176,7 +180,8 @@ def build_dataset(
                           "needs as many for every sample; set batch_size: 1 or give every row the same number")
     bucket = _build_bucket(spec.bucket, f"{key_path}.bucket", image_sizes, pixel_step, instantiate)
     if any(item.clip is not None for item in items):  # a batch is one (width, height, frames)
-        bucket = split_by_frames(bucket, {item.key: item.clip.num_frames if item.clip else 1 for item in items})
+        bucket = split_by_frames(bucket, {item.key: item.clip.num_frames if item.clip else 1 for item in items},
+                                 spec.clip_area, pixel_step)
     num_upscaled = _warn_upscaled(image_sizes, bucket, key_path)
     limits = [s.max_image_pixels for s in source_specs.values() if s.max_image_pixels is not None]
     dataset = ImageCaptionDataset(
@@ -291,12 +296,22 @@ def _clip_spec(source: SourceSpec, where: str, frame_step: int) -> ClipSpec | No
     return ClipSpec(source.num_frames, source.frame_stride)
 
 
-def split_by_frames(bucket: Bucket, frames_of: Mapping[str, int]) -> Bucket:
+def split_by_frames(bucket: Bucket, frames_of: Mapping[str, int], clip_area: int | None = None,
+                    step: int = 1) -> Bucket:
     """The bucket with each size split by clip length, so every batch has one (width, height, frames); the result's
-    `frames[i]` is bucket i's clip length (1: images)."""
+    `frames[i]` is bucket i's clip length (1: images). With `clip_area`, a clip's size is scaled down until width x
+    height x frames fits it (sides multiples of `step`, at least one step)."""
     groups = sorted({(bucket.bucket_of[key], frames_of.get(key, 1)) for key in bucket.bucket_of})
     index_of = {group: index for index, group in enumerate(groups)}
-    split = Bucket([bucket.sizes[size] for size, _ in groups],
+
+    def size_of(size: int, frames: int) -> tuple[int, int]:
+        width, height = bucket.sizes[size]
+        if clip_area is None or frames == 1 or width * height * frames <= clip_area:
+            return width, height
+        scale = math.sqrt(clip_area / (width * height * frames))
+        return (max(step, math.floor(width * scale / step) * step), max(step, math.floor(height * scale / step) * step))
+
+    split = Bucket([size_of(size, frames) for size, frames in groups],
                    {key: index_of[(size, frames_of.get(key, 1))] for key, size in bucket.bucket_of.items()})
     split.frames = [frames for _, frames in groups]
     return split

@@ -111,3 +111,12 @@ def test_clip_latents_are_cached_on_disk_and_reused(tmp_path):
     calls.clear()
     build_dataset(cached_node, KEY, pixel_step=16, seed=0, frame_step=4, latent_encoder=encoder, show_progress=False)
     assert calls == []  # every entry reused
+
+
+def test_clip_area_scales_clip_buckets_down_and_leaves_images(tmp_path):
+    root = write_video_dataset(tmp_path / "data")
+    built = build_dataset({**node(root, num_frames=5, frame_stride=2), "clip_area": 64 * 48 * 5 // 4}, KEY,
+                          pixel_step=16, seed=0, frame_step=4)
+    assert sorted(zip(built.bucket.frames, built.bucket.sizes)) == [(1, (64, 48)), (5, (32, 16))]
+    shapes = sorted(tuple(built.dataset[i]["pixel_values"].shape) for i in range(len(built.dataset)))
+    assert shapes == [(3, 5, 16, 32), (3, 48, 64)]
