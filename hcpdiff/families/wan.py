@@ -17,6 +17,7 @@ refused in one line when it loads: training one expert on its timestep range is 
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
@@ -27,6 +28,42 @@ from hcpdiff.families.base import ConfigReader, Family, pipeline_text_encoder
 
 MAX_SEQUENCE_LENGTH = 512  # UMT5 tokens: WanPipeline.__call__'s default
 TEMPORAL_FACTOR = 4  # the VAE's frames per latent frame (after the first): clips of 4k + 1 frames
+
+# ComfyUI runs Wan in its original layout (comfy/ldm/wan/model.py, the names diffusers'
+# _convert_non_diffusers_wan_lora_to_diffusers reads): `self_attn.q` for `attn1.to_q`, `cross_attn.o` for
+# `attn2.to_out.0`, `ffn.0` / `ffn.2` for `ffn.net.0.proj` / `ffn.net.2`, the embedders and head by their own names;
+# its LoRA loader reads a layer as `diffusion_model.<original module path>`. Every layer is a plain rename.
+COMFY_PREFIX = "diffusion_model."
+ORIGINAL_NAMES = (  # (diffusers module path, original module path), as regular expressions with one block group
+    (r"(blocks\.\d+)\.attn1\.to_([qkv])", r"\1.self_attn.\2"), (r"(blocks\.\d+)\.attn1\.to_out\.0", r"\1.self_attn.o"),
+    (r"(blocks\.\d+)\.attn2\.to_([qkv])", r"\1.cross_attn.\2"), (r"(blocks\.\d+)\.attn2\.to_out\.0", r"\1.cross_attn.o"),
+    (r"(blocks\.\d+)\.ffn\.net\.0\.proj", r"\1.ffn.0"), (r"(blocks\.\d+)\.ffn\.net\.2", r"\1.ffn.2"),
+    (r"condition_embedder\.text_embedder\.linear_1", "text_embedding.0"),
+    (r"condition_embedder\.text_embedder\.linear_2", "text_embedding.2"),
+    (r"condition_embedder\.time_embedder\.linear_1", "time_embedding.0"),
+    (r"condition_embedder\.time_embedder\.linear_2", "time_embedding.2"),
+    (r"condition_embedder\.time_proj", "time_projection.1"), (r"proj_out", "head.head"),
+)
+# the reverse: original module path -> diffusers module path
+DIFFUSERS_NAMES = (
+    (r"(blocks\.\d+)\.self_attn\.([qkv])", r"\1.attn1.to_\2"), (r"(blocks\.\d+)\.self_attn\.o", r"\1.attn1.to_out.0"),
+    (r"(blocks\.\d+)\.cross_attn\.([qkv])", r"\1.attn2.to_\2"), (r"(blocks\.\d+)\.cross_attn\.o", r"\1.attn2.to_out.0"),
+    (r"(blocks\.\d+)\.ffn\.0", r"\1.ffn.net.0.proj"), (r"(blocks\.\d+)\.ffn\.2", r"\1.ffn.net.2"),
+    (r"text_embedding\.0", "condition_embedder.text_embedder.linear_1"),
+    (r"text_embedding\.2", "condition_embedder.text_embedder.linear_2"),
+    (r"time_embedding\.0", "condition_embedder.time_embedder.linear_1"),
+    (r"time_embedding\.2", "condition_embedder.time_embedder.linear_2"),
+    (r"time_projection\.1", "condition_embedder.time_proj"), (r"head\.head", "proj_out"),
+)
+
+
+def renamed(name: str, table: tuple[tuple[str, str], ...], what: str) -> str:
+    """`name` through the first pattern of `table` matching it whole; a name none matches is one ModelError."""
+    for pattern, replacement in table:
+        if re.fullmatch(pattern, name):
+            return re.sub(f"^{pattern}$", replacement, name)
+    raise ModelError(f"--to_webui / --from_webui: the Wan layer '{name}' has no {what} name in hcpdiff; leave it out "
+                     "of the LoRA, or convert with --to_diffusers")
 
 
 def text_pipeline(components: dict[str, Any]) -> Any:
@@ -124,6 +161,8 @@ class Wan(Family):
     infer_config: ClassVar[str] = "cfgs/infer/text2video_wan.yaml"
     tiny_variants: ClassVar[tuple[str, ...]] = ("wan", "wan2.2-ti2v", "wan2.2-a14b")
     renders_video: ClassVar[bool] = True
+    webui_prefixes: ClassVar[dict[str, str]] = {"transformer": COMFY_PREFIX}
+    has_webui_layout: ClassVar[bool] = True
     video_fps: ClassVar[int] = 16  # Wan2.1's frame rate (Wan2.2 TI2V renders 24)
     frame_step: ClassVar[int] = TEMPORAL_FACTOR  # training clips of 4k + 1 frames
 
@@ -232,6 +271,58 @@ class Wan(Family):
             return {"prompt_embeds": encode_weighted_umt5(pipe, prompts, MAX_SEQUENCE_LENGTH),
                     "negative_prompt_embeds": encode_weighted_umt5(pipe, neg_prompts, MAX_SEQUENCE_LENGTH),
                     "max_sequence_length": MAX_SEQUENCE_LENGTH}
+
+    # ---------------------------------------------------------------------------------------- LoRA files
+    def is_webui_file(self, keys: list[str], metadata: dict[str, str]) -> bool:
+        """A ComfyUI Wan file: `diffusion_model.blocks.N.self_attn.` / `cross_attn.` keys, or Wan version metadata."""
+        version = metadata.get("ss_base_model_version", "") + " " + metadata.get("modelspec.architecture", "")
+        return "wan" in version.lower() or any(
+            re.match(rf"{re.escape(COMFY_PREFIX)}blocks\.\d+\.(self_attn|cross_attn)\.", key) for key in keys)
+
+    def native_to_webui(self, states: dict[str, dict[str, torch.Tensor]]
+                        ) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+        """ComfyUI's names: `diffusion_model.` + the original layout's module path (every layer a rename)."""
+        from hcpdiff.lora.fused_layout import FusedLayer, native_to_fused
+
+        if other := [part for part in states if part != self.denoiser]:
+            raise ModelError(f"--to_webui: a Wan {other[0]} LoRA has no ComfyUI layout in hcpdiff; convert the "
+                             "transformer LoRA alone, and render the text-encoder LoRA with hcpdiff's visualizer")
+
+        def original(layer: str) -> tuple[Any, int]:
+            return FusedLayer(renamed(layer, ORIGINAL_NAMES, "ComfyUI"), (layer,)), 0
+
+        fused = native_to_fused(states[self.denoiser], original, self.denoiser)
+        return {self.denoiser: {COMFY_PREFIX + name: parts for name, parts in fused.items()}}
+
+    def webui_to_native(self, state: dict[str, torch.Tensor], model_path: str | None
+                        ) -> dict[str, dict[str, torch.Tensor]]:
+        """Native transformer states of a ComfyUI Wan file (`diffusion_model.` + original names, or bare ones)."""
+        from hcpdiff.lora.fused_layout import FusedLayer, fused_to_native
+        from hcpdiff.lora.lycoris_format import native_tensors
+        from hcpdiff.lora.webui_format import split_webui_key
+
+        by_layer: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in state.items():
+            webui_layer, suffix = split_webui_key(key)
+            by_layer.setdefault(webui_layer.removeprefix(COMFY_PREFIX), {})[suffix] = tensor
+        layers = [FusedLayer(name, (renamed(name, DIFFUSERS_NAMES, "diffusers"),)) for name in by_layer]
+        by_original = {name: native_tensors(name, parts) for name, parts in by_layer.items()}
+        return {self.denoiser: fused_to_native(by_original, layers, self.denoiser)}
+
+    def webui_notes(self, states: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+        """Layers outside the blocks (embedders, head): ComfyUI reads them, diffusers' Wan loader refuses their
+        alphas."""
+        outside = sorted({key.split(".lora_")[0] for key in states.get(self.denoiser, {})
+                          if ".lora_" in key and not key.startswith("blocks.")})
+        if not outside:
+            return []
+        return [f"{len(outside)} layer(s) outside the blocks ({', '.join(outside[:3])}): ComfyUI loads them, "
+                "diffusers' WanPipeline.load_lora_weights refuses their alphas (use --to_diffusers for diffusers)"]
+
+    def kohya_version(self, base_model: str | None) -> dict[str, str]:
+        """Version metadata naming Wan."""
+        return {"ss_base_model_version": "wan", "ss_v2": "False", "architecture": "wan",
+                "network_module": "networks.lora"}
 
     def pipeline_call_args(self, call_args: dict[str, Any]) -> dict[str, Any]:
         """`num_frames` (null: 1, a still) rounded to the VAE's 4k + 1 is the pipeline's own; the rest as given."""

@@ -3,7 +3,8 @@ it), its conditioner as WanPipeline's encode_prompt, latents (images as 1-frame 
 pipeline normalises them, the denoiser call equal to what a real pipeline call feeds its transformer (recorded), a batch
 training as its samples one by one, the sampler's flow shift, fp16 refused, and one run of the shipped config whose
 loss falls and whose LoRA the visualizer renders (an .mp4 with its settings in the tags) as WanPipeline's
-load_lora_weights renders the --to_diffusers file."""
+load_lora_weights renders the --to_diffusers file (and the --to_webui file in ComfyUI's names, which --from_webui
+reads back)."""
 from __future__ import annotations
 
 import json
@@ -257,14 +258,7 @@ def fixed_noise_loss(pipe: WanPipeline, image: Image.Image, prompt: str) -> floa
 
 @pytest.mark.e2e
 def test_shipped_config_trains_a_clip_and_an_image_and_overfits(trained):
-    from hcpdiff.errors import ModelError
-    from hcpdiff.tools.lora_convert import main as lora_convert
-
     model, exp, converted = trained
-    # no ComfyUI layout for Wan in hcpdiff yet: --to_webui refuses in one line
-    with pytest.raises(ModelError, match=r"^--to_webui: a Wan transformer LoRA has no webui / kohya layout"):
-        lora_convert(["--to_webui", "--lora_path", str(exp / "ckpts" / f"transformer-{STEPS}.safetensors"),
-                      "--dump_path", str(exp / "webui.safetensors")])
     log = (exp / "train.log").read_text()
     assert len(re.findall(rf"step \d+/{STEPS} loss ([\d.]+)", log)) == STEPS
     assert re.search(r"64 x 48 .*\s5\s+1", log)  # the clip's bucket: 64 x 48, 5 frames, 1 item
@@ -315,6 +309,41 @@ def test_visualizer_writes_the_clip_the_pipeline_renders_with_the_lora(trained, 
     base = render()
     loaded.load_lora_weights(str(converted))
     with_lora = render()
+    # ComfyUI's names (`diffusion_model.` + Wan's original layout), which WanPipeline's loader converts itself: the
+    # same clip; --from_webui gives the native file's tensors back
+    from safetensors.torch import load_file
+
+    from hcpdiff.tools.lora_convert import main as lora_convert
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    webui, back = tmp_path / "webui.safetensors", tmp_path / "back"
+    assert lora_convert(["--to_webui", "--lora_path", str(lora), "--dump_path", str(webui)]) == 0
+    keys = load_file(webui)
+    assert all(key.startswith("diffusion_model.") for key in keys)
+    assert "diffusion_model.blocks.0.self_attn.q.lora_down.weight" in keys and "diffusion_model.head.head.alpha" in keys
+    assert "diffusion_model.blocks.1.cross_attn.o.lora_up.weight" in keys and "diffusion_model.blocks.0.ffn.2.alpha" in keys
+    assert lora_convert(["--from_webui", "--lora_path", str(webui), "--dump_path", str(back)]) == 0
+    (restored_file,) = sorted(back.glob("transformer-*.safetensors"))
+    restored, original = load_file(restored_file), load_file(lora)
+    assert restored.keys() == original.keys()
+    assert all(torch.allclose(restored[key], original[key]) for key in original)
+    # diffusers' converter reads the blocks' alphas only: the blocks' LoRA, both ways, renders alike
+    with safe_open(lora, "pt") as file:
+        metadata = file.metadata()
+    blocks = tmp_path / "blocks" / "transformer-1.safetensors"
+    blocks.parent.mkdir()
+    save_file({key: value for key, value in original.items() if key.startswith("blocks.")}, blocks, metadata)
+    renders = []
+    for flag in ("--to_diffusers", "--to_webui"):
+        out = tmp_path / f"blocks{flag}.safetensors"
+        assert lora_convert([flag, "--lora_path", str(blocks), "--dump_path", str(out)]) == 0
+        loaded = WanPipeline.from_pretrained(model)
+        loaded.set_progress_bar_config(disable=True)
+        loaded.load_lora_weights(str(out))
+        renders.append(render())
+    assert np.abs(renders[0] - renders[1]).max() <= 1 and np.abs(renders[0] - base).mean() > 1
     assert rendered.shape == with_lora.shape == (5, 48, 64, 3)
     assert np.abs(with_lora - base).mean() > 2  # the LoRA changes the clip
     # hcpdiff's merge renders as diffusers' peft layers: the same frames, through the same H.264 encoding
