@@ -36,7 +36,8 @@ TEMPORAL_FACTOR = 4  # the VAE's frames per latent frame (after the first): clip
 COMFY_PREFIX = "diffusion_model."
 ORIGINAL_NAMES = (  # (diffusers module path, original module path), as regular expressions with one block group
     (r"(blocks\.\d+)\.attn1\.to_([qkv])", r"\1.self_attn.\2"), (r"(blocks\.\d+)\.attn1\.to_out\.0", r"\1.self_attn.o"),
-    (r"(blocks\.\d+)\.attn2\.to_([qkv])", r"\1.cross_attn.\2"), (r"(blocks\.\d+)\.attn2\.to_out\.0", r"\1.cross_attn.o"),
+    (r"(blocks\.\d+)\.attn2\.to_([qkv])", r"\1.cross_attn.\2"),
+    (r"(blocks\.\d+)\.attn2\.to_out\.0", r"\1.cross_attn.o"),
     (r"(blocks\.\d+)\.ffn\.net\.0\.proj", r"\1.ffn.0"), (r"(blocks\.\d+)\.ffn\.net\.2", r"\1.ffn.2"),
     (r"condition_embedder\.text_embedder\.linear_1", "text_embedding.0"),
     (r"condition_embedder\.text_embedder\.linear_2", "text_embedding.2"),
