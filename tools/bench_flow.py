@@ -1,5 +1,5 @@
 """Flow-matching parts of tools/bench_train_step.py: the bare diffusers + peft loops of FLUX, SD3, Qwen-Image, Z-Image,
-Krea 2, Ideogram 4 and Qwen-Image 2.1 (one
+Krea 2, Wan, Ideogram 4 and Qwen-Image 2.1 (one
 shared step, with each family's diffusers functions for latents, prompts, sigmas and the transformer call), the
 full-width FLUX builder, and the batch the bare loops train on. Not run on its own."""
 from __future__ import annotations
@@ -124,11 +124,12 @@ class FlowBareLoop:
                 text = self.encode_text()
         noise = torch.randn_like(latents)
         sigmas, timesteps = self.sigmas(latents)
-        expanded = sigmas.view(-1, 1, 1, 1)
+        ones = [1] * (latents.ndim - 1)  # [B, C, H, W], or a video family's [B, C, F, H, W]
+        expanded = sigmas.view(-1, *ones)
         noisy = (1.0 - expanded) * latents + expanded * noise
         with autocast:
             pred = self.predict(noisy, timesteps, text)
-        weighting = compute_loss_weighting_for_sd3("none", sigmas).view(-1, 1, 1, 1)
+        weighting = compute_loss_weighting_for_sd3("none", sigmas).view(-1, *ones)
         loss = (weighting * (pred.float() - (noise - latents).float()) ** 2).reshape(latents.shape[0], -1).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
@@ -360,6 +361,43 @@ class Krea2BareLoop(FlowBareLoop):
         return self.text._unpack_latents(pred, height * self.vae_factor, width * self.vae_factor).squeeze(2)
 
 
+class WanBareLoop(FlowBareLoop):
+    """A Wan loop as diffusers' flow-matching LoRA examples write one, with WanPipeline's own conventions: the images
+    as 1-frame clips through AutoencoderKLWan, normalised per channel by latents_mean / latents_std, WanPipeline's
+    encode_prompt (fixed length, zero past each prompt), logit-normal sigmas with the sampler's static flow_shift, the
+    transformer at 1000 sigma predicting noise - x0."""
+
+    family = "wan"
+
+    def text_pipeline(self, parts: Any) -> Any:
+        from diffusers import WanPipeline
+
+        return WanPipeline(tokenizer=parts.tokenizer, text_encoder=parts.text_encoder, vae=None, transformer=None,
+                           scheduler=None)
+
+    def encode_images(self) -> torch.Tensor:
+        latents = self.vae.encode(self.pixel_values.unsqueeze(2)).latent_dist.sample()  # [B, C, 1, H, W]
+        shape = (1, self.vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(self.vae.config.latents_mean).view(shape).to(latents)
+        std = torch.tensor(self.vae.config.latents_std).view(shape).to(latents)
+        return ((latents - mean) / std).float()
+
+    def encode_text(self) -> dict:
+        embeds, _ = self.text.encode_prompt(list(self.prompts), do_classifier_free_guidance=False, device=self.device,
+                                            max_sequence_length=self.max_sequence_length)
+        return {"encoder_hidden_states": embeds}
+
+    def sigmas(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shift = float(self.scheduler.config.shift)  # the training scheduler's: the sampler's flow_shift
+        u = self.logit_normal(latents.shape[0])
+        sigmas = shift * u / (1 + (shift - 1) * u)
+        return sigmas, sigmas * 1000.0
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: dict) -> torch.Tensor:
+        return self.transformer(hidden_states=noisy.to(self.dtype), timestep=timesteps, return_dict=False,
+                                encoder_hidden_states=text["encoder_hidden_states"].to(self.dtype))[0]
+
+
 class Ideogram4BareLoop(FlowBareLoop):
     """An Ideogram 4 loop as diffusers' flow-matching LoRA examples write one, with Ideogram4Pipeline's own
     conventions: FLUX.2-VAE latents patchified 2x2 as its decoding unpatchifies them (channels per token: patch row,
@@ -458,4 +496,4 @@ class QwenImage21BareLoop(FlowBareLoop):
 
 
 BARE_LOOPS = {loop.family: loop for loop in (FluxBareLoop, SD3BareLoop, QwenImageBareLoop, ZImageBareLoop,
-                                             Krea2BareLoop, Ideogram4BareLoop, QwenImage21BareLoop)}
+                                             Krea2BareLoop, WanBareLoop, Ideogram4BareLoop, QwenImage21BareLoop)}

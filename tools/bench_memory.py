@@ -5,15 +5,17 @@ single blocks; `--double 19 --single 38` is FLUX.1-dev's own depth, for a GPU), 
 shipped cfgs/train/examples/lora_flux.yaml (rank 16 on the attention and MLP projections), batch 1, caches off, for
 every setting asked: the base stored in bf16 or quantized (`model.quantize`: int8, fp8, nf4), gradient checkpointing
 off / on / offload, block swap, and the 8-bit AdamW of lora_flux_adamw8bit.yaml. The bare diffusers + peft loop
-(tools/bench_flow.py) runs in bf16 in the same invocation. Each line gives the median s/step, the resident memory
+(tools/bench_flow.py) runs in the same invocation and precision. Each line gives the median s/step, the resident memory
 after set-up, the peak resident memory *during the timed steps* (Linux's high-water mark is reset after set-up, so
 the one-off peak of loading and casting the fp32 file does not hide the training peak), the peak GPU memory on a
 GPU, and the optimizer state's size.
 
-    python tools/bench_memory.py                                  # CPU: 2+2 blocks, 512 px, every setting
-    python tools/bench_memory.py --settings bf16 int8 bf16+offload --steps 2
+    python tools/bench_memory.py                                  # 2+2 blocks, 512 px, every setting (a GPU)
     python tools/bench_memory.py --double 19 --single 38 --size 1024   # on a GPU: FLUX.1-dev's architecture
     python tools/bench_memory.py --optimizer-state                # AdamW state of a rank-16 LoRA on FLUX.1-dev
+    python tools/bench_memory.py --double 1 --single 1 --size 128 --max_sequence_length 64 --mixed_precision no
+        # a CPU smoke run: bf16 matmuls run on a slow path on CPUs without bf16 units (a 1+1-block step took
+        # minutes here), so CPU figures use fp32 compute at small sizes
 
 Settings are `base[+option...]`: base `bf16 | int8 | fp8 | nf4`, options `ckpt` (gradient_checkpointing true),
 `offload` (gradient_checkpointing offload), `swapN` (blocks_to_swap N), `adam8` (bitsandbytes AdamW8bit).
@@ -102,7 +104,8 @@ def run_child(args) -> None:
         tmp = Path(tmp)
         data_dir = make_demo_data(tmp / "data", num=4)
         if args.child == "bare":
-            loop = BARE_LOOPS["flux"](args.model, demo_batch(data_dir, args.size, 1), device, torch.bfloat16,
+            dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
+            loop = BARE_LOOPS["flux"](args.model, demo_batch(data_dir, args.size, 1), device, dtype,
                                       max_sequence_length=args.max_sequence_length)
             step = loop.step
             time_block = lambda: time_bare_block(loop, args.steps)  # noqa: E731
@@ -117,7 +120,7 @@ def run_child(args) -> None:
                 "data.dataset1.batch_size=1",
                 f"data.dataset1.bucket={{_target_: hcpdiff.data.FixedBucket, _partial_: true, target_size: {args.size}}}",
                 "train.train_steps=1", "train.save_step=1000000", "train.log_step=1000000", "train.workers=0",
-                f"exp_dir={tmp / 'exp'}", "mixed_precision=bf16", "transformer_lr=1e-4",
+                f"exp_dir={tmp / 'exp'}", f"mixed_precision={'bf16' if args.mixed_precision == 'bf16' else 'null'}", "transformer_lr=1e-4",
                 "train.scheduler.num_warmup_steps=0", f"model.max_sequence_length={args.max_sequence_length}",
                 *setting_overrides(args.child)]
             trainer = BenchTrainer(load_config(shipped_config("flux"), overrides), single_process=True)
@@ -174,6 +177,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="steps per timed block")
     parser.add_argument("--blocks", type=int, default=1, help="timed blocks per setting")
     parser.add_argument("--max_sequence_length", type=int, default=512, help="T5 tokens (FLUX.1-dev: 512)")
+    parser.add_argument("--mixed_precision", choices=["bf16", "no"], default="bf16",
+                        help="compute dtype of both loops (no: fp32, for CPU smoke runs)")
     parser.add_argument("--no-bare", action="store_true", help="skip the bare diffusers + peft loop")
     parser.add_argument("--optimizer-state", action="store_true",
                         help="only print the AdamW / AdamW8bit state sizes of a FLUX.1-dev LoRA (no training)")
@@ -196,14 +201,14 @@ def main() -> None:
         model = make_full_width_flux(Path(tmp) / "flux", double=args.double, single=args.single)
         print(f"FLUX at full width, {args.double} double + {args.single} single blocks, random weights; built in "
               f"{time.perf_counter() - start:.0f} s. {args.size}px, batch 1, T5 length {args.max_sequence_length}, "
-              f"bf16 compute, caches off, {args.blocks} block(s) x {args.steps} step(s), one process each", flush=True)
+              f"{'bf16' if args.mixed_precision == 'bf16' else 'fp32'} compute, caches off, {args.blocks} block(s) x {args.steps} step(s), one process each", flush=True)
         print(f"{'setting':22s} {'s/step':>8s} {'RSS set-up':>11s} {'peak RSS steps':>15s} {'optim state':>12s}"
               f"{'  peak GPU' if torch.cuda.is_available() else ''}", flush=True)
         results = {}
         for setting in [*args.settings, *([] if args.no_bare else ["bare"])]:
             command = [sys.executable, __file__, "--child", setting, "--model", str(model), "--size", str(args.size),
                        "--steps", str(args.steps), "--blocks", str(args.blocks),
-                       "--max_sequence_length", str(args.max_sequence_length)]
+                       "--max_sequence_length", str(args.max_sequence_length), "--mixed_precision", args.mixed_precision]
             done = subprocess.run(command, capture_output=True, text=True)
             line = next((line for line in done.stdout.splitlines() if line.startswith("RESULT ")), None)
             if done.returncode != 0 or line is None:

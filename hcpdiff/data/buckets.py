@@ -19,6 +19,8 @@ class Bucket:
     def __init__(self, sizes: Sequence[tuple[int, int]], bucket_of: Mapping[str, int]) -> None:
         self.sizes: list[tuple[int, int]] = [(int(w), int(h)) for w, h in sizes]
         self.bucket_of: dict[str, int] = dict(bucket_of)
+        # each bucket's clip length (a video family's datasets, see builders.split_by_frames); 1: images
+        self.frames: list[int] = [1] * len(self.sizes)
 
     def size_of(self, key: str) -> tuple[int, int]:
         """The (width, height) an image is trained at."""
@@ -27,9 +29,11 @@ class Bucket:
     def describe(self) -> list[str]:
         """One table row per bucket: size, aspect ratio, image count."""
         counts = Counter(self.bucket_of.values())
-        rows = [f"{'size':^13}  {'w/h':>5}  images"]
+        clips = any(frames > 1 for frames in self.frames)
+        rows = [f"{'size':^13}  {'w/h':>5}  " + ("frames  " if clips else "") + "images"]
         for index, (width, height) in enumerate(self.sizes):
-            rows.append(f"{width:>5} x {height:<5}  {width / height:>5.2f}  {counts.get(index, 0)}")
+            frames = f"{self.frames[index]:>6}  " if clips else ""
+            rows.append(f"{width:>5} x {height:<5}  {width / height:>5.2f}  {frames}{counts.get(index, 0)}")
         return rows
 
 

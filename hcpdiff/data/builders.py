@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from hcpdiff.data.images import UnusableImage, scan_image
 from hcpdiff.data.latent_cache import CachedLatentDataset, LatentEncoder, fill_latent_cache
 from hcpdiff.data.prompts import PromptBuilder, load_templates
 from hcpdiff.data.sampler import BucketBatchSampler
+from hcpdiff.data.videos import VIDEO_EXTENSIONS, ClipSpec, is_video, scan_video
 from hcpdiff.data.transforms import CaptionTransform, ImageTransform
 from hcpdiff.errors import ConfigError, ConfigProblems, DataError
 from hcpdiff.folders import make_folder
@@ -40,6 +42,9 @@ class DatasetSpec:
     # prior preservation: {prompt, num, steps, ...} (class_images.GenerateSpec); the base model renders the images
     # its one source's img_root lacks before training, captioned with the prompt
     generate: dict | None = None
+    # a video model's clips: the most pixels one clip holds (width x height x frames); a clip bucket above it is scaled
+    # down (aspect kept, sides multiples of the pixel step); null: clips take their frames' bucket size
+    clip_area: Annotated[int | None, Bound(ge=1)] = None
 
 
 @dataclass
@@ -65,6 +70,11 @@ class SourceSpec:
     condition_column: str | None = None
     random_flip: bool = False  # mirror images left-right with probability 0.5
     crop: str = "center"  # center | random: where the bucket-sized window is cut after resizing
+    # a video family's videos (.mp4, .webm, .mov, .mkv, .avi in img_root, or a metadata `video` column): each trains
+    # as a clip of num_frames frames (Wan: 4k + 1), one every frame_stride source frames from the first; shorter or
+    # undecodable videos are skipped; images train as 1-frame clips
+    num_frames: Annotated[int | None, Bound(ge=1)] = None
+    frame_stride: Annotated[int, Bound(ge=1)] = 1
 
 
 @dataclass
@@ -117,12 +127,14 @@ def build_dataset(
     show_progress: bool = True,
     text_encoder_trained: bool = False,
     max_conditions: int | None = None,
+    frame_step: int = 0,
 ) -> BuiltDataset:
     """Read the dataset node, scan its sources, bucket the images, and make the dataset and batch sampler.
 
     With `latent_encoder` (the trainer's VAE) and `cache_latents: true`, the dataset is served from the latent
     cache, filled here; `barrier` lets the processes of a distributed run share a disk cache. `max_conditions`: the
     most input images one sample may have (the model family's); rows with more are skipped with the others.
+    `frame_step`: a video family's frames per latent frame (clips are frame_step k + 1 long); 0: no video training.
     """
     spec = read_fields(node, key_path, DatasetSpec)
     source_specs = _read_sources(spec.source, f"{key_path}.source")
@@ -140,7 +152,8 @@ def build_dataset(
         where = f"{key_path}.source.{name}"
         columns = Columns(source.image_column, source.caption_column)
         entries = load_caption_entries(source.caption_file, source.img_root, f"{where}.caption_file", columns)
-        sizes, unreadable = _scan_source(source, where, entries)
+        clip = _clip_spec(source, where, frame_step)
+        sizes, unreadable = _scan_source(source, where, entries, clip)
         captions_by_key = {image_key(entry): caption for entry, caption in entries.items()}
         captions_by_stem = {image_stem(entry): caption for entry, caption in entries.items()}
         conditions = _condition_images(source, where, sizes, max_conditions)
@@ -157,7 +170,8 @@ def build_dataset(
             if caption is None:
                 missing.append(relative)
             item = DataItem(path=path, key=key, caption=caption, source_index=source_index,
-                            condition=None if conditions is None else conditions[path])
+                            condition=None if conditions is None else conditions[path],
+                            clip=clip if is_video(path) else None)
             items.extend([item] * source.repeat)
         if source.caption_file is None:
             missing = []
@@ -172,6 +186,9 @@ def build_dataset(
         raise ConfigError(f"{key_path}.batch_size: rows have {counts[0]} to {counts[-1]} input images, and a batch "
                           "needs as many for every sample; set batch_size: 1 or give every row the same number")
     bucket = _build_bucket(spec.bucket, f"{key_path}.bucket", image_sizes, pixel_step, instantiate)
+    if any(item.clip is not None for item in items):  # a batch is one (width, height, frames)
+        bucket = split_by_frames(bucket, {item.key: item.clip.num_frames if item.clip else 1 for item in items},
+                                 spec.clip_area, pixel_step)
     num_upscaled = _warn_upscaled(image_sizes, bucket, key_path)
     limits = [s.max_image_pixels for s in source_specs.values() if s.max_image_pixels is not None]
     dataset = ImageCaptionDataset(
@@ -273,26 +290,66 @@ def _caption_transform(spec: SourceSpec) -> CaptionTransform:
     return CaptionTransform(spec.tag_shuffle, spec.keep_tokens, float(spec.tag_dropout), float(spec.caption_dropout))
 
 
+def _clip_spec(source: SourceSpec, where: str, frame_step: int) -> ClipSpec | None:
+    """How the source's videos are sampled (None: it takes none, its videos are not scanned); a num_frames the
+    family cannot train (not frame_step k + 1, or set for an image family) is one ConfigError."""
+    if source.num_frames is None:
+        return None
+    if frame_step <= 0:
+        raise ConfigError(f"{where}.num_frames: this model trains on images, not video clips; remove num_frames")
+    if (source.num_frames - 1) % frame_step:
+        lower = (source.num_frames - 1) // frame_step * frame_step + 1
+        raise ConfigError(f"{where}.num_frames: {source.num_frames} is not {frame_step}k + 1 (the VAE encodes a first "
+                          f"frame, then groups of {frame_step}); use {lower} or {lower + frame_step}")
+    return ClipSpec(source.num_frames, source.frame_stride)
+
+
+def split_by_frames(bucket: Bucket, frames_of: Mapping[str, int], clip_area: int | None = None,
+                    step: int = 1) -> Bucket:
+    """The bucket with each size split by clip length, so every batch has one (width, height, frames); the result's
+    `frames[i]` is bucket i's clip length (1: images). With `clip_area`, a clip's size is scaled down until width x
+    height x frames fits it (sides multiples of `step`, at least one step)."""
+    groups = sorted({(bucket.bucket_of[key], frames_of.get(key, 1)) for key in bucket.bucket_of})
+    index_of = {group: index for index, group in enumerate(groups)}
+
+    def size_of(size: int, frames: int) -> tuple[int, int]:
+        width, height = bucket.sizes[size]
+        if clip_area is None or frames == 1 or width * height * frames <= clip_area:
+            return width, height
+        scale = math.sqrt(clip_area / (width * height * frames))
+        return (max(step, math.floor(width * scale / step) * step), max(step, math.floor(height * scale / step) * step))
+
+    split = Bucket([size_of(size, frames) for size, frames in groups],
+                   {key: index_of[(size, frames_of.get(key, 1))] for key, size in bucket.bucket_of.items()})
+    split.frames = [frames for _, frames in groups]
+    return split
+
+
 def _scan_source(
-    source: SourceSpec, where: str, entries: Mapping[str, str]
+    source: SourceSpec, where: str, entries: Mapping[str, str], clip: ClipSpec | None = None
 ) -> tuple[dict[str, tuple[int, int]], list[str]]:
-    """{image path: (w, h)} of the readable images in img_root (plus those in subfolders the captions name), and
-    the names of unreadable ones."""
+    """{image path: (w, h)} of the readable images in img_root (plus those in subfolders the captions name), with
+    `clip` its videos long enough for one, and the names of unreadable (or too short) ones."""
     img_root = Path(source.img_root)
     if not img_root.exists():
         raise DataError(f"{where}.img_root: folder '{source.img_root}' does not exist.")
     if not img_root.is_dir():
         raise DataError(f"{where}.img_root: '{source.img_root}' is not a folder.")
-    image_paths = {p for p in img_root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS}
+    extensions = IMAGE_EXTENSIONS + (VIDEO_EXTENSIONS if clip is not None else ())
+    image_paths = {p for p in img_root.iterdir() if p.is_file() and p.suffix.lower() in extensions}
     # Metadata tables (DiffSynth's metadata.csv) may name images in subfolders by relative path.
     for entry in entries:
-        if "/" in entry and Path(entry).suffix.lower() in IMAGE_EXTENSIONS and (img_root / entry).is_file():
+        if "/" in entry and Path(entry).suffix.lower() in extensions and (img_root / entry).is_file():
             image_paths.add(img_root / entry)
+    if clip is None and (videos := [e for e in entries if is_video(e)]):
+        raise ConfigError(f"{where}: the captions name videos ({videos[0]}); set {where}.num_frames to train them "
+                          "as clips (a video model only)")
     sizes: dict[str, tuple[int, int]] = {}
     reasons: dict[str, str] = {}  # skipped image name -> why
     for path in sorted(image_paths):
         try:
-            sizes[str(path)] = scan_image(path, source.max_image_pixels)
+            sizes[str(path)] = (scan_video(path, clip) if clip is not None and is_video(path)
+                                else scan_image(path, source.max_image_pixels))
         except UnusableImage as err:  # skipped here, once: not counted, never substituted epoch after epoch
             reasons[path.relative_to(img_root).as_posix()] = str(err)
     unreadable = list(reasons)

@@ -16,7 +16,7 @@ from hcpdiff.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Column names accepted in csv headers and jsonl objects: DiffSynth writes file_name/text, others image/prompt.
-FILE_COLUMNS = ("file_name", "image")
+FILE_COLUMNS = ("file_name", "image", "video")  # a `video` row names a video file (a video family's clips)
 TEXT_COLUMNS = ("text", "prompt")
 _TABLE_SUFFIXES = (".json", ".yaml", ".yml", ".csv", ".jsonl")
 _ACCEPTED_HEADERS = "'file_name,text' or 'image,prompt'"

@@ -16,6 +16,7 @@ from hcpdiff.data.buckets import Bucket
 from hcpdiff.data.images import IMAGE_READ_ERRORS, allow_image_pixels, load_for_bucket, to_tensor
 from hcpdiff.data.prompts import PromptBuilder
 from hcpdiff.data.transforms import CaptionTransform, ImageTransform
+from hcpdiff.data.videos import ClipSpec, load_clip_for_bucket
 from hcpdiff.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ class DataItem:
     caption: str | None
     source_index: int
     condition: tuple[str, ...] | None = None
+    clip: ClipSpec | None = None  # a video's: the clip it trains as (None: an image, a 1-frame clip)
 
 
 def noise_seed(seed: int, index: int, draw: int) -> torch.Tensor:
@@ -40,7 +42,8 @@ def noise_seed(seed: int, index: int, draw: int) -> torch.Tensor:
 
 
 class ImageCaptionDataset(Dataset):
-    """Items -> {"pixel_values": FloatTensor [3, H, W] in [-1, 1], "prompt": str}, H x W being the item's bucket size."""
+    """Items -> {"pixel_values": FloatTensor [3, H, W] in [-1, 1] (a video's clip: [3, F, H, W]), "prompt": str},
+    H x W being the item's bucket size."""
 
     def __init__(
         self,
@@ -94,11 +97,16 @@ class ImageCaptionDataset(Dataset):
         item, (image, original_wh, crop_top_left), condition = self._load_or_substitute(index, bucket_size, rng,
                                                                                         image_rng)
         image_transform = self.image_transforms[item.source_index]
+        frames = image if isinstance(image, list) else None  # a clip
         if image_transform.random_flip and image_rng.random() < 0.5:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            if frames is not None:
+                frames = [frame.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for frame in frames]
+            else:
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             condition = [image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for image in condition or []] or None
+        pixels = torch.stack([to_tensor(frame) for frame in frames], dim=1) if frames is not None else to_tensor(image)
         # original_size (h, w) and crop_top_left (top, left): SDXL's size and crop conditioning
-        sample = {"pixel_values": to_tensor(image), "prompt": self._prompt(item, index, draw, rng),
+        sample = {"pixel_values": pixels, "prompt": self._prompt(item, index, draw, rng),
                   "original_size": torch.tensor([original_wh[1], original_wh[0]]),
                   "crop_top_left": torch.tensor(crop_top_left), "noise_seed": noise_seed(self.seed, index, draw)}
         if condition is not None:  # the images an editing model starts from [K, 3, H, W], shaped as the target
@@ -148,6 +156,8 @@ class ImageCaptionDataset(Dataset):
         try:
             # condition images are cut where their image is: the same resize, the same (random) window
             crop_state = image_rng.getstate()
+            if item.clip is not None:  # a video: its frames, one window for all
+                return load_clip_for_bucket(path, item.clip, bucket_wh, crop, image_rng), None
             loaded = load_for_bucket(path, bucket_wh, bg_color, crop, image_rng)
             if item.condition is None:
                 return loaded, None

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from hcpdiff.data.dataset import ImageCaptionDataset, noise_seed
 from hcpdiff.data.images import IMAGE_READ_ERRORS, load_for_bucket, read_image_size, to_tensor
+from hcpdiff.data.videos import ClipSpec, load_clip_for_bucket, read_video_size
 from hcpdiff.data.tensor_store import TensorStore
 from hcpdiff.errors import DataError
 
@@ -69,14 +70,19 @@ def center_crop_box(image_wh: tuple[int, int], bucket_wh: tuple[int, int]) -> tu
     return left, top, left + bucket_width, top + bucket_height
 
 
-def entry_key(path: str, bucket_wh: tuple[int, int], flip: bool, vae: str) -> str:
-    """The cache key of one image at one bucket size (center crop) and orientation, as a JSON string."""
+def entry_key(path: str, bucket_wh: tuple[int, int], flip: bool, vae: str, clip: ClipSpec | None = None) -> str:
+    """The cache key of one image (a video's clip: its frames and stride too) at one bucket size (center crop) and
+    orientation, as a JSON string."""
     stat = os.stat(path)
-    return json.dumps({
+    size_wh = read_video_size(path) if clip is not None else read_image_size(path)
+    fields = {
         "path": str(Path(path).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-        "bucket": list(bucket_wh), "crop": list(center_crop_box(read_image_size(path), bucket_wh)),
+        "bucket": list(bucket_wh), "crop": list(center_crop_box(size_wh, bucket_wh)),
         "flip": bool(flip), "vae": vae,
-    }, sort_keys=True)
+    }
+    if clip is not None:
+        fields["clip"] = [clip.num_frames, clip.frame_stride]
+    return json.dumps(fields, sort_keys=True)
 
 
 class LatentStore:
@@ -117,7 +123,8 @@ class CacheReport:
 
 
 class CachedLatentDataset(Dataset):
-    """An ImageCaptionDataset served from the latent cache: {"latents": [C, H/f, W/f], "prompt": str}; no image decoding.
+    """An ImageCaptionDataset served from the latent cache: {"latents": [C, H/f, W/f] (a clip's [C, F', H/f, W/f]),
+    "prompt": str}; no image decoding.
 
     Prompts, flips and the epoch-by-epoch draws follow the wrapped dataset's seeded streams exactly.
     """
@@ -235,7 +242,8 @@ def fill_latent_cache(
 
 
 def _geometry(dataset: ImageCaptionDataset, index: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    width, height = read_image_size(dataset.items[index].path)
+    item = dataset.items[index]
+    width, height = read_video_size(item.path) if item.clip is not None else read_image_size(item.path)
     left, top, _, _ = center_crop_box((width, height), dataset.bucket.sizes[dataset.bucket_ids[index]])
     return (height, width), (top, left)
 
@@ -244,7 +252,8 @@ def _keys(dataset: ImageCaptionDataset, index: int, vae: str) -> tuple[str, str 
     item = dataset.items[index]
     bucket_wh = dataset.bucket.sizes[dataset.bucket_ids[index]]
     with_flip = dataset.image_transforms[item.source_index].random_flip
-    return (entry_key(item.path, bucket_wh, False, vae), entry_key(item.path, bucket_wh, True, vae) if with_flip else None)
+    return (entry_key(item.path, bucket_wh, False, vae, item.clip),
+            entry_key(item.path, bucket_wh, True, vae, item.clip) if with_flip else None)
 
 
 def _encode_missing(
@@ -271,18 +280,19 @@ def _encode_missing(
                 pixels, entry_keys = [], []
                 for index in chunk:
                     item = dataset.items[index]
-                    try:
-                        image = load_for_bucket(item.path, bucket_wh, dataset.bg_colors[item.source_index])[0]
+                    try:  # an image, or a video's clip (its frames [3, F, H, W])
+                        frames = (load_clip_for_bucket(item.path, item.clip, bucket_wh)[0] if item.clip is not None
+                                  else [load_for_bucket(item.path, bucket_wh, dataset.bg_colors[item.source_index])[0]])
                     except IMAGE_READ_ERRORS as exc:
                         logger.warning("Image '%s' cannot be decoded (%s); another image of its bucket is used instead.",
                                        item.path, exc)
                         broken.add(index)
                         continue
                     unflipped, flipped = keys_of[index]
-                    pixels.append(to_tensor(image))
+                    pixels.append(frames_tensor(frames, item.clip is not None, flip=False))
                     entry_keys.append(unflipped)
                     if flipped is not None:
-                        pixels.append(to_tensor(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
+                        pixels.append(frames_tensor(frames, item.clip is not None, flip=True))
                         entry_keys.append(flipped)
                 if pixels:
                     means, stds = encoder.encode_dist(torch.stack(pixels))
@@ -291,6 +301,13 @@ def _encode_missing(
                     report.encoded += len(entry_keys)
                 progress.update(len(chunk))
     return broken
+
+
+def frames_tensor(frames: list[Image.Image], clip: bool, flip: bool) -> torch.Tensor:
+    """An image [3, H, W] (a clip's frames: [3, F, H, W]) in [-1, 1], mirrored with `flip`."""
+    if flip:
+        frames = [frame.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for frame in frames]
+    return torch.stack([to_tensor(frame) for frame in frames], dim=1) if clip else to_tensor(frames[0])
 
 
 def _substitute(dataset: ImageCaptionDataset, index: int, broken: set[int]) -> int:

@@ -23,11 +23,12 @@ from hcpdiff.families.qwen_image_edit_plus import QwenImageEditPlus
 from hcpdiff.families.sd import StableDiffusion
 from hcpdiff.families.sd3 import StableDiffusion3
 from hcpdiff.families.sdxl import StableDiffusionXL
+from hcpdiff.families.wan import Wan
 from hcpdiff.families.z_image import ZImage
 
 FAMILIES: tuple[Family, ...] = (Flux(), StableDiffusion3(), StableDiffusionXL(), StableDiffusion(), QwenImage(),
                                  QwenImageEdit(), QwenImageEditPlus(), QwenImage21(), ZImage(), FluxKontext(),
-                                 Flux2Klein(), Krea2(), Ideogram4())
+                                 Flux2Klein(), Krea2(), Ideogram4(), Wan())
 # Every part name some family trains: config keys `lora_<part>` / `<part>:` are read for these before any model loads.
 TRAINABLE_PARTS: tuple[str, ...] = tuple(dict.fromkeys(p for family in FAMILIES for p in family.trainable_parts))
 PART_NAMES: tuple[str, ...] = tuple(dict.fromkeys(

@@ -61,6 +61,13 @@ class Family:
     # `model.controlnet` (control_residuals), rendered with the visualizer's `controlnet:` (build_pipeline with a
     # `controlnet` component, control_args)
     takes_controlnet: ClassVar[bool] = False
+    # True: the pipeline renders clips (a list of frames per sample; previews and the visualizer write `.mp4` files,
+    # `num_frames` sets their length) at `video_fps`; False: images (`.png`)
+    renders_video: ClassVar[bool] = False
+    video_fps: ClassVar[int] = 16
+    # a video family's frames per latent frame: its training clips are frame_step k + 1 frames (a source's
+    # num_frames); 0: the family trains on images only
+    frame_step: ClassVar[int] = 0
 
     # ---------------------------------------------------------------------------------------- parts and loading
     @property

@@ -17,6 +17,7 @@ from hcpdiff.errors import ConfigError
 from hcpdiff.families import Family
 from hcpdiff.families.base import components_config_reader
 from hcpdiff.infer.saving import UPSCALER_NAMES
+from hcpdiff.infer.video import pipeline_renders
 
 
 @dataclass
@@ -152,9 +153,9 @@ def call_args(pipeline: Any, args: dict[str, Any]) -> dict[str, Any]:
 
 
 def render(mode: RenderMode, prompt_args: dict[str, Any], generators: list[torch.Generator],
-           sampling: dict[str, Any]) -> list[Image.Image]:
-    """One batch of images in the mode; `sampling` is the pipeline's own keyword arguments for infer_args (width,
-    height, steps, guidance; strength and guidance_rescale included)."""
+           sampling: dict[str, Any]) -> list[Any]:
+    """One batch of images (a video family's: clips, lists of frames) in the mode; `sampling` is the pipeline's own
+    keyword arguments for infer_args (width, height, steps, guidance; strength and guidance_rescale included)."""
     sampling = dict(sampling)
     strength = sampling.pop("strength", mode.strength)
     batch = len(generators)
@@ -171,8 +172,9 @@ def render(mode: RenderMode, prompt_args: dict[str, Any], generators: list[torch
             # outside the mask the original pixels are kept exactly, as the webui pastes them back
             return [Image.composite(image, mode.init_image, mode.mask_image) for image in images]
         pipe = mode.pipelines["txt2img"]
-        if mode.highres is None:
-            return pipe(**prompt_args, generator=generators, output_type="pil", **call_args(pipe, sampling)).images
+        if mode.highres is None:  # a video pipeline's renders are clips (lists of frames)
+            return pipeline_renders(pipe(**prompt_args, generator=generators, output_type="pil",
+                                         **call_args(pipe, sampling)))
         return highres_fix(mode, prompt_args, generators, sampling)
 
 

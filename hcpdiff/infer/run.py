@@ -12,8 +12,9 @@ from hcpdiff.errors import ConfigError
 from hcpdiff.infer.condition_images import condition_images_for, control_image, path_list
 from hcpdiff.infer.modes import prepare, read_render_mode, render
 from hcpdiff.infer.pipeline import DTYPES, build_pipeline, merge_all, to_plain
-from hcpdiff.infer.saving import next_index, save_image
+from hcpdiff.infer.saving import next_index, save_image, save_video
 from hcpdiff.infer.specs import ControlNetItem, InferArgs, SaveSpec, VisualizerSpec
+from hcpdiff.infer.video import sampling_args
 from hcpdiff.models import load_model_parts
 from hcpdiff.models.controlnet import combined, load_controlnet
 from hcpdiff.models.embeddings import load_prompt_embeddings
@@ -36,7 +37,8 @@ def prompt_list(prompt: Any) -> list[str]:
 
 
 def generate(cfg: DictConfig) -> list[Path]:
-    """Render `num` images per prompt (seed + i for image i) and save them; returns the image paths."""
+    """Render `num` images per prompt (seed + i for image i; a video family's: `.mp4` clips) and save them; returns
+    the file paths."""
     check_targets(cfg)
     spec = read_fields(cfg, "", VisualizerSpec)
     infer_args = read_fields(spec.infer_args, "infer_args", InferArgs)
@@ -96,8 +98,11 @@ def generate(cfg: DictConfig) -> list[Path]:
             prompt_args.update(parts.family.condition_args(conditions[batch[0][0]]))  # one prompt per call
         prompt_args.update(control)
         generators = [torch.Generator("cpu").manual_seed(seed) for _, _, seed in batch]
-        images = render(mode, prompt_args, generators, parts.family.pipeline_call_args(vars(infer_args)))
+        images = render(mode, prompt_args, generators, sampling_args(parts.family, vars(infer_args),
+                                                                      "infer_args.num_frames"))
         for image, (p, prompt, seed) in zip(images, batch):
+            frames = image if isinstance(image, list) else None  # a clip
+            image = frames[0] if frames else image
             info = {
                 "prompt": prompt, "negative_prompt": spec.neg_prompt, "seed": seed,
                 "steps": infer_args.num_inference_steps, "guidance_scale": infer_args.guidance_scale,
@@ -112,7 +117,11 @@ def generate(cfg: DictConfig) -> list[Path]:
                 info["controlnet"] = [vars(item) for item in controlnets]
             if conditions:
                 info["condition_image"] = condition_paths[p if len(condition_paths) > 1 else 0]
-            written.append(save_image(image, out_dir, index, info, save.image_type, save.quality))
+            if frames:
+                info.update(num_frames=len(frames), fps=parts.family.video_fps)
+                written.append(save_video(frames, out_dir, index, info))
+            else:
+                written.append(save_image(image, out_dir, index, info, save.image_type, save.quality))
             index += 1
     return written
 

@@ -57,6 +57,15 @@ def save_image(image: Image.Image, out_dir: Path, index: int, info: dict[str, An
     return path
 
 
+def save_video(frames: list[Image.Image], out_dir: Path, index: int, info: dict[str, Any]) -> Path:
+    """Save a clip as `<index>-<seed>.mp4` at `info["fps"]`, its settings in the container's tags as a PNG's are in
+    its text chunks: `comment` the a1111 `parameters` text, `description` the `hcpdiff` JSON."""
+    from hcpdiff.infer.video import save_clip
+
+    path = out_dir / f"{index:04d}-{info['seed']}.mp4"
+    return save_clip(frames, path, info["fps"], {"comment": a1111_parameters(info), "description": json.dumps(info)})
+
+
 def next_index(out_dir: Path) -> int:
     """The first image number not used in `out_dir`, so a second run adds images instead of overwriting."""
     numbers = [int(p.name.split("-", 1)[0]) for p in out_dir.glob("*-*.*") if p.name.split("-", 1)[0].isdigit()]

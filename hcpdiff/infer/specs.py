@@ -20,6 +20,7 @@ class InferArgs:
     num_inference_steps: Annotated[int, AT_LEAST_ONE] = 30
     strength: Annotated[float, Bound(finite=True)] = 0.75  # img2img / inpaint: 1 starts from pure noise
     guidance_rescale: Annotated[float, Bound(ge=0, finite=True)] = 0.0  # CFG rescale (0.7 with zero_terminal_snr)
+    num_frames: Annotated[int | None, AT_LEAST_ONE] = None  # a video model's clip length (Wan: 4k + 1; null: 1)
 
 
 @dataclass

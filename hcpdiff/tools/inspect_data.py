@@ -18,6 +18,22 @@ DEFAULT_STEP = 64
 NUM_SAMPLE_PROMPTS = 3
 
 
+def model_frame_step(model_path: object) -> int:
+    """A local video model's frames per latent frame (its clips are frame_step k + 1 long); 0 for an image model's
+    folder; 1 (any clip length) when the model is not a local folder."""
+    from hcpdiff.errors import ModelError
+    from hcpdiff.families import detect_family, folder_config_reader
+
+    if not isinstance(model_path, str) or not Path(model_path).is_dir():
+        return 1
+    try:
+        index_file = Path(model_path) / "model_index.json"
+        index = json.loads(index_file.read_text(encoding="utf-8")) if index_file.is_file() else {}
+        return detect_family(index, folder_config_reader(Path(model_path)), model_path, "model").frame_step
+    except (ModelError, OSError, ValueError, KeyError, TypeError):
+        return 1
+
+
 def model_pixel_step(model_path: object) -> int | None:
     """The pixel step of a local diffusers folder, as its family computes it from the part configs (no weights
     read); None if the path is not a local folder of a known family."""
@@ -82,7 +98,8 @@ def main(argv: list[str]) -> int:
     seed = int(cfg.get("seed", 0) or 0)
     for name, node in data.items():
         step, note = pick_pixel_step(cfg, node)
-        built = build_dataset(node, f"data.{name}", pixel_step=step, seed=seed)
+        frame_step = model_frame_step((cfg.get("model") or {}).get("pretrained_model_name_or_path"))
+        built = build_dataset(node, f"data.{name}", pixel_step=step, seed=seed, frame_step=frame_step)
         print("\n".join(describe(built, str(name), step, note)))
     return 0
 

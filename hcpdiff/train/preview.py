@@ -14,7 +14,8 @@ import torch
 
 @dataclass
 class PreviewSpec:
-    """`previewer`: what to render, and how often. Images go to `exps/<ts>/preview/<step>-<i>.png` and TensorBoard."""
+    """`previewer`: what to render, and how often. Images go to `exps/<ts>/preview/<step>-<i>.png` (a video model's
+    clips to `<step>-<i>.mp4`) and TensorBoard."""
 
     step: int  # render every N optimizer steps, and at the end
     prompts: list[str] = field(default_factory=list)  # one image per prompt; (word:1.2) weights as in the visualizer
@@ -24,6 +25,7 @@ class PreviewSpec:
     height: int = 512
     num_inference_steps: int = 30
     guidance_scale: float = 7.5
+    num_frames: int | None = None  # a video model's clip length (null: 1 frame); previews are then `.mp4` clips
     # an editing model's input images: one entry per prompt, or one for all, each a path or a list of paths (for a
     # model taking several); the model's family says if it takes any. With model.controlnet: the control images
     condition_images: list[Any] = field(default_factory=list)
@@ -75,6 +77,8 @@ def render_previews(pipe: Any, family: Any, spec: PreviewSpec, clip_skip: int = 
     The caller's random state (python, numpy, torch, CUDA) is restored afterwards and the images draw from their own
     generators, so a run with previews trains exactly as one without.
     """
+    from hcpdiff.infer.video import pipeline_renders, sampling_args
+
     with kept_random_state():
         if prompt_args is None:
             prompt_args = preview_prompt_args(pipe, family, spec, clip_skip)
@@ -82,21 +86,39 @@ def render_previews(pipe: Any, family: Any, spec: PreviewSpec, clip_skip: int = 
         with torch.no_grad():
             for i, args in enumerate(prompt_args):
                 generator = torch.Generator("cpu").manual_seed(spec.seed + i)
-                sampling = family.pipeline_call_args({
+                sampling = sampling_args(family, {
                     "width": spec.width, "height": spec.height, "num_inference_steps": spec.num_inference_steps,
-                    "guidance_scale": spec.guidance_scale})
-                images += pipe(**args, **sampling, generator=generator, output_type="pil").images
+                    "guidance_scale": spec.guidance_scale, "num_frames": spec.num_frames}, "previewer.num_frames")
+                images += pipeline_renders(pipe(**args, **sampling, generator=generator, output_type="pil"))
         return images
 
 
-def save_previews(images: Sequence[Any], out_dir: Path, step: int, writer: Any = None) -> list[Path]:
-    """Write `<step>-<i>.png` files, and each image to a TensorBoard writer as `preview/<i>` when one is given."""
+def save_previews(images: Sequence[Any], out_dir: Path, step: int, writer: Any = None, *,
+                  spec: PreviewSpec | None = None, fps: int = 16) -> list[Path]:
+    """Write `<step>-<i>.png` files (a clip, a list of frames: `<step>-<i>.mp4` at `fps`, with its prompt and settings
+    in the file's tags), and each image (a clip's frames side by side) to a TensorBoard writer as `preview/<i>` when
+    one is given."""
+    import json
+
+    from hcpdiff.infer.video import frame_strip, save_clip
+
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, image in enumerate(images):
-        path = out_dir / f"{step}-{i}.png"
-        image.save(path)
+        if isinstance(image, list):
+            info = {"step": step, "fps": fps}
+            if spec is not None:
+                info.update(prompt=spec.prompts[i], negative_prompt=spec.neg_prompt, seed=spec.seed + i,
+                            steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
+                            width=spec.width, height=spec.height, num_frames=len(image))
+            path = save_clip(image, out_dir / f"{step}-{i}.mp4", fps,
+                             {"comment": str(info.get("prompt", "")), "description": json.dumps(info)})
+            pixels = frame_strip(image)
+        else:
+            path = out_dir / f"{step}-{i}.png"
+            image.save(path)
+            pixels = np.asarray(image.convert("RGB"))
         paths.append(path)
         if writer is not None:
-            writer.add_image(f"preview/{i}", np.asarray(image.convert("RGB")), step, dataformats="HWC")
+            writer.add_image(f"preview/{i}", pixels, step, dataformats="HWC")
     return paths

@@ -24,7 +24,7 @@ from hcpdiff.errors import ConfigError
 STATE_FORMAT = "hcpdiff.train_state"
 STATE_NAME = re.compile(r"^step-(\d+)\.pt$")
 CKPT_NAME = re.compile(r"^.+-(\d+)\.safetensors$")  # ckpts/<part>-<N>.safetensors, <part>-ema-<N>.safetensors
-PREVIEW_NAME = re.compile(r"^(\d+)-\d+\.png$")  # preview/<N>-<i>.png
+PREVIEW_NAME = re.compile(r"^(\d+)-\d+\.(png|mp4)$")  # preview/<N>-<i>.png (a clip: .mp4)
 
 logger = logging.getLogger("hcpdiff.train")
 

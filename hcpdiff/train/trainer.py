@@ -532,6 +532,7 @@ class Trainer:
                 show_progress=self.accelerator.is_main_process,
                 text_encoder_trained=any(part in self.trained for part in self.family.text_encoders),
                 max_conditions=self.family.condition_images or int(bool(self.model_spec.controlnet)),
+                frame_step=self.family.frame_step,
             )
             built_datasets[name] = built
             # The loader's own generator keeps worker seeding off the global RNG, so resuming replays it exactly.
@@ -895,7 +896,8 @@ class Trainer:
             for module, training in modes:
                 module.train(training)
         writer = getattr(self.tracker, "writer", None)
-        paths = save_previews(images, self.exp_dir / "preview", self.global_step, writer)
+        paths = save_previews(images, self.exp_dir / "preview", self.global_step, writer, spec=self.preview_spec,
+                              fps=self.family.video_fps)
         logger.info("step %d: %d preview images in %s", self.global_step, len(paths), self.exp_dir / "preview")
         return paths
 

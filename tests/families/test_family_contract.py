@@ -32,10 +32,21 @@ def render(run, workdir: Path, family, model: Path, lora: Path, alpha: float, si
     done = run(["-m", "hcpdiff.visualizer", "--cfg", family.infer_config, f"pretrained_model={model}",
                 f"lora_path={lora}", f"lora_alpha={alpha}", "prompt='a red circle'", f"save.out_dir={out}",
                 f"infer_args.width={size}", f"infer_args.height={size}", "infer_args.num_inference_steps=2",
-                *condition], cwd=workdir)
+                *(["infer_args.num_frames=5"] if family.renders_video else []), *condition], cwd=workdir)
     assert done.returncode == 0, done.stderr[-3000:]
+    if family.renders_video:  # a clip: its frames, one after another
+        (clip,) = sorted(out.glob("*.mp4"))
+        return np.concatenate(read_frames(clip)).astype(np.int16)
     (image,) = sorted(out.glob("*.png"))
     return np.asarray(Image.open(image).convert("RGB"), dtype=np.int16)
+
+
+def read_frames(path: Path) -> list[np.ndarray]:
+    """A video file's frames [H, W, 3] (PyAV)."""
+    import av
+
+    with av.open(str(path)) as container:
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
 
 
 def test_family_trains_checkpoints_previews_and_renders(family_model, workdir, cli, cli_in_process):
@@ -48,6 +59,7 @@ def test_family_trains_checkpoints_previews_and_renders(family_model, workdir, c
     condition = {"train": ["model.condition_area=4096"], "preview": f", condition_images: ['{data}/input/0.png']",
                  "render": [f"condition_image={data}/input/0.png"]} if edits else {"train": [], "preview": "",
                                                                                   "render": []}
+    frames = ", num_frames: 5" if family.renders_video else ""  # a video family renders clips (.mp4) of 5 frames
     lora_key = f"lora_{family.denoiser}"
     # the first family trains in a process of its own, as the user's launch does (tests/e2e launch the rest of the
     # ways); the others run the same entry point in-process, sparing ~6 s of imports each
@@ -60,7 +72,7 @@ def test_family_trains_checkpoints_previews_and_renders(family_model, workdir, c
                   "train.scheduler.num_warmup_steps=0", f"{lora_key}.0.lr=1e-2",
                   f'data.dataset1.bucket.target_area=${{hcp.eval:"{size}*{size}"}}', "data.dataset1.bucket.num_bucket=1",
                   f"previewer={{step: 2, prompts: ['a red circle'], width: {size}, height: {size}, "
-                  f"num_inference_steps: 2{condition['preview']}}}", *condition["train"]], cwd=workdir)
+                  f"num_inference_steps: 2{condition['preview']}{frames}}}", *condition["train"]], cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     exp = next((workdir / "exps").iterdir())
 
@@ -76,11 +88,15 @@ def test_family_trains_checkpoints_previews_and_renders(family_model, workdir, c
     ups = [value for key, value in state.items() if ".lora_B." in key]
     assert ups and all(torch.count_nonzero(up) > 0 for up in ups)  # lora_B starts at 0: every layer trained
 
-    preview = Image.open(exp / "preview" / "2-0.png")
-    assert preview.size == (size, size)
+    if family.renders_video:
+        preview = read_frames(exp / "preview" / "2-0.mp4")
+        assert len(preview) == 5 and preview[0].shape == (size, size, 3)
+    else:
+        preview = Image.open(exp / "preview" / "2-0.png")
+        assert preview.size == (size, size)
 
     # the renders run the visualizer's entry point in-process
     base, adapted = (render(cli_in_process, workdir, family, model, ckpt, alpha, size, condition["render"])
                      for alpha in (0.0, 1.0))
-    assert base.shape == adapted.shape == (size, size, 3)
+    assert base.shape == adapted.shape == ((5 if family.renders_video else 1) * size, size, 3)
     assert np.abs(base - adapted).mean() > 0  # the LoRA changes the render
