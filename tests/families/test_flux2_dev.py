@@ -109,7 +109,7 @@ def test_denoise_is_what_the_pipeline_feeds_its_transformer_and_a_batch_trains_a
     assert torch.equal(conditioning["guidance"], kwargs["guidance"])
     assert torch.allclose(kwargs["timestep"], seen["sigma"].expand(1), atol=1e-6)
     ids = kwargs["img_ids"]
-    (noisy,) = Flux2Pipeline._unpack_latents_with_ids(kwargs["hidden_states"], ids)[None]
+    noisy = Flux2Pipeline._unpack_latents_with_ids(kwargs["hidden_states"], ids)  # 64 x 48 px / 16
     with torch.no_grad():
         prediction = DEV.denoise(dev_pipe.transformer, noisy, kwargs["timestep"], conditioning)
         other = DEV.denoise(dev_pipe.transformer, noisy, kwargs["timestep"], {**conditioning,
