@@ -22,7 +22,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from hcpdiff.errors import ConfigError
+from hcpdiff.errors import ConfigError, ModelError
 from hcpdiff.families.base import ConfigReader, Family, pipeline_text_encoder
 
 PATCH = 2  # the pipeline patchifies 2x2 VAE cells into one 128-channel latent cell (= one token)
@@ -259,6 +259,19 @@ def dev_text_pipeline(components: dict[str, Any]) -> Any:
                          tokenizer=components["tokenizer"])
 
 
+def load_dev_processor(source: str, common: dict[str, Any]) -> Any:
+    """FLUX.2 [dev]'s `tokenizer/` by AutoProcessor, as Flux2Pipeline loads it. Its PixtralProcessor needs
+    torchvision in transformers 5; the bare tokenizer is no substitute (its chat template is not the processor's, so
+    prompts would encode differently), so a missing torchvision is one error."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(source, subfolder="tokenizer", **common)
+    except ImportError as error:
+        raise ModelError(f"{source}/tokenizer: FLUX.2 [dev]'s PixtralProcessor needs torchvision "
+                         f"(pip install torchvision): {error}".splitlines()[0]) from None
+
+
 class Flux2Dev(Flux2Base):
     """FLUX.2 [dev] (32B) text to image (`Flux2Pipeline`): klein's latents, shift and transformer call, with a
     Mistral-3 text encoder and the embedded guidance."""
@@ -289,17 +302,17 @@ class Flux2Dev(Flux2Base):
         return make_tiny_flux2_dev(out_dir, seed=seed)
 
     def part_loaders(self, source: str, common: dict[str, Any]) -> dict[str, Callable[[], Any]]:
-        """The real `tokenizer/` is a PixtralProcessor (which needs torchvision); the pipeline's text path only calls
-        its apply_chat_template on text, which the tokenizer in that folder does alike, so the tokenizer is loaded."""
+        """The `tokenizer/` part as Flux2Pipeline loads it (AutoProcessor: the real folder's PixtralProcessor, whose chat
+        template the prompts go through; a folder with a tokenizer alone, as the tiny one, gives the tokenizer)."""
         from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
-        from transformers import AutoTokenizer, Mistral3ForConditionalGeneration
+        from transformers import Mistral3ForConditionalGeneration
 
         return {
             "transformer": lambda: Flux2Transformer2DModel.from_pretrained(source, subfolder="transformer", **common),
             "vae": lambda: AutoencoderKLFlux2.from_pretrained(source, subfolder="vae", **common),
             "text_encoder": lambda: Mistral3ForConditionalGeneration.from_pretrained(source, subfolder="text_encoder",
                                                                                      **common),
-            "tokenizer": lambda: AutoTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
+            "tokenizer": lambda: load_dev_processor(source, common),
         }
 
     def build_conditioner(self, components: dict[str, Any], tokenizer_repeats: int, clip_skip: int, *,

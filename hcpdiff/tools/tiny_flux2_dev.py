@@ -8,10 +8,10 @@ tower: the class has one) and an offline byte-level BPE tokenizer with Mistral's
 Mistral Small 3.1's form (`[SYSTEM_PROMPT]...[/SYSTEM_PROMPT][INST]...[/INST]`), trained on the pipeline's system
 message so each of its words is one token.
 
-The real folder's `tokenizer/` is a PixtralProcessor, which transformers builds only with torchvision installed; the
-pipeline's text path uses just its `apply_chat_template` on text messages, which the tokenizer itself has, so the tiny
-folder saves the tokenizer alone (`Flux2Pipeline.from_pretrained` loads it) and the family loads the real folder's
-tokenizer the same way.
+The real folder's `tokenizer/` is a PixtralProcessor, which transformers builds only with torchvision installed (not a
+test dependency); the pipeline's text path calls just its `apply_chat_template` on text messages, which a tokenizer
+with a chat template has too, so the tiny folder saves the tokenizer alone: AutoProcessor (Flux2Pipeline's loader and
+the family's) then loads it.
 """
 from __future__ import annotations
 

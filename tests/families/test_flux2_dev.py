@@ -225,3 +225,21 @@ def test_shipped_config_overfits_one_image_and_renders_as_diffusers_loads_it(tra
     rendered = np.asarray(Image.open(image_file).convert("RGB"), dtype=np.int16)
     assert np.abs(with_lora - base).mean() > 1  # the LoRA changes the image
     assert np.abs(with_lora - rendered).max() <= 2  # hcpdiff's merge renders as diffusers' peft layers
+
+
+def test_a_processor_that_needs_torchvision_is_one_error(monkeypatch):
+    """The real tokenizer/ is a PixtralProcessor, which transformers builds only with torchvision: without it, one
+    line saying so (the bare tokenizer's chat template is not the processor's, so it is not loaded instead)."""
+    import transformers
+
+    from hcpdiff.errors import ModelError
+
+    def needs_torchvision(*args, **kwargs):
+        raise ImportError("PixtralProcessor requires the Torchvision library but it was not found.\nmore")
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", needs_torchvision)
+    load = DEV.part_loaders("black-forest-labs/FLUX.2-dev", {})["tokenizer"]
+    with pytest.raises(ModelError, match=r"^black-forest-labs/FLUX.2-dev/tokenizer: FLUX.2 \[dev\]'s "
+                                         r"PixtralProcessor needs torchvision \(pip install torchvision\)") as error:
+        load()
+    assert "\n" not in str(error.value)
