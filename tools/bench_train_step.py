@@ -55,7 +55,8 @@ def default_sequence_length(family: str) -> int:
     return {"flux": flux.DEV_MAX_SEQUENCE_LENGTH, "sd3": sd3.MAX_SEQUENCE_LENGTH,
             "qwen_image": qwen_image.MAX_SEQUENCE_LENGTH, "z_image": z_image.MAX_SEQUENCE_LENGTH,
             "krea2": krea2.MAX_SEQUENCE_LENGTH, "ideogram4": ideogram4.MAX_SEQUENCE_LENGTH,
-            "qwen_image_21": qwen_image.MAX_SEQUENCE_LENGTH, "flux2_dev": flux2.MAX_SEQUENCE_LENGTH}[family]  # 2.1: not cut (the key is ignored)
+            "qwen_image_21": qwen_image.MAX_SEQUENCE_LENGTH,  # 2.1: not cut (the key is ignored)
+            "flux2_dev": flux2.MAX_SEQUENCE_LENGTH}[family]
 
 
 def sync(device: torch.device) -> None:

@@ -169,7 +169,8 @@ class Flux2Base(Family):
         text = conditioning["encoder_hidden_states"]
         text_ids = Pipe._prepare_text_ids(text).to(text.device)
         prediction = denoiser(hidden_states=tokens, timestep=timesteps.to(tokens.dtype),
-                              guidance=conditioning.get("guidance"), encoder_hidden_states=text, txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
+                              guidance=conditioning.get("guidance"), encoder_hidden_states=text, txt_ids=text_ids,
+                              img_ids=image_ids, return_dict=False)[0]
         return Pipe._unpack_latents_with_ids(prediction, image_ids, height, width)
 
 
@@ -302,8 +303,8 @@ class Flux2Dev(Flux2Base):
         return make_tiny_flux2_dev(out_dir, seed=seed)
 
     def part_loaders(self, source: str, common: dict[str, Any]) -> dict[str, Callable[[], Any]]:
-        """The `tokenizer/` part as Flux2Pipeline loads it (AutoProcessor: the real folder's PixtralProcessor, whose chat
-        template the prompts go through; a folder with a tokenizer alone, as the tiny one, gives the tokenizer)."""
+        """The `tokenizer/` part as Flux2Pipeline loads it (AutoProcessor: the real folder's PixtralProcessor, whose
+        chat template the prompts go through; a folder with a tokenizer alone, as the tiny one, gives the tokenizer)."""
         from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
         from transformers import Mistral3ForConditionalGeneration
 
