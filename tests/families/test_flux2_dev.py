@@ -243,3 +243,24 @@ def test_a_processor_that_needs_torchvision_is_one_error(monkeypatch):
                                          r"PixtralProcessor needs torchvision \(pip install torchvision\)") as error:
         load()
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.e2e
+def test_block_swap_trains_exactly_the_plain_run(tiny_dev, tmp_path, cli_in_process):
+    """FLUX.2's block lists (double- then single-stream blocks, shared with klein): the shipped config (its
+    checkpointing on, the base unquantized) with model.blocks_to_swap=3 logs the plain run's losses and saves its LoRA,
+    bit for bit (bf16: the frozen weights are fresh aligned tensors in both runs, as in tests/train/test_memory.py)."""
+    (tmp_path / "cfgs").symlink_to(REPO_ROOT / "cfgs")
+    data = make_demo_data(tmp_path / "data", num=2)
+    for name, extra in (("plain", []), ("swap", ["model.blocks_to_swap=3"])):
+        args = [arg for arg in train_args(tiny_dev, data, 2) if not arg.startswith(("mixed_precision", "model.grad",
+                                                                                     "data.dataset1.bucket.target"))]
+        result = cli_in_process([*args, "mixed_precision=bf16", 'data.dataset1.bucket.target_area=${hcp.eval:"32*32"}',
+                                 f"exp_dir=exps/{name}", *extra], cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    plain, swap = (tmp_path / "exps" / name for name in ("plain", "swap"))
+    losses = [re.findall(r"step \d+/2 loss ([\d.]+)", (exp / "train.log").read_text()) for exp in (plain, swap)]
+    assert len(losses[0]) == 2 and losses[0] == losses[1]
+    assert "3 denoiser blocks swap in from CPU" in (swap / "train.log").read_text()
+    left, right = (load_file(exp / "ckpts" / "transformer-2.safetensors") for exp in (plain, swap))
+    assert left.keys() == right.keys() and all(torch.equal(left[key], right[key]) for key in left)
