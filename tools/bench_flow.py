@@ -1,5 +1,5 @@
 """Flow-matching parts of tools/bench_train_step.py: the bare diffusers + peft loops of FLUX, SD3, Qwen-Image, Z-Image,
-Krea 2, Wan, Ideogram 4 and Qwen-Image 2.1 (one
+Krea 2, Wan, Ideogram 4, Qwen-Image 2.1 and FLUX.2 [dev] (one
 shared step, with each family's diffusers functions for latents, prompts, sigmas and the transformer call), the
 full-width FLUX builder, and the batch the bare loops train on. Not run on its own."""
 from __future__ import annotations
@@ -495,5 +495,51 @@ class QwenImage21BareLoop(FlowBareLoop):
         return QwenImage21Pipeline._unpack_latents(pred[:, -packed.shape[1]:], height, width, 1).squeeze(2)
 
 
+class Flux2DevBareLoop(FlowBareLoop):
+    """diffusers' FLUX.2 LoRA example as it writes the loop: VAE latents patchified 2x2 and normalised by the VAE's
+    batch-norm statistics, Flux2Pipeline.encode_prompt, logit-normal sigmas with the pipeline's empirical shift
+    (compute_empirical_mu at 50 steps), Flux2Pipeline's packing and ids, the transformer at sigma with guidance 1."""
+
+    family = "flux2_dev"
+
+    def text_pipeline(self, parts: Any) -> Any:
+        from diffusers import Flux2Pipeline
+
+        return Flux2Pipeline(scheduler=None, vae=None, transformer=None, text_encoder=parts.text_encoder,
+                             tokenizer=parts.tokenizer)
+
+    def encode_images(self) -> torch.Tensor:
+        from diffusers import Flux2Pipeline
+
+        latents = Flux2Pipeline._patchify_latents(self.vae.encode(self.pixel_values).latent_dist.sample())
+        mean = self.vae.bn.running_mean.view(1, -1, 1, 1).to(latents)
+        std = torch.sqrt(self.vae.bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(latents)
+        return ((latents - mean) / std).float()
+
+    def encode_text(self) -> dict:
+        embeds, text_ids = self.text.encode_prompt(list(self.prompts), device=self.device,
+                                                   max_sequence_length=self.max_sequence_length)
+        return {"encoder_hidden_states": embeds, "txt_ids": text_ids}
+
+    def sigmas(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+        height, width = latents.shape[-2:]
+        mu = compute_empirical_mu(image_seq_len=height * width, num_steps=50)
+        sigmas = self.scheduler.time_shift(mu, 1.0, self.logit_normal(latents.shape[0]))
+        return sigmas, sigmas
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: dict) -> torch.Tensor:
+        from diffusers import Flux2Pipeline
+
+        image_ids = Flux2Pipeline._prepare_latent_ids(noisy).to(self.device)
+        guidance = torch.full((noisy.shape[0],), 1.0, device=self.device)
+        pred = self.transformer(hidden_states=Flux2Pipeline._pack_latents(noisy).to(self.dtype),
+                                timestep=timesteps.to(self.dtype), guidance=guidance, img_ids=image_ids,
+                                return_dict=False, **text)[0]
+        return Flux2Pipeline._unpack_latents_with_ids(pred, image_ids)
+
+
 BARE_LOOPS = {loop.family: loop for loop in (FluxBareLoop, SD3BareLoop, QwenImageBareLoop, ZImageBareLoop,
-                                             Krea2BareLoop, WanBareLoop, Ideogram4BareLoop, QwenImage21BareLoop)}
+                                             Krea2BareLoop, WanBareLoop, Ideogram4BareLoop, QwenImage21BareLoop,
+                                             Flux2DevBareLoop)}

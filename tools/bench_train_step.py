@@ -11,8 +11,8 @@ on; the flow-matching families then release their text encoders).
     python tools/bench_train_step.py --model PATH --size 512 --batch 8 --mixed_precision bf16   # on a GPU
     python tools/bench_train_step.py --sd15-unet --size 512 --batch 1 --mixed_precision bf16     # SD1.5-shaped U-Net, random weights
     python tools/bench_train_step.py --family flux [--caches]     # tiny FLUX.1-dev, 256 px, batch 2
-    python tools/bench_train_step.py --family sd3|qwen_image|z_image|krea2|qwen_image_21|wan [--caches]   # tiny SD3 (with
-        # T5) / Qwen-Image / Z-Image / Krea 2 / Qwen-Image 2.1 / Wan (images as 1-frame clips)
+    python tools/bench_train_step.py --family sd3|qwen_image|z_image|krea2|qwen_image_21|wan|flux2_dev [--caches]   # tiny
+        # SD3 (with T5) / Qwen-Image / Z-Image / Krea 2 / Qwen-Image 2.1 / Wan (images as 1-frame clips) / FLUX.2 [dev]
     python tools/bench_train_step.py --family ideogram4 [--max_sequence_length 64]   # tiny Ideogram 4: the bare loop
         # pads text to max_sequence_length (the pipeline's 2048 by default), the trainer to each batch's longest
     python tools/bench_train_step.py --family flux --flux-full-width --size 512 --batch 1 --mixed_precision bf16
@@ -45,18 +45,19 @@ from hcpdiff.train.run import quiet_libraries  # noqa: E402
 from hcpdiff.train.trainer import Trainer  # noqa: E402
 
 LAYERS = ["to_q", "to_k", "to_v", "to_out.0"]
-FLOW_FAMILIES = ("flux", "sd3", "qwen_image", "z_image", "krea2", "ideogram4", "qwen_image_21", "wan")  # bench_flow's
+FLOW_FAMILIES = ("flux", "sd3", "qwen_image", "z_image", "krea2", "ideogram4", "qwen_image_21", "wan",
+                 "flux2_dev")  # bench_flow's loops
 
 
 def default_sequence_length(family: str) -> int:
     """The prompt tokens a flow-matching family trains with by default (model.max_sequence_length: null)."""
-    from hcpdiff.families import flux, ideogram4, krea2, qwen_image, sd3, wan, z_image
+    from hcpdiff.families import flux, flux2, ideogram4, krea2, qwen_image, sd3, wan, z_image
 
     return {"flux": flux.DEV_MAX_SEQUENCE_LENGTH, "sd3": sd3.MAX_SEQUENCE_LENGTH,
             "qwen_image": qwen_image.MAX_SEQUENCE_LENGTH, "z_image": z_image.MAX_SEQUENCE_LENGTH,
             "krea2": krea2.MAX_SEQUENCE_LENGTH, "ideogram4": ideogram4.MAX_SEQUENCE_LENGTH,
             "qwen_image_21": qwen_image.MAX_SEQUENCE_LENGTH,  # 2.1: not cut (the key is ignored)
-            "wan": wan.MAX_SEQUENCE_LENGTH}[family]
+            "wan": wan.MAX_SEQUENCE_LENGTH, "flux2_dev": flux2.MAX_SEQUENCE_LENGTH}[family]
 
 
 def sync(device: torch.device) -> None:
@@ -151,8 +152,10 @@ def build_trainer(model_dir: str, data_dir: Path, exp_root: Path, args) -> Train
         from bench_flow import shipped_config
 
         config = shipped_config(args.family)
+        # the base unquantized and no checkpointing, as the bare loop (FLUX.2 [dev]'s config turns both on)
         overrides += ["transformer_lr=1e-4", "train.scheduler.num_warmup_steps=0",
-                      f"model.max_sequence_length={args.max_sequence_length}"]
+                      f"model.max_sequence_length={args.max_sequence_length}", "model.quantize={}",
+                      "model.gradient_checkpointing=false"]
     else:
         config = REPO_ROOT / "cfgs/train/examples/demo_tiny.yaml"
         overrides += ["lora_unet=[{lr: 1e-4, rank: 8, alpha: 8, layers: ['re:.*\\.(to_q|to_k|to_v|to_out\\.0)$']}]"]

@@ -12,7 +12,7 @@ from typing import Any
 from hcpdiff.errors import ModelError
 from hcpdiff.families.base import ConfigReader, Family
 from hcpdiff.families.flux import Flux
-from hcpdiff.families.flux2 import Flux2Klein
+from hcpdiff.families.flux2 import Flux2Dev, Flux2Klein
 from hcpdiff.families.flux_kontext import FluxKontext
 from hcpdiff.families.ideogram4 import Ideogram4
 from hcpdiff.families.krea2 import Krea2
@@ -28,7 +28,7 @@ from hcpdiff.families.z_image import ZImage
 
 FAMILIES: tuple[Family, ...] = (Flux(), StableDiffusion3(), StableDiffusionXL(), StableDiffusion(), QwenImage(),
                                  QwenImageEdit(), QwenImageEditPlus(), QwenImage21(), ZImage(), FluxKontext(),
-                                 Flux2Klein(), Krea2(), Ideogram4(), Wan())
+                                 Flux2Klein(), Flux2Dev(), Krea2(), Ideogram4(), Wan())
 # Every part name some family trains: config keys `lora_<part>` / `<part>:` are read for these before any model loads.
 TRAINABLE_PARTS: tuple[str, ...] = tuple(dict.fromkeys(p for family in FAMILIES for p in family.trainable_parts))
 PART_NAMES: tuple[str, ...] = tuple(dict.fromkeys(

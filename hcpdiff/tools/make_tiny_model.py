@@ -203,7 +203,8 @@ def main(argv: list[str]) -> int:
                              "layout (Qwen2.5-VL text encoder, 60 blocks, per-channel VAE latents); z_image: Z-Image layout (Qwen3 text "
                              "encoder, 30 single-stream blocks, static shift 6); z_image-turbo: Z-Image-Turbo's "
                              "scheduler (shift 3); flux2_klein: FLUX.2 [klein] layout (Qwen3 text encoder, 2 + 4 blocks, FLUX.2 "
-                             "VAE with batch-norm statistics); flux2_klein-distilled: the same with is_distilled")
+                             "VAE with batch-norm statistics); flux2_klein-distilled: the same with is_distilled; flux2_dev: FLUX.2 [dev] "
+                             "layout (Mistral3 text encoder, guidance embedding, klein's VAE)")
     parser.add_argument("--controlnet", metavar="DIR", help="sd, sd2, sdxl: also write a tiny ControlNet for the model "
                         "(random, not zero, output convolutions) into DIR")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
