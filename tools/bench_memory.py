@@ -56,8 +56,8 @@ def setting_overrides(setting: str) -> list[str]:
         elif option.startswith("swap") and option[4:].isdigit():
             overrides.append(f"model.blocks_to_swap={option[4:]}")
         elif option == "adam8":
-            overrides += ["train.optimizer={_delete_: true, _target_: bitsandbytes.optim.AdamW8bit, _partial_: true, "
-                          "weight_decay: 1e-2}"]
+            # merged into train_base's AdamW mapping: its betas and weight_decay are AdamW8bit's arguments too
+            overrides += ["train.optimizer={_target_: bitsandbytes.optim.AdamW8bit, _partial_: true}"]
         else:
             raise SystemExit(f"setting {setting!r}: unknown option {option!r} (ckpt, offload, swapN, adam8)")
     return overrides
