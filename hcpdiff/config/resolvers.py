@@ -1,4 +1,5 @@
-"""The `hcp.eval` and `hcp.time` resolvers, and the run clock that `hcp.time` reads."""
+"""The `hcp.eval` and `hcp.time` resolvers (and v1's `hcp.from_memory`, refused), and the run clock that `hcp.time`
+reads."""
 from __future__ import annotations
 
 import functools
@@ -71,8 +72,16 @@ def hcp_time(fmt: str | None = None, *, _root_: Any) -> str:
     return clock.format(fmt)
 
 
+def hcp_from_memory(name: Any = None) -> Any:
+    """HCP-Diffusion v1's `${hcp.from_memory:name}` (an object of its inference workflows, `hcpdiff.workflow.*`):
+    refused in one line that names what renders today."""
+    raise ConfigError(f"hcp.from_memory:{name}: HCP-Diffusion v1's workflow memory has no counterpart here; render "
+                      "with python -m hcpdiff.visualizer and a cfgs/infer config (pretrained_model, lora_path, "
+                      "init_image / mask_image / highres_fix, condition_image, controlnet)")
+
+
 def register_resolvers() -> None:
-    """Register `hcp.eval` and `hcp.time` with OmegaConf once; later calls do nothing."""
-    for name, resolver in (("hcp.eval", hcp_eval), ("hcp.time", hcp_time)):
+    """Register `hcp.eval`, `hcp.time` (and v1's `hcp.from_memory`, to refuse it) with OmegaConf once."""
+    for name, resolver in (("hcp.eval", hcp_eval), ("hcp.time", hcp_time), ("hcp.from_memory", hcp_from_memory)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)

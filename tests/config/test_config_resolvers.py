@@ -1,4 +1,4 @@
-"""`hcp.eval` (arithmetic only) and `hcp.time` (one timestamp per run)."""
+"""`hcp.eval` (arithmetic only), `hcp.time` (one timestamp per run) and v1's `hcp.from_memory` (refused)."""
 from __future__ import annotations
 
 import re
@@ -115,3 +115,15 @@ def test_register_resolvers_is_idempotent_and_works_outside_load_config():
     register_resolvers()
     cfg = OmegaConf.create({"a": "${hcp.time:}", "b": "${hcp.time:}", "c": '${hcp.eval:"2**8"}'})
     assert cfg.a == cfg.b and cfg.c == 256
+
+
+def test_v1_from_memory_is_refused_naming_the_visualizer(write):
+    """HCP-Diffusion v1's workflow configs read objects with `${hcp.from_memory:name}`: one line saying what renders."""
+    write("v1.yaml", """
+        model: ${hcp.from_memory:pipe}
+    """)
+    with pytest.raises(ConfigError) as info:
+        load_config("v1.yaml")
+    message = str(info.value)
+    assert message.startswith("`model` (in v1.yaml): hcp.from_memory:pipe: HCP-Diffusion v1's workflow memory")
+    assert "hcpdiff.visualizer" in message and "\n" not in message
