@@ -29,6 +29,7 @@ def translate_train(tree: dict, variables: set[str] = frozenset(), known_top_lev
     for key in [key for key in tree if key.startswith("lora_")]:
         for index, group in enumerate(tree[key] or []):
             _lora_group(group, f"{key}[{index}]", out)
+    _split_sdxl_text_encoder_groups(tree, out)
     if known_top_level is not None:
         drop_variables(tree, set(known_top_level) | {"embeddings"}, variables)
     for key in ("unet", "text_encoder", "text_encoder_2"):
@@ -274,3 +275,43 @@ def _lora_group(group: Any, where: str, out: Translation) -> None:
         out.note(f"{where}.alpha", f"{alpha:g} (v1's scale alpha / rank made explicit)")
     group["alpha"] = alpha
     group.pop("inplace", None)
+
+
+# v1 wrapped SDXL's two text encoders in one module: layer names under `clip_B.` are CLIP-L's, under `clip_bigG.`
+# OpenCLIP bigG's; today each is its own part (text_encoder, text_encoder_2) with the names inside it.
+SDXL_TEXT_PREFIXES = {"clip_B.": "lora_text_encoder", "clip_bigG.": "lora_text_encoder_2"}
+
+
+def _sdxl_part(pattern: str) -> tuple[str, str] | None:
+    """(today's group key, the pattern inside that encoder) for a v1 SDXL text-encoder layer pattern, else None."""
+    regex = pattern.startswith("re:")
+    body = pattern[3:] if regex else pattern
+    for prefix, key in SDXL_TEXT_PREFIXES.items():
+        for spelled in ((prefix, prefix.replace(".", r"\.")) if regex else (prefix,)):
+            if body.startswith(spelled):
+                return key, ("re:" if regex else "") + body[len(spelled):]
+    return None
+
+
+def _split_sdxl_text_encoder_groups(tree: dict, out: Translation) -> None:
+    """v1 SDXL `lora_text_encoder` groups whose layers name `clip_B.` / `clip_bigG.` become `lora_text_encoder` /
+    `lora_text_encoder_2` groups with the names inside each encoder; other patterns stay (CLIP-L's)."""
+    groups = tree.get("lora_text_encoder") or []
+    if not any(_sdxl_part(str(layer)) for group in groups if isinstance(group, dict)
+               for layer in group.get("layers") or []):
+        return
+    split: dict[str, list] = {"lora_text_encoder": [], "lora_text_encoder_2": []}
+    for index, group in enumerate(groups):
+        if not isinstance(group, dict):
+            continue
+        by_key: dict[str, list[str]] = {}
+        for layer in group.get("layers") or []:
+            key, inside = _sdxl_part(str(layer)) or ("lora_text_encoder", str(layer))
+            by_key.setdefault(key, []).append(inside)
+        for key, layers in by_key.items():
+            split[key].append({**group, "layers": layers})
+        out.note(f"lora_text_encoder[{index}].layers", "clip_B. / clip_bigG. layers split into lora_text_encoder / "
+                 "lora_text_encoder_2 (SDXL's two text encoders are separate parts here)")
+    tree["lora_text_encoder"] = split["lora_text_encoder"]
+    if split["lora_text_encoder_2"]:
+        tree["lora_text_encoder_2"] = [*(tree.get("lora_text_encoder_2") or []), *split["lora_text_encoder_2"]]

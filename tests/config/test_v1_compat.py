@@ -30,6 +30,20 @@ def test_lora_groups_get_v1_defaults_and_scale():
     assert groups[1]["alpha"] == 32.0 and "alpha_auto_scale" not in groups[1]  # v1 scale 4 = 32 / 8
 
 
+def test_sdxl_text_encoder_groups_split_by_v1s_clip_prefixes():
+    """v1 named SDXL's encoders clip_B. (CLIP-L) and clip_bigG. inside one module; today they are two parts."""
+    tree = {"lora_text_encoder": [{"lr": 1e-5, "rank": 4, "layers": [r"re:clip_B\.text_model.*self_attn$",
+                                                                  "clip_bigG.text_model.encoder.layers.0.mlp.fc1",
+                                                                  r"re:clip_bigG\..*mlp\.fc2$"]}]}
+    out = translate_train(tree)
+    assert out.tree["lora_text_encoder"] == [{"lr": 1e-5, "rank": 4, "alpha": 1.0,
+                                              "layers": ["re:text_model.*self_attn$"]}]
+    assert out.tree["lora_text_encoder_2"] == [{"lr": 1e-5, "rank": 4, "alpha": 1.0, "layers": [
+        "text_model.encoder.layers.0.mlp.fc1", r"re:.*mlp\.fc2$"]}]
+    plain = translate_train({"lora_text_encoder": [{"layers": ["re:.*self_attn$"]}]}).tree  # SD: unchanged
+    assert "lora_text_encoder_2" not in plain and plain["lora_text_encoder"][0]["layers"] == ["re:.*self_attn$"]
+
+
 def test_loss_ema_loggers_buckets_and_deleted_keys():
     tree = {"model": {"ema": {"_target_": "hcpdiff.utils.ema.ModelEMA", "_partial_": True, "decay_max": 0.99}},
             "train": {"loss": {"criterion": {"_target_": "hcpdiff.loss.MinSNRLoss", "gamma": 2.0}},
