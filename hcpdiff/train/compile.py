@@ -30,8 +30,8 @@ class CompileSpec:
     mode: str | None = None  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     dynamic: bool | None = False  # false: one graph per batch shape; true / null: dynamic shapes (torch decides)
     fullgraph: bool = False  # true: fail on a graph break instead of running that part eagerly
-    # inductor generates kernels; aot_eager traces forward and backward but runs them eagerly (fast to build: checks
-    # that the denoiser compiles, as the tests do), eager only captures graphs
+    # inductor generates kernels; aot_eager traces forward and backward but runs them as they are; eager only captures
+    # the graphs (a quick check that the denoiser compiles: what the tests use)
     backend: str = "inductor"
 
 

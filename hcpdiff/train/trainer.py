@@ -834,8 +834,8 @@ class Trainer:
             for module, _ in modes:
                 module.eval()
             # a compiled denoiser renders as plain eager code: no graphs for the previews' shapes and modes
-            with eager(), torch.no_grad(), self.accelerator.autocast(), on_device(self.parts.vae, self.accelerator.device,
-                                                                         self.vae_parked):
+            with eager(), torch.no_grad(), self.accelerator.autocast(), on_device(
+                    self.parts.vae, self.accelerator.device, self.vae_parked):
                 images = render_previews(pipe, self.family, self.preview_spec, self.model_spec.clip_skip,
                                          self.preview_prompt_args)
         finally:
