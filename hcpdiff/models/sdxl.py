@@ -40,7 +40,7 @@ class SDXLConditioner:
         """(prompt_embeds [B, 77 * repeats, D1 + D2], pooled_prompt_embeds [B, P]) for `prompts`."""
         hidden_states, pooled = [], None
         for prompt_encoder in self.prompt_encoders:
-            input_ids = prompt_encoder.tokenize(prompts).to(device)
+            input_ids = to_device(prompt_encoder.tokenize(prompts), device)
             hidden, pooled = encode_penultimate(prompt_encoder, input_ids)
             hidden_states.append(hidden)
         return torch.cat(hidden_states, dim=-1), pooled
