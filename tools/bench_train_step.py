@@ -18,6 +18,13 @@ on; the flow-matching families then release their text encoders).
     python tools/bench_train_step.py --family flux --flux-full-width --size 512 --batch 1 --mixed_precision bf16
         # FLUX.1's width (3072), 1 double + 1 single block, random weights: s/step and peak RSS, each loop in its own
         # process (so each peak is its own); blocks cannot alternate there
+    python tools/bench_train_step.py ... --compile     # both denoisers torch.compiled (the trainer: train.compile)
+
+The timed blocks hold optimizer steps only: the trainer's end-of-run checkpoint is not written (BenchTrainer), and its
+data loader runs `--workers` processes (the trainer's default, 2). On a GPU it also prints the model FLOPs of one step
+(torch.utils.flop_counter over the bare step: VAE and text encoding, denoiser forward and backward), each loop's MFU
+against the GPU's dense bf16 peak (a table, or --peak-tflops), peak GPU memory, and how many host syncs a block of
+trainer steps makes (torch.cuda.set_sync_debug_mode; the block's last step logs, which is one).
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -43,8 +51,11 @@ from hcpdiff.tools.make_demo_data import make_demo_data  # noqa: E402
 from hcpdiff.tools.make_tiny_model import make_tiny_model  # noqa: E402
 from hcpdiff.train.run import quiet_libraries  # noqa: E402
 from hcpdiff.train.trainer import Trainer  # noqa: E402
+from hcpdiff.train.transfer import batch_on_device  # noqa: E402
 
 LAYERS = ["to_q", "to_k", "to_v", "to_out.0"]
+# dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by a substring of torch.cuda.get_device_name(); first match wins
+BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H200", 989.4), ("H100", 989.4), ("A100", 312.0), ("4090", 165.2))
 FLOW_FAMILIES = ("flux", "sd3", "qwen_image", "z_image", "krea2", "ideogram4", "qwen_image_21", "wan",
                  "flux2_dev")  # bench_flow's loops
 
@@ -146,7 +157,7 @@ def build_trainer(model_dir: str, data_dir: Path, exp_root: Path, args) -> Train
         f"data.dataset1.bucket={{_target_: hcpdiff.data.FixedBucket, _partial_: true, target_size: {args.size}}}",
         f"train.train_steps={args.warmup}", "train.save_step=1000000", "train.log_step=1000000",
         f"train.workers={args.workers}", f"exp_dir={exp_root / 'trainer'}",
-        f"mixed_precision={args.mixed_precision or 'null'}",
+        f"mixed_precision={args.mixed_precision or 'null'}", f"train.compile={'true' if args.compile else 'false'}",
     ]
     if args.family in FLOW_FAMILIES:  # the shipped transformer group as it is, at the bare loop's lr, no warm-up
         from bench_flow import shipped_config
@@ -188,13 +199,19 @@ def time_bare_block(bare: BareLoop, steps: int) -> float:
 def bare_loop(model_dir: str, data_dir: Path, device: torch.device, dtype: torch.dtype, args,
               sd_batch: dict | None = None) -> object:
     """The family's bare diffusers + peft loop: SD on the trainer's first batch, a flow-matching family on the first
-    demo images."""
+    demo images; with --compile its denoiser compiled as the trainer's is (in place, one graph per shape)."""
     if args.family in FLOW_FAMILIES:
         from bench_flow import BARE_LOOPS, demo_batch
 
-        return BARE_LOOPS[args.family](model_dir, demo_batch(data_dir, args.size, args.batch), device, dtype,
+        bare = BARE_LOOPS[args.family](model_dir, demo_batch(data_dir, args.size, args.batch), device, dtype,
                                        max_sequence_length=args.max_sequence_length)
-    return BareLoop(model_dir, sd_batch, device, dtype)
+        denoiser = bare.transformer
+    else:
+        bare = BareLoop(model_dir, sd_batch, device, dtype)
+        denoiser = bare.unet
+    if args.compile:
+        denoiser.compile(dynamic=False)
+    return bare
 
 
 def peak_rss_gib() -> float:
@@ -275,7 +292,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="steps per timed block")
     parser.add_argument("--blocks", type=int, default=5, help="timed blocks per loop (alternating)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=2, help="the trainer's data-loader workers (its default 2)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both denoisers (train.compile=true)")
+    parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak for MFU (default: a table of "
+                                                          "H100 / H200 / A100 / 4090)")
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
     args = parser.parse_args()
     if args.flux_full_width and args.family != "flux":
@@ -305,8 +325,9 @@ def main() -> None:
         data_dir = make_demo_data(tmp / "data", num=max(4, args.batch * 2))
         trainer = build_trainer(model_dir, data_dir, tmp, args)
         trainer.train()  # warm-up steps
-        sd_batch = next(iter(trainer.streams[0].loader)) if args.family == "sd" else None
-        bare = bare_loop(model_dir, data_dir, trainer.accelerator.device, trainer.weight_dtype, args, sd_batch)
+        device = trainer.accelerator.device
+        sd_batch = batch_on_device(next(iter(trainer.streams[0].loader)), device) if args.family == "sd" else None
+        bare = bare_loop(model_dir, data_dir, device, trainer.weight_dtype, args, sd_batch)
         if args.family in FLOW_FAMILIES:  # the same layers, or the comparison means nothing
             ours = {layer for group in trainer.trained["transformer"].lora_groups for layer in group.layers}
             if ours != bare.adapted_layers():
@@ -332,11 +353,15 @@ def main() -> None:
             if torch.cuda.is_available():
                 peak["bare"] = max(peak.get("bare", 0), torch.cuda.max_memory_allocated())
 
+        step_flops = count_step_flops(bare)
+        syncs = count_trainer_syncs(trainer, args.steps) if device.type == "cuda" else None
+
     t_trainer, t_bare = statistics.median(trainer_times), statistics.median(bare_times)
-    device = trainer.accelerator.device
     model = "sd15-unet" if args.sd15_unet else (args.model or f"tiny {args.family}")
-    print(f"device {device}  model {model}  {args.size}px  batch {args.batch}  precision {args.mixed_precision or 'fp32'}  "
-          f"trainer caches {'on' if args.caches else 'off'}  {args.blocks} blocks x {args.steps} steps")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {device} ({name})  model {model}  {args.size}px  batch {args.batch}  "
+          f"precision {args.mixed_precision or 'fp32'}  trainer caches {'on' if args.caches else 'off'}  "
+          f"compile {'on' if args.compile else 'off'}  workers {args.workers}  {args.blocks} blocks x {args.steps} steps")
     for name, t in (("hcpdiff trainer", t_trainer), ("bare diffusers+peft", t_bare)):
         line = f"{name:20s} {t * 1000:8.1f} ms/step  {1 / t:6.2f} it/s  {args.batch / t:7.2f} images/s"
         if name.startswith("hcp") and "trainer" in peak:
@@ -351,6 +376,44 @@ def main() -> None:
     steps = args.blocks * args.steps
     print(f"process CPU time: trainer {cpu['trainer'] / steps * 1000:.1f}, bare {cpu['bare'] / steps * 1000:.1f} "
           f"ms/step, ratio {cpu['trainer'] / cpu['bare']:.3f}")
+    peak_tflops = args.peak_tflops or (bf16_peak_tflops(name) if device.type == "cuda" else None)
+    line = f"model FLOPs per step {step_flops / 1e9:.2f} GFLOP (bare step: VAE + text encode, denoiser fwd + bwd)"
+    if peak_tflops:
+        mfu = {loop: step_flops / t / (peak_tflops * 1e12) for loop, t in (("trainer", t_trainer), ("bare", t_bare))}
+        line += (f"; MFU vs {peak_tflops:g} TFLOP/s bf16 peak: trainer {mfu['trainer']:.1%}, bare {mfu['bare']:.1%}")
+    print(line)
+    if syncs is not None:
+        print(f"host syncs in {args.steps} trainer steps, the last one logging (1 sync): {syncs} "
+              "(torch.cuda.set_sync_debug_mode)")
+
+
+def bf16_peak_tflops(device_name: str) -> float | None:
+    """The GPU's dense bf16 peak from BF16_PEAK_TFLOPS, or None for a GPU not in the table."""
+    return next((peak for key, peak in BF16_PEAK_TFLOPS if key in device_name), None)
+
+
+def count_step_flops(bare) -> int:
+    """FLOPs of one bare-loop step (matmuls, convolutions, attention; forward and backward) by torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.compiler.set_stance("force_eager"), counter:  # a compiled denoiser's graphs would hide the operators
+        bare.step()
+    return counter.get_total_flops()
+
+
+def count_trainer_syncs(trainer: Trainer, steps: int) -> int:
+    """Host syncs (stream synchronisations, blocking copies, `.item()`) CUDA reports in `steps` more trainer steps; the
+    last one ends the run and logs (one `.item()`), none saves (BenchTrainer)."""
+    trainer.train_steps = trainer.global_step + steps
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.train()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(warning.message) for warning in caught)
 
 
 if __name__ == "__main__":

@@ -128,6 +128,7 @@ def build_dataset(
     text_encoder_trained: bool = False,
     max_conditions: int | None = None,
     frame_step: int = 0,
+    uint8_pixels: bool = False,
 ) -> BuiltDataset:
     """Read the dataset node, scan its sources, bucket the images, and make the dataset and batch sampler.
 
@@ -135,6 +136,7 @@ def build_dataset(
     cache, filled here; `barrier` lets the processes of a distributed run share a disk cache. `max_conditions`: the
     most input images one sample may have (the model family's); rows with more are skipped with the others.
     `frame_step`: a video family's frames per latent frame (clips are frame_step k + 1 long); 0: no video training.
+    `uint8_pixels`: samples hold the images' uint8 pixels (the trainer converts them on its device).
     """
     spec = read_fields(node, key_path, DatasetSpec)
     source_specs = _read_sources(spec.source, f"{key_path}.source")
@@ -195,6 +197,7 @@ def build_dataset(
         items, bucket, prompt_builders, bg_colors, seed=seed, max_image_pixels=max(limits, default=None),
         caption_transforms=[_caption_transform(s) for s in source_specs.values()],
         image_transforms=[ImageTransform(s.random_flip, s.crop) for s in source_specs.values()],
+        uint8_pixels=uint8_pixels,
     )
     sampler = BucketBatchSampler(
         dataset.bucket_ids, spec.batch_size, seed=seed, shuffle=True, num_replicas=num_replicas, rank=rank

@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from hcpdiff.data.buckets import Bucket
-from hcpdiff.data.images import IMAGE_READ_ERRORS, allow_image_pixels, load_for_bucket, to_tensor
+from hcpdiff.data.images import IMAGE_READ_ERRORS, allow_image_pixels, load_for_bucket, to_tensor, to_uint8_tensor
 from hcpdiff.data.prompts import PromptBuilder
 from hcpdiff.data.transforms import CaptionTransform, ImageTransform
 from hcpdiff.data.videos import ClipSpec, load_clip_for_bucket
@@ -43,7 +43,11 @@ def noise_seed(seed: int, index: int, draw: int) -> torch.Tensor:
 
 class ImageCaptionDataset(Dataset):
     """Items -> {"pixel_values": FloatTensor [3, H, W] in [-1, 1] (a video's clip: [3, F, H, W]), "prompt": str},
-    H x W being the item's bucket size."""
+    H x W being the item's bucket size.
+
+    With `uint8_pixels`, "pixel_values" is the image's (or clip's) ByteTensor instead (images.unit_range converts it,
+    on the device, to the same floats): the trainer's loader collates and copies a quarter of the bytes.
+    """
 
     def __init__(
         self,
@@ -55,6 +59,7 @@ class ImageCaptionDataset(Dataset):
         caption_transforms: Sequence[CaptionTransform] | None = None,
         image_transforms: Sequence[ImageTransform] | None = None,
         max_image_pixels: int | None = None,
+        uint8_pixels: bool = False,
     ) -> None:
         if not items:
             raise DataError("The dataset has no images.")
@@ -65,6 +70,7 @@ class ImageCaptionDataset(Dataset):
         self.seed = seed
         # the largest `max_image_pixels` of the sources: Pillow's limit is per process, so workers raise it again
         self.max_image_pixels = max_image_pixels
+        self.uint8_pixels = uint8_pixels
         num_sources = len(self.prompt_builders)
         self.caption_transforms = list(caption_transforms or [CaptionTransform()] * num_sources)
         self.image_transforms = list(image_transforms or [ImageTransform()] * num_sources)
@@ -104,7 +110,8 @@ class ImageCaptionDataset(Dataset):
             else:
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             condition = [image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for image in condition or []] or None
-        pixels = torch.stack([to_tensor(frame) for frame in frames], dim=1) if frames is not None else to_tensor(image)
+        convert = to_uint8_tensor if self.uint8_pixels else to_tensor
+        pixels = torch.stack([convert(frame) for frame in frames], dim=1) if frames is not None else convert(image)
         # original_size (h, w) and crop_top_left (top, left): SDXL's size and crop conditioning
         sample = {"pixel_values": pixels, "prompt": self._prompt(item, index, draw, rng),
                   "original_size": torch.tensor([original_wh[1], original_wh[0]]),

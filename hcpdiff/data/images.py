@@ -190,5 +190,15 @@ def resize_and_crop_box(
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> FloatTensor [3, H, W] scaled to [-1, 1]."""
+    return unit_range(to_uint8_tensor(img))
+
+
+def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> ByteTensor [3, H, W] (a quarter of the float tensor's bytes to collate and copy)."""
     pixels = np.array(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)  # [H, W, 3], a writable copy
-    return torch.from_numpy(pixels).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+def unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (any shape) -> float32 in [-1, 1], on their device: to_tensor's values, bit for bit."""
+    return pixels.float().div_(127.5).sub_(1.0)

@@ -6,6 +6,7 @@ from typing import Any
 import torch
 
 from hcpdiff.models.prompt_encoder import PromptEncoder
+from hcpdiff.models.transfer import to_device
 
 
 class SDConditioner:
@@ -16,7 +17,7 @@ class SDConditioner:
 
     def __call__(self, prompts: list[str], batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         """U-Net kwargs for one batch: {"encoder_hidden_states": [B, 77 * repeats, D]}."""
-        input_ids = self.prompt_encoder.tokenize(prompts).to(device)
+        input_ids = to_device(self.prompt_encoder.tokenize(prompts), device)  # a blocking copy would sync the step
         return {"encoder_hidden_states": self.prompt_encoder.encode(input_ids)}
 
     def set_text_encoder(self, text_encoder: torch.nn.Module, index: int = 0) -> None:

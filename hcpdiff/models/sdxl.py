@@ -6,6 +6,7 @@ from typing import Any
 import torch
 
 from hcpdiff.models.prompt_encoder import PromptEncoder
+from hcpdiff.models.transfer import to_device
 
 
 def encode_penultimate(prompt_encoder: PromptEncoder, input_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +40,7 @@ class SDXLConditioner:
         """(prompt_embeds [B, 77 * repeats, D1 + D2], pooled_prompt_embeds [B, P]) for `prompts`."""
         hidden_states, pooled = [], None
         for prompt_encoder in self.prompt_encoders:
-            input_ids = prompt_encoder.tokenize(prompts).to(device)
+            input_ids = to_device(prompt_encoder.tokenize(prompts), device)
             hidden, pooled = encode_penultimate(prompt_encoder, input_ids)
             hidden_states.append(hidden)
         return torch.cat(hidden_states, dim=-1), pooled
@@ -47,7 +48,7 @@ class SDXLConditioner:
     def __call__(self, prompts: list[str], batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         """U-Net kwargs for one batch; sizes come from the batch's `original_size` / `crop_top_left` when present."""
         prompt_embeds, pooled = self.encode(prompts, device)
-        time_ids = self.batch_time_ids(batch, len(prompts)).to(device)
+        time_ids = to_device(self.batch_time_ids(batch, len(prompts)), device)  # not a blocking copy: no sync
         return {"encoder_hidden_states": prompt_embeds,
                 "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 

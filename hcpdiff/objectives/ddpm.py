@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from hcpdiff.errors import ConfigError
+from hcpdiff.models.transfer import to_device
 from hcpdiff.objectives.pyramid_noise import pyramid_noise
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -125,7 +126,8 @@ def diffusion_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: tor
 
 def snr_of(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio [B] of each timestep: alpha_bar / (1 - alpha_bar)."""
-    alphas_cumprod = scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
+    # the schedule lives on the host: a blocking copy would sync the step
+    alphas_cumprod = to_device(scheduler.alphas_cumprod, timesteps.device).float()[timesteps]
     return alphas_cumprod / (1.0 - alphas_cumprod)
 
 

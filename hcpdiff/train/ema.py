@@ -24,9 +24,13 @@ class EmaWeights:
 
     @torch.no_grad()
     def update(self) -> None:
-        """shadow = decay * shadow + (1 - decay) * weights (exactly the weights when decay is 0)."""
-        for shadow, param in zip(self.shadow, self.params):
-            shadow.mul_(self.decay).add_(param.detach().float(), alpha=1.0 - self.decay)
+        """shadow = decay * shadow + (1 - decay) * weights (exactly the weights when decay is 0).
+
+        Two foreach kernels over all shadows (grouped by device and dtype) instead of two per parameter; each element
+        gets the per-parameter formula's two roundings, so the result is the same bit for bit."""
+        weights = [param.detach().float() for param in self.params]  # fp32 weights: themselves, no copy
+        torch._foreach_mul_(self.shadow, self.decay)
+        torch._foreach_add_(self.shadow, weights, alpha=1.0 - self.decay)
         self.num_updates += 1
 
     @torch.no_grad()

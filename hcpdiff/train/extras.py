@@ -8,6 +8,7 @@ from typing import Any
 from hcpdiff.config import read_fields
 from hcpdiff.errors import ConfigProblems
 from hcpdiff.objectives.ddpm import PREDICTION_TYPES
+from hcpdiff.train.compile import CompileSpec, read_compile_spec
 from hcpdiff.train.preview import PreviewSpec
 from hcpdiff.train.specs import EmaSpec, LossSpec, ModelSpec, TrainSpec
 
@@ -22,10 +23,12 @@ class ExtraSpecs:
     ema: EmaSpec | None
     preview: PreviewSpec | None
     log_with: list[str]
+    compile: CompileSpec | None = None
 
 
 def read_extra_specs(cfg: Any, train_spec: TrainSpec, model_spec: ModelSpec) -> ExtraSpecs:
-    """Read `train.loss`, `model.ema`, `previewer` and `train.log_with`; every problem in one ConfigError."""
+    """Read `train.loss`, `model.ema`, `previewer`, `train.log_with` and `train.compile`; every problem in one
+    ConfigError."""
     problems = ConfigProblems()
     collect = problems.collect
     loss = collect(read_fields, train_spec.loss or {}, "train.loss", LossSpec) or LossSpec()
@@ -54,8 +57,9 @@ def read_extra_specs(cfg: Any, train_spec: TrainSpec, model_spec: ModelSpec) -> 
     if "wandb" in log_with and importlib.util.find_spec("wandb") is None:
         problems.add("train.log_with: 'wandb' needs the wandb package, which is not installed; "
                      "run `pip install wandb` (and `wandb login`) or remove it")
+    compile_spec = collect(read_compile_spec, train_spec.compile)
     problems.raise_any()
-    return ExtraSpecs(loss=loss, ema=ema, preview=preview, log_with=log_with)
+    return ExtraSpecs(loss=loss, ema=ema, preview=preview, log_with=log_with, compile=compile_spec)
 
 
 def preview_pipeline(parts: Any, components: dict[str, Any], objective: Any) -> Any:

@@ -39,6 +39,7 @@ class TrainSpec:
     loss: Any = None  # see LossSpec
     guidance: float = 1.0  # the guidance embedding's value while training (FLUX-dev); models without one ignore it
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])  # trackers: tensorboard (always), wandb
+    compile: Any = False  # false | true | {mode, dynamic, fullgraph}: torch.compile the denoiser (see CompileSpec)
 
 
 @dataclass

@@ -20,6 +20,7 @@ import torch
 
 from hcpdiff.data.tensor_store import TensorStore, weights_identity
 from hcpdiff.models import SDConditioner
+from hcpdiff.models.transfer import to_device
 
 # Conditioners whose outputs depend on the prompts alone (not on other batch fields), so a prompt string is a
 # complete cache key. A family whose conditioning reads the batch (SDXL's size / crop ids) is left uncached.
@@ -118,7 +119,8 @@ class CachedConditioner:
             longest = {states: max(row[states].shape[0] for row in rows) for states in self.padded}
             rows = [{**row, **{name: pad_rows(row[name], longest[states])
                                for states, mask in self.padded.items() for name in (states, mask)}} for row in rows]
-        return {name: torch.stack([row[name] for row in rows]).to(device) for name in rows[0]}
+        # stacked on the host, copied without waiting for the GPU (pinned, non-blocking)
+        return {name: to_device(torch.stack([row[name] for row in rows]), device) for name in rows[0]}
 
 
 def unpadded_row(values: dict[str, torch.Tensor], padded: dict[str, str]) -> dict[str, torch.Tensor]:

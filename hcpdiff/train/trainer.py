@@ -41,6 +41,7 @@ from hcpdiff.objectives.ddpm import sample_noise
 from hcpdiff.train.class_images import generate_class_images
 from hcpdiff.train.exp_dir import (LOCK_NAME, claim_exp_dir, lock_exp_dir, remove_if_no_outputs,
                                    remove_stale_temp_files, unlock_exp_dir)
+from hcpdiff.train.compile import batch_shapes, compile_denoiser, compile_refusal, eager
 from hcpdiff.train.finetune import (FinetuneGroup, FinetuneGroupSpec, enable_finetuning, finetuned_state,
                                     load_finetuned, select_finetune_groups)
 from hcpdiff.train.logs import setup_run_logging
@@ -58,10 +59,12 @@ from hcpdiff.train.state import (ResumePoint, find_resume_state, folder_steps, l
                                  resume_dir_of, rng_state, save_state, set_rng_state, step_files)
 from hcpdiff.train.sharding import (
     SHARDED, align_deepspeed_config, check_sharded_run, gathered_for_saving, param_count, whole_weights_loading,
+    zero_stage,
 )
 from hcpdiff.train.signals import StopSignals, TrainingInterrupted
 from hcpdiff.train.starting_points import fuse_preset_loras, load_initial_loras
 from hcpdiff.train.streams import DataStream, ResumableBatchSampler
+from hcpdiff.train.transfer import batch_on_device
 from hcpdiff.train.text_cache import TEXT_CACHE_FOLDER, CachedConditioner, can_cache_text, text_identity
 
 logger = logging.getLogger("hcpdiff.train")
@@ -217,6 +220,12 @@ class Trainer:
                           [p for p in TRAINABLE_PARTS if self.lora_specs[p] or self.finetune_specs[p]],
                           self.train_spec.resume,
                           ema=bool((self.cfg.get("model") or {}).get("ema")), preview=bool(self.cfg.get("previewer")))
+        if self.extras.compile is not None:
+            refusal = compile_refusal(zero_stage=zero_stage(self.deepspeed_config),
+                                      blocks_to_swap=self.model_spec.blocks_to_swap,
+                                      gradient_checkpointing=self.model_spec.gradient_checkpointing)
+            if refusal:
+                raise ConfigError(refusal)
         # Sharded optimizer state (DeepSpeed ZeRO) lives in every process; one process's copy cannot resume a run.
         self.writes_resume_state = self.accelerator.distributed_type not in SHARDED
         if torch.cuda.is_available():
@@ -533,6 +542,7 @@ class Trainer:
                 text_encoder_trained=any(part in self.trained for part in self.family.text_encoders),
                 max_conditions=self.family.condition_images or int(bool(self.model_spec.controlnet)),
                 frame_step=self.family.frame_step,
+                uint8_pixels=True,  # converted on the device (compute_loss)
             )
             built_datasets[name] = built
             # The loader's own generator keeps worker seeding off the global RNG, so resuming replays it exactly.
@@ -542,6 +552,8 @@ class Trainer:
                 persistent_workers=workers > 0, generator=torch.Generator().manual_seed(self.seed),
             )
             self.streams.append(DataStream(name, loader, built.loss_weight))
+        # what train.compile makes room for: every dataset's batch shapes (each is its own graph with dynamic=False)
+        self.batch_shapes = sum(batch_shapes(built.bucket.sizes, built.batch_size) for built in built_datasets.values())
         self.batch_size = self.streams[0].loader.batch_sampler.batch_size
         self.preview_prompt_args = None  # the previews' encoded prompts, when the text encoders are released
         self._setup_text_cache(built_datasets)
@@ -652,6 +664,8 @@ class Trainer:
         for index, part in enumerate(self.family.text_encoders):
             if part in self.trained:
                 self.conditioner.set_text_encoder(self.trained[part].forward, index)
+        if self.extras.compile is not None:  # in place: the prepared wrapper calls it, checkpoint keys stay the same
+            compile_denoiser(self.parts.denoiser, self.extras.compile, self.batch_shapes)
 
     def _restore(self, state: dict) -> None:
         """Continue from a saved state: LoRA weights, optimizer, lr schedule, step, data positions, RNG."""
@@ -724,17 +738,22 @@ class Trainer:
 
     def _train_loop(self, stop: StopSignals, batch_iters: list, trained_modules: list, progress: tqdm) -> None:
         accelerator, spec = self.accelerator, self.train_spec
-        loss_sum, loss_count, last_log_time = 0.0, 0, time.perf_counter()
+        params = self.trained_params()  # built once: the optimizer updates these same tensors in place
+        # The micro-steps' losses are summed on the device and read (a host sync) on log steps only; fp64 sums them
+        # exactly as Python's float sum of `.item()` values did (MPS has no fp64).
+        loss_sum = torch.zeros((), device=accelerator.device,
+                               dtype=torch.float32 if accelerator.device.type == "mps" else torch.float64)
+        loss_count, last_log_time = 0, time.perf_counter()
         while self.global_step < self.train_steps:
             with accelerator.accumulate(*trained_modules):
                 loss = sum(self.compute_loss(next(it), stream.loss_weight, stream.noise_salt)
                            for it, stream in zip(batch_iters, self.streams))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and spec.max_grad_norm:
-                    accelerator.clip_grad_norm_(self.trained_params(), spec.max_grad_norm)
+                    accelerator.clip_grad_norm_(params, spec.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach().item()
+            loss_sum += loss.detach()
             loss_count += 1
             if not accelerator.sync_gradients:
                 continue
@@ -744,12 +763,13 @@ class Trainer:
                 self.ema.update()
             progress.update(1)
             if self.global_step % spec.log_step == 0 or self.global_step == self.train_steps:
-                mean_loss = loss_sum / loss_count
+                mean_loss = loss_sum.item() / loss_count  # waits for the device: the step times below are real
                 now = time.perf_counter()
                 step_time = (now - last_log_time) / spec.log_step
                 progress.set_postfix(loss=f"{mean_loss:.4f}")
                 self.log_metrics(mean_loss, step_time)
-                loss_sum, loss_count, last_log_time = 0.0, 0, now
+                loss_sum.zero_()
+                loss_count, last_log_time = 0, now
             saved = self.global_step % spec.save_step == 0 or self.global_step == self.train_steps
             if saved:
                 self.save_checkpoint()
@@ -772,9 +792,10 @@ class Trainer:
     def compute_loss(self, batch: dict, loss_weight: float, noise_salt: int = 0) -> torch.Tensor:
         """Noise one batch's latents as the family's objective says and score the denoiser's prediction."""
         device = self.accelerator.device
+        batch = batch_on_device(batch, device)
         generators = self.sample_generators(batch, noise_salt)
         if "latents" in batch:  # from a latent cache
-            latents = batch["latents"].to(device, dtype=torch.float32)
+            latents = batch["latents"]
         else:
             latents = self.encode_latents(batch["pixel_values"], generators)
         noised = self.objective.noised(latents, generators)
@@ -888,8 +909,9 @@ class Trainer:
         try:
             for module, _ in modes:
                 module.eval()
-            with torch.no_grad(), self.accelerator.autocast(), on_device(self.parts.vae, self.accelerator.device,
-                                                                         self.vae_parked):
+            # a compiled denoiser renders as plain eager code: no graphs for the previews' shapes and modes
+            with eager(), torch.no_grad(), self.accelerator.autocast(), on_device(
+                    self.parts.vae, self.accelerator.device, self.vae_parked):
                 images = render_previews(pipe, self.family, self.preview_spec, self.model_spec.clip_skip,
                                          self.preview_prompt_args)
         finally:

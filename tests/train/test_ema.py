@@ -46,3 +46,20 @@ def test_previews_put_the_global_random_state_back():
         torch.rand(100), random.random(), np.random.rand(7)
     got = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]
+
+
+def test_foreach_update_equals_the_per_parameter_formula_bit_for_bit():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in ((3, 5), (7,), (2, 2, 2))]
+    params.append(torch.nn.Parameter(torch.randn(4).to(torch.bfloat16)))  # a non-fp32 weight: averaged in fp32
+    ema = EmaWeights(params, decay=0.997)
+    expected = [p.detach().float().clone() for p in params]
+    for _ in range(3):
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p))
+        ema.update()
+        for shadow, p in zip(expected, params):
+            shadow.mul_(0.997).add_(p.detach().float(), alpha=1.0 - 0.997)
+    for got, want in zip(ema.shadow, expected):
+        assert torch.equal(got, want)
