@@ -131,9 +131,9 @@ def test_pruning_keeps_what_this_run_just_wrote(tmp_path):
 # ----------------------------------------------------------------------------------------------- as a user runs it
 
 @pytest.mark.e2e
-def test_cli_refuses_a_crafted_state_without_running_it(workdir, demo_args, cli, cli_in_process, error_line):
+def test_cli_refuses_a_crafted_state_without_running_it(workdir, demo_args, cli_in_process, error_line):
     """A resume folder whose state file was replaced by one carrying a payload: exit 2, one line, nothing ran."""
-    first = cli([*demo_args, "train.train_steps=2", "exp_dir=exps/run"], cwd=workdir)
+    first = cli_in_process([*demo_args, "train.train_steps=2", "exp_dir=exps/run"], cwd=workdir)
     assert first.returncode == 0, first.stderr[-3000:]
     marker = workdir / "payload_ran"
     state = workdir / "exps/run/state/step-2.pt"
@@ -145,14 +145,14 @@ def test_cli_refuses_a_crafted_state_without_running_it(workdir, demo_args, cli,
     assert not marker.exists(), "the state's payload ran"
     # Resume still works once the genuine state is back, and bit for bit from the saved RNG tensors.
     torch.save(good, state)
-    resumed = cli([*demo_args, "train.train_steps=3", "train.resume=exps/run"], cwd=workdir)
+    resumed = cli_in_process([*demo_args, "train.train_steps=3", "train.resume=exps/run"], cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (workdir / "exps/run/ckpts/unet-3.safetensors").exists()
 
 
 @pytest.mark.e2e
-def test_cli_random_bytes_state_is_one_error_line(workdir, demo_args, cli, cli_in_process, error_line):
-    first = cli([*demo_args, "train.train_steps=1", "exp_dir=exps/run"], cwd=workdir)
+def test_cli_random_bytes_state_is_one_error_line(workdir, demo_args, cli_in_process, error_line):
+    first = cli_in_process([*demo_args, "train.train_steps=1", "exp_dir=exps/run"], cwd=workdir)
     assert first.returncode == 0, first.stderr[-3000:]
     (workdir / "exps/run/state/step-1.pt").write_bytes(random.Random(1).randbytes(2048))
     result = cli_in_process([*demo_args, "train.train_steps=2", "train.resume=exps/run"], cwd=workdir)

@@ -161,11 +161,11 @@ def test_cli_failed_runs_leave_no_empty_folder(workdir, demo_args, cli_in_proces
 
 
 @pytest.mark.e2e
-def test_cli_resume_refuses_later_steps_and_pointless_lengths(workdir, demo_args, cli, cli_in_process, error_line):
+def test_cli_resume_refuses_later_steps_and_pointless_lengths(workdir, demo_args, cli_in_process, error_line):
     """Resuming state/step-2.pt of a finished 4-step run: refused naming steps 3, 4 (the folder would mix two runs);
     with train.resume_overwrite=true it replaces them, and ckpt_keep keeps this run's newest writes. A resume whose
     train_steps is not above the saved step is refused naming both numbers."""
-    first = cli([*demo_args, "train.train_steps=4", "train.save_step=1", "exp_dir=exps/run"], cwd=workdir)
+    first = cli_in_process([*demo_args, "train.train_steps=4", "train.save_step=1", "exp_dir=exps/run"], cwd=workdir)
     assert first.returncode == 0, first.stderr[-3000:]
     ckpts = workdir / "exps/run/ckpts"
     original_4 = load_file(ckpts / "unet-4.safetensors")
@@ -183,9 +183,9 @@ def test_cli_resume_refuses_later_steps_and_pointless_lengths(workdir, demo_args
 
     leftover = ckpts / f"unet-9.safetensors.tmp-{dead_pid()}"  # a killed run's unfinished write
     leftover.write_bytes(b"partial")
-    again = cli([*demo_args, "train.train_steps=4", "train.save_step=1", "train.ckpt_keep=2",
-                 "train.resume_overwrite=true",
-                 "train.resume=exps/run/state/step-2.pt"], cwd=workdir)
+    again = cli_in_process([*demo_args, "train.train_steps=4", "train.save_step=1", "train.ckpt_keep=2",
+                            "train.resume_overwrite=true",
+                            "train.resume=exps/run/state/step-2.pt"], cwd=workdir)
     assert again.returncode == 0, again.stderr[-3000:]
     assert sorted(p.name for p in ckpts.iterdir()) == ["unet-3.safetensors", "unet-4.safetensors"]
     assert sorted(p.name for p in (workdir / "exps/run/state").iterdir()) == ["step-3.pt", "step-4.pt"]
