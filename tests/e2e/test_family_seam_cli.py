@@ -32,11 +32,11 @@ def test_top_level_typo_in_a_file_names_the_file_and_the_key(workdir, demo_args,
     assert not (workdir / "exps").exists()
 
 
-def test_variables_that_values_interpolate_stay_allowed(workdir, demo_args, cli):
+def test_variables_that_values_interpolate_stay_allowed(workdir, demo_args, cli_in_process):
     config = workdir / "vars.yaml"
     config.write_text("_base_: cfgs/train/examples/demo_tiny.yaml\nmy_rank: 2\n"
                       "lora_unet:\n  - {lr: 1e-4, rank: '${my_rank}', layers: ['re:.*\\.to_k$']}\n")
-    result = cli(["-m", "hcpdiff.train_ac_single", "--cfg", str(config), *demo_args], cwd=workdir)
+    result = cli_in_process(["-m", "hcpdiff.train_ac_single", "--cfg", str(config), *demo_args], cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
 
 

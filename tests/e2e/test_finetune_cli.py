@@ -44,8 +44,9 @@ def base_params(tiny_model: Path, part: str) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in model.named_parameters()}
 
 
-def test_unet_group_trains_only_its_tensors_and_resumes_bit_for_bit(workdir, demo_args, tiny_model, cli):
-    run = cli([*demo_args, UNET_GROUP, "train.train_steps=4", "train.save_step=2", "exp_dir=exps/full"], cwd=workdir)
+def test_unet_group_trains_only_its_tensors_and_resumes_bit_for_bit(workdir, demo_args, tiny_model, cli_in_process):
+    run = cli_in_process([*demo_args, UNET_GROUP, "train.train_steps=4", "train.save_step=2", "exp_dir=exps/full"],
+                         cwd=workdir)
     assert run.returncode == 0, run.stderr[-3000:]
     ckpt = workdir / "exps/full/ckpts/unet-4.safetensors"
     saved = load_file(ckpt)
@@ -67,8 +68,8 @@ def test_unet_group_trains_only_its_tensors_and_resumes_bit_for_bit(workdir, dem
     shutil.copytree(workdir / "exps/full", workdir / "exps/cut")
     for path in [workdir / "exps/cut/ckpts/unet-4.safetensors", workdir / "exps/cut/state/step-4.pt"]:
         path.unlink()
-    resumed = cli([*demo_args, UNET_GROUP, "train.train_steps=4", "train.save_step=2", "train.resume=exps/cut"],
-                  cwd=workdir)
+    resumed = cli_in_process([*demo_args, UNET_GROUP, "train.train_steps=4", "train.save_step=2",
+                              "train.resume=exps/cut"], cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     again = load_file(workdir / "exps/cut/ckpts/unet-4.safetensors")
     assert again.keys() == saved.keys() and all(torch.equal(again[k], saved[k]) for k in saved)

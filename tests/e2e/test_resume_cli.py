@@ -35,14 +35,15 @@ def assert_same_weights(a: Path, b: Path) -> None:
     assert all(torch.equal(left[k], right[k]) for k in left), "resumed weights differ"
 
 
-def test_resumed_run_ends_bit_for_bit_like_an_uninterrupted_one(workdir, demo_args, cli):
-    full = cli([*demo_args, "train.train_steps=6", "train.save_step=3", "exp_dir=exps/full"], cwd=workdir)
+def test_resumed_run_ends_bit_for_bit_like_an_uninterrupted_one(workdir, demo_args, cli_in_process):
+    full = cli_in_process([*demo_args, "train.train_steps=6", "train.save_step=3", "exp_dir=exps/full"], cwd=workdir)
     assert full.returncode == 0, full.stderr[-3000:]
     # An interrupted copy: everything after step 3 is gone.
     shutil.copytree(workdir / "exps/full", workdir / "exps/cut")
     for path in [workdir / "exps/cut/ckpts/unet-6.safetensors", workdir / "exps/cut/state/step-6.pt"]:
         path.unlink()
-    resumed = cli([*demo_args, "train.train_steps=6", "train.save_step=3", "train.resume=exps/cut"], cwd=workdir)
+    resumed = cli_in_process([*demo_args, "train.train_steps=6", "train.save_step=3", "train.resume=exps/cut"],
+                             cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed" in resumed.stderr and "step 3" in resumed.stderr
     assert_same_weights(workdir / "exps/full/ckpts/unet-6.safetensors", workdir / "exps/cut/ckpts/unet-6.safetensors")

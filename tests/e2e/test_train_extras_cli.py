@@ -27,12 +27,13 @@ def train_args(tiny_model: Path, data: Path, exp_dir: str, *extra: str) -> list[
             "train.loss.prediction_type=v_prediction", *extra]
 
 
-def test_previews_and_ema_leave_training_bit_identical(workdir, tiny_model, cli):
+def test_previews_and_ema_leave_training_bit_identical(workdir, tiny_model, cli_in_process):
     """A run with previews and EMA (decay 0.5) ends with the same raw weights as one without previews (decay 0)."""
     data = make_demo_data(workdir / "data", num=2)
-    with_previews = cli(train_args(tiny_model, data, "exps/preview", "model.ema={decay: 0.5}", PREVIEWER), cwd=workdir)
+    with_previews = cli_in_process(train_args(tiny_model, data, "exps/preview", "model.ema={decay: 0.5}", PREVIEWER),
+                                   cwd=workdir)
     assert with_previews.returncode == 0, with_previews.stderr[-3000:]
-    plain = cli(train_args(tiny_model, data, "exps/plain", "model.ema={decay: 0.0}"), cwd=workdir)
+    plain = cli_in_process(train_args(tiny_model, data, "exps/plain", "model.ema={decay: 0.0}"), cwd=workdir)
     assert plain.returncode == 0, plain.stderr[-3000:]
 
     preview_exp, plain_exp = workdir / "exps/preview", workdir / "exps/plain"

@@ -214,7 +214,7 @@ def test_to_webui_refuses_dora_in_one_line_naming_each_tool(cli_in_process, tiny
     assert not (tmp_path / "webui.safetensors").exists()
 
 
-def test_from_webui_reads_lycoris_files_other_trainers_wrote(cli, tiny_unet_factory, tiny_model_dir,
+def test_from_webui_reads_lycoris_files_other_trainers_wrote(cli_in_process, tiny_unet_factory, tiny_model_dir,
                                                            tmp_path: Path) -> None:
     """Hand-built LyCORIS layers in kohya naming: LoHa without alpha (scale 1), LoKr with a decomposed w2 and an alpha."""
     from safetensors.torch import save_file
@@ -231,8 +231,8 @@ def test_from_webui_reads_lycoris_files_other_trainers_wrote(cli, tiny_unet_fact
     webui.update({f"{lokr}.lokr_w1": rand(4, 4), f"{lokr}.lokr_w2_a": rand(8, 2), f"{lokr}.lokr_w2_b": rand(2, 72),
                   f"{lokr}.alpha": torch.tensor(1.0)})
     save_file(webui, str(tmp_path / "lycoris.safetensors"))
-    done = cli(["-m", "hcpdiff.tools.lora_convert", "--from_webui", "--lora_path", "lycoris.safetensors",
-                "--dump_path", "out", "--model", str(tiny_model_dir)], cwd=tmp_path)
+    done = cli_in_process(["-m", "hcpdiff.tools.lora_convert", "--from_webui", "--lora_path", "lycoris.safetensors",
+                           "--dump_path", "out", "--model", str(tiny_model_dir)], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     state, _ = load_lora(tmp_path / "out" / "unet-lycoris.safetensors")
     assert float(state[f"{TO_K}.alpha"]) == 2.0 and int(state[f"{CONV}.rank"]) == 2
