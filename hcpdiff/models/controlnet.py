@@ -19,18 +19,20 @@ import torch
 from hcpdiff.errors import ConfigError, ModelError
 
 FROM_UNET = "unet"  # `model.controlnet: unet`: a new ControlNet from the U-Net's weights
+NEW = "new"  # `model.controlnet: new`: a new ControlNet of the U-Net's architecture, randomly initialised
 INIT_FOLDER = "controlnet-init"  # a new ControlNet's starting weights, in the experiment folder
 
 
 def new_or_loaded_controlnet(value: str, family: Any, components: dict[str, Any], key: str) -> torch.nn.Module:
-    """`model.controlnet`: `unet` (a new ControlNet from the U-Net's weights: diffusers' ControlNetModel.from_unet)
-    or a ControlNet to continue (a diffusers folder, an original-layout single file or a hcpdiff checkpoint)."""
+    """`model.controlnet`: `unet` (a new ControlNet from the U-Net's weights: diffusers' ControlNetModel.from_unet),
+    `new` (the U-Net's architecture, random weights; its zero convolutions start at zero either way) or a ControlNet
+    to continue (a diffusers folder, an original-layout single file or a hcpdiff checkpoint)."""
     if not family.takes_controlnet:
         raise ConfigError(f"{key}: a {family.description} model takes no ControlNet here (SD and SDXL do); remove it")
-    if value == FROM_UNET:
+    if value in (FROM_UNET, NEW):
         from diffusers import ControlNetModel
 
-        return ControlNetModel.from_unet(components[family.denoiser])
+        return ControlNetModel.from_unet(components[family.denoiser], load_weights_from_unet=value == FROM_UNET)
     return load_controlnet(value, key)
 
 
@@ -47,7 +49,7 @@ def load_controlnet(path: str, key: str) -> torch.nn.Module:
         return ControlNetModel.from_pretrained(str(local), local_files_only=True)
     if not local.is_file():
         raise ModelError(f"{key}: '{path}' was not found (expected a ControlNet folder, a .safetensors file or "
-                         f"'{FROM_UNET}' for a new one from the U-Net)")
+                         f"'{FROM_UNET}' for a new one from the U-Net's weights, '{NEW}' for a random one)")
     metadata = safetensors_metadata(local)
     if metadata.get("part") == "controlnet" and "controlnet_config" in metadata:
         return controlnet_of_checkpoint(local, metadata, key)
@@ -116,14 +118,14 @@ def controlnet_base(value: str, exp_dir: Path) -> str:
     """The diffusers folder a run's ControlNet starts from: the folder given to continue, else (a new one, or one
     from a file) its starting weights in the experiment folder (`needs_init_folder`)."""
     local = Path(os.path.expanduser(value))
-    if value != FROM_UNET and local.is_dir():
+    if value not in (FROM_UNET, NEW) and local.is_dir():
         return str(local.resolve())
     return str((exp_dir / INIT_FOLDER).resolve())  # absolute: checkpoints are read from anywhere
 
 
 def needs_init_folder(value: str) -> bool:
     """Whether the run writes its ControlNet's starting weights (anything but a diffusers folder to continue)."""
-    return value == FROM_UNET or not Path(os.path.expanduser(value)).is_dir()
+    return value in (FROM_UNET, NEW) or not Path(os.path.expanduser(value)).is_dir()
 
 
 def combined(controlnets: list[torch.nn.Module]) -> torch.nn.Module:

@@ -91,7 +91,8 @@ class ModelSpec:
     preset_lora: list = field(default_factory=list)  # [{path, alpha}]: native LoRAs fused into the base before training
     init_lora: dict = field(default_factory=dict)  # {unet: path, text_encoder: path}: adapters start from these weights
     ema: Any = None  # null, or {decay: 0.999}: see EmaSpec
-    # a ControlNet steering the denoiser (SD, SDXL): `unet` for a new one from the U-Net's weights, or a diffusers
+    # a ControlNet steering the denoiser (SD, SDXL): `unet` for a new one from the U-Net's weights, `new` for a new
+    # randomly initialised one of the U-Net's architecture, or a diffusers
     # ControlNet folder / single file / controlnet-<step>.safetensors to continue; `controlnet:` / `lora_controlnet`
     # groups train it, each source's condition_column gives the control images
     controlnet: str | None = None

@@ -19,7 +19,7 @@ from hcpdiff.config import load_config
 from hcpdiff.families import family_named
 from hcpdiff.infer import generate
 from hcpdiff.models import load_model_parts
-from hcpdiff.models.controlnet import controlnet_base, needs_init_folder
+from hcpdiff.models.controlnet import controlnet_base, needs_init_folder, new_or_loaded_controlnet
 from hcpdiff.tools.make_demo_data import make_demo_data
 from hcpdiff.tools.make_tiny_model import make_tiny_controlnet
 
@@ -89,6 +89,21 @@ def test_residuals_and_prediction_are_what_the_controlnet_pipeline_feeds_its_une
                               seen["kwargs"]["mid_block_additional_residual"], atol=1e-6)
         prediction = SD.denoise(parts.unet, sample, timestep, {**conditioning, **residuals})
     assert torch.allclose(prediction, seen["output"], atol=1e-5)
+
+
+def test_new_controlnets_from_the_unets_weights_or_random(tiny_model):
+    """`model.controlnet: unet` copies the U-Net's encoder weights; `new` builds the same architecture at random;
+    both start with zero convolutions (the first step renders as the base)."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    copied, random = (new_or_loaded_controlnet(value, SD, {"unet": unet}, "model.controlnet")
+                      for value in ("unet", "new"))
+    assert torch.equal(copied.conv_in.weight, unet.conv_in.weight)
+    assert copied.conv_in.weight.shape == random.conv_in.weight.shape
+    assert not torch.equal(random.conv_in.weight, unet.conv_in.weight)
+    assert all(float(conv.weight.abs().max()) == 0 for model in (copied, random) for conv in model.controlnet_down_blocks)
+    assert needs_init_folder("new") and needs_init_folder("unet")
 
 
 def test_loss_falls_while_the_controlnet_overfits_one_pair(tiny_model, folder):
