@@ -102,7 +102,8 @@ def test_new_controlnets_from_the_unets_weights_or_random(tiny_model):
     assert torch.equal(copied.conv_in.weight, unet.conv_in.weight)
     assert copied.conv_in.weight.shape == random.conv_in.weight.shape
     assert not torch.equal(random.conv_in.weight, unet.conv_in.weight)
-    assert all(float(conv.weight.abs().max()) == 0 for model in (copied, random) for conv in model.controlnet_down_blocks)
+    assert all(float(conv.weight.abs().max()) == 0
+               for model in (copied, random) for conv in model.controlnet_down_blocks)
     assert needs_init_folder("new") and needs_init_folder("unet")
 
 
