@@ -66,9 +66,9 @@ def test_dump_path_equal_to_an_input_is_refused_and_the_input_kept(refuse, tmp_p
 
 
 @pytest.mark.e2e
-def test_a_different_dump_path_still_converts(cli, tmp_path, tiny_model):
+def test_a_different_dump_path_still_converts(cli_in_process, tmp_path, tiny_model):
     source = write_lora(tmp_path / "unet-1.safetensors", layer(), str(tiny_model))
-    done = convert(cli, tmp_path, "--to_webui", "--lora_path", str(source), "--dump_path", "webui.safetensors")
+    done = convert(cli_in_process, tmp_path, "--to_webui", "--lora_path", str(source), "--dump_path", "webui.safetensors")
     assert done.returncode == 0, done.stderr
     assert len(load_file(tmp_path / "webui.safetensors")) == 3
 
