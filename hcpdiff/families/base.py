@@ -184,6 +184,11 @@ class Family:
         """The family's diffusers pipeline over these components; previews and the visualizer both use it."""
         raise NotImplementedError
 
+    def configure_pipeline(self, pipe: Any, pipeline_settings: dict[str, Any]) -> None:
+        """Apply model_index.json's own settings (ModelParts.pipeline_settings) to a pipeline build_pipeline made from
+        the parts alone, for previews and renders alike (Krea 2 Turbo's is_distilled: its fixed schedule shift); the
+        default applies none."""
+
     def prompt_args(self, pipe: Any, prompts: list[str], neg_prompts: list[str], *, clip_skip: int,
                     all_prompts: list[str]) -> dict[str, Any]:
         """The pipeline's prompt keyword arguments for prompts with `(word:1.2)` weights; `all_prompts` are every

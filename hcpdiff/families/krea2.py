@@ -276,6 +276,11 @@ class Krea2(Family):
                              text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
                              patch_size=patch_size(components_config_reader(components)))
 
+    def configure_pipeline(self, pipe: Any, pipeline_settings: dict[str, Any]) -> None:
+        """Krea 2 Turbo (is_distilled in model_index.json) renders with its fixed schedule shift mu = 1.15, as
+        Krea2Pipeline does for it; guidance stays hcpdiff's guidance_scale (Turbo: 1.0, off)."""
+        pipe.register_to_config(is_distilled=bool(pipeline_settings.get("is_distilled", False)))
+
     def prompt_args(self, pipe: Any, prompts: list[str], neg_prompts: list[str], *, clip_skip: int,
                     all_prompts: list[str]) -> dict[str, Any]:
         """The prompts' and negative prompts' states and masks, with `(word:1.2)` weights (an unweighted prompt: the

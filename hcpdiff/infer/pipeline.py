@@ -60,7 +60,9 @@ def build_pipeline(parts: ModelParts, new_components: DictConfig | dict, zero_te
     scheduler = components.pop("scheduler")
     if zero_terminal_snr:
         scheduler = zero_snr_sampler(scheduler, "zero_terminal_snr")
-    return parts.family.build_pipeline(components, scheduler)
+    pipe = parts.family.build_pipeline(components, scheduler)
+    parts.family.configure_pipeline(pipe, parts.pipeline_settings)
+    return pipe
 
 
 def layer_matches(layer: str, patterns: list[str], where: str) -> bool:

@@ -75,6 +75,7 @@ def preview_pipeline(parts: Any, components: dict[str, Any], objective: Any) -> 
     if getattr(objective, "zero_terminal_snr", False) and not scheduler.config.get("rescale_betas_zero_snr", False):
         scheduler = zero_snr_sampler(scheduler, "train.loss.zero_terminal_snr")
     pipe = parts.family.build_pipeline(components, scheduler)
+    parts.family.configure_pipeline(pipe, parts.pipeline_settings)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

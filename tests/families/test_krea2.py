@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from hcpdiff.data.tensor_store import TensorStore
 from hcpdiff.errors import ConfigError
 from hcpdiff.families import FAMILIES, detect_family, family_named, folder_config_reader
+from hcpdiff.infer.pipeline import build_pipeline
 from hcpdiff.models import load_model_parts
 from hcpdiff.objectives.flow_matching import sample_sigmas
 from hcpdiff.tools.make_demo_data import make_demo_data
@@ -72,8 +73,12 @@ def test_detection_takes_krea2_folders_only_and_turbo_warns_once(tiny_krea2, kre
     turbo_index = {**index, "is_distilled": True}
     (turbo / "model_index.json").write_text(json.dumps(turbo_index))
     assert Krea2Pipeline.load_config(turbo)["is_distilled"] is True
-    settings = load_model_parts(str(turbo)).pipeline_settings
+    turbo_parts = load_model_parts(str(turbo))
+    settings = turbo_parts.pipeline_settings
     (warning,) = KREA2.pipeline_warnings(settings)
+    # renders (previews and the visualizer build the same pipeline) take Turbo's fixed shift, the base its own
+    assert build_pipeline(turbo_parts, {}).config.is_distilled is True
+    assert build_pipeline(parts, {}).config.is_distilled is False
     assert warning.startswith("this looks like Krea 2 Turbo") and "train on the base Krea 2" in warning
     (taps,) = KREA2.pipeline_warnings({**settings, "is_distilled": False, "text_encoder_select_layers": [1, 2]})
     assert "text_encoder_select_layers [1, 2]" in taps
