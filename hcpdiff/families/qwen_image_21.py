@@ -260,6 +260,11 @@ class QwenImage21(QwenImage):
         return QwenImage21Pipeline(scheduler=scheduler, vae=components["vae"], transformer=components["transformer"],
                                    text_encoder=components["text_encoder"], processor=components["processor"])
 
+    def configure_pipeline(self, pipe: Any, pipeline_settings: dict[str, Any]) -> None:
+        """Qwen-Image 2.1 Turbo renders on its shipped `sample_sigmas` grid (their length is its step count), which
+        QwenImage21Pipeline reads from its config; the base keeps evenly spaced sigmas."""
+        pipe.register_to_config(sample_sigmas=pipeline_settings.get("sample_sigmas"))
+
     def prompt_args(self, pipe: Any, prompts: list[str], neg_prompts: list[str], *, clip_skip: int,
                     all_prompts: list[str]) -> dict[str, Any]:
         """The prompts' and negative prompts' states and masks by the pipeline's encode_prompt, with `(word:1.2)`

@@ -231,13 +231,17 @@ def test_prompt_args_weights_turbo_warning_and_webui_refusal(pipe, tmp_path):
         Q21.native_to_webui({"transformer": {}})
 
 
-def test_turbo_tiny_model_warns_once_at_start(tmp_path):
+def test_turbo_tiny_model_warns_once_at_start_and_renders_on_its_grid(tmp_path, tiny):
+    from hcpdiff.infer.pipeline import build_pipeline
     from hcpdiff.models.loading import pipeline_settings
 
     turbo = Q21.make_tiny(tmp_path / "turbo", variant="qwen_image_21-turbo")
     settings = pipeline_settings(str(turbo), {"local_files_only": True})
     assert settings["sample_sigmas"] == [1.0, 0.9, 0.75, 0.5]
     assert len(Q21.pipeline_warnings(settings)) == 1
+    # previews and the visualizer build this pipeline: Turbo's sampling grid, the base's evenly spaced sigmas
+    assert build_pipeline(load_model_parts(str(turbo)), {}).config.sample_sigmas == [1.0, 0.9, 0.75, 0.5]
+    assert build_pipeline(load_model_parts(str(tiny)), {}).config.sample_sigmas is None
 
 
 STEPS = 12
