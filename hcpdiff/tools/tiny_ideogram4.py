@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, Ideogram4Pipeline, Ideogram4Transformer2DModel
-from transformers import Qwen2Tokenizer, Qwen3VLConfig, Qwen3VLModel
+from transformers import Qwen2Tokenizer, Qwen3VLModel
 
 from hcpdiff.tools.tiny_flux2 import LATENT_CHANNELS, build_flux2_vae
-from hcpdiff.tools.tiny_qwen_image import build_qwen_tokenizer
+from hcpdiff.tools.tiny_qwen_image import build_qwen_tokenizer, tiny_qwen3_vl_config
 
 TEXT_WIDTH = 16  # Qwen3-VL's hidden size (4096 in the 8B); the transformer reads 13 layers side by side
 TEXT_LAYERS = 36  # Qwen3-VL-8B's depth: the pipeline's taps (QWEN3_VL_ACTIVATION_LAYERS) end at layer 35
@@ -50,17 +50,9 @@ def build_ideogram4_tokenizer() -> Qwen2Tokenizer:
 def build_ideogram4_text_encoder(vocab_size: int, pad_id: int) -> Qwen3VLModel:
     """Head-less Qwen3-VL: 36 text layers of 16 (2 heads of 8, one key/value head, interleaved multimodal rope over
     sections (2, 1, 1)), a one-block vision tower of 16 projecting to the text width."""
-    return Qwen3VLModel(Qwen3VLConfig(
-        text_config=dict(vocab_size=vocab_size, hidden_size=TEXT_WIDTH, intermediate_size=32,
-                         num_hidden_layers=TEXT_LAYERS, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                         max_position_embeddings=4096, pad_token_id=pad_id,
-                         rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
-                                          "mrope_section": [2, 1, 1], "mrope_interleaved": True}),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=TEXT_WIDTH,
-                           patch_size=14, num_position_embeddings=64, deepstack_visual_indexes=[0]),
-        image_token_id=vocab_size - 1, video_token_id=vocab_size - 1, vision_start_token_id=vocab_size - 1,
-        vision_end_token_id=vocab_size - 1,
-    ))
+    return Qwen3VLModel(tiny_qwen3_vl_config(vocab_size, pad_id, width=TEXT_WIDTH, layers=TEXT_LAYERS,
+                                             max_position_embeddings=4096, patch_size=14, num_position_embeddings=64,
+                                             deepstack_visual_indexes=[0]))
 
 
 def build_ideogram4_transformer() -> Ideogram4Transformer2DModel:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, Krea2Pipeline, Krea2Transformer2DModel
-from transformers import Qwen3VLConfig, Qwen3VLModel
+from transformers import Qwen3VLModel
 
-from hcpdiff.tools.tiny_qwen_image import LATENT_CHANNELS, build_qwen_tokenizer, build_qwen_vae
+from hcpdiff.tools.tiny_qwen_image import LATENT_CHANNELS, build_qwen_tokenizer, build_qwen_vae, tiny_qwen3_vl_config
 
 TEXT_WIDTH = 16  # Qwen3-VL's hidden size = the transformer's text_hidden_dim (2560 in Krea 2)
 TEXT_LAYERS = 36  # Qwen3-VL-4B's depth: the pipeline's default taps read hidden states 2, 5, ..., 35
@@ -34,17 +34,8 @@ SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True,
 def build_krea2_text_encoder(vocab_size: int, pad_id: int) -> Qwen3VLModel:
     """Qwen3-VL at tiny width: 36 text layers of 16 (2 heads of 8, one key/value head, interleaved multimodal rope
     sections summing to half the head), a 1-block vision tower of 16 projecting to the text width."""
-    config = Qwen3VLConfig(
-        text_config=dict(vocab_size=vocab_size, hidden_size=TEXT_WIDTH, intermediate_size=32,
-                         num_hidden_layers=TEXT_LAYERS, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                         max_position_embeddings=2048, pad_token_id=pad_id,
-                         rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
-                                          "mrope_section": [2, 1, 1], "mrope_interleaved": True}),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=TEXT_WIDTH,
-                           deepstack_visual_indexes=[]),
-        image_token_id=vocab_size - 1, video_token_id=vocab_size - 1, vision_start_token_id=vocab_size - 1,
-        vision_end_token_id=vocab_size - 1,
-    )
+    config = tiny_qwen3_vl_config(vocab_size, pad_id, width=TEXT_WIDTH, layers=TEXT_LAYERS,
+                                  max_position_embeddings=2048, deepstack_visual_indexes=[])
     return Qwen3VLModel(config)
 
 

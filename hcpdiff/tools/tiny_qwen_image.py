@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
                        QwenImageTransformer2DModel)
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen3VLConfig
 
 TEXT_WIDTH = 32  # the text encoder's hidden size = the transformer's joint_attention_dim (3584 in Qwen-Image)
 LATENT_CHANNELS = 16
@@ -146,3 +146,21 @@ def make_tiny_qwen_image_edit(out_dir: str | Path, seed: int = 0, pipeline_class
     index.update(_class_name=pipeline_class, processor=["transformers", "Qwen2VLProcessor"])
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True), encoding="utf-8")
     return out_path
+
+
+def tiny_qwen3_vl_config(vocab_size: int, pad_id: int, *, width: int, layers: int, max_position_embeddings: int,
+                         **vision: object) -> Qwen3VLConfig:
+    """A Qwen3-VL at tiny width for the families that tap its text layers by number (Krea 2, Ideogram 4): `layers` text
+    layers of `width` (2 heads of 8, one key/value head, interleaved multimodal rope over sections (2, 1, 1)) and a
+    one-block vision tower of 16 projecting to the text width; `vision` adds to or overrides its settings."""
+    return Qwen3VLConfig(
+        text_config=dict(vocab_size=vocab_size, hidden_size=width, intermediate_size=32, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                         max_position_embeddings=max_position_embeddings, pad_token_id=pad_id,
+                         rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
+                                          "mrope_section": [2, 1, 1], "mrope_interleaved": True}),
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": width,
+                       **vision},
+        image_token_id=vocab_size - 1, video_token_id=vocab_size - 1, vision_start_token_id=vocab_size - 1,
+        vision_end_token_id=vocab_size - 1,
+    )
