@@ -99,6 +99,10 @@ def run_in_process(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     assert args[0] == "-m", args
     loggers = [logging.getLogger(name) for name in ("hcpdiff", "hcpdiff.train.log")]
     saved = [(list(logger.handlers), logger.level, logger.propagate) for logger in loggers]
+    # a fresh interpreter's root logger has no handler, so a library's warning reaches stderr through logging's
+    # last-resort handler (which writes to sys.stderr, redirected below); pytest's capture handlers are set aside
+    root = logging.getLogger()
+    root_handlers, root.handlers = list(root.handlers), []
     stdout, stderr = io.StringIO(), io.StringIO()
     old_cwd, old_argv, old_env = os.getcwd(), sys.argv, dict(os.environ)
     os.chdir(cwd)
@@ -118,6 +122,7 @@ def run_in_process(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     finally:
         os.chdir(old_cwd)
         sys.argv = old_argv
+        root.handlers[:] = root_handlers
         os.environ.clear()
         os.environ.update(old_env)
         for logger, (handlers, level, propagate) in zip(loggers, saved):

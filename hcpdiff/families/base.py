@@ -151,7 +151,7 @@ class Family:
 
     def encode_latent_dist(self, vae: Any, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images [B, 3, H, W] in [-1, 1] -> the scaled posterior's (mean, std), fp32, in the denoiser's layout."""
-        dist = vae.encode(pixel_values.to(vae.device, dtype=vae.dtype)).latent_dist
+        dist = vae.encode(to_module(vae, pixel_values)).latent_dist
         scale, shift = self.latent_scale_shift(vae)
         return ((dist.mean - shift) * scale).float(), (dist.std * scale).float()
 
@@ -294,3 +294,10 @@ class PreparedTextEncoder(torch.nn.Module):
     def device(self) -> torch.device:
         """The plain encoder's device."""
         return self._plain[0].device
+
+
+def to_module(module: torch.nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` on `module`'s device in its dtype, read from its first parameter: a diffusers model's `.device` /
+    `.dtype` walk every submodule for offloading hooks (~10 ms a step on the tiny VAE)."""
+    weight = next(module.parameters())
+    return tensor.to(weight.device, dtype=weight.dtype)

@@ -23,7 +23,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from hcpdiff.errors import ConfigError, ModelError
-from hcpdiff.families.base import ConfigReader, Family, pipeline_text_encoder
+from hcpdiff.families.base import ConfigReader, Family, pipeline_text_encoder, to_module
 
 PATCH = 2  # the pipeline patchifies 2x2 VAE cells into one 128-channel latent cell (= one token)
 MAX_SEQUENCE_LENGTH = 512  # chat-templated prompt tokens: Flux2KleinPipeline.__call__'s default
@@ -142,7 +142,7 @@ class Flux2Base(Family):
         std follows)."""
         from diffusers import Flux2KleinPipeline
 
-        dist = vae.encode(pixel_values.to(vae.device, dtype=vae.dtype)).latent_dist
+        dist = vae.encode(to_module(vae, pixel_values)).latent_dist
         bn_mean, bn_std = batch_norm_stats(vae)
         mean = (Flux2KleinPipeline._patchify_latents(dist.mean) - bn_mean.to(dist.mean)) / bn_std.to(dist.mean)
         std = Flux2KleinPipeline._patchify_latents(dist.std) / bn_std.to(dist.std)

@@ -32,7 +32,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from hcpdiff.errors import ConfigError
-from hcpdiff.families.base import ConfigReader, Family, pad_sequences
+from hcpdiff.families.base import ConfigReader, Family, pad_sequences, to_module
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ class Ideogram4(Family):
         """Images [B, 3, H, W] -> the posterior's (mean, std) [B, 128, H/16, W/16], fp32, patchified and batch-normed
         so that Ideogram4Pipeline's decoding gives the posterior back (both steps are linear per channel, so the std
         follows)."""
-        dist = vae.encode(pixel_values.to(vae.device, dtype=vae.dtype)).latent_dist
+        dist = vae.encode(to_module(vae, pixel_values)).latent_dist
         bn_mean, bn_std = batch_norm_stats(vae)
         mean = (patchify(dist.mean) - bn_mean.to(dist.mean)) / bn_std.to(dist.mean)
         std = patchify(dist.std) / bn_std.to(dist.std)

@@ -26,7 +26,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from hcpdiff.errors import ConfigError, ModelError
-from hcpdiff.families.base import ConfigReader, Family, pipeline_text_encoder
+from hcpdiff.families.base import ConfigReader, Family, pipeline_text_encoder, to_module
 
 MAX_SEQUENCE_LENGTH = 512  # prompt tokens after the template's prefix: Krea2Pipeline.__call__'s default
 # Krea2Pipeline's taps when model_index.json names none (hidden state i is layer i - 1's output; 0: the embeddings)
@@ -229,7 +229,7 @@ class Krea2(Family):
         config's latents_mean / latents_std as Krea2Pipeline denormalises before decoding."""
         from hcpdiff.families.qwen_image import latents_mean_std
 
-        frames = pixel_values.to(vae.device, dtype=vae.dtype).unsqueeze(2)  # one frame: [B, 3, 1, H, W]
+        frames = to_module(vae, pixel_values).unsqueeze(2)  # one frame: [B, 3, 1, H, W]
         dist = vae.encode(frames).latent_dist
         mean, std = latents_mean_std(vae, dist.mean)
         return ((dist.mean - mean) / std).squeeze(2).float(), (dist.std / std).squeeze(2).float()

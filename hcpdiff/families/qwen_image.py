@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from hcpdiff.errors import ConfigError, ModelError
-from hcpdiff.families.base import ConfigReader, Family, pipeline_text_encoder
+from hcpdiff.families.base import ConfigReader, Family, pipeline_text_encoder, to_module
 
 PACKING = 2  # 2x2 latent cells form one transformer token
 MAX_SEQUENCE_LENGTH = 512  # prompt tokens after the template's prefix: QwenImagePipeline.__call__'s default
@@ -232,7 +232,7 @@ class QwenImage(Family):
     def encode_latent_dist(self, vae: Any, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images [B, 3, H, W] -> the posterior's (mean, std) [B, C, H/8, W/8], each channel normalised by the VAE
         config's latents_mean / latents_std as QwenImagePipeline denormalises before decoding."""
-        frames = pixel_values.to(vae.device, dtype=vae.dtype).unsqueeze(2)  # one frame: [B, 3, 1, H, W]
+        frames = to_module(vae, pixel_values).unsqueeze(2)  # one frame: [B, 3, 1, H, W]
         dist = vae.encode(frames).latent_dist
         mean, std = latents_mean_std(vae, dist.mean)
         return ((dist.mean - mean) / std).squeeze(2).float(), (dist.std / std).squeeze(2).float()

@@ -24,7 +24,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from hcpdiff.errors import ConfigError, ModelError
-from hcpdiff.families.base import ConfigReader, Family, pipeline_text_encoder
+from hcpdiff.families.base import ConfigReader, Family, pipeline_text_encoder, to_module
 
 MAX_SEQUENCE_LENGTH = 512  # UMT5 tokens: WanPipeline.__call__'s default
 TEMPORAL_FACTOR = 4  # the VAE's frames per latent frame (after the first): clips of 4k + 1 frames
@@ -233,7 +233,7 @@ class Wan(Family):
         [B, C, (F - 1) / 4 + 1, H/f, W/f], each channel normalised by latents_mean / latents_std as WanPipeline
         denormalises before decoding."""
         clips = pixel_values if pixel_values.ndim == 5 else pixel_values.unsqueeze(2)
-        dist = vae.encode(clips.to(vae.device, dtype=vae.dtype)).latent_dist
+        dist = vae.encode(to_module(vae, clips)).latent_dist
         mean, std = latents_mean_std(vae, dist.mean)
         return ((dist.mean - mean) / std).float(), (dist.std / std).float()
 

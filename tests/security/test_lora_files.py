@@ -132,15 +132,15 @@ def test_visualizer_refuses_an_inconsistent_lora_before_rendering(refuse, workdi
 
 
 @pytest.mark.e2e
-def test_visualizer_warns_once_when_the_lora_was_trained_on_another_model(cli, workdir, tiny_model):
+def test_visualizer_warns_once_when_the_lora_was_trained_on_another_model(cli_in_process, workdir, tiny_model):
     source = write_lora(workdir / "other.safetensors", layer(), "someone/another-model")
-    result = cli(["-m", "hcpdiff.visualizer", "--cfg", "cfgs/infer/t2i_lora.yaml", f"pretrained_model={tiny_model}",
+    result = cli_in_process(["-m", "hcpdiff.visualizer", "--cfg", "cfgs/infer/t2i_lora.yaml", f"pretrained_model={tiny_model}",
                   f"lora_path={source}", "prompt=a cat", "save.out_dir=imgs", *SMALL], cwd=workdir)
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if "was trained on" in line]
     assert len(warnings) == 1 and "someone/another-model" in warnings[0] and "other.safetensors" in warnings[0]
     same = write_lora(workdir / "same.safetensors", layer(), str(tiny_model))
-    result = cli(["-m", "hcpdiff.visualizer", "--cfg", "cfgs/infer/t2i_lora.yaml", f"pretrained_model={tiny_model}",
+    result = cli_in_process(["-m", "hcpdiff.visualizer", "--cfg", "cfgs/infer/t2i_lora.yaml", f"pretrained_model={tiny_model}",
                   f"lora_path={same}", "prompt=a cat", "save.out_dir=imgs", *SMALL], cwd=workdir)
     assert result.returncode == 0 and "was trained on" not in result.stderr
 
