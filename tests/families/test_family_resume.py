@@ -54,6 +54,7 @@ def test_resume_is_bit_exact(family_model, workdir, cli_in_process):
     _, data_args = family_dataset(family, workdir / "data", num=5, condition_area=32 * 32)
     shipped = load_config(REPO_ROOT / family.train_config)
     layers = two_shipped_layers(family, shipped, model)
+    assert len(layers) == 2, f"{family.train_config} trains {layers} in {model / family.denoiser}"
     # flips everywhere (a latent cache holds both orientations); random crops where the shipped config encodes every
     # step's images anyway (they would turn its latent cache off)
     crop = [] if shipped.data.dataset1.cache_latents else ["data.dataset1.source.data_source1.crop=random"]
