@@ -1,17 +1,14 @@
-"""Resume: an interrupted run continues from its folder and ends exactly where an uninterrupted one does."""
+"""Resume: SIGTERM saves a resumable state, a corrupt checkpoint is named, ckpt_keep keeps the newest. That a resumed
+run ends exactly where an uninterrupted one does is tested for every family in tests/families/test_family_resume.py."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from hcpdiff.tools.make_demo_data import make_demo_data
 
@@ -27,28 +24,6 @@ def demo_args(workdir, tiny_model):
             f"data.dataset1.source.data_source1.img_root={data}",
             f"data.dataset1.source.data_source1.caption_file={data}",
             'data.dataset1.bucket.target_area=${hcp.eval:"64*64"}', "train.scheduler.num_warmup_steps=2"]
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    left, right = load_file(a), load_file(b)
-    assert left.keys() == right.keys()
-    assert all(torch.equal(left[k], right[k]) for k in left), "resumed weights differ"
-
-
-def test_resumed_run_ends_bit_for_bit_like_an_uninterrupted_one(workdir, demo_args, cli_in_process):
-    full = cli_in_process([*demo_args, "train.train_steps=6", "train.save_step=3", "exp_dir=exps/full"], cwd=workdir)
-    assert full.returncode == 0, full.stderr[-3000:]
-    # An interrupted copy: everything after step 3 is gone.
-    shutil.copytree(workdir / "exps/full", workdir / "exps/cut")
-    for path in [workdir / "exps/cut/ckpts/unet-6.safetensors", workdir / "exps/cut/state/step-6.pt"]:
-        path.unlink()
-    resumed = cli_in_process([*demo_args, "train.train_steps=6", "train.save_step=3", "train.resume=exps/cut"],
-                             cwd=workdir)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed" in resumed.stderr and "step 3" in resumed.stderr
-    assert_same_weights(workdir / "exps/full/ckpts/unet-6.safetensors", workdir / "exps/cut/ckpts/unet-6.safetensors")
-    assert (workdir / "exps/cut/cfg-resume-3.yaml").exists()
-    assert not (workdir / "exps/cut-1").exists()  # no new folder for a resumed run
 
 
 def test_sigterm_saves_a_resumable_checkpoint(workdir, demo_args):

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from family_data import family_dataset
 from hcpdiff.families import FAMILIES, family_named, folder_config_reader
-from hcpdiff.tools.make_demo_data import make_demo_data
 
 pytestmark = pytest.mark.e2e
 
@@ -52,27 +52,23 @@ def read_frames(path: Path) -> list[np.ndarray]:
 def test_family_trains_checkpoints_previews_and_renders(family_model, workdir, cli, cli_in_process):
     family, model = family_model
     size = max(64, family.pixel_step(folder_config_reader(model)))
-    # an editing family trains on (input image, instruction, image) rows, at a small input area here (it is
-    # rendered at its pipeline's 1024x1024, where the tiny model's VAE takes 2 s per image on a CPU)
+    # an editing family trains on (input image, instruction, image) rows, at a small input area (family_dataset)
     edits = family.condition_images > 0
-    data = make_demo_data(workdir / "data", num=2, captions="edit" if edits else "txt")
-    condition = {"train": ["model.condition_area=4096"], "preview": f", condition_images: ['{data}/input/0.png']",
-                 "render": [f"condition_image={data}/input/0.png"]} if edits else {"train": [], "preview": "",
-                                                                                  "render": []}
+    data, data_args = family_dataset(family, workdir / "data", num=2)
+    condition = {"preview": f", condition_images: ['{data}/input/0.png']",
+                 "render": [f"condition_image={data}/input/0.png"]} if edits else {"preview": "", "render": []}
     frames = ", num_frames: 5" if family.renders_video else ""  # a video family renders clips (.mp4) of 5 frames
     lora_key = f"lora_{family.denoiser}"
     # the first family trains in a process of its own, as the user's launch does (tests/e2e launch the rest of the
     # ways); the others run the same entry point in-process, sparing ~6 s of imports each
     train = cli if family is FAMILIES[0] else cli_in_process
     result = train(["-m", "hcpdiff.train_ac_single", "--cfg", family.train_config,
-                  f"model.pretrained_model_name_or_path={model}",
-                  f"data.dataset1.source.data_source1.img_root={data}",
-                  f"data.dataset1.source.data_source1.caption_file={data}",
+                  f"model.pretrained_model_name_or_path={model}", *data_args,
                   "data.dataset1.batch_size=2", "train.train_steps=2", "train.workers=0",
                   "train.scheduler.num_warmup_steps=0", f"{lora_key}.0.lr=1e-2",
                   f'data.dataset1.bucket.target_area=${{hcp.eval:"{size}*{size}"}}', "data.dataset1.bucket.num_bucket=1",
                   f"previewer={{step: 2, prompts: ['a red circle'], width: {size}, height: {size}, "
-                  f"num_inference_steps: 2{condition['preview']}{frames}}}", *condition["train"]], cwd=workdir)
+                  f"num_inference_steps: 2{condition['preview']}{frames}}}"], cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     exp = next((workdir / "exps").iterdir())
 

@@ -1,6 +1,6 @@
 """FLUX.1 as a family: detection, packing and ids as FluxPipeline's, its conditioner and prompt encoding as the
 pipeline's, the flow-matching objective, fp16 refused, a run that overfits one image, and two processes against
-one (resume: tests/families/test_flow_resume.py)."""
+one (resume: tests/families/test_family_resume.py)."""
 from __future__ import annotations
 
 import re
