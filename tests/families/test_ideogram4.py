@@ -369,18 +369,18 @@ def test_to_webui_file_in_comfyuis_names_renders_as_the_to_diffusers_one(trained
 
     with safe_open(lora, "pt") as file:
         metadata = file.metadata()
-    blocks = tmp_path / "blocks" / "transformer-1.safetensors"
-    blocks.parent.mkdir()
-    save_file({key: value for key, value in original.items() if key.startswith("layers.")}, blocks, metadata)
-    renders = []
+    partial = tmp_path / "partial" / "transformer-1.safetensors"
+    partial.parent.mkdir()
+    save_file({key: value for key, value in original.items() if key.startswith("layers.")}, partial, metadata)
+    loaded = Ideogram4Pipeline.from_pretrained(model)
+    loaded.set_progress_bar_config(disable=True)
+    base, renders = render_with_diffusers(loaded), []
     for flag in ("--to_diffusers", "--to_webui"):
-        out = tmp_path / f"blocks{flag}.safetensors"
-        convert(flag, "--lora_path", str(blocks), "--dump_path", str(out))
-        loaded = Ideogram4Pipeline.from_pretrained(model)
-        loaded.set_progress_bar_config(disable=True)
-        base = render_with_diffusers(loaded) if not renders else base
+        out = tmp_path / f"{partial.parent.name}{flag}.safetensors"
+        convert(flag, "--lora_path", str(partial), "--dump_path", str(out))
         loaded.load_lora_weights(str(out))
         renders.append(render_with_diffusers(loaded))
+        loaded.unload_lora_weights()
     assert "diffusion_model.layers.0.attention.qkv.lora_down.weight" in load_file(out)
     assert np.abs(renders[0] - base).mean() > 1  # the blocks' LoRA changes the image
     assert np.abs(renders[0] - renders[1]).max() <= 1
