@@ -41,11 +41,11 @@ COMFY_PREFIX = "diffusion_model."
 READ_PREFIXES = (COMFY_PREFIX, "transformer.")
 GATE_UP = ("img_mlp.gate_layer", "img_mlp.proj")  # the fused layer's pieces, in its row order
 LINEAR = re.compile(r"img_in|txt_in\.(in_layer|out_layer)|time_text_embed\.timestep_embedder\.linear_[12]|"
-                    r"modulation\.1|norm_out\.linear|proj_out|"
-                    r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0)|img_mlp\.(gate_up|gate_layer|proj|out))")
+                    r"modulation\.1|norm_out\.linear|proj_out|transformer_blocks\.\d+\."
+                    r"(attn\.(to_q|to_k|to_v|to_out\.0)|img_mlp\.(gate_up|gate_layer|proj|out))")
 # names Qwen-Image (1)'s transformer lacks: a webui file with them is 2.1's
-QWEN21_ONLY = re.compile(r"((diffusion_model|transformer)\.)?(transformer_blocks\.\d+\.img_mlp\.(gate_up|gate_layer|proj|out)"
-                         r"|txt_in\.(in_layer|out_layer)|modulation\.1)\.")
+QWEN21_ONLY = re.compile(r"((diffusion_model|transformer)\.)?(transformer_blocks\.\d+\.img_mlp\."
+                         r"(gate_up|gate_layer|proj|out)|txt_in\.(in_layer|out_layer)|modulation\.1)\.")
 
 
 def load_processor(source: str, common: dict[str, Any]) -> Any:

@@ -100,7 +100,8 @@ def test_comfyui_loads_every_key_and_merges_as_hcpdiff(comfy, family, caplog):
     transformer, lookup = build(family)
     native = random_lora(transformer, lambda name: True, seed=3)
     by_layer = family_named(family).native_to_webui({"transformer": native})["transformer"]
-    webui = {layer + suffix: tensor for layer, parts in by_layer.items() for suffix, tensor in webui_tensors(parts).items()}
+    webui = {layer + suffix: tensor for layer, parts in by_layer.items()
+             for suffix, tensor in webui_tensors(parts).items()}
     weights = {name: module.weight.detach().float() for name, module in transformer.named_modules()
                if isinstance(module, torch.nn.Linear)}
     changes = deltas(native)

@@ -73,9 +73,10 @@ def test_round_trip_through_the_cli_and_diffusers_reads_the_other_layers(transfo
     assert metadata["ss_base_model_version"] == "qwen_image_21" and webui_file_family(written, metadata) is Q21
     assert webui_file_family(written, {}) is Q21  # by its names alone: Qwen-Image (asked after it) has no gate_up
     pieces = deltas(native)
-    down, up = (written[f"diffusion_model.transformer_blocks.0.img_mlp.gate_up.lora_{s}.weight"] for s in ("down", "up"))
-    alpha = float(written["diffusion_model.transformer_blocks.0.img_mlp.gate_up.alpha"])
-    stacked = torch.cat([pieces["transformer_blocks.0.img_mlp.gate_layer"], pieces["transformer_blocks.0.img_mlp.proj"]])
+    gate_up = "diffusion_model.transformer_blocks.0.img_mlp.gate_up"
+    down, up = written[f"{gate_up}.lora_down.weight"], written[f"{gate_up}.lora_up.weight"]
+    alpha = float(written[f"{gate_up}.alpha"])
+    stacked = torch.cat([pieces[f"transformer_blocks.0.img_mlp.{piece}"] for piece in ("gate_layer", "proj")])
     assert torch.allclose(alpha / down.shape[0] * up @ down, stacked, atol=1e-6)
 
     done = cli_in_process(["-m", "hcpdiff.tools.lora_convert", "--from_webui", "--lora_path", str(webui),
