@@ -26,9 +26,11 @@ from hcpdiff.families.sdxl import StableDiffusionXL
 from hcpdiff.families.wan import Wan
 from hcpdiff.families.z_image import ZImage
 
-FAMILIES: tuple[Family, ...] = (Flux(), StableDiffusion3(), StableDiffusionXL(), StableDiffusion(), QwenImage(),
-                                 QwenImageEdit(), QwenImageEditPlus(), QwenImage21(), ZImage(), FluxKontext(),
-                                 Flux2Klein(), Flux2Dev(), Krea2(), Ideogram4(), Wan())
+# (the same order decides which family reads a webui / ComfyUI LoRA file: Qwen-Image 2.1's and Ideogram 4's names
+# overlap Qwen-Image's and Z-Image's, so they are asked first)
+FAMILIES: tuple[Family, ...] = (Flux(), StableDiffusion3(), StableDiffusionXL(), StableDiffusion(), QwenImage21(),
+                                 QwenImage(), QwenImageEdit(), QwenImageEditPlus(), Ideogram4(), ZImage(),
+                                 FluxKontext(), Flux2Klein(), Flux2Dev(), Krea2(), Wan())
 # Every part name some family trains: config keys `lora_<part>` / `<part>:` are read for these before any model loads.
 TRAINABLE_PARTS: tuple[str, ...] = tuple(dict.fromkeys(p for family in FAMILIES for p in family.trainable_parts))
 PART_NAMES: tuple[str, ...] = tuple(dict.fromkeys(

@@ -328,12 +328,12 @@ class Flux(Family):
     def is_webui_file(self, keys: list[str], metadata: dict[str, str]) -> bool:
         """A kohya FLUX file: kohya's FLUX version metadata, or (no other architecture named) BFL layer names or a T5
         (`lora_te3_`) layer, with no transformer layer outside BFL's layout and no second CLIP (`lora_te2_`), which
-        FLUX does not have (other families' kohya files share `lora_te3_` and `final_layer`)."""
+        FLUX does not have (other families' kohya files share `lora_te3_` and `final_layer`); not FLUX.2's version."""
         bfl_starts = tuple(f"{KOHYA_TRANSFORMER_PREFIX}{name.replace('.', '_')}"
                            for name in (*BFL_BLOCKS, *BFL_TOP_LEVEL))
         version = metadata.get("ss_base_model_version", "") + " " + metadata.get("modelspec.architecture", "")
         if "flux" in version:
-            return True
+            return not re.search(r"flux[-_. ]?2", version.lower())  # FLUX.2's files are its own family's
         if metadata.get("modelspec.architecture") or any(key.startswith("lora_te2_") for key in keys):
             return False
         transformer_keys = [key for key in keys if key.startswith(KOHYA_TRANSFORMER_PREFIX)]

@@ -17,6 +17,7 @@ embedding), VAE, latents, packing, ids and shift, hence the shared base `Flux2Ba
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
@@ -32,6 +33,45 @@ DEEPEST_TEXT_LAYER = 27
 # compute_empirical_mu depends on the number of sampling steps; training takes the pipeline's default 50 (a base
 # model's; the distilled ones sample in 4 and are not what LoRAs train on)
 MU_STEPS = 50
+
+# BFL's original FLUX.2 layout, in which ComfyUI runs FLUX.2 (its flux model with FLUX.2's global modulation: the
+# checkpoint's own names, the ones diffusers' convert_flux2_transformer_checkpoint_to_diffusers reads) and by which
+# kohya-style files name a layer (`lora_unet_` + the module path with underscores, which ComfyUI's generic key map
+# reads for every `diffusion_model.` weight, as diffusers' _convert_kohya_flux2_lora_to_diffusers does for the blocks).
+# {BFL layer: (the diffusers layers whose outputs it stacks, in row order; each one's output width over the layer's
+# input width)}; only q / k / v fuse, and the final adaLN's two halves swap (BFL: shift, scale; diffusers: scale,
+# shift). Every Linear of Flux2Transformer2DModel has a place here.
+BFL_DOUBLE_BLOCK = {
+    "img_attn.qkv": (("attn.to_q", "attn.to_k", "attn.to_v"), (1, 1, 1)),
+    "txt_attn.qkv": (("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), (1, 1, 1)),
+    "img_attn.proj": (("attn.to_out.0",), (1,)), "txt_attn.proj": (("attn.to_add_out",), (1,)),
+    "img_mlp.0": (("ff.linear_in",), (1,)), "img_mlp.2": (("ff.linear_out",), (1,)),
+    "txt_mlp.0": (("ff_context.linear_in",), (1,)), "txt_mlp.2": (("ff_context.linear_out",), (1,)),
+}
+BFL_SINGLE_BLOCK = {"linear1": (("attn.to_qkv_mlp_proj",), (1,)), "linear2": (("attn.to_out",), (1,))}
+BFL_TOP_LEVEL = {
+    "img_in": (("x_embedder",), (1,)), "txt_in": (("context_embedder",), (1,)),
+    "time_in.in_layer": (("time_guidance_embed.timestep_embedder.linear_1",), (1,)),
+    "time_in.out_layer": (("time_guidance_embed.timestep_embedder.linear_2",), (1,)),
+    "guidance_in.in_layer": (("time_guidance_embed.guidance_embedder.linear_1",), (1,)),
+    "guidance_in.out_layer": (("time_guidance_embed.guidance_embedder.linear_2",), (1,)),
+    "double_stream_modulation_img.lin": (("double_stream_modulation_img.linear",), (1,)),
+    "double_stream_modulation_txt.lin": (("double_stream_modulation_txt.linear",), (1,)),
+    "single_stream_modulation.lin": (("single_stream_modulation.linear",), (1,)),
+    "final_layer.linear": (("proj_out",), (1,)),
+    "final_layer.adaLN_modulation.1": (("norm_out.linear",), (2,)),
+}
+BFL_SWAPPED_HALVES = ("final_layer.adaLN_modulation.1",)
+BFL_BLOCKS = {"double_blocks": ("transformer_blocks", BFL_DOUBLE_BLOCK),
+              "single_blocks": ("single_transformer_blocks", BFL_SINGLE_BLOCK)}
+KOHYA_PREFIX = "lora_unet_"
+COMFY_PREFIX = "diffusion_model."  # read too: ComfyUI's generic key map takes the dotted path under it
+# the top-level layers diffusers' kohya FLUX.2 reader (0.42) maps; it leaves out the others with a warning
+DIFFUSERS_KOHYA_TOP_LEVEL = ("img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "final_layer.linear")
+# layers only FLUX.2's layout has (FLUX.1's blocks share the others' names): a webui file with one is FLUX.2's
+FLUX2_ONLY = re.compile(r"(lora_unet_|diffusion_model\.)?(double_stream_modulation_(img|txt)|single_stream_modulation)"
+                        r"[._]lin\.")
+FLUX2_VERSION = re.compile(r"flux[-_. ]?2")
 
 
 def text_pipeline(components: dict[str, Any]) -> Any:
@@ -93,6 +133,51 @@ def empirical_mu(height: int, width: int) -> float:
     return compute_empirical_mu(image_seq_len=height * width, num_steps=MU_STEPS)
 
 
+def fused_bfl_layer(name: str, block: tuple[str, str] | None) -> Any:
+    """The FusedLayer of BFL layer `name` (relative to its block) in `block` ((double_blocks | single_blocks, its
+    number), None: top level)."""
+    from hcpdiff.lora.fused_layout import FusedLayer
+
+    table = BFL_TOP_LEVEL if block is None else BFL_BLOCKS[block[0]][1]
+    bfl_prefix = "" if block is None else f"{block[0]}.{block[1]}."
+    diffusers_prefix = "" if block is None else f"{BFL_BLOCKS[block[0]][0]}.{block[1]}."
+    pieces, ratios = table[name]
+    return FusedLayer(bfl_prefix + name, tuple(diffusers_prefix + piece for piece in pieces), ratios,
+                      swap_halves=name in BFL_SWAPPED_HALVES)
+
+
+def bfl_layer(layer: str) -> tuple[Any, int] | None:
+    """(the BFL layer holding a diffusers transformer layer: a FusedLayer, the layer's place in it), or None."""
+    table, block, rest = BFL_TOP_LEVEL, None, layer
+    for bfl_block, (diffusers_block, block_table) in BFL_BLOCKS.items():
+        if match := re.fullmatch(rf"{diffusers_block}\.(\d+)\.(.+)", layer):
+            table, block, rest = block_table, (bfl_block, match[1]), match[2]
+            break
+    for name, (pieces, _) in table.items():
+        if rest in pieces:
+            return fused_bfl_layer(name, block), pieces.index(rest)
+    return None
+
+
+def bfl_layer_of_webui_name(webui_layer: str) -> Any:
+    """The BFL layer (a FusedLayer) a kohya (`lora_unet_double_blocks_0_img_attn_qkv`) or ComfyUI
+    (`diffusion_model.double_blocks.0.img_attn.qkv`) layer name names; one ModelError naming it when none."""
+    dotted = webui_layer.startswith(COMFY_PREFIX)
+    rest = webui_layer.removeprefix(COMFY_PREFIX if dotted else KOHYA_PREFIX)
+    separator = "." if dotted else "_"
+    table, block = BFL_TOP_LEVEL, None
+    for bfl_block, (_, block_table) in BFL_BLOCKS.items():
+        if match := re.fullmatch(rf"{bfl_block}{re.escape(separator)}(\d+){re.escape(separator)}(.+)", rest):
+            table, block, rest = block_table, (bfl_block, match[1]), match[2]
+            break
+    name = next((name for name in table if (name if dotted else name.replace(".", "_")) == rest), None)
+    if name is None or not webui_layer.startswith((COMFY_PREFIX, KOHYA_PREFIX)):
+        raise ModelError(f"webui LoRA layer '{webui_layer}' is no layer of FLUX.2's original (BFL) layout, whose names "
+                         "look like lora_unet_double_blocks_0_img_attn_qkv, lora_unet_single_blocks_0_linear1, "
+                         "lora_unet_double_stream_modulation_img_lin; nothing was written.")
+    return fused_bfl_layer(name, block)
+
+
 class Flux2Base(Family):
     """What FLUX.2 [klein] and [dev] share: the Flux2Transformer2DModel, the FLUX.2 VAE's patchified, batch-normed
     latents, packing and position ids, the empirical resolution shift, the transformer call."""
@@ -105,6 +190,10 @@ class Flux2Base(Family):
     text_layers_prefix: ClassVar[str] = "model.layers."  # the text model's decoder layers' module path
     unused_text_modules: ClassVar[tuple[str, ...]] = ()  # text encoder modules the text path never runs
     block_lists: ClassVar[tuple[str, ...]] = ("transformer_blocks", "single_transformer_blocks")  # block swap order
+    webui_prefixes: ClassVar[dict[str, str]] = {"transformer": KOHYA_PREFIX}
+    has_webui_layout: ClassVar[bool] = True
+    guidance_embeds: ClassVar[bool] = False  # the transformer has a guidance embedding ([dev])
+    architecture: ClassVar[str]  # the kohya `modelspec.architecture` of its LoRA files
 
     def unused_layers(self, part: str, model: torch.nn.Module) -> frozenset[str]:
         """The text model's decoder layers from the deepest hidden state the pipeline reads on, its LM head and
@@ -173,6 +262,53 @@ class Flux2Base(Family):
                               img_ids=image_ids, return_dict=False)[0]
         return Pipe._unpack_latents_with_ids(prediction, image_ids, height, width)
 
+    # ---------------------------------------------------------------------------------------- LoRA files
+    def is_webui_file(self, keys: list[str], metadata: dict[str, str]) -> bool:
+        """A kohya / ComfyUI FLUX.2 file: FLUX.2 version metadata, or a layer only FLUX.2's layout has (the global
+        modulation); klein takes those not marked as [dev]'s (version `flux-2-dev`, or a guidance embedding's
+        layers), [dev] the rest. A file of block layers alone has FLUX.1's names and is read as FLUX.1's."""
+        from hcpdiff.lora.original_layout import version_text
+
+        version = version_text(metadata)
+        if not (FLUX2_VERSION.search(version) or any(FLUX2_ONLY.match(key) for key in keys)):
+            return False
+        is_dev = "dev" in version or any(re.match(r"(lora_unet_|diffusion_model\.)?guidance_in", key) for key in keys)
+        return is_dev == self.guidance_embeds
+
+    def native_to_webui(self, states: dict[str, dict[str, torch.Tensor]]
+                        ) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+        """{transformer: {`lora_unet_<BFL path with underscores>`: its native tensors}}: q / k / v fused exactly into
+        one `qkv` LoRA, the final adaLN's halves swapped, the rest renamed; a text-encoder LoRA is one error."""
+        from hcpdiff.lora.original_layout import denoiser_to_original
+
+        return denoiser_to_original(self, states, bfl_layer, lambda name: KOHYA_PREFIX + name.replace(".", "_"))
+
+    def webui_to_native(self, state: dict[str, torch.Tensor], model_path: str | None
+                        ) -> dict[str, dict[str, torch.Tensor]]:
+        """Native transformer states of a kohya / ComfyUI FLUX.2 file (`lora_unet_` + the BFL path with underscores,
+        or `diffusion_model.` + the dotted path), fused q / k / v split back exactly."""
+        from hcpdiff.lora.original_layout import original_to_denoiser
+
+        return original_to_denoiser(self, state, lambda name, parts: bfl_layer_of_webui_name(name))
+
+    def webui_notes(self, states: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+        """Top-level layers diffusers' kohya FLUX.2 reader leaves out (with a logged warning): the global modulation,
+        the guidance embedding and the final adaLN."""
+        from hcpdiff.lora.state_io import layer_states
+
+        names = {bfl_layer(layer)[0].name for layer in layer_states(states.get(self.denoiser, {}))}
+        left_out = sorted(name for name in names
+                          if not name.startswith(tuple(BFL_BLOCKS)) and name not in DIFFUSERS_KOHYA_TOP_LEVEL)
+        if not left_out:
+            return []
+        return [f"diffusers' load_lora_weights leaves out {', '.join(left_out)} of a kohya FLUX.2 file (ComfyUI loads "
+                "them); give diffusers a --to_diffusers file."]
+
+    def kohya_version(self, base_model: str | None) -> dict[str, str]:
+        """Version metadata naming FLUX.2 and the model (klein or dev)."""
+        return {"ss_base_model_version": "flux2", "ss_v2": "False", "architecture": self.architecture,
+                "network_module": "networks.lora"}
+
 
 class Flux2Klein(Flux2Base):
     """FLUX.2 [klein] 4B / 9B text to image (`Flux2KleinPipeline`)."""
@@ -182,6 +318,7 @@ class Flux2Klein(Flux2Base):
     train_config: ClassVar[str] = "cfgs/train/examples/lora_flux2_klein.yaml"
     infer_config: ClassVar[str] = "cfgs/infer/text2img_flux2_klein.yaml"
     tiny_variants: ClassVar[tuple[str, ...]] = ("flux2_klein", "flux2_klein-distilled")
+    architecture: ClassVar[str] = "flux-2-klein"
 
     @classmethod
     def matches(cls, index: dict[str, Any], read_config: ConfigReader) -> bool:
@@ -282,6 +419,8 @@ class Flux2Dev(Flux2Base):
     train_config: ClassVar[str] = "cfgs/train/examples/lora_flux2_dev.yaml"
     infer_config: ClassVar[str] = "cfgs/infer/text2img_flux2_dev.yaml"
     tiny_variants: ClassVar[tuple[str, ...]] = ("flux2_dev",)
+    guidance_embeds: ClassVar[bool] = True
+    architecture: ClassVar[str] = "flux-2-dev"
     deepest_text_layer: ClassVar[int] = DEV_DEEPEST_TEXT_LAYER
     text_layers_prefix: ClassVar[str] = "model.language_model.layers."
     # Mistral3ForConditionalGeneration's vision tower and projector: the text-only prompt path never runs them

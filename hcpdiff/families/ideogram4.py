@@ -26,12 +26,13 @@ longest (not the pipeline's 2048), and trains as its samples one by one.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
 
-from hcpdiff.errors import ConfigError
+from hcpdiff.errors import ConfigError, ModelError
 from hcpdiff.families.base import ConfigReader, Family, pad_sequences, to_module
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,20 @@ logger = logging.getLogger(__name__)
 PATCH = 2  # the pipeline patchifies 2x2 VAE cells into one 128-channel token
 MAX_SEQUENCE_LENGTH = 2048  # chat-templated prompt tokens at most: Ideogram4Pipeline.__call__'s default
 BASE_PIXELS = 512 * 512  # _resolution_aware_mu's base resolution
+
+# ComfyUI runs Ideogram 4's conditional transformer in its original layout (comfy/ldm/ideogram4/model.py, read at
+# ComfyUI commit ca686606): q, k, v fused into one `attention.qkv` (rows q, k, v: it views its output as (3, heads,
+# head_dim)), `attention.o` for diffusers' `to_out.0`, every other Linear under diffusers' module path. Its LoRA loader
+# reads a layer as `diffusion_model.<original module path>` (comfy/lora.py's generic key map), as diffusers'
+# _convert_non_diffusers_ideogram4_lora_to_diffusers reads ai-toolkit's files (its blocks' layers only).
+COMFY_PREFIX = "diffusion_model."
+QKV = ("to_q", "to_k", "to_v")
+ORIGINAL_LINEAR = re.compile(r"input_proj|llm_cond_proj|t_embedding\.mlp_(in|out)|adaln_proj|"
+                             r"final_layer\.(linear|adaln_modulation)|"
+                             r"layers\.\d+\.(attention\.(qkv|o)|feed_forward\.w[123]|adaln_modulation)")
+# names no other family's original layout has (Z-Image's is alike, with `attention.out` and `adaLN_modulation.0`)
+IDEOGRAM_ONLY = re.compile(r"(diffusion_model\.)?(layers\.\d+\.(attention\.o|adaln_modulation)|input_proj|"
+                           r"llm_cond_proj|t_embedding\.mlp_(in|out)|adaln_proj|final_layer\.adaln_modulation)\.")
 
 
 def text_pipeline(components: dict[str, Any]) -> Any:
@@ -170,6 +185,8 @@ class Ideogram4(Family):
     train_config: ClassVar[str] = "cfgs/train/examples/lora_ideogram4.yaml"
     infer_config: ClassVar[str] = "cfgs/infer/text2img_ideogram4.yaml"
     tiny_variants: ClassVar[tuple[str, ...]] = ("ideogram4",)
+    webui_prefixes: ClassVar[dict[str, str]] = {"transformer": COMFY_PREFIX}
+    has_webui_layout: ClassVar[bool] = True
 
     @classmethod
     def matches(cls, index: dict[str, Any], read_config: ConfigReader) -> bool:
@@ -292,3 +309,72 @@ class Ideogram4(Family):
         if "guidance_scale" in args:
             args["guidance_schedule"] = None
         return args
+
+    # ---------------------------------------------------------------------------------------- LoRA files
+    def is_webui_file(self, keys: list[str], metadata: dict[str, str]) -> bool:
+        """A ComfyUI Ideogram 4 file: Ideogram 4 version metadata, or names only its original layout has
+        (`attention.o`, `adaln_modulation`, `llm_cond_proj`, ...)."""
+        from hcpdiff.lora.original_layout import version_text
+
+        return "ideogram" in version_text(metadata) or any(IDEOGRAM_ONLY.match(key) for key in keys)
+
+    def native_to_webui(self, states: dict[str, dict[str, torch.Tensor]]
+                        ) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+        """{transformer: {`diffusion_model.<original layer>`: its native tensors}}: q / k / v fused exactly into
+        `attention.qkv`, the rest renamed; a text-encoder LoRA is one error."""
+        from hcpdiff.lora.original_layout import denoiser_to_original
+
+        return denoiser_to_original(self, states, original_layer, lambda name: COMFY_PREFIX + name)
+
+    def webui_to_native(self, state: dict[str, torch.Tensor], model_path: str | None
+                        ) -> dict[str, dict[str, torch.Tensor]]:
+        """Native transformer states of a ComfyUI Ideogram 4 file (`diffusion_model.` + original names, or bare),
+        a fused q / k / v split back exactly."""
+        from hcpdiff.lora.original_layout import original_to_denoiser
+
+        return original_to_denoiser(self, state, lambda name, parts: layer_of_original_name(name))
+
+    def webui_notes(self, states: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+        """diffusers' Ideogram 4 reader of this layout takes the blocks' layers only: a file with others is refused
+        there (ComfyUI loads them)."""
+        from hcpdiff.lora.state_io import layer_states
+
+        top = sorted(original_layer(layer)[0].name for layer in layer_states(states.get(self.denoiser, {}))
+                     if not layer.startswith("layers."))
+        if not top:
+            return []
+        return [f"Ideogram4Pipeline.load_lora_weights refuses a file in these names with layers outside the blocks "
+                f"({', '.join(top)}; ComfyUI loads them); give diffusers a --to_diffusers file."]
+
+    def kohya_version(self, base_model: str | None) -> dict[str, str]:
+        """Version metadata naming Ideogram 4."""
+        return {"ss_base_model_version": "ideogram4", "ss_v2": "False", "architecture": "ideogram-4",
+                "network_module": "networks.lora"}
+
+
+# ---------------------------------------------------------------------------------------- LoRA files (ComfyUI)
+
+
+def original_layer(layer: str) -> tuple[Any, int] | None:
+    """(the original-layout layer holding diffusers transformer layer `layer`: a FusedLayer, the layer's place in
+    it), or None for a layer the original layout has no Linear for."""
+    from hcpdiff.lora.fused_layout import FusedLayer
+
+    if match := re.fullmatch(r"(layers\.\d+\.attention)\.(to_q|to_k|to_v)", layer):
+        return FusedLayer(f"{match[1]}.qkv", tuple(f"{match[1]}.{piece}" for piece in QKV), (1, 1, 1)), QKV.index(
+            match[2])
+    name = re.sub(r"\.attention\.to_out\.0$", ".attention.o", layer)
+    return (FusedLayer(name, (layer,)), 0) if ORIGINAL_LINEAR.fullmatch(name) else None
+
+
+def layer_of_original_name(webui_layer: str) -> Any:
+    """The FusedLayer a ComfyUI layer name (`diffusion_model.layers.0.attention.qkv`, or without the prefix) names;
+    one ModelError naming it when the original layout has no such Linear."""
+    name = webui_layer.removeprefix(COMFY_PREFIX)
+    if not ORIGINAL_LINEAR.fullmatch(name):
+        raise ModelError(f"webui LoRA layer '{webui_layer}' names no Linear of Ideogram 4's original layout "
+                         "(diffusion_model.layers.0.attention.qkv, ...attention.o, ...feed_forward.w1, ...); nothing "
+                         "was written.")
+    if name.endswith(".attention.qkv"):
+        return original_layer(name.removesuffix("qkv") + "to_q")[0]
+    return original_layer(re.sub(r"\.attention\.o$", ".attention.to_out.0", name))[0]

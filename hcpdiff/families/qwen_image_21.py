@@ -19,6 +19,7 @@ The Turbo checkpoint differs by model_index.json's `sample_sigmas` (its few-step
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
@@ -30,6 +31,21 @@ from hcpdiff.families.qwen_image import QwenImage, plain_prompts
 from hcpdiff.families.qwen_image_edit import image_processor_only
 
 SLOT = 2  # one img_mask slot holds 2x2 latent tokens (the transformer's _IMG_TOKENS_PER_SLOT = 4)
+
+# ComfyUI's Qwen-Image 2.1 model keys are `diffusion_model.` + diffusers' module paths, except that each block's SwiGLU
+# gate and up projections are one Linear, `img_mlp.gate_up`, gate rows first (diffusers'
+# convert_qwen_image21_transformer_checkpoint_to_diffusers reads ComfyUI's single file so). Its LoRA loader reads a
+# layer as `diffusion_model.<module path>` (comfy/lora.py's generic key map): --to_webui writes those names, gate and
+# up LoRAs fused exactly into one `gate_up` LoRA; --from_webui also reads `transformer.`-prefixed and bare paths.
+COMFY_PREFIX = "diffusion_model."
+READ_PREFIXES = (COMFY_PREFIX, "transformer.")
+GATE_UP = ("img_mlp.gate_layer", "img_mlp.proj")  # the fused layer's pieces, in its row order
+LINEAR = re.compile(r"img_in|txt_in\.(in_layer|out_layer)|time_text_embed\.timestep_embedder\.linear_[12]|"
+                    r"modulation\.1|norm_out\.linear|proj_out|transformer_blocks\.\d+\."
+                    r"(attn\.(to_q|to_k|to_v|to_out\.0)|img_mlp\.(gate_up|gate_layer|proj|out))")
+# names Qwen-Image (1)'s transformer lacks: a webui file with them is 2.1's
+QWEN21_ONLY = re.compile(r"((diffusion_model|transformer)\.)?(transformer_blocks\.\d+\.img_mlp\."
+                         r"(gate_up|gate_layer|proj|out)|txt_in\.(in_layer|out_layer)|modulation\.1)\.")
 
 
 def load_processor(source: str, common: dict[str, Any]) -> Any:
@@ -279,17 +295,88 @@ class QwenImage21(QwenImage):
 
     # ---------------------------------------------------------------------------------------- LoRA files
     def is_webui_file(self, keys: list[str], metadata: dict[str, str]) -> bool:
-        """No ComfyUI / kohya layout is known for Qwen-Image 2.1: no file is read as one."""
-        return False
+        """A ComfyUI Qwen-Image 2.1 file: 2.1 version metadata, or a layer Qwen-Image (1) lacks (`img_mlp.gate_up`,
+        `txt_in.in_layer`, the shared `modulation.1`, ...). A file of attention layers alone has the same names in
+        both and is read as Qwen-Image's (the same native tensors)."""
+        from hcpdiff.lora.original_layout import version_text
+
+        version = version_text(metadata)
+        return any(mark in version for mark in ("qwen_image_21", "qwen-image-2.1", "qwen-image-21")) or any(
+            QWEN21_ONLY.match(key) for key in keys)
 
     def native_to_webui(self, states: dict[str, dict[str, torch.Tensor]]
                         ) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
-        raise ModelError("--to_webui: hcpdiff knows no ComfyUI / kohya layout for Qwen-Image 2.1 LoRAs; use "
-                         "--to_diffusers (QwenImage21Pipeline.load_lora_weights reads it) or hcpdiff's visualizer")
+        """{transformer: {`diffusion_model.<module path>`: its native tensors}}, a block's gate and up LoRAs fused
+        exactly into `img_mlp.gate_up`; a text-encoder LoRA is one error."""
+        from hcpdiff.lora.original_layout import denoiser_to_original
+
+        state = states.get(self.denoiser, {})
+        return denoiser_to_original(self, states, lambda layer: original_layer(layer, state),
+                                    lambda name: COMFY_PREFIX + name)
 
     def webui_to_native(self, state: dict[str, torch.Tensor], model_path: str | None
                         ) -> dict[str, dict[str, torch.Tensor]]:
-        raise ModelError("--from_webui: hcpdiff knows no ComfyUI / kohya layout for Qwen-Image 2.1 LoRAs")
+        """Native transformer states of a ComfyUI Qwen-Image 2.1 file (`diffusion_model.`, `transformer.` or bare
+        module paths), a fused `gate_up` split back exactly into the gate and up LoRAs."""
+        from hcpdiff.lora.original_layout import original_to_denoiser
+
+        return original_to_denoiser(self, state, layer_of_webui_name)
+
+    def webui_notes(self, states: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+        """diffusers' Qwen-Image reader passes `gate_up` on to a module 2.1's diffusers transformer does not have."""
+        from hcpdiff.lora.state_io import layer_states
+
+        fused = sorted({original_layer(layer, {})[0].name for layer in layer_states(states.get(self.denoiser, {}))
+                        if layer.endswith(GATE_UP)})
+        if not fused:
+            return []
+        more = f" and {len(fused) - 1} more" if len(fused) > 1 else ""
+        return [f"QwenImage21Pipeline.load_lora_weights leaves out the fused MLP layers of a file in these names "
+                f"({fused[0]}{more}; ComfyUI loads them); give diffusers a --to_diffusers file."]
 
     def kohya_version(self, base_model: str | None) -> dict[str, str]:
-        raise ModelError("--to_webui: hcpdiff knows no kohya layout for Qwen-Image 2.1 LoRAs")
+        """Version metadata naming Qwen-Image 2.1."""
+        return {"ss_base_model_version": "qwen_image_21", "ss_v2": "False", "architecture": "qwen-image-2.1",
+                "network_module": "networks.lora"}
+
+
+# ---------------------------------------------------------------------------------------- LoRA files (ComfyUI)
+
+
+def gate_up_layer(block: str, mlp_ratio: int) -> Any:
+    """The FusedLayer `<block>.img_mlp.gate_up` of a block's gate and up projections, each `mlp_ratio` times as wide
+    as the block."""
+    from hcpdiff.lora.fused_layout import FusedLayer
+
+    return FusedLayer(f"{block}.img_mlp.gate_up", tuple(f"{block}.{piece}" for piece in GATE_UP),
+                      (mlp_ratio, mlp_ratio))
+
+
+def original_layer(layer: str, state: dict[str, torch.Tensor]) -> tuple[Any, int] | None:
+    """(ComfyUI's layer holding diffusers transformer layer `layer`: a FusedLayer, the layer's place in it), or None
+    for a layer ComfyUI's model has no Linear for; a gate / up layer's width ratio is read from its LoRA in
+    `state`."""
+    from hcpdiff.lora.fused_layout import FusedLayer
+
+    if match := re.fullmatch(r"(transformer_blocks\.\d+)\.(img_mlp\.(?:gate_layer|proj))", layer):
+        up, down = state.get(f"{layer}.lora_B.weight"), state.get(f"{layer}.lora_A.weight")
+        ratio = up.shape[0] // down.shape[1] if up is not None and down is not None else 1
+        return gate_up_layer(match[1], ratio), GATE_UP.index(match[2])
+    return (FusedLayer(layer, (layer,)), 0) if LINEAR.fullmatch(layer) and not layer.endswith(".gate_up") else None
+
+
+def layer_of_webui_name(webui_layer: str, parts: dict[str, torch.Tensor]) -> Any:
+    """The FusedLayer a ComfyUI layer name names (a `gate_up` one sized by its LoRA `parts`); one ModelError naming
+    it when Qwen-Image 2.1's transformer has no such Linear."""
+    from hcpdiff.lora.fused_layout import FusedLayer
+
+    name = next((webui_layer.removeprefix(p) for p in READ_PREFIXES if webui_layer.startswith(p)), webui_layer)
+    if not LINEAR.fullmatch(name):
+        raise ModelError(f"webui LoRA layer '{webui_layer}' names no Linear of the Qwen-Image 2.1 transformer "
+                         "(diffusion_model.transformer_blocks.0.attn.to_q, ...img_mlp.gate_up, ...); nothing was "
+                         "written.")
+    if name.endswith(".img_mlp.gate_up"):
+        up, down = parts.get(".lora_up.weight"), parts.get(".lora_down.weight")
+        ratio = up.shape[0] // (2 * down.shape[1]) if up is not None and down is not None else 1
+        return gate_up_layer(name.removesuffix(".img_mlp.gate_up"), ratio)
+    return FusedLayer(name, (name,))

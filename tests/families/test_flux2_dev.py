@@ -3,7 +3,7 @@ Flux2Pipeline's encode_prompt (Mistral 3, the system message, hidden states 10 /
 the embedded guidance, the denoiser equal to what a real pipeline call feeds its transformer (recorded, guidance
 included), a batch of two training as its samples, and one run of the shipped config (its int8 base and
 checkpointing switched off for the CPU) whose loss falls and whose LoRA the visualizer renders as
-Flux2Pipeline.load_lora_weights renders the --to_diffusers file."""
+Flux2Pipeline.load_lora_weights renders the --to_diffusers file, and whose --to_webui file reads back as [dev]'s."""
 from __future__ import annotations
 
 import json
@@ -225,6 +225,32 @@ def test_shipped_config_overfits_one_image_and_renders_as_diffusers_loads_it(tra
     rendered = np.asarray(Image.open(image_file).convert("RGB"), dtype=np.int16)
     assert np.abs(with_lora - base).mean() > 1  # the LoRA changes the image
     assert np.abs(with_lora - rendered).max() <= 2  # hcpdiff's merge renders as diffusers' peft layers
+
+
+@pytest.mark.e2e
+def test_to_webui_kohya_file_is_a_dev_file_and_reads_back(trained, tmp_path):
+    """The trained LoRA (guidance embedding included) as a kohya / ComfyUI file in BFL's FLUX.2 names, named [dev] in
+    its metadata, which --from_webui reads back as a flux2_dev LoRA with the same tensors."""
+    from safetensors import safe_open
+
+    from hcpdiff.tools.lora_convert import main as lora_convert
+    from hcpdiff.tools.lora_convert import webui_file_family
+
+    _, exp, _ = trained
+    lora = exp / "ckpts" / f"transformer-{STEPS}.safetensors"
+    webui, back = tmp_path / "webui.safetensors", tmp_path / "back"
+    assert lora_convert(["--to_webui", "--lora_path", str(lora), "--dump_path", str(webui)]) == 0
+    written = load_file(webui)
+    with safe_open(webui, "pt") as file:
+        metadata = file.metadata()
+    assert metadata["modelspec.architecture"] == "flux-2-dev/lora" and "lora_unet_guidance_in_in_layer.alpha" in written
+    assert webui_file_family(written, metadata) is DEV and webui_file_family(written, {}) is DEV  # guidance_in
+    assert lora_convert(["--from_webui", "--lora_path", str(webui), "--dump_path", str(back)]) == 0
+    (restored,) = back.glob("transformer-*.safetensors")
+    with safe_open(restored, "pt") as file:
+        assert file.metadata()["family"] == "flux2_dev"
+    original, got = load_file(lora), load_file(restored)
+    assert got.keys() == original.keys() and all(torch.allclose(got[k], original[k], atol=1e-6) for k in original)
 
 
 def test_a_processor_that_needs_torchvision_is_one_error(monkeypatch):

@@ -3,7 +3,8 @@ it), its conditioner as Flux2KleinPipeline's encode_prompt (every prompt padded 
 the pipeline patchifies and batch-normalises them, the conditioner and denoiser equal to what a real pipeline call feeds
 its transformer (recorded), a batch of prompts of different lengths training as its samples one by one, the
 pipeline's empirical shift, fp16 refused, and one run of the shipped config whose loss falls and whose LoRA the
-visualizer renders as Flux2KleinPipeline.load_lora_weights renders the --to_diffusers file."""
+visualizer renders as Flux2KleinPipeline.load_lora_weights renders the --to_diffusers file (and the --to_webui kohya
+file, but for the layers diffusers' kohya reader leaves out)."""
 from __future__ import annotations
 
 import json
@@ -323,6 +324,49 @@ def test_visualizer_and_to_diffusers_render_the_trained_lora_alike(trained, tmp_
     with_lora = render_with_diffusers(loaded)
     assert np.abs(with_lora - base).mean() > 1  # the LoRA changes the image
     assert np.abs(with_lora - rendered).max() <= 2  # hcpdiff's merge renders as diffusers' peft layers
+
+
+@pytest.mark.e2e
+def test_to_webui_kohya_file_renders_as_the_to_diffusers_one(trained, tmp_path, cli_in_process):
+    """The trained LoRA as a kohya / ComfyUI file (all of it: --from_webui gives it back), and its layers that
+    diffusers' kohya FLUX.2 reader takes (all but the global modulation and the final adaLN) render as the
+    --to_diffusers file of the same."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model, exp, _ = trained
+    lora = exp / "ckpts" / f"transformer-{STEPS}.safetensors"
+
+    def convert(*args: str) -> str:
+        done = cli_in_process(["-m", "hcpdiff.tools.lora_convert", *args], cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stderr
+
+    note = convert("--to_webui", "--lora_path", str(lora), "--dump_path", str(tmp_path / "webui.safetensors"))
+    assert "leaves out double_stream_modulation_img.lin" in note
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in load_file(tmp_path / "webui.safetensors")
+    convert("--from_webui", "--lora_path", str(tmp_path / "webui.safetensors"), "--dump_path", str(tmp_path / "back"))
+    (restored,) = (tmp_path / "back").glob("transformer-*.safetensors")
+    original, back = load_file(lora), load_file(restored)
+    assert back.keys() == original.keys() and all(torch.allclose(back[k], original[k], atol=1e-6) for k in original)
+
+    with safe_open(lora, "pt") as file:
+        metadata = file.metadata()
+    partial = tmp_path / "partial" / "transformer-1.safetensors"
+    partial.parent.mkdir()
+    save_file({key: value for key, value in original.items() if "modulation" not in key and "norm_out" not in key},
+              partial, metadata)
+    loaded = Flux2KleinPipeline.from_pretrained(model)
+    loaded.set_progress_bar_config(disable=True)
+    base, renders = render_with_diffusers(loaded), []
+    for flag in ("--to_diffusers", "--to_webui"):
+        out = tmp_path / f"{partial.parent.name}{flag}.safetensors"
+        convert(flag, "--lora_path", str(partial), "--dump_path", str(out))
+        loaded.load_lora_weights(str(out))
+        renders.append(render_with_diffusers(loaded))
+        loaded.unload_lora_weights()
+    assert np.abs(renders[0] - base).mean() > 1  # the LoRA changes the image
+    assert np.abs(renders[0] - renders[1]).max() <= 1
 
 
 @pytest.mark.e2e

@@ -3,7 +3,8 @@ as Ideogram4Pipeline's encode_prompt (left padding cut: a prompt's features do n
 pipeline's own decoding turns back into the image, the conditioner and denoiser equal to what a real pipeline call
 feeds its conditional transformer (recorded), a batch of prompts of different lengths training as its samples one by
 one, the pipeline's resolution-aware schedule mean as the default shift, and one run of the shipped config whose loss
-falls and whose LoRA the visualizer renders as Ideogram4Pipeline.load_lora_weights renders the --to_diffusers file."""
+falls and whose LoRA the visualizer renders as Ideogram4Pipeline.load_lora_weights renders the --to_diffusers file
+(and the --to_webui file in ComfyUI's names)."""
 from __future__ import annotations
 
 import json
@@ -346,11 +347,40 @@ def test_visualizer_and_to_diffusers_render_the_trained_lora_alike(trained, tmp_
 
 
 @pytest.mark.e2e
-def test_to_webui_is_refused_in_one_line(trained, tmp_path, cli_in_process):
-    _, exp, _ = trained
-    done = cli_in_process(["-m", "hcpdiff.tools.lora_convert", "--to_webui", "--lora_path",
-                           str(exp / "ckpts" / f"transformer-{STEPS}.safetensors"),
-                           "--dump_path", str(tmp_path / "webui.safetensors")], cwd=tmp_path)
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1].startswith(
-        "error: --to_webui: a Ideogram 4 transformer LoRA has no webui / kohya layout in hcpdiff")
+def test_to_webui_file_in_comfyuis_names_renders_as_the_to_diffusers_one(trained, tmp_path, cli_in_process):
+    """The trained LoRA in ComfyUI's names (all of it: --from_webui gives it back), and its blocks' layers (what
+    Ideogram4Pipeline's loader reads of that layout, converting it itself) render as the --to_diffusers file's."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model, exp, _ = trained
+    lora = exp / "ckpts" / f"transformer-{STEPS}.safetensors"
+
+    def convert(*args: str) -> None:
+        done = cli_in_process(["-m", "hcpdiff.tools.lora_convert", *args], cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    convert("--to_webui", "--lora_path", str(lora), "--dump_path", str(tmp_path / "webui.safetensors"))
+    assert "diffusion_model.input_proj.alpha" in load_file(tmp_path / "webui.safetensors")
+    convert("--from_webui", "--lora_path", str(tmp_path / "webui.safetensors"), "--dump_path", str(tmp_path / "back"))
+    (restored,) = (tmp_path / "back").glob("transformer-*.safetensors")
+    original, back = load_file(lora), load_file(restored)
+    assert back.keys() == original.keys() and all(torch.allclose(back[k], original[k]) for k in original)
+
+    with safe_open(lora, "pt") as file:
+        metadata = file.metadata()
+    partial = tmp_path / "partial" / "transformer-1.safetensors"
+    partial.parent.mkdir()
+    save_file({key: value for key, value in original.items() if key.startswith("layers.")}, partial, metadata)
+    loaded = Ideogram4Pipeline.from_pretrained(model)
+    loaded.set_progress_bar_config(disable=True)
+    base, renders = render_with_diffusers(loaded), []
+    for flag in ("--to_diffusers", "--to_webui"):
+        out = tmp_path / f"{partial.parent.name}{flag}.safetensors"
+        convert(flag, "--lora_path", str(partial), "--dump_path", str(out))
+        loaded.load_lora_weights(str(out))
+        renders.append(render_with_diffusers(loaded))
+        loaded.unload_lora_weights()
+    assert "diffusion_model.layers.0.attention.qkv.lora_down.weight" in load_file(out)
+    assert np.abs(renders[0] - base).mean() > 1  # the blocks' LoRA changes the image
+    assert np.abs(renders[0] - renders[1]).max() <= 1

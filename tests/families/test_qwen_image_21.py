@@ -2,9 +2,10 @@
 processor and drop index as QwenImage21Pipeline's, its conditioner as the pipeline's encode_prompt (states and their
 text mask), the denoiser call as a recorded pipeline call of the transformer, a batch of prompts of different lengths
 training exactly as its samples one by one (where the pipeline's padded call with its text-prefix mask would not),
-the RGBA latents and the resolution shift as the pipeline's, (word:1.2) weights, the Turbo warning, --to_webui
-refused, and one run of the shipped config whose loss falls and whose LoRA the visualizer renders as
-QwenImage21Pipeline.load_lora_weights renders the --to_diffusers file."""
+the RGBA latents and the resolution shift as the pipeline's, (word:1.2) weights, the Turbo warning, and one run of
+the shipped config whose loss falls and whose LoRA the visualizer renders as QwenImage21Pipeline.load_lora_weights
+renders the --to_diffusers file (and the --to_webui file in ComfyUI's names, but for the fused MLP layers it leaves
+out)."""
 from __future__ import annotations
 
 import json
@@ -19,7 +20,7 @@ from diffusers.pipelines.qwenimage21.pipeline_qwenimage21 import calculate_shift
 from PIL import Image
 from safetensors.torch import load_file
 
-from hcpdiff.errors import ConfigError, ModelError
+from hcpdiff.errors import ConfigError
 from hcpdiff.families import detect_family, family_named, folder_config_reader
 from hcpdiff.families.qwen_image_21 import pack_latents, unpack_latents
 from hcpdiff.models import load_model_parts
@@ -209,7 +210,7 @@ def test_rgba_latents_and_resolution_shift_are_the_pipelines(pipe):
     assert torch.allclose(drawn, scheduler.time_shift(mu, 1.0, plain), atol=1e-6)
 
 
-def test_prompt_args_weights_turbo_warning_and_webui_refusal(pipe, tmp_path):
+def test_prompt_args_weights_and_turbo_warning(pipe, tmp_path):
     args = Q21.prompt_args(pipe, [SHORT, LONG], [" ", " "], clip_skip=0, all_prompts=[])
     embeds, mask, _ = pipe.encode_prompt([SHORT, LONG], device="cpu")
     assert torch.equal(args["prompt_embeds"], embeds) and torch.equal(args["prompt_embeds_mask"], mask.long())
@@ -227,8 +228,6 @@ def test_prompt_args_weights_turbo_warning_and_webui_refusal(pipe, tmp_path):
     assert Q21.pipeline_warnings({}) == [] and Q21.pipeline_warnings({"sample_sigmas": None}) == []
     (line,) = Q21.pipeline_warnings({"sample_sigmas": [1.0, 0.9, 0.75, 0.5]})
     assert "Turbo" in line and "Qwen/Qwen-Image-2.1" in line and "\n" not in line
-    with pytest.raises(ModelError, match=r"^--to_webui: hcpdiff knows no ComfyUI / kohya layout for Qwen-Image 2.1"):
-        Q21.native_to_webui({"transformer": {}})
 
 
 def test_turbo_tiny_model_warns_once_at_start_and_renders_on_its_grid(tmp_path, tiny):
@@ -313,6 +312,26 @@ def test_visualizer_and_to_diffusers_render_the_trained_lora_alike(trained, pipe
     assert np.abs(with_lora - base).mean() > 1  # the LoRA changes the image
     assert np.abs(with_lora - rendered).max() <= 2  # hcpdiff's merge renders as diffusers' peft layers
     assert load_file(converted).keys() and all(key.startswith("transformer.") for key in load_file(converted))
-    with pytest.raises(ModelError, match=r"^--to_webui: hcpdiff knows no ComfyUI / kohya layout for Qwen-Image 2.1"):
-        lora_convert(["--to_webui", "--lora_path", str(lora), "--dump_path", str(tmp_path / "webui.safetensors")])
-    assert not (tmp_path / "webui.safetensors").exists()
+
+    # in ComfyUI's names, which QwenImage21Pipeline's loader reads but for the fused gate_up layers (its transformer
+    # has none): the LoRA without its MLP gate / up layers renders as the --to_diffusers file of the same
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(lora, "pt") as file:
+        metadata = file.metadata()
+    partial = tmp_path / "partial" / "transformer-1.safetensors"
+    partial.parent.mkdir()
+    save_file({key: value for key, value in load_file(lora).items() if ".gate_layer." not in key
+               and ".img_mlp.proj." not in key}, partial, metadata)
+    renders = []
+    for flag in ("--to_diffusers", "--to_webui"):
+        out = tmp_path / f"partial{flag}.safetensors"
+        assert lora_convert([flag, "--lora_path", str(partial), "--dump_path", str(out)]) == 0
+        pipe.load_lora_weights(str(out))
+        try:
+            renders.append(render())
+        finally:
+            pipe.unload_lora_weights()
+    assert "diffusion_model.transformer_blocks.0.attn.to_q.lora_down.weight" in load_file(out)
+    assert np.abs(renders[0] - base).mean() > 1 and np.abs(renders[0] - renders[1]).max() <= 1
