@@ -6,7 +6,7 @@ inference does. FlowMatchingObjective is configured by the flow-matching keys of
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -25,6 +25,7 @@ OPTION_OWNERS = {"logit_mean": ("sigma_sampling", "logit_normal"), "logit_std": 
                  "shift_value": ("shift", "static")}
 FLOW_LOSS_KEYS = ("sigma_sampling", "logit_mean", "logit_std", "mode_scale", "sigmoid_scale", "shift", "shift_value",
                   "weighting", "precondition_outputs")
+MAX_REDRAWS = 1000  # draws of one sample's sigma before a range the distribution hardly reaches is an error
 PATCH_SIZE = 2  # FLUX packs 2x2 latent cells into one token: the sequence length the shift is computed over
 
 
@@ -90,6 +91,10 @@ class FlowMatchingObjective:
     # score x0 = x_t - sigma * prediction against the clean latents instead of the velocity against noise - x0
     # (diffusers' train_dreambooth_lora_sd3 --precondition_outputs); the same minimum, weighted by sigma^2
     precondition_outputs: bool = False
+    # the sigmas trained: the distribution above (shift included) truncated to [sigma_min, sigma_max), sigma_max 1
+    # included; one denoising expert of a model trains on its own range (restricted_to_sigmas)
+    sigma_min: float = 0.0
+    sigma_max: float = 1.0
 
     @classmethod
     def from_spec(cls, scheduler: Any, spec: Any,
@@ -116,7 +121,30 @@ class FlowMatchingObjective:
         return cls(scheduler=scheduler, resolution_mu=resolution_mu, **values)
 
     def sample_sigmas(self, latents: torch.Tensor, generators: Generators = None) -> torch.Tensor:
-        """Shifted sigmas [B] for latents [B, C, H, W]."""
+        """Shifted sigmas [B] for latents [B, C, H, W], in [sigma_min, sigma_max): a sigma outside is drawn again
+        (sample i from generators[i] alone, so a batch draws as its samples one by one)."""
+        if (self.sigma_min, self.sigma_max) == (0.0, 1.0):
+            return self.shifted_sigmas(latents, generators)
+        if generators is not None:
+            return torch.cat([self.sigmas_in_range(latents[i : i + 1], [generator])
+                              for i, generator in enumerate(generators)])
+        return self.sigmas_in_range(latents, None)
+
+    def sigmas_in_range(self, latents: torch.Tensor, generators: Generators) -> torch.Tensor:
+        """Shifted sigmas [B], each drawn until it falls in [sigma_min, sigma_max): the distribution truncated to the
+        range (uniform sampling: uniform over the range's unshifted values, as DiffSynth-Studio draws an expert's)."""
+        sigmas = self.shifted_sigmas(latents, generators)
+        for _ in range(MAX_REDRAWS):
+            outside = (sigmas < self.sigma_min) | ((sigmas >= self.sigma_max) & (self.sigma_max < 1.0))
+            if not outside.any():
+                return sigmas
+            sigmas = torch.where(outside, self.shifted_sigmas(latents, generators), sigmas)
+        raise ConfigError(f"train.loss.sigma_sampling: {self.sigma_sampling} sampling with the {self.shift} shift "
+                          f"hardly reaches the sigmas [{self.sigma_min:g}, {self.sigma_max:g}) trained here "
+                          f"({MAX_REDRAWS} draws fell outside); use sigma_sampling: uniform")
+
+    def shifted_sigmas(self, latents: torch.Tensor, generators: Generators = None) -> torch.Tensor:
+        """Shifted sigmas [B] in [0, 1] for latents [B, C, H, W], before any range."""
         sigmas = sample_sigmas(self.sigma_sampling, latents.shape[0], logit_mean=self.logit_mean,
                                logit_std=self.logit_std, mode_scale=self.mode_scale,
                                sigmoid_scale=self.sigmoid_scale, device=latents.device, generators=generators)
@@ -153,6 +181,14 @@ def check_choice(key: str, value: str | None, choices: tuple[str, ...]) -> None:
     """One error naming `train.loss.<key>` when a value is not one of its choices."""
     if value is not None and value not in choices:
         raise ConfigError(f"train.loss.{key}: {value!r} is not one of {', '.join(choices)}")
+
+
+def restricted_to_sigmas(objective: Any, sigma_min: float, sigma_max: float, key: str) -> FlowMatchingObjective:
+    """The objective drawing its sigmas in [sigma_min, sigma_max) only (one denoising expert's range, which `key`
+    chose); an objective that draws no sigmas (DDPM) is one ConfigError."""
+    if not isinstance(objective, FlowMatchingObjective):
+        raise ConfigError(f"{key}: only a flow-matching objective trains one expert on its sigma range")
+    return replace(objective, sigma_min=sigma_min, sigma_max=sigma_max)
 
 
 def flow_matching_objective(scheduler: Any, spec: Any, family: str,
