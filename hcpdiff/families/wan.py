@@ -12,8 +12,9 @@ video they are all t, which the transformer reads as the one timestep t (its out
 training passes t per sample.
 
 An image trains as a 1-frame clip (the causal VAE encodes a first frame on its own), so image and video datasets mix.
-Wan2.2 A14B (`transformer` denoises the high-noise steps, t >= boundary_ratio x 1000, `transformer_2` the rest) is
-refused in one line when it loads: training one expert on its timestep range is not done yet.
+Wan2.2 A14B (`transformer` denoises the high-noise steps, t >= boundary_ratio x 1000, `transformer_2` the rest) trains
+one expert at a time (`experts`: `model.expert` high_noise | low_noise, loaded alone in the transformer's place, its
+sigmas drawn within its range); renders load both, each LoRA on the expert its file's metadata names.
 """
 from __future__ import annotations
 

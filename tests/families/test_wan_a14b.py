@@ -89,6 +89,19 @@ def test_an_experts_sigmas_are_the_distribution_within_its_range_sample_by_sampl
         restricted_to_sigmas(object(), 0.0, 0.5, "model.expert")
 
 
+def test_a_lora_of_an_expert_the_model_lacks_is_one_error():
+    from hcpdiff.errors import ConfigError
+    from hcpdiff.infer.pipeline import expert_target
+
+    pipe, denoiser = type("Pipe", (), {"transformer_2": "low"})(), "high"
+    experts = WAN.experts({"boundary_ratio": BOUNDARY})
+    assert expert_target(pipe, denoiser, "low_noise", experts, "k", "x.safetensors") == "low"
+    assert expert_target(pipe, denoiser, None, experts, "k", "x.safetensors") == "high"
+    with pytest.raises(ConfigError, match=r"^`merge.g.lora.0.path`: 'x.safetensors' was trained on the low_noise "
+                                          r"expert .* \(it has one denoiser\); render it with that model.$"):
+        expert_target(pipe, denoiser, "low_noise", (), "merge.g.lora.0.path", "x.safetensors")
+
+
 def train_args(model: Path, data: Path, expert: str | None, *extra: str) -> list[str]:
     """The shipped A14B config, fp32 on the CPU, one 64 x 48 bucket of 1-frame clips, rank 4 on every Linear of the
     expert, prompts padded to 64 tokens."""
