@@ -102,7 +102,8 @@ def merge_groups_of(merge: Any) -> list[tuple[str, Any]]:
     raise ConfigError("`merge`: expected a mapping of groups ({type, base_model_alpha, lora: [...]}) or null.")
 
 
-def merge_all(pipe: Any, merge: Any, family: Family, base_model: str = "", experts: tuple[Expert, ...] = ()) -> list[str]:
+def merge_all(pipe: Any, merge: Any, family: Family, base_model: str = "",
+              experts: tuple[Expert, ...] = ()) -> list[str]:
     """Merge every group's LoRAs into the pipeline's weights (alpha 0 leaves them exactly as they were); returns paths.
 
     A group's `type` names the part it merges into (unet, transformer, text_encoder, ..., or v1's TE / TE2). A LoRA

@@ -713,9 +713,9 @@ class Trainer:
             logger.warning(warning)
         if (expert := self.parts.expert) is not None:
             others = ", ".join(self.parts.expert_loaders)
-            logger.info("model.expert: the %s expert (%s) trains on sigmas [%g, %g)%s; %s not loaded (previews load it "
-                        "for each render)", expert.name, expert.folder, expert.sigma_min, expert.sigma_max,
-                        " and 1" * (expert.sigma_max >= 1.0), others)
+            logger.info("model.expert: the %s expert (%s) trains on sigmas [%g, %g%s; the other expert (%s) is not "
+                        "loaded (previews load it for each render)", expert.name, expert.folder, expert.sigma_min,
+                        expert.sigma_max, "]" if expert.sigma_max >= 1.0 else ")", others)
         if not self.writes_resume_state:
             logger.info("%s: checkpoints are written, resumable state files are not (sharded optimizer state)",
                         self.accelerator.distributed_type.value)

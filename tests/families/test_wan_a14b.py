@@ -166,6 +166,9 @@ def test_one_expert_loads_and_trains_on_its_own_timesteps(trained, expert):
     with safe_open(ckpt, "pt") as file:
         metadata = file.metadata()
     assert (metadata["part"], metadata["expert"], metadata["expert_folder"]) == ("transformer", expert, folder)
+    span = "[0.875, 1]" if expert == "high_noise" else "[0, 0.875)"
+    assert (f"model.expert: the {expert} expert ({folder}) trains on sigmas {span}; the other expert ({other}) is not "
+            "loaded") in (run["exp"] / "train.log").read_text()
     if expert == "high_noise":  # the other expert is never loaded
         assert run["loads"] == [folder]
     else:  # ... until a preview renders with both experts
@@ -183,7 +186,7 @@ def read_frames(path: Path) -> np.ndarray:
 @pytest.mark.e2e
 def test_the_visualizer_merges_each_experts_lora_as_load_lora_weights_loads_it(trained, a14b, tmp_path,
                                                                              cli_in_process):
-    """Both experts' LoRAs in one merge group: the visualizer's clip is WanPipeline's with the high-noise file loaded
+    """Both experts' LoRAs in the shipped config's merge group (lora_path, lora_path_expert): the visualizer's clip is WanPipeline's with the high-noise file loaded
     and the low-noise file loaded with load_into_transformer_2=True (to H.264's rounding); the webui file keeps the
     expert, and --from_webui reads it back."""
     from safetensors.torch import load_file
@@ -197,10 +200,10 @@ def test_the_visualizer_merges_each_experts_lora_as_load_lora_weights_loads_it(t
         assert lora_convert(["--to_diffusers", "--lora_path", str(loras[expert]),
                              "--dump_path", str(converted[expert])]) == 0
     (tmp_path / "cfgs").symlink_to(REPO_ROOT / "cfgs")
-    items = ", ".join(f"{{path: {loras[expert]}, alpha: 1.0, layers: all}}" for expert in EXPERTS)
     done = cli_in_process(["-m", "hcpdiff.visualizer", "--cfg", WAN.infer_config, f"pretrained_model={a14b}",
                            "dtype=fp32", "prompt='a red circle'", f"save.out_dir={tmp_path / 'out'}",
-                           f"merge.group_transformer.lora=[{items}]", "infer_args.width=64",
+                           f"lora_path={loras['low_noise']}", f"lora_path_expert={loras['high_noise']}",
+                           "infer_args.width=64",
                            "infer_args.height=48", "infer_args.num_frames=1", "infer_args.num_inference_steps=4",
                            "infer_args.guidance_scale=1.0"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
