@@ -493,7 +493,8 @@ class Trainer:
             self.groups += self.embedding_groups
             self.group_labels += [group.name for group in self.embedding_groups]
         lora_parts = [part for part, trained in self.trained.items() if trained.lora_specs]
-        load_initial_loras({part: self.trained[part].module for part in lora_parts}, self.model_spec.init_lora, lora_parts)
+        load_initial_loras({part: self.trained[part].module for part in lora_parts}, self.model_spec.init_lora, lora_parts,
+                           expert=(self.family.denoiser, self.parts.expert.name if self.parts.expert else None))
         if self.accelerator.is_main_process:
             (self.exp_dir / "lora_layers.json").write_text(json.dumps(layer_lists, indent=1))
         if self.checkpointed_blocks:  # {blocks: N}: the first N blocks in the order they run

@@ -259,3 +259,17 @@ def test_model_expert_missing_unknown_or_needless_is_one_line(expert, wan21, mes
     line = one_error_line(cli_in_process(train_args(model, data, expert), cwd=tmp_path))
     assert re.search(message, line), line
     assert not (tmp_path / "exps").exists() or not any((tmp_path / "exps").iterdir())
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("key", ["init_lora", "preset_lora"])
+def test_starting_from_the_other_experts_lora_is_one_line(key, trained, a14b, tmp_path, cli_in_process,
+                                                         one_error_line):
+    (tmp_path / "cfgs").symlink_to(REPO_ROOT / "cfgs")
+    data = make_demo_data(tmp_path / "data", num=1)
+    low = trained["low_noise"]["exp"] / "ckpts" / f"transformer-{STEPS}.safetensors"
+    value = f"{{transformer: {low}}}" if key == "init_lora" else f"[{{path: {low}}}]"
+    line = one_error_line(cli_in_process(train_args(a14b, data, "high_noise", f"model.{key}={value}"), cwd=tmp_path))
+    where = "model.init_lora.transformer" if key == "init_lora" else r"model.preset_lora\[0\].path"
+    assert re.search(rf"{where}: '.*' is a LoRA of the low_noise expert, and this run trains the high_noise expert "
+                     r"\(model.expert\)$", line), line
