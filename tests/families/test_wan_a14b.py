@@ -64,23 +64,30 @@ def test_a_render_loads_both_experts_and_training_the_chosen_one_alone(a14b):
     assert torch.equal(low.denoiser.proj_out.weight, parts.components["transformer_2"].proj_out.weight)
 
 
-def test_an_experts_sigmas_are_the_distribution_within_its_range_sample_by_sample():
+@pytest.mark.parametrize("sampling", ["uniform", "logit_normal", "mode"])
+def test_an_experts_sigmas_are_the_distribution_within_its_range_sample_by_sample(sampling):
+    """Uniform and logit-normal sampling draw the truncated distribution exactly (by its inverse CDF), mode sampling
+    by redrawing: each as the full distribution's draws that fall in the range, a batch as its samples one by one."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from hcpdiff.objectives.flow_matching import FlowMatchingObjective, restricted_to_sigmas
     from hcpdiff.errors import ConfigError
+    from hcpdiff.objectives.flow_matching import FlowMatchingObjective, restricted_to_sigmas
 
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=12.0)
-    full = FlowMatchingObjective(scheduler, sigma_sampling="uniform", shift="static", shift_value=12.0)
-    latents = torch.zeros(4000, 1, 1, 1)
+    torch.manual_seed(0)
+    full = FlowMatchingObjective(FlowMatchEulerDiscreteScheduler(shift=12.0), sigma_sampling=sampling,
+                                 logit_mean=0.3, shift="static", shift_value=12.0)
+    latents = torch.zeros(20000, 1, 1, 1)
+    reference = full.sample_sigmas(latents)
     for low, high in ((BOUNDARY, 1.0), (0.0, BOUNDARY)):
         objective = restricted_to_sigmas(full, low, high, "model.expert")
         sigmas = objective.sample_sigmas(latents)
         assert sigmas.min() >= low and (sigmas.max() < high or high == 1.0)
-        # uniform over the range's unshifted values (as DiffSynth-Studio draws an expert's timesteps)
-        unshifted = sigmas / (12.0 - 11.0 * sigmas)
-        edges = [s / (12.0 - 11.0 * s) for s in (low, high)]
-        assert abs(unshifted.mean().item() - sum(edges) / 2) < 0.01
+        kept = reference[(reference >= low) & ((reference < high) | (high >= 1.0))]
+        for q in (0.1, 0.5, 0.9):
+            assert abs(torch.quantile(sigmas, q) - torch.quantile(kept, q)) < 0.01, (low, q)
+        if sampling == "uniform":  # uniform over the range's unshifted values, as DiffSynth-Studio draws
+            unshifted, edges = sigmas / (12.0 - 11.0 * sigmas), [s / (12.0 - 11.0 * s) for s in (low, high)]
+            assert abs(unshifted.mean().item() - sum(edges) / 2) < 0.01
         generators = [torch.Generator().manual_seed(seed) for seed in (3, 4)]
         both = objective.sample_sigmas(latents[:2], generators)
         alone = [objective.sample_sigmas(latents[:1], [torch.Generator().manual_seed(seed)]) for seed in (3, 4)]
