@@ -1,5 +1,5 @@
 """Flow-matching parts of tools/bench_train_step.py: the bare diffusers + peft loops of FLUX, SD3, Qwen-Image, Z-Image,
-Krea 2, Wan, Ideogram 4, Qwen-Image 2.1 and FLUX.2 [dev] (one
+Krea 2, Wan (and Wan2.2 A14B's high-noise expert), Ideogram 4, Qwen-Image 2.1 and FLUX.2 [dev] (one
 shared step, with each family's diffusers functions for latents, prompts, sigmas and the transformer call), the
 full-width FLUX builder, and the batch the bare loops train on. Not run on its own."""
 from __future__ import annotations
@@ -14,16 +14,23 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+VARIANT_CONFIGS = {"wan2.2-a14b": "cfgs/train/examples/lora_wan_a14b.yaml"}  # a tiny variant with its own config
+
+
 def shipped_config(family: str) -> Path:
     """The family's shipped training config (cfgs/train/examples/lora_<family>.yaml): the trainer runs it."""
     from hcpdiff.families import family_named
 
-    return REPO_ROOT / family_named(family).train_config
+    return REPO_ROOT / (VARIANT_CONFIGS.get(family) or family_named(family).train_config)
 
 
 def shipped_lora_group(family: str) -> dict:
-    """The shipped config's transformer LoRA group (rank, alpha, layer patterns): both loops train it."""
-    return yaml.safe_load(shipped_config(family).read_text())["lora_transformer"][0]
+    """The shipped config's transformer LoRA group (rank, alpha, layer patterns): both loops train it; a config
+    without one inherits its first `_base_`'s."""
+    config = yaml.safe_load(shipped_config(family).read_text())
+    while "lora_transformer" not in config:
+        config = yaml.safe_load((REPO_ROOT / config["_base_"][0]).read_text())
+    return config["lora_transformer"][0]
 
 
 def peft_target_regex(patterns: list[str]) -> str:
@@ -79,6 +86,7 @@ class FlowBareLoop:
     images and prompts. A subclass gives its family's text pipeline, latents, sigmas and transformer call."""
 
     family: str
+    expert: str | None = None  # a model with denoising experts: the one trained (loaded alone, as the trainer does)
 
     def __init__(self, model_dir: str, batch: dict, device: torch.device, dtype: torch.dtype,
                  max_sequence_length: int, lr: float = 1e-4):
@@ -86,7 +94,8 @@ class FlowBareLoop:
 
         from hcpdiff.models import load_model_parts
 
-        parts = load_model_parts(model_dir)
+        parts = load_model_parts(model_dir, expert=self.expert, expert_key="expert" if self.expert else None)
+        self.expert_range = (parts.expert.sigma_min, parts.expert.sigma_max) if parts.expert else (0.0, 1.0)
         self.vae, self.transformer, self.scheduler = parts.vae, parts.transformer, parts.noise_scheduler
         encoders = [parts.components[name] for name in parts.family.text_encoders if name in parts.components]
         self.text = self.text_pipeline(parts)
@@ -540,6 +549,22 @@ class Flux2DevBareLoop(FlowBareLoop):
         return Flux2Pipeline._unpack_latents_with_ids(pred, image_ids)
 
 
+class WanA14BBareLoop(WanBareLoop):
+    """Wan2.2 A14B's high-noise expert (`transformer`, which lora_wan_a14b.yaml trains; the low-noise one is the same
+    architecture) as the Wan loop, loaded alone, its sigmas uniform over the expert's range of the shifted schedule
+    (DiffSynth-Studio's way, the shipped config's sigma_sampling: uniform)."""
+
+    family = "wan2.2-a14b"
+    expert = "high_noise"
+
+    def sigmas(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shift = float(self.scheduler.config.shift)
+        low, high = (s / (shift - (shift - 1) * s) for s in self.expert_range)  # the shift undone
+        u = low + (high - low) * torch.rand(latents.shape[0], device=self.device)
+        sigmas = shift * u / (1 + (shift - 1) * u)
+        return sigmas, sigmas * 1000.0
+
+
 BARE_LOOPS = {loop.family: loop for loop in (FluxBareLoop, SD3BareLoop, QwenImageBareLoop, ZImageBareLoop,
-                                             Krea2BareLoop, WanBareLoop, Ideogram4BareLoop, QwenImage21BareLoop,
-                                             Flux2DevBareLoop)}
+                                             Krea2BareLoop, WanBareLoop, WanA14BBareLoop, Ideogram4BareLoop,
+                                             QwenImage21BareLoop, Flux2DevBareLoop)}

@@ -13,6 +13,7 @@ on; the flow-matching families then release their text encoders).
     python tools/bench_train_step.py --family flux [--caches]     # tiny FLUX.1-dev, 256 px, batch 2
     python tools/bench_train_step.py --family sd3|qwen_image|z_image|krea2|qwen_image_21|wan|flux2_dev [--caches]   # tiny
         # SD3 (with T5) / Qwen-Image / Z-Image / Krea 2 / Qwen-Image 2.1 / Wan (images as 1-frame clips) / FLUX.2 [dev]
+    python tools/bench_train_step.py --family wan2.2-a14b     # tiny Wan2.2 A14B: its high-noise expert alone
     python tools/bench_train_step.py --family ideogram4 [--max_sequence_length 64]   # tiny Ideogram 4: the bare loop
         # pads text to max_sequence_length (the pipeline's 2048 by default), the trainer to each batch's longest
     python tools/bench_train_step.py --family flux --flux-full-width --size 512 --batch 1 --mixed_precision bf16
@@ -57,7 +58,7 @@ LAYERS = ["to_q", "to_k", "to_v", "to_out.0"]
 # dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by a substring of torch.cuda.get_device_name(); first match wins
 BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H200", 989.4), ("H100", 989.4), ("A100", 312.0), ("4090", 165.2))
 FLOW_FAMILIES = ("flux", "sd3", "qwen_image", "z_image", "krea2", "ideogram4", "qwen_image_21", "wan",
-                 "flux2_dev")  # bench_flow's loops
+                 "wan2.2-a14b", "flux2_dev")  # bench_flow's loops (wan2.2-a14b: the high-noise expert)
 
 
 def default_sequence_length(family: str) -> int:
@@ -68,7 +69,8 @@ def default_sequence_length(family: str) -> int:
             "qwen_image": qwen_image.MAX_SEQUENCE_LENGTH, "z_image": z_image.MAX_SEQUENCE_LENGTH,
             "krea2": krea2.MAX_SEQUENCE_LENGTH, "ideogram4": ideogram4.MAX_SEQUENCE_LENGTH,
             "qwen_image_21": qwen_image.MAX_SEQUENCE_LENGTH,  # 2.1: not cut (the key is ignored)
-            "wan": wan.MAX_SEQUENCE_LENGTH, "flux2_dev": flux2.MAX_SEQUENCE_LENGTH}[family]
+            "wan": wan.MAX_SEQUENCE_LENGTH, "wan2.2-a14b": wan.MAX_SEQUENCE_LENGTH,
+            "flux2_dev": flux2.MAX_SEQUENCE_LENGTH}[family]
 
 
 def sync(device: torch.device) -> None:

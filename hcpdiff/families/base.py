@@ -5,6 +5,7 @@ the visualizer and the converters ask the family; none of them names a family.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
@@ -23,6 +24,22 @@ def components_config_reader(components: dict[str, Any]) -> ConfigReader:
         component = components.get(part)
         return dict(component.config) if component is not None and hasattr(component, "config") else None
     return read
+
+
+@dataclass(frozen=True)
+class Expert:
+    """One of a model's denoisers that split the sampling steps by noise level (Wan2.2 A14B's high- and low-noise
+    experts): `model.expert` names it, it loads from its diffusers folder, and denoises the sigmas in
+    [sigma_min, sigma_max) (sigma_max 1: up to pure noise, included), as the pipeline routes its steps."""
+
+    name: str  # the config's value: high_noise, low_noise
+    folder: str  # its diffusers folder: transformer, transformer_2
+    sigma_min: float
+    sigma_max: float
+
+    def holds(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """Which sigmas [B] this expert denoises (bool [B])."""
+        return (sigmas >= self.sigma_min) & ((sigmas < self.sigma_max) | (self.sigma_max >= 1.0))
 
 
 class Family:
@@ -84,6 +101,12 @@ class Family:
     def matches(cls, index: dict[str, Any], read_config: ConfigReader) -> bool:
         """Whether a diffusers folder (its model_index.json and part configs) is of this family."""
         raise NotImplementedError
+
+    def experts(self, pipeline_settings: dict[str, Any]) -> tuple[Expert, ...]:
+        """The denoising experts of a model whose denoisers split the steps by noise level, told by its model_index.json
+        settings (ModelParts.pipeline_settings); empty (the default): one denoiser takes every step. Training loads
+        the expert `model.expert` names in the denoiser's place and draws sigmas in its range only; renders load all."""
+        return ()
 
     def unused_layers(self, part: str, model: torch.nn.Module) -> frozenset[str]:
         """Layers of a part whose outputs the model discards (a LoRA there gets no gradient): LoRA groups leave them

@@ -12,8 +12,9 @@ video they are all t, which the transformer reads as the one timestep t (its out
 training passes t per sample.
 
 An image trains as a 1-frame clip (the causal VAE encodes a first frame on its own), so image and video datasets mix.
-Wan2.2 A14B (`transformer` denoises the high-noise steps, t >= boundary_ratio x 1000, `transformer_2` the rest) is
-refused in one line when it loads: training one expert on its timestep range is not done yet.
+Wan2.2 A14B (`transformer` denoises the high-noise steps, t >= boundary_ratio x 1000, `transformer_2` the rest) trains
+one expert at a time (`experts`: `model.expert` high_noise | low_noise, loaded alone in the transformer's place, its
+sigmas drawn within its range); renders load both, each LoRA on the expert its file's metadata names.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from hcpdiff.errors import ConfigError, ModelError
-from hcpdiff.families.base import ConfigReader, Family, pipeline_text_encoder, to_module
+from hcpdiff.families.base import ConfigReader, Expert, Family, pipeline_text_encoder, to_module
 
 MAX_SEQUENCE_LENGTH = 512  # UMT5 tokens: WanPipeline.__call__'s default
 TEMPORAL_FACTOR = 4  # the VAE's frames per latent frame (after the first): clips of 4k + 1 frames
@@ -182,23 +183,33 @@ class Wan(Family):
         return make_tiny_wan(out_dir, seed=seed, variant=variant or "wan")
 
     def part_loaders(self, source: str, common: dict[str, Any]) -> dict[str, Callable[[], Any]]:
-        """The four parts; Wan2.2 A14B's second expert (a `boundary_ratio` in model_index.json) is one ModelError."""
+        """The four parts, and Wan2.2 A14B's low-noise expert `transformer_2` (a `boundary_ratio` in
+        model_index.json)."""
         from diffusers import AutoencoderKLWan, WanTransformer3DModel
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         from hcpdiff.models.loading import pipeline_settings
 
-        if (boundary := pipeline_settings(source, common).get("boundary_ratio")) is not None:
-            raise ModelError(f"'{source}' is a two-expert Wan2.2 model (transformer_2 below boundary_ratio "
-                             f"{boundary}): training or rendering one expert is not supported yet; use Wan2.1 T2V or "
-                             "Wan2.2 TI2V 5B")
-
-        return {
+        loaders = {
             "transformer": lambda: WanTransformer3DModel.from_pretrained(source, subfolder="transformer", **common),
             "vae": lambda: AutoencoderKLWan.from_pretrained(source, subfolder="vae", **common),
             "text_encoder": lambda: UMT5EncoderModel.from_pretrained(source, subfolder="text_encoder", **common),
             "tokenizer": lambda: AutoTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
         }
+        if self.experts(pipeline_settings(source, common)):
+            loaders["transformer_2"] = lambda: WanTransformer3DModel.from_pretrained(source, subfolder="transformer_2",
+                                                                                     **common)
+        return loaders
+
+    def experts(self, pipeline_settings: dict[str, Any]) -> tuple[Expert, ...]:
+        """Wan2.2 A14B's two experts, split where WanPipeline switches them: `transformer` (high_noise) denoises the
+        steps t >= boundary_ratio x 1000, i.e. sigma >= boundary_ratio (t = 1000 sigma), `transformer_2`
+        (low_noise) the rest."""
+        boundary = pipeline_settings.get("boundary_ratio")
+        if boundary is None:
+            return ()
+        return (Expert("high_noise", "transformer", float(boundary), 1.0),
+                Expert("low_noise", "transformer_2", 0.0, float(boundary)))
 
     def training_scheduler(self, scheduler_config: dict[str, Any]) -> Any:
         """A FlowMatchEulerDiscreteScheduler with the shipped sampler's static flow shift (UniPC's `flow_shift`), so
@@ -262,7 +273,13 @@ class Wan(Family):
         from diffusers import WanPipeline
 
         return WanPipeline(tokenizer=components["tokenizer"], text_encoder=components["text_encoder"],
-                           vae=components["vae"], transformer=components["transformer"], scheduler=scheduler)
+                           vae=components["vae"], transformer=components["transformer"], scheduler=scheduler,
+                           transformer_2=components.get("transformer_2"))
+
+    def configure_pipeline(self, pipe: Any, pipeline_settings: dict[str, Any]) -> None:
+        """Wan2.2 A14B's `boundary_ratio`, where the pipeline hands the steps from `transformer` to `transformer_2`."""
+        if pipeline_settings.get("boundary_ratio") is not None:
+            pipe.register_to_config(boundary_ratio=pipeline_settings["boundary_ratio"])
 
     def prompt_args(self, pipe: Any, prompts: list[str], neg_prompts: list[str], *, clip_skip: int,
                     all_prompts: list[str]) -> dict[str, Any]:

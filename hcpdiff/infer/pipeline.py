@@ -10,6 +10,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from hcpdiff.config import instantiate, read_fields
 from hcpdiff.errors import ConfigError
 from hcpdiff.families import Family
+from hcpdiff.families.base import Expert
 from hcpdiff.infer.specs import LoraItem, MergeGroup
 from hcpdiff.lora import load_checkpoint, merge_full_weights, merge_lora
 from hcpdiff.lora.layer_select import pattern_selects
@@ -101,11 +102,14 @@ def merge_groups_of(merge: Any) -> list[tuple[str, Any]]:
     raise ConfigError("`merge`: expected a mapping of groups ({type, base_model_alpha, lora: [...]}) or null.")
 
 
-def merge_all(pipe: Any, merge: Any, family: Family, base_model: str = "") -> list[str]:
+def merge_all(pipe: Any, merge: Any, family: Family, base_model: str = "",
+              experts: tuple[Expert, ...] = ()) -> list[str]:
     """Merge every group's LoRAs into the pipeline's weights (alpha 0 leaves them exactly as they were); returns paths.
 
     A group's `type` names the part it merges into (unet, transformer, text_encoder, ..., or v1's TE / TE2). A LoRA
-    whose `base_model` metadata names another model than `base_model` (see same_base_model) gets one warning.
+    whose `base_model` metadata names another model than `base_model` (see same_base_model) gets one warning. A
+    denoiser LoRA whose metadata names one of the model's `experts` (Wan2.2 A14B's low_noise) merges into that
+    expert (transformer_2).
     """
     merged_paths: list[str] = []
     for where, node in merge_groups_of(merge):
@@ -121,7 +125,7 @@ def merge_all(pipe: Any, merge: Any, family: Family, base_model: str = "") -> li
             raise ConfigError(f"`{where}.type`: the {part} is not loaded ({why}), so nothing can merge into it.")
         items = [read_fields(item, f"{where}.lora.{i}", LoraItem) for i, item in enumerate(group.lora)]
         loaded = []
-        for item in items:
+        for i, item in enumerate(items):
             if item.path:
                 state, full, metadata = load_checkpoint(item.path)
                 trained_on = metadata.get("base_model", "")
@@ -129,19 +133,37 @@ def merge_all(pipe: Any, merge: Any, family: Family, base_model: str = "") -> li
                     logging.getLogger("hcpdiff.infer").warning(
                         "warning: LoRA file '%s' was trained on '%s', not on '%s'; it may not fit this model.",
                         item.path, trained_on, base_model)
-                loaded.append((item, state, full))
+                target = expert_target(pipe, model, metadata.get("expert"), experts, f"{where}.lora.{i}.path",
+                                       str(item.path)) if part == family.denoiser else model
+                loaded.append((item, state, full, target))
         if group.base_model_alpha != 1.0:
-            scale_base(model, {layer for _, state, _ in loaded for layer in layer_states(state)}, group.base_model_alpha)
-        for i, (item, state, full) in enumerate(loaded):
+            for target in {id(target): target for *_, target in loaded}.values():
+                scale_base(target, {layer for _, state, _, t in loaded if t is target for layer in layer_states(state)},
+                           group.base_model_alpha)
+        for i, (item, state, full, target) in enumerate(loaded):
             # Fully fine-tuned tensors (unet: / text_encoder: groups) blend as base + alpha * (trained - base).
             if full and item.alpha != 0:
-                merge_full_weights(model, select_full_tensors(full, item.layers, f"{where}.lora.{i}"), item.alpha,
+                merge_full_weights(target, select_full_tensors(full, item.layers, f"{where}.lora.{i}"), item.alpha,
                                    str(item.path))
             if state and item.alpha != 0:
-                merge_lora(model, select_lora_layers(state, item.layers, f"{where}.lora.{i}"), item.alpha,
+                merge_lora(target, select_lora_layers(state, item.layers, f"{where}.lora.{i}"), item.alpha,
                            source=str(item.path))
             merged_paths.append(str(item.path))
     return merged_paths
+
+
+def expert_target(pipe: Any, denoiser: torch.nn.Module, expert: str | None, experts: tuple[Expert, ...], where: str,
+                  path: str) -> torch.nn.Module:
+    """The denoiser a LoRA merges into: the expert its metadata names (`expert`), else the pipeline's denoiser; an
+    expert the model lacks is one ConfigError."""
+    if expert is None:
+        return denoiser
+    chosen = next((candidate for candidate in experts if candidate.name == expert), None)
+    if chosen is None:
+        has = f"its experts are {', '.join(e.name for e in experts)}" if experts else "it has one denoiser"
+        raise ConfigError(f"`{where}`: '{path}' was trained on the {expert} expert of a model with denoising "
+                          f"experts, which this model lacks ({has}); render it with that model.")
+    return getattr(pipe, chosen.folder)
 
 
 def scale_base(model: torch.nn.Module, layers: set[str], factor: float) -> None:

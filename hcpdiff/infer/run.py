@@ -70,7 +70,8 @@ def generate(cfg: DictConfig) -> list[Path]:
     embeddings = load_prompt_embeddings(pipe.components, parts.family.tokenizers, parts.family.text_encoders,
                                         spec.emb_dir, all_prompts)
     # once, before sampling; fp32 weights, then cast
-    lora_paths = merge_all(pipe, spec.merge, parts.family, spec.pretrained_model)
+    lora_paths = merge_all(pipe, spec.merge, parts.family, spec.pretrained_model,
+                           parts.family.experts(parts.pipeline_settings))
     pipe.to(pick_device(spec.device))
     if spec.dtype != "fp32":
         pipe.to(dtype=DTYPES[spec.dtype])

@@ -84,6 +84,7 @@ class VisualizerSpec:
     lora_path_TE: str | None = None
     lora_alpha_TE: float = 1.0
     lora_path_TE2: str | None = None  # SDXL: a native text_encoder_2 LoRA (text2img_sdxl.yaml)
+    lora_path_expert: str | None = None  # Wan2.2 A14B: the other expert's LoRA beside lora_path (text2video_wan.yaml)
     # render modes (hcpdiff/infer/modes.py) and the sampler's zero-terminal-SNR betas
     init_image: str | None = None  # img2img: start from this image, resized and cropped to width x height
     mask_image: str | None = None  # inpaint (with init_image): white repaints, black keeps

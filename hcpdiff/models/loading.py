@@ -8,8 +8,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from hcpdiff.errors import ModelError
+from hcpdiff.errors import ConfigError, ModelError
 from hcpdiff.families import FAMILIES, Family, detect_family, family_named, folder_config_reader, hub_config_reader
+from hcpdiff.families.base import Expert
 from hcpdiff.models.hub import cached_snapshot, hub_reachable, offline_mode
 from hcpdiff.models.parts import ModelParts
 
@@ -67,14 +68,23 @@ def transformers_progress_off() -> Iterator[None]:
 
 
 def load_parts(source: str, family: Family, *, revision: str | None, local_files_only: bool, where: str,
-               shown: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+               shown: str, skip: tuple[str, ...] = (), expert: str | None = None,
+               expert_key: str | None = None) -> dict[str, Any]:
     """Load every part with its library's from_pretrained (parts in `skip` are None); a failure names the part and
-    the model."""
+    the model. A model with denoising experts (Family.experts) loads them all, each in its own folder's place; with
+    `expert_key` (training) it loads only the one `expert` names, in the denoiser's place (see choose_expert)."""
     from diffusers import DDPMScheduler  # any scheduler class reads scheduler_config.json
 
     common = {"revision": revision, "local_files_only": local_files_only}
+    settings = pipeline_settings(source, common)
+    loaders = family.part_loaders(source, common)
+    chosen = choose_expert(family.experts(settings), expert, expert_key, family, shown) if expert_key else None
+    unloaded: dict[str, Any] = {}
+    if chosen is not None:  # the others are not loaded for training; a render loads them (render_components)
+        unloaded = {other.folder: loaders.pop(other.folder) for other in family.experts(settings) if other != chosen}
+        loaders[family.denoiser] = loaders.pop(chosen.folder)
     components: dict[str, Any] = {}
-    for part, load in family.part_loaders(source, common).items():
+    for part, load in loaders.items():
         if part in skip:
             components[part] = None
             continue
@@ -88,7 +98,33 @@ def load_parts(source: str, family: Family, *, revision: str | None, local_files
     except (OSError, ValueError) as err:
         raise ModelError(f"{where}: cannot load the scheduler of '{shown}': {err}") from err
     return {"components": components, "noise_scheduler": family.training_scheduler(scheduler_config),
-            "pipeline_settings": pipeline_settings(source, common)}
+            "pipeline_settings": settings, "expert": chosen, "expert_loaders": unloaded}
+
+
+def choose_expert(experts: tuple[Expert, ...], expert: str | None, key: str, family: Family,
+                  shown: str) -> Expert | None:
+    """The expert `expert` (the config's `key`) names among a model's; a model with experts needs one named, and a
+    model without any refuses the key (one ConfigError each)."""
+    if not experts:
+        if expert is None:
+            return None
+        raise ConfigError(f"{key}: '{shown}' is a {family.description} model with one {family.denoiser}, not "
+                          f"several denoising experts; remove {key}")
+    chosen = next((candidate for candidate in experts if candidate.name == expert), None)
+    if chosen is None:
+        ranges = " or ".join(f"{e.name} ({e.folder}, sigmas {e.sigma_min:g} to {e.sigma_max:g})" for e in experts)
+        told = "is not set" if expert is None else f"{expert!r} is not an expert of it"
+        raise ConfigError(f"{key}: '{shown}' has {len(experts)} denoising experts, trained one at a time, and {key} "
+                          f"{told}; set {key} to {ranges}")
+    return chosen
+
+
+def peek_expert(name_or_path: str, family: Family, expert: str | None, key: str) -> None:
+    """Check `key` (choose_expert) against a local model folder's model_index.json before anything loads."""
+    local = Path(os.path.expanduser(name_or_path))
+    if local.is_dir():
+        settings = pipeline_settings(str(local), {"local_files_only": True})
+        choose_expert(family.experts(settings), expert, key, family, name_or_path)
 
 
 def pipeline_settings(source: str, common: dict[str, Any]) -> dict[str, Any]:
@@ -106,26 +142,32 @@ def pipeline_settings(source: str, common: dict[str, Any]) -> dict[str, Any]:
 
 def load_model_parts(
     name_or_path: str, *, revision: str | None = None, where: str = "model.pretrained_model_name_or_path",
-    single_file_config: str | None = None, drop_t5: bool = False,
+    single_file_config: str | None = None, drop_t5: bool = False, expert: str | None = None,
+    expert_key: str | None = None,
 ) -> ModelParts:
     """Load a base model (fp32) of any registered family from a local diffusers folder, a hub id or one checkpoint file.
 
     `single_file_config` is the diffusers folder (or cached hub id) whose configs describe a single checkpoint file.
-    `drop_t5` leaves a T5 encoder the family can run without unloaded (None in the components).
+    `drop_t5` leaves a T5 encoder the family can run without unloaded (None in the components). With `expert_key`
+    (training: the config key naming it) a model with denoising experts loads only the one `expert` names, as its
+    denoiser; without, all of them.
     """
     local = Path(os.path.expanduser(name_or_path))
     drop_key = sibling_key(where, "drop_t5")
     if local.is_dir():
         family = check_model_folder(local, where, name_or_path, drop_t5)
         parts = load_parts(str(local), family, revision=None, local_files_only=True, where=where, shown=name_or_path,
-                           skip=family.dropped_parts(drop_t5, drop_key))
+                           skip=family.dropped_parts(drop_t5, drop_key), expert=expert, expert_key=expert_key)
     elif local.is_file():
         family, parts = load_single_file_parts(local, single_file_config, where=where, shown=name_or_path,
                                                drop_t5=drop_t5)
+        if expert_key:  # a single file is one denoiser
+            choose_expert((), expert, expert_key, family, name_or_path)
     elif looks_like_path(name_or_path):
         raise ModelError(f"{where}: '{name_or_path}' was not found (expected a diffusers model folder or a hub id).")
     else:
-        family, parts = load_hub_parts(name_or_path, revision=revision, where=where, drop_t5=drop_t5)
+        family, parts = load_hub_parts(name_or_path, revision=revision, where=where, drop_t5=drop_t5, expert=expert,
+                                       expert_key=expert_key)
     return ModelParts(family=family, **parts, name_or_path=name_or_path)
 
 
@@ -215,15 +257,16 @@ def load_single_file_parts(path: Path, single_file_config: str | None, *, where:
     return family, {"components": components, "noise_scheduler": family.training_scheduler(dict(scheduler.config))}
 
 
-def load_hub_parts(repo_id: str, *, revision: str | None, where: str,
-                   drop_t5: bool = False) -> tuple[Family, dict[str, Any]]:
+def load_hub_parts(repo_id: str, *, revision: str | None, where: str, drop_t5: bool = False,
+                   expert: str | None = None, expert_key: str | None = None) -> tuple[Family, dict[str, Any]]:
     """Load from the local hub cache, else download - but only after one quick check that the hub is reachable."""
     drop_key = sibling_key(where, "drop_t5")
     snapshot = cached_snapshot(repo_id, revision)
     if snapshot is not None:
         family = check_model_folder(snapshot, where, repo_id, drop_t5)
         return family, load_parts(str(snapshot), family, revision=None, local_files_only=True, where=where,
-                                  shown=repo_id, skip=family.dropped_parts(drop_t5, drop_key))
+                                  shown=repo_id, skip=family.dropped_parts(drop_t5, drop_key), expert=expert,
+                                  expert_key=expert_key)
     if offline_mode():
         raise ModelError(
             f"{where}: '{repo_id}' is not a local folder nor in the Hugging Face cache, "
@@ -244,4 +287,4 @@ def load_hub_parts(repo_id: str, *, revision: str | None, where: str,
         raise ModelError(f"{where}: cannot read the model_index.json of '{repo_id}': {err}") from err
     family = detect_family(index, hub_config_reader(repo_id, common), repo_id, where)
     return family, load_parts(repo_id, family, revision=revision, local_files_only=False, where=where, shown=repo_id,
-                              skip=family.dropped_parts(drop_t5, drop_key))
+                              skip=family.dropped_parts(drop_t5, drop_key), expert=expert, expert_key=expert_key)

@@ -6,7 +6,8 @@ inference does. FlowMatchingObjective is configured by the flow-matching keys of
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -25,6 +26,7 @@ OPTION_OWNERS = {"logit_mean": ("sigma_sampling", "logit_normal"), "logit_std": 
                  "shift_value": ("shift", "static")}
 FLOW_LOSS_KEYS = ("sigma_sampling", "logit_mean", "logit_std", "mode_scale", "sigmoid_scale", "shift", "shift_value",
                   "weighting", "precondition_outputs")
+MAX_REDRAWS = 1000  # draws of one sample's sigma before a range the distribution hardly reaches is an error
 PATCH_SIZE = 2  # FLUX packs 2x2 latent cells into one token: the sequence length the shift is computed over
 
 
@@ -48,6 +50,16 @@ def draw_sigmas(sampling: str, batch_size: int, logit_mean: float, logit_std: fl
     scheme = "none" if sampling == "uniform" else sampling
     return compute_density_for_timestep_sampling(scheme, batch_size, logit_mean=logit_mean, logit_std=logit_std,
                                                  mode_scale=mode_scale, device=device, generator=generator)
+
+
+def logit(p: float) -> float:
+    """log(p / (1 - p)), -inf at 0 and inf at 1."""
+    return -math.inf if p <= 0.0 else math.inf if p >= 1.0 else math.log(p / (1.0 - p))
+
+
+def normal_cdf(x: float, mean: float, std: float) -> float:
+    """P(N(mean, std^2) <= x)."""
+    return 0.5 * (1.0 + math.erf((x - mean) / (std * math.sqrt(2.0))))
 
 
 def resolution_mu(scheduler_config: Any, image_seq_len: int) -> float:
@@ -90,6 +102,10 @@ class FlowMatchingObjective:
     # score x0 = x_t - sigma * prediction against the clean latents instead of the velocity against noise - x0
     # (diffusers' train_dreambooth_lora_sd3 --precondition_outputs); the same minimum, weighted by sigma^2
     precondition_outputs: bool = False
+    # the sigmas trained: the distribution above (shift included) truncated to [sigma_min, sigma_max), sigma_max 1
+    # included; one denoising expert of a model trains on its own range (restricted_to_sigmas)
+    sigma_min: float = 0.0
+    sigma_max: float = 1.0
 
     @classmethod
     def from_spec(cls, scheduler: Any, spec: Any,
@@ -116,7 +132,54 @@ class FlowMatchingObjective:
         return cls(scheduler=scheduler, resolution_mu=resolution_mu, **values)
 
     def sample_sigmas(self, latents: torch.Tensor, generators: Generators = None) -> torch.Tensor:
-        """Shifted sigmas [B] for latents [B, C, H, W]."""
+        """Shifted sigmas [B] for latents [B, C, H, W], in [sigma_min, sigma_max): the distribution truncated to the
+        range (sample i from generators[i] alone, so a batch draws as its samples one by one)."""
+        if (self.sigma_min, self.sigma_max) == (0.0, 1.0):
+            return self.shifted_sigmas(latents, generators)
+        if self.sigma_sampling in ("uniform", "logit_normal", "sigmoid") and self.shift in ("static", "none"):
+            return self.inverse_cdf_sigmas(latents, generators)
+        if generators is not None:
+            return torch.cat([self.redrawn_sigmas(latents[i : i + 1], [generator])
+                              for i, generator in enumerate(generators)])
+        return self.redrawn_sigmas(latents, None)
+
+    def inverse_cdf_sigmas(self, latents: torch.Tensor, generators: Generators) -> torch.Tensor:
+        """The truncated distribution drawn exactly, without redraws (no host sync on a GPU): a uniform draw mapped
+        into the range's share of the unshifted distribution (uniform: uniform over the range's unshifted values, as
+        DiffSynth-Studio draws an expert's timesteps; logit-normal and sigmoid: a truncated normal of the logit), then
+        shifted."""
+        shift = self.shift_value if self.shift == "static" else 1.0
+        low, high = (s / (shift - (shift - 1.0) * s) for s in (self.sigma_min, self.sigma_max))  # the shift undone
+        if generators is not None:
+            uniform = draw_rows(generators, lambda g: torch.rand(1, device=latents.device, generator=g)[0])
+        else:
+            uniform = torch.rand(latents.shape[0], device=latents.device)
+        uniform = uniform.double()
+        if self.sigma_sampling == "uniform":
+            unshifted = low + (high - low) * uniform
+        else:  # sigmoid(mean + std * z), z standard normal: z truncated to the range's logits
+            mean, std = (self.logit_mean, self.logit_std) if self.sigma_sampling == "logit_normal" else (
+                0.0, self.sigmoid_scale)
+            low_cdf, high_cdf = (normal_cdf(logit(bound), mean, std) for bound in (low, high))
+            unshifted = torch.sigmoid(mean + std * torch.special.ndtri(low_cdf + (high_cdf - low_cdf) * uniform))
+        unshifted = unshifted.float()
+        return static_shift(unshifted, shift) if self.shift == "static" else unshifted
+
+    def redrawn_sigmas(self, latents: torch.Tensor, generators: Generators) -> torch.Tensor:
+        """Shifted sigmas [B], each drawn again until it falls in [sigma_min, sigma_max) (mode sampling, the
+        resolution shift: no inverse at hand)."""
+        sigmas = self.shifted_sigmas(latents, generators)
+        for _ in range(MAX_REDRAWS):
+            outside = (sigmas < self.sigma_min) | ((sigmas >= self.sigma_max) & (self.sigma_max < 1.0))
+            if not outside.any():
+                return sigmas
+            sigmas = torch.where(outside, self.shifted_sigmas(latents, generators), sigmas)
+        raise ConfigError(f"train.loss.sigma_sampling: {self.sigma_sampling} sampling with the {self.shift} shift "
+                          f"hardly reaches the sigmas [{self.sigma_min:g}, {self.sigma_max:g}) trained here "
+                          f"({MAX_REDRAWS} draws fell outside); use sigma_sampling: uniform")
+
+    def shifted_sigmas(self, latents: torch.Tensor, generators: Generators = None) -> torch.Tensor:
+        """Shifted sigmas [B] in [0, 1] for latents [B, C, H, W], before any range."""
         sigmas = sample_sigmas(self.sigma_sampling, latents.shape[0], logit_mean=self.logit_mean,
                                logit_std=self.logit_std, mode_scale=self.mode_scale,
                                sigmoid_scale=self.sigmoid_scale, device=latents.device, generators=generators)
@@ -153,6 +216,14 @@ def check_choice(key: str, value: str | None, choices: tuple[str, ...]) -> None:
     """One error naming `train.loss.<key>` when a value is not one of its choices."""
     if value is not None and value not in choices:
         raise ConfigError(f"train.loss.{key}: {value!r} is not one of {', '.join(choices)}")
+
+
+def restricted_to_sigmas(objective: Any, sigma_min: float, sigma_max: float, key: str) -> FlowMatchingObjective:
+    """The objective drawing its sigmas in [sigma_min, sigma_max) only (one denoising expert's range, which `key`
+    chose); an objective that draws no sigmas (DDPM) is one ConfigError."""
+    if not isinstance(objective, FlowMatchingObjective):
+        raise ConfigError(f"{key}: only a flow-matching objective trains one expert on its sigma range")
+    return replace(objective, sigma_min=sigma_min, sigma_max=sigma_max)
 
 
 def flow_matching_objective(scheduler: Any, spec: Any, family: str,

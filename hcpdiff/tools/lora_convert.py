@@ -33,6 +33,24 @@ from hcpdiff.lora.webui_format import (DIFFUSERS_PREFIX, SDXL_WEBUI_PREFIX, WEBU
                                        is_webui_state, native_to_diffusers, native_to_webui, webui_to_native)
 
 NativeParts = dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]  # part -> (native state, metadata)
+# a denoising expert's LoRA (Wan2.2 A14B's): which expert, and its diffusers folder; carried into every format
+EXPERT_KEYS = ("expert", "expert_folder")
+
+
+def expert_metadata(parts: NativeParts) -> dict[str, str]:
+    """The expert keys of the files' metadata (a denoising expert's LoRA), empty for another LoRA."""
+    return {key: meta[key] for _, meta in parts.values() for key in EXPERT_KEYS if meta.get(key)}
+
+
+def expert_note(parts: NativeParts, expert: dict[str, str]) -> None:
+    """Tell where a denoising expert's LoRA loads: that expert's own model (ComfyUI), its folder's part (diffusers)."""
+    if not expert:
+        return
+    folder = expert.get("expert_folder", "")
+    part = next((part for part, (_, meta) in parts.items() if meta.get("expert")), folder)
+    how = "load_lora_weights loads it there" if folder == part else f"load_lora_weights(..., load_into_{folder}=True)"
+    print(f"note: a LoRA of the {expert['expert']} expert ({folder}): load it into that expert's model (diffusers: "
+          f"{how})", file=sys.stderr)
 
 
 def denoiser_parts() -> tuple[str, ...]:
@@ -287,8 +305,10 @@ def to_webui_of_family(args: argparse.Namespace, family: Family, parts: NativePa
     base_model = args.model or next((meta["base_model"] for _, meta in parts.values() if meta.get("base_model")), None)
     for note in family.webui_notes(states):
         print(f"note: {note}", file=sys.stderr)
+    expert = expert_metadata(parts)
+    expert_note(parts, expert)
     save_file({k: v.contiguous() for k, v in webui.items()}, args.dump_path,
-              metadata=kohya_metadata(written, family.kohya_version(base_model)))
+              metadata={**kohya_metadata(written, family.kohya_version(base_model)), **expert})
     print(f"wrote {len(webui)} tensors to {args.dump_path}")
 
 
@@ -322,13 +342,15 @@ def to_webui(args: argparse.Namespace) -> None:
 def to_diffusers(args: argparse.Namespace) -> None:
     """Write a `pytorch_lora_weights.safetensors` for diffusers' `load_lora_weights` (alpha folded into B)."""
     out: dict[str, torch.Tensor] = {}
-    for part, (state, _) in native_parts(args.lora_path, args.lora_path_TE, args.lora_path_TE2,
-                                         args.lora_path_TE3).items():
+    parts = native_parts(args.lora_path, args.lora_path_TE, args.lora_path_TE2, args.lora_path_TE3)
+    for part, (state, _) in parts.items():
         if part not in DIFFUSERS_PREFIX:  # SD3's T5: StableDiffusion3Pipeline loads LoRAs of the two CLIPs only
             raise ModelError(f"--to_diffusers: diffusers' load_lora_weights loads no {part} LoRA; convert it with "
                              "--to_webui (ComfyUI reads its lora_te3_ names) or render it with hcpdiff.visualizer.")
         out.update(native_to_diffusers(state, part))
-    save_file({k: v.contiguous() for k, v in out.items()}, args.dump_path, metadata={"format": "pt"})
+    expert = expert_metadata(parts)
+    expert_note(parts, expert)
+    save_file({k: v.contiguous() for k, v in out.items()}, args.dump_path, metadata={"format": "pt", **expert})
     print(f"wrote {len(out)} tensors to {args.dump_path}")
 
 
@@ -340,7 +362,8 @@ def from_webui(args: argparse.Namespace) -> None:
     if metadata.get("format") != FORMAT and (family := webui_file_family(state, metadata)) is not None:
         if args.sdxl:
             raise ModelError(f"--from_webui: '{args.lora_path}' is a {family.description} LoRA; leave --sdxl out.")
-        write_native_files(family.webui_to_native(state, args.model), args, family.name)
+        write_native_files(family.webui_to_native(state, args.model), args, family.name,
+                           {key: metadata[key] for key in EXPERT_KEYS if metadata.get(key)})
         return
     if metadata.get("format") == FORMAT or not is_webui_state(state):
         raise ModelError(f"--from_webui: '{args.lora_path}' is not a webui LoRA (keys lora_unet_... / lora_te_...).")
@@ -362,8 +385,9 @@ def webui_file_family(state: dict[str, torch.Tensor], metadata: dict[str, str]) 
 
 
 def write_native_files(states: dict[str, dict[str, torch.Tensor]], args: argparse.Namespace,
-                       family: str | None = None) -> None:
-    """Write each part's native state as `<dump_path>/<part>-<name of the webui file>.safetensors`."""
+                       family: str | None = None, expert: dict[str, str] | None = None) -> None:
+    """Write each part's native state as `<dump_path>/<part>-<name of the webui file>.safetensors` (with a denoising
+    expert's keys on the denoiser's file)."""
     out_dir = Path(args.dump_path)
     for part, part_state in states.items():
         path = out_dir / f"{part}-{Path(args.lora_path).stem}.safetensors"
@@ -377,6 +401,8 @@ def write_native_files(states: dict[str, dict[str, torch.Tensor]], args: argpars
                 "base_model": args.model or "", "groups": json.dumps(groups)}
         if family is not None:  # --to_webui reads the family back from it
             info["family"] = family
+            if expert and part == family_named(family).denoiser:
+                info.update(expert)
         save_lora(path, part_state, info)
         print(f"wrote {path}")
 

@@ -79,6 +79,9 @@ class ModelSpec:
     clip_skip: int = 0  # 0: last text-encoder layer; 1: penultimate (a1111's "clip skip 2"); ...
     max_sequence_length: Annotated[int | None, Bound(ge=1)] = None  # T5 tokens; null: FLUX 512 dev / 256 schnell, SD3 256
     drop_t5: bool = False  # SD3: leave the T5 encoder unloaded; its place in the text sequence is zeros (as diffusers)
+    # a model whose denoisers split the steps by noise level (Wan2.2 A14B: high_noise | low_noise): the expert to train,
+    # loaded alone as the denoiser, on sigmas of its range only; null for a model with one denoiser
+    expert: str | None = None
     # an editing model's input-image area in pixels while training, at the image's aspect ratio; null: its pipeline's
     # (Qwen-Image-Edit: 1024*1024). Renders always use the pipeline's: lower trains faster, less like it renders
     condition_area: Annotated[int | None, Bound(ge=1)] = None

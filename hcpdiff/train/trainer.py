@@ -35,9 +35,11 @@ from hcpdiff.lora.state_io import lora_metadata
 from hcpdiff.models import cast_floats, checkpoint_blocks, enable_gradient_checkpointing, load_model_parts
 from hcpdiff.models.controlnet import (checkpoint_metadata, controlnet_base, needs_init_folder,
                                        new_or_loaded_controlnet, write_init_folder)
-from hcpdiff.models.loading import peek_model
+from hcpdiff.models.loading import peek_expert, peek_model
+from hcpdiff.models.parts import render_components
 from hcpdiff.models.quantize import check_quantize_parts, check_quantize_values, is_quantized, quantize_parts
 from hcpdiff.objectives.ddpm import sample_noise
+from hcpdiff.objectives.flow_matching import restricted_to_sigmas
 from hcpdiff.train.class_images import generate_class_images
 from hcpdiff.train.exp_dir import (LOCK_NAME, claim_exp_dir, lock_exp_dir, remove_if_no_outputs,
                                    remove_stale_temp_files, unlock_exp_dir)
@@ -186,6 +188,7 @@ class Trainer:
         if peeked is not None:
             family, noise_scheduler = peeked
             self._check_for_family(family, noise_scheduler, family.dropped_parts(spec.drop_t5, "model.drop_t5"))
+            peek_expert(spec.pretrained_model_name_or_path, family, spec.expert, "model.expert")
             self.checked_family = family
 
     def _setup_accelerator(self) -> None:
@@ -317,7 +320,8 @@ class Trainer:
         # run outside DeepSpeed's engine; load every part whole and let the engine shard what it trains.
         with whole_weights_loading(self.accelerator):
             self.parts = load_model_parts(spec.pretrained_model_name_or_path, revision=spec.revision,
-                                          single_file_config=spec.single_file_config, drop_t5=spec.drop_t5)
+                                          single_file_config=spec.single_file_config, drop_t5=spec.drop_t5,
+                                          expert=spec.expert, expert_key="model.expert")
         self.family = self.parts.family
         for module in self.parts.components.values():
             if isinstance(module, torch.nn.Module):
@@ -327,6 +331,9 @@ class Trainer:
         else:  # a hub model or a single file without a local config folder could not be checked before
             absent = tuple(part for part in self.family.trainable_parts if self.parts.components.get(part) is None)
             self.objective = self._check_for_family(self.family, self.parts.noise_scheduler, absent)
+        if self.parts.expert is not None:  # one of the model's denoising experts: it trains on its own sigmas
+            expert = self.parts.expert
+            self.objective = restricted_to_sigmas(self.objective, expert.sigma_min, expert.sigma_max, "model.expert")
         fuse_preset_loras(self.parts, spec.preset_lora)
         if spec.controlnet:
             self._setup_controlnet(spec.controlnet)
@@ -486,7 +493,8 @@ class Trainer:
             self.groups += self.embedding_groups
             self.group_labels += [group.name for group in self.embedding_groups]
         lora_parts = [part for part, trained in self.trained.items() if trained.lora_specs]
-        load_initial_loras({part: self.trained[part].module for part in lora_parts}, self.model_spec.init_lora, lora_parts)
+        load_initial_loras({part: self.trained[part].module for part in lora_parts}, self.model_spec.init_lora, lora_parts,
+                           expert=(self.family.denoiser, self.parts.expert.name if self.parts.expert else None))
         if self.accelerator.is_main_process:
             (self.exp_dir / "lora_layers.json").write_text(json.dumps(layer_lists, indent=1))
         if self.checkpointed_blocks:  # {blocks: N}: the first N blocks in the order they run
@@ -704,6 +712,11 @@ class Trainer:
             logger.warning(warning)
         for warning in self.family.pipeline_warnings(self.parts.pipeline_settings):  # ... told by model_index.json
             logger.warning(warning)
+        if (expert := self.parts.expert) is not None:
+            others = ", ".join(self.parts.expert_loaders)
+            logger.info("model.expert: the %s expert (%s) trains on sigmas [%g, %g%s; the other expert (%s) is not "
+                        "loaded (previews load it for each render)", expert.name, expert.folder, expert.sigma_min,
+                        expert.sigma_max, "]" if expert.sigma_max >= 1.0 else ")", others)
         if not self.writes_resume_state:
             logger.info("%s: checkpoints are written, resumable state files are not (sharded optimizer state)",
                         self.accelerator.distributed_type.value)
@@ -902,21 +915,25 @@ class Trainer:
         """
         if not self.accelerator.is_main_process:
             return []
-        components = {**self.parts.components, **{part: self.accelerator.unwrap_model(trained.forward)
-                                                  for part, trained in self.trained.items()}}
-        modes = [(module, module.training) for module in components.values() if isinstance(module, torch.nn.Module)]
-        pipe = preview_pipeline(self.parts, components, self.objective)
-        try:
-            for module, _ in modes:
-                module.eval()
-            # a compiled denoiser renders as plain eager code: no graphs for the previews' shapes and modes
-            with eager(), torch.no_grad(), self.accelerator.autocast(), on_device(
-                    self.parts.vae, self.accelerator.device, self.vae_parked):
-                images = render_previews(pipe, self.family, self.preview_spec, self.model_spec.clip_skip,
-                                         self.preview_prompt_args)
-        finally:
-            for module, training in modes:
-                module.train(training)
+        current = {**self.parts.components, **{part: self.accelerator.unwrap_model(trained.forward)
+                                               for part, trained in self.trained.items()}}
+        # a model with denoising experts renders with all of them: the others load for the render alone
+        with render_components(self.parts, current, self.accelerator.device, self.weight_dtype) as components:
+            modes = [(module, module.training) for module in components.values()
+                     if isinstance(module, torch.nn.Module)]
+            pipe = preview_pipeline(self.parts, components, self.objective)
+            try:
+                for module, _ in modes:
+                    module.eval()
+                # a compiled denoiser renders as plain eager code: no graphs for the previews' shapes and modes
+                with eager(), torch.no_grad(), self.accelerator.autocast(), on_device(
+                        self.parts.vae, self.accelerator.device, self.vae_parked):
+                    images = render_previews(pipe, self.family, self.preview_spec, self.model_spec.clip_skip,
+                                             self.preview_prompt_args)
+            finally:
+                for module, training in modes:
+                    module.train(training)
+            del pipe
         writer = getattr(self.tracker, "writer", None)
         paths = save_previews(images, self.exp_dir / "preview", self.global_step, writer, spec=self.preview_spec,
                               fps=self.family.video_fps)
@@ -939,6 +956,8 @@ class Trainer:
                                              self.global_step, family=self.family.name,
                                              finetune=trained.finetune_groups)
                     metadata.update(checkpoint_metadata(part, trained.module, getattr(self, "controlnet_base", None)))
+                    if part == self.family.denoiser and self.parts.expert is not None:  # renders route it by this
+                        metadata.update(expert=self.parts.expert.name, expert_folder=self.parts.expert.folder)
                     path = self.ckpt_dir / f"{part}-{self.global_step}.safetensors"
                     save_lora(path, self.checkpoint_state(part), metadata)
                     written.append(path)

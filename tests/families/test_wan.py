@@ -1,7 +1,8 @@
 """Wan as a family: detection (Wan2.1, Wan2.2 TI2V and A14B layouts; the image-to-video and VACE pipelines are not
 it), its conditioner as WanPipeline's encode_prompt, latents (images as 1-frame clips, clips of 4k + 1 frames) as the
 pipeline normalises them, the denoiser call equal to what a real pipeline call feeds its transformer (recorded), a batch
-training as its samples one by one, the sampler's flow shift, fp16 refused, and one run of the shipped config whose
+training as its samples one by one, the sampler's flow shift, fp16 refused (Wan2.2 A14B's experts:
+test_wan_a14b.py), and one run of the shipped config whose
 loss falls and whose LoRA the visualizer renders (an .mp4 with its settings in the tags) as WanPipeline's
 load_lora_weights renders the --to_diffusers file (and the --to_webui file in ComfyUI's names, which --from_webui
 reads back)."""
@@ -60,15 +61,6 @@ def test_tiny_models_are_detected_as_wan(tiny_wan, wan_pipe, ti2v_pipe):
     assert type(parts.text_encoder).__name__ == "UMT5EncoderModel"
     assert WAN.pixel_step(folder_config_reader(Path(ti2v_pipe.transformer.config._name_or_path).parent)) == 32
     assert ti2v_pipe.config.expand_timesteps and ti2v_pipe.vae_scale_factor_spatial == 16
-
-
-def test_a_two_expert_wan22_is_refused_in_one_line(tmp_path):
-    from hcpdiff.errors import ModelError
-
-    model = WAN.make_tiny(tmp_path / "a14b", variant="wan2.2-a14b")
-    with pytest.raises(ModelError, match=r"is a two-expert Wan2.2 model \(transformer_2 below boundary_ratio 0.875\): "
-                                         r"training or rendering one expert is not supported yet"):
-        load_model_parts(str(model))
 
 
 def test_training_scheduler_shifts_by_the_samplers_flow_shift(wan_pipe):
