@@ -26,7 +26,7 @@ def cache_line(stderr: str) -> str:
     return lines[0]
 
 
-def test_disk_latent_cache_is_filled_once_and_reused(workdir, tiny_model, cli):
+def test_disk_latent_cache_is_filled_once_and_reused(workdir, tiny_model, cli_in_process):
     """cache_latents + cache_dir: the first run encodes every image (both flips), the second encodes none.
 
     With one fixed prompt per image (no template file), cache_text_embeds: auto caches the prompts too, under
@@ -36,13 +36,13 @@ def test_disk_latent_cache_is_filled_once_and_reused(workdir, tiny_model, cli):
     args = train_args(tiny_model, data, "data.dataset1.cache_latents=true", "data.dataset1.cache_dir=latent_cache",
                       "data.dataset1.source.data_source1.random_flip=true",
                       "data.dataset1.source.data_source1.prompt_template=null")
-    first = cli(args + ["exp_dir=exps/first"], cwd=workdir)
+    first = cli_in_process(args + ["exp_dir=exps/first"], cwd=workdir)
     assert first.returncode == 0, first.stderr[-3000:]
     assert re.search(r"latent cache in latent_cache: 6 encoded, 0 reused", cache_line(first.stderr))
     assert len(list((workdir / "latent_cache").glob("*.safetensors"))) == 6
     assert re.search(r"text embeddings cached in latent_cache/text_embeds for (\d+) prompts: \1 encoded, 0 reused",
                      first.stderr)
-    second = cli(args + ["exp_dir=exps/second"], cwd=workdir)
+    second = cli_in_process(args + ["exp_dir=exps/second"], cwd=workdir)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "0 encoded, 6 reused" in cache_line(second.stderr)
     assert re.search(r"for (\d+) prompts: 0 encoded, \1 reused", second.stderr)
@@ -60,7 +60,7 @@ def test_random_crop_trains_uncached_after_one_warning(workdir, tiny_model, cli_
     assert "latent cache" not in result.stderr
 
 
-def test_two_processes_fill_one_disk_cache_in_shares(workdir, tiny_model, cli, free_port):
+def test_two_processes_fill_one_disk_cache_in_shares(workdir, tiny_model, cli, cli_in_process, free_port):
     """Under torchrun each rank encodes its share into the shared cache_dir, then reads the others': the entries
     equal a single-process fill file for file, and a second two-process run encodes nothing."""
     from safetensors.torch import load_file
@@ -73,7 +73,7 @@ def test_two_processes_fill_one_disk_cache_in_shares(workdir, tiny_model, cli, f
     first = cli(multi + ["exp_dir=exps/first"], cwd=workdir)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "4 encoded, 4 reused" in cache_line(first.stderr)  # the main process encoded its half, read the rest
-    single = cli(["-m", *common, "data.dataset1.cache_dir=cache_single", "exp_dir=exps/single"], cwd=workdir)
+    single = cli_in_process(["-m", *common, "data.dataset1.cache_dir=cache_single", "exp_dir=exps/single"], cwd=workdir)
     assert single.returncode == 0, single.stderr[-3000:]
     assert "8 encoded, 0 reused" in cache_line(single.stderr)
     multi_files = sorted(p.name for p in (workdir / "cache_multi").glob("*.safetensors"))

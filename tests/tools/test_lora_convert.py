@@ -66,7 +66,7 @@ def test_round_trip_native_webui_native(cli, tmp_path, tiny_model, native_files)
         assert metadata["part"] == name.split("-")[0]
 
 
-def test_kohya_named_file_converts_with_default_layout(cli, tmp_path):
+def test_kohya_named_file_converts_with_default_layout(cli_in_process, tmp_path):
     stem = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_k"
     te_stem = "lora_te_text_model_encoder_layers_11_mlp_fc2"
     tensors = {
@@ -75,7 +75,7 @@ def test_kohya_named_file_converts_with_default_layout(cli, tmp_path):
         f"{te_stem}.lora_down.weight": torch.randn(8, 3072), f"{te_stem}.lora_up.weight": torch.randn(768, 8),
     }
     save_file(tensors, str(tmp_path / "kohya.safetensors"))
-    done = convert(cli, tmp_path, "--from_webui", "--lora_path", str(tmp_path / "kohya.safetensors"), "--dump_path", "out")
+    done = convert(cli_in_process, tmp_path, "--from_webui", "--lora_path", str(tmp_path / "kohya.safetensors"), "--dump_path", "out")
     assert done.returncode == 0, done.stderr
     unet_state, _ = load_lora(tmp_path / "out" / "unet-kohya.safetensors")
     layer = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k"
@@ -145,9 +145,9 @@ def native_layers(native_file: Path) -> set[str]:
     return {key.rsplit(".lora_", 1)[0] for key in load_lora(native_file)[0] if ".lora_A." in key}
 
 
-def test_diffusers_loads_webui_file_exactly(cli, tmp_path, tiny_model, native_files):
+def test_diffusers_loads_webui_file_exactly(cli_in_process, tmp_path, tiny_model, native_files):
     webui = tmp_path / "lora.safetensors"
-    assert convert(cli, tmp_path, "--to_webui", "--lora_path", str(native_files[0]), "--dump_path", str(webui)).returncode == 0
+    assert convert(cli_in_process, tmp_path, "--to_webui", "--lora_path", str(native_files[0]), "--dump_path", str(webui)).returncode == 0
     theirs = load_in_diffusers(tiny_model, webui)
     assert adapted_layers(theirs.unet) == native_layers(native_files[0])  # every layer loaded, none dropped
     ours = merged_parts(tiny_model, native_files)
@@ -159,9 +159,9 @@ def test_diffusers_loads_webui_file_exactly(cli, tmp_path, tiny_model, native_fi
     assert torch.allclose(got, want, atol=1e-5)
 
 
-def test_diffusers_format_carries_text_encoder(cli, tmp_path, tiny_model, native_files):
+def test_diffusers_format_carries_text_encoder(cli_in_process, tmp_path, tiny_model, native_files):
     out = tmp_path / "pytorch_lora_weights.safetensors"
-    done = convert(cli, tmp_path, "--to_diffusers", "--lora_path", str(native_files[0]),
+    done = convert(cli_in_process, tmp_path, "--to_diffusers", "--lora_path", str(native_files[0]),
                    "--lora_path_TE", str(native_files[1]), "--dump_path", str(out))
     assert done.returncode == 0, done.stderr
     theirs = load_in_diffusers(tiny_model, out)
@@ -186,7 +186,7 @@ def text_encoder_output(text_encoder, tokenizer) -> torch.Tensor:
         return text_encoder(ids)[0]
 
 
-def test_diffusers_loads_guide_text_encoder_lora_from_webui_file(cli, tmp_path, tiny_model, native_files):
+def test_diffusers_loads_guide_text_encoder_lora_from_webui_file(cli_in_process, tmp_path, tiny_model, native_files):
     """The guide's text-encoder group (every self_attn projection and the mlp) reaches diffusers whole."""
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel
@@ -194,7 +194,7 @@ def test_diffusers_loads_guide_text_encoder_lora_from_webui_file(cli, tmp_path, 
     te_file = make_native_lora(CLIPTextModel.from_pretrained(tiny_model, subfolder="text_encoder"), "text_encoder",
                                [r"re:.*self_attn$", r"re:.*mlp$"], tmp_path / "text_encoder-1.safetensors", 3)
     webui = tmp_path / "lora.safetensors"
-    done = convert(cli, tmp_path, "--to_webui", "--lora_path", str(native_files[0]), "--lora_path_TE", str(te_file),
+    done = convert(cli_in_process, tmp_path, "--to_webui", "--lora_path", str(native_files[0]), "--lora_path_TE", str(te_file),
                    "--dump_path", str(webui))
     assert done.returncode == 0 and "note:" not in done.stderr, done.stderr
     ours = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
@@ -210,9 +210,9 @@ def test_diffusers_loads_guide_text_encoder_lora_from_webui_file(cli, tmp_path, 
     assert torch.allclose(got, want, atol=1e-5)
 
 
-def test_to_webui_notes_attention_lora_diffusers_would_drop(cli, tmp_path, native_files):
+def test_to_webui_notes_attention_lora_diffusers_would_drop(cli_in_process, tmp_path, native_files):
     """A text-encoder LoRA on q_proj without out_proj: diffusers' kohya loader leaves it out, so the user is told."""
-    done = convert(cli, tmp_path, "--to_webui", "--lora_path", str(native_files[0]),
+    done = convert(cli_in_process, tmp_path, "--to_webui", "--lora_path", str(native_files[0]),
                    "--lora_path_TE", str(native_files[1]), "--dump_path", str(tmp_path / "lora.safetensors"))
     assert done.returncode == 0, done.stderr
     note = [line for line in done.stderr.splitlines() if line.startswith("note:")]
@@ -221,11 +221,11 @@ def test_to_webui_notes_attention_lora_diffusers_would_drop(cli, tmp_path, nativ
     assert "ComfyUI loads them, and so does A1111" in note[0], done.stderr
 
 
-def test_text_encoder_only_lora_converts_and_carries_sd1_metadata(cli, tmp_path, native_files):
+def test_text_encoder_only_lora_converts_and_carries_sd1_metadata(cli_in_process, tmp_path, native_files):
     from safetensors import safe_open
 
     webui = tmp_path / "te.safetensors"
-    done = convert(cli, tmp_path, "--to_webui", "--lora_path_TE", str(native_files[1]), "--dump_path", str(webui))
+    done = convert(cli_in_process, tmp_path, "--to_webui", "--lora_path_TE", str(native_files[1]), "--dump_path", str(webui))
     assert done.returncode == 0, done.stderr
     assert all(key.startswith("lora_te_text_model_") for key in load_file(webui))
     with safe_open(str(webui), "pt") as opened:
