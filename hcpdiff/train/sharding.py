@@ -24,9 +24,6 @@ from accelerate.utils import DistributedType
 
 from hcpdiff.errors import ConfigError
 
-SHARDED = (DistributedType.DEEPSPEED, DistributedType.FSDP)
-
-
 def zero_stage(deepspeed_config: dict | None) -> int:
     """The ZeRO stage of a DeepSpeed config (0 when it names none)."""
     return int(((deepspeed_config or {}).get("zero_optimization") or {}).get("stage", 0) or 0)

@@ -529,6 +529,8 @@ class Trainer:
                     param.data = param.data.to(dtype)
             if part == self.family.denoiser and self.model_spec.blocks_to_swap:
                 self.block_swapper = self._swap_blocks(module)  # the swapped blocks never reach the device whole
+            elif self.fsdp and part in self.trained:
+                pass  # fully_shard moves it to the device block by block, keeping each process's shard only
             else:
                 module.to(device)
 
@@ -667,6 +669,8 @@ class Trainer:
         # which refuses any placement argument)
         placement = ({"device_placement": [part != self.family.denoiser for part in self.trained] + [True]}
                      if self.block_swapper else {})
+        if self.fsdp:
+            self._drop_group_params()
         prepared = accelerator.prepare(*(trained.module for trained in self.trained.values()), optimizer, **placement)
         for trained, module in zip(self.trained.values(), prepared[:-1]):
             trained.forward = module
@@ -683,6 +687,15 @@ class Trainer:
                 self.conditioner.set_text_encoder(self.trained[part].forward, index)
         if self.extras.compile is not None:  # in place: the prepared wrapper calls it, checkpoint keys stay the same
             compile_denoiser(self.parts.denoiser, self.extras.compile, self.batch_shapes)
+
+    def _drop_group_params(self) -> None:
+        """Before FSDP2 shards the model: fully_shard moves each whole parameter to the device, then keeps a shard of
+        it; a reference held here would keep the whole tensor there too (accelerate drops the optimizer's likewise)."""
+        for group in self.groups:
+            if isinstance(group, FinetuneGroup):
+                group.named_params = dict.fromkeys(group.named_params)
+            else:
+                group.params.clear()
 
     def _follow_sharded_params(self) -> None:
         """FSDP2 replaced the trained model's parameters by sharded ones (accelerate handed those to the optimizer,
