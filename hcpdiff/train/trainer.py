@@ -115,7 +115,9 @@ class Trainer:
         self._setup_models()
         self._setup_lora()
         # prior preservation: class folders filled by the base model (adapters bypassed) before the data scans them
-        generate_class_images(self.cfg.data, self.parts, self.accelerator, self.model_spec.clip_skip)
+        generate_class_images(self.cfg.data, self.parts, self.accelerator, self.model_spec.clip_skip,
+                              cannot_render="an FSDP run does not do (its model is placed shard by shard)"
+                              if self.fsdp else None)
         self._setup_data()
         if self.resume_state is not None:  # into the plain models, before accelerate wraps (FSDP: shards) them
             self._restore_weights(int(self.resume_state["step"]))
