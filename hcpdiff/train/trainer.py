@@ -225,6 +225,7 @@ class Trainer:
         check_fsdp_taken(distributed_type)
         self.fsdp = distributed_type == DistributedType.FSDP
         fsdp_plugin = self.accelerator.state.fsdp_plugin if self.fsdp else None
+        embeddings_key = self.embeddings_spec[0] if self.embeddings_spec else "embeddings"
         check_sharded_run(distributed_type, self.deepspeed_config,
                           [p for p in TRAINABLE_PARTS if self.lora_specs[p] or self.finetune_specs[p]],
                           self.train_spec.resume,
@@ -234,7 +235,7 @@ class Trainer:
                               "model.blocks_to_swap": bool(self.model_spec.blocks_to_swap),
                               "model.quantize": bool(self.model_spec.quantize),
                               "train.compile": self.extras.compile is not None,
-                              self.embeddings_spec[0] if self.embeddings_spec else "embeddings": bool(self.embeddings_spec),
+                              embeddings_key: bool(self.embeddings_spec),
                           })
         if self.extras.compile is not None:
             refusal = compile_refusal(zero_stage=zero_stage(self.deepspeed_config),

@@ -1,8 +1,8 @@
 """FSDP2 through accelerate's config file, for real, on two CPU processes over gloo: the shipped
 cfgs/accelerate/fsdp2.yaml (with use_cpu and no mixed precision) trains a LoRA and fully fine-tuned U-Net layers
-sharded, and they equal one process's with the same total batch; a resumed run ends bit for bit like an uninterrupted
-one. accelerate selects FSDP only for GPU-like devices, so tests/e2e/fsdp2_on_cpu.py labels the gloo group as one
-(see its docstring); the sharding is torch's fully_shard, unchanged."""
+sharded, with gradient accumulation, and they equal one process's with the same total batch; a resumed run ends bit
+for bit like an uninterrupted one. accelerate selects FSDP only for GPU-like devices, so tests/e2e/fsdp2_on_cpu.py
+labels the gloo group as one (see its docstring); the sharding is torch's fully_shard, unchanged."""
 from __future__ import annotations
 
 import re
@@ -29,9 +29,11 @@ def test_fsdp2_trains_what_one_process_trains_and_resumes_exactly(workdir, tiny_
     # weights with near-zero gradients by about lr either way, which float summation order decides.
     data = make_demo_data(workdir / "data", num=2)
     args = ["--cfg", "cfgs/train/examples/demo_tiny.yaml", f"model.pretrained_model_name_or_path={tiny_model}",
-            f"data.dataset1.source.data_source1.img_root={data}", f"data.dataset1.source.data_source1.caption_file={data}",
+            f"data.dataset1.source.data_source1.img_root={data}",
+            f"data.dataset1.source.data_source1.caption_file={data}",
             'data.dataset1.bucket.target_area=${hcp.eval:"64*64"}', "data.dataset1.bucket.num_bucket=1",
-            "train.train_steps=2", "train.save_step=1", "train.scheduler.num_warmup_steps=1", UNET_GROUP]
+            "train.train_steps=2", "train.save_step=1", "train.scheduler.num_warmup_steps=1",
+            "train.gradient_accumulation_steps=2", UNET_GROUP]
     accelerate_config = yaml.safe_load((REPO / "cfgs/accelerate/fsdp2.yaml").read_text())
     accelerate_config.update(use_cpu=True, mixed_precision="no")
     (workdir / "fsdp2_cpu.yaml").write_text(yaml.safe_dump(accelerate_config))
@@ -48,7 +50,7 @@ def test_fsdp2_trains_what_one_process_trains_and_resumes_exactly(workdir, tiny_
     assert one.returncode == 0, one.stderr[-3000:]
     fsdp("exp_dir=exps/fsdp")
     log = (workdir / "exps/fsdp/train.log").read_text()
-    assert "total batch size 2 (batch 1 x accumulation 1 x processes 2)" in log
+    assert "total batch size 4 (batch 1 x accumulation 2 x processes 2)" in log  # FSDP2's no-sync micro-steps
     held, total = map(int, re.search(r"FSDP2: the unet's weights, gradients and optimizer state are sharded over 2 "
                                      r"processes \(this one holds (\d+) of its (\d+) parameters\)", log).groups())
     assert held < 0.6 * total  # sharded, not replicated
