@@ -998,7 +998,7 @@ class Trainer:
             for part, trained in self.trained.items():
                 if not (trained.lora_specs or trained.finetune_groups):  # trains only embeddings' vectors
                     continue
-                if not (main or self.fsdp):
+                if not (main or self.fsdp):  # ZeRO-3's gathering is the context's
                     continue
                 state = self.checkpoint_state(part)
                 if not main:
