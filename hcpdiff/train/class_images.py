@@ -12,21 +12,28 @@ import torch
 from tqdm.auto import tqdm
 
 from hcpdiff.data.class_images import ClassImagePlan, plan_class_images, render_class_images
+from hcpdiff.errors import ConfigError
 from hcpdiff.lora.attach import adapters_disabled
 from hcpdiff.train.preview import kept_random_state
 
 logger = logging.getLogger("hcpdiff.train")
 
 
-def generate_class_images(data: Mapping[str, Any], parts: Any, accelerator: Any, clip_skip: int = 0) -> None:
+def generate_class_images(data: Mapping[str, Any], parts: Any, accelerator: Any, clip_skip: int = 0,
+                          cannot_render: str | None = None) -> None:
     """Fill each class folder up to `generate.num` images with the family's pipeline (the visualizer's, with the
     model's own sampler) over the loaded parts, adapters bypassed: the images are the base model's.
 
     Every process counts the folder, waits for the others, renders its share (every N-th missing index) and waits
     again, so the data is complete everywhere before any process scans it. The random state is put back and the
     pipeline dropped afterwards: a run that renders trains exactly as one that finds its images in place.
+    `cannot_render`: why this run cannot render (one ConfigError naming the key when images are missing).
     """
     plans = plan_class_images(data)
+    short = next((plan for plan in plans if plan.missing), None)
+    if short is not None and cannot_render:
+        raise ConfigError(f"{short.key_path}: {len(short.missing)} class images to render in {short.folder}, which "
+                          f"{cannot_render}; render them in a run without it (they are reused), or fill the folder")
     for plan in plans:
         if plan.missing:
             logger.info("%s: %d of %d class images in %s; rendering %d (%s, %d steps)", plan.key_path, plan.present,

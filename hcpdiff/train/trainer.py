@@ -60,8 +60,8 @@ from hcpdiff.train.specs import RUN_SCALARS, ModelSpec, RunSpec, SchedulerSpec, 
 from hcpdiff.train.state import (ResumePoint, find_resume_state, folder_steps, load_checked_state, prune_checkpoints,
                                  resume_dir_of, rng_state, save_state, set_rng_state, step_files)
 from hcpdiff.train.sharding import (
-    SHARDED, align_deepspeed_config, check_sharded_run, gathered_for_saving, param_count, whole_weights_loading,
-    zero_stage,
+    align_deepspeed_config, check_fsdp_taken, check_sharded_run, gathered_for_saving, gathered_state,
+    load_whole_optimizer_state, local_numel, param_count, whole_optimizer_state, whole_weights_loading, zero_stage,
 )
 from hcpdiff.train.signals import StopSignals, TrainingInterrupted
 from hcpdiff.train.starting_points import fuse_preset_loras, load_initial_loras
@@ -106,6 +106,7 @@ class Trainer:
         self.single_process = single_process
         self.global_step = 0
         self.training_started = False
+        self.fsdp = False  # accelerate set up an FSDP2 run (known once the accelerator is)
 
     # ----------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -116,8 +117,12 @@ class Trainer:
         self._setup_models()
         self._setup_lora()
         # prior preservation: class folders filled by the base model (adapters bypassed) before the data scans them
-        generate_class_images(self.cfg.data, self.parts, self.accelerator, self.model_spec.clip_skip)
+        generate_class_images(self.cfg.data, self.parts, self.accelerator, self.model_spec.clip_skip,
+                              cannot_render="an FSDP run does not do (its model is placed shard by shard)"
+                              if self.fsdp else None)
         self._setup_data()
+        if self.resume_state is not None:  # into the plain models, before accelerate wraps (FSDP: shards) them
+            self._restore_weights(int(self.resume_state["step"]))
         self._setup_optimization()
         if self.resume_state is not None:
             self._restore(self.resume_state)
@@ -217,20 +222,33 @@ class Trainer:
 
             raise ConfigError(SEVERAL_PROCESSES)
         self.deepspeed_config = None
-        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+        distributed_type = self.accelerator.distributed_type
+        if distributed_type == DistributedType.DEEPSPEED:
             self.deepspeed_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
-        check_sharded_run(self.accelerator.distributed_type, self.deepspeed_config,
+        check_fsdp_taken(distributed_type)
+        self.fsdp = distributed_type == DistributedType.FSDP
+        fsdp_plugin = self.accelerator.state.fsdp_plugin if self.fsdp else None
+        embeddings_key = self.embeddings_spec[0] if self.embeddings_spec else "embeddings"
+        check_sharded_run(distributed_type, self.deepspeed_config,
                           [p for p in TRAINABLE_PARTS if self.lora_specs[p] or self.finetune_specs[p]],
                           self.train_spec.resume,
-                          ema=bool((self.cfg.get("model") or {}).get("ema")), preview=bool(self.cfg.get("previewer")))
+                          ema=bool((self.cfg.get("model") or {}).get("ema")), preview=bool(self.cfg.get("previewer")),
+                          fsdp_version=getattr(fsdp_plugin, "fsdp_version", None),
+                          unsupported_under_fsdp={
+                              "model.blocks_to_swap": bool(self.model_spec.blocks_to_swap),
+                              "model.quantize": bool(self.model_spec.quantize),
+                              "train.compile": self.extras.compile is not None,
+                              embeddings_key: bool(self.embeddings_spec),
+                          })
         if self.extras.compile is not None:
             refusal = compile_refusal(zero_stage=zero_stage(self.deepspeed_config),
                                       blocks_to_swap=self.model_spec.blocks_to_swap,
                                       gradient_checkpointing=self.model_spec.gradient_checkpointing)
             if refusal:
                 raise ConfigError(refusal)
-        # Sharded optimizer state (DeepSpeed ZeRO) lives in every process; one process's copy cannot resume a run.
-        self.writes_resume_state = self.accelerator.distributed_type not in SHARDED
+        # DeepSpeed's sharded optimizer state lives in every process, and one process's copy cannot resume a run;
+        # FSDP2's is gathered whole into the state file.
+        self.writes_resume_state = distributed_type != DistributedType.DEEPSPEED
         if torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = bool(self.cfg.get("allow_tf32", True))
         self.seed = int(self.cfg.get("seed", 0))
@@ -522,6 +540,8 @@ class Trainer:
                     param.data = param.data.to(dtype)
             if part == self.family.denoiser and self.model_spec.blocks_to_swap:
                 self.block_swapper = self._swap_blocks(module)  # the swapped blocks never reach the device whole
+            elif self.fsdp and part in self.trained:
+                pass  # fully_shard moves it to the device block by block, keeping each process's shard only
             else:
                 module.to(device)
 
@@ -660,10 +680,14 @@ class Trainer:
         # which refuses any placement argument)
         placement = ({"device_placement": [part != self.family.denoiser for part in self.trained] + [True]}
                      if self.block_swapper else {})
+        if self.fsdp:
+            self._drop_group_params()
         prepared = accelerator.prepare(*(trained.module for trained in self.trained.values()), optimizer, **placement)
         for trained, module in zip(self.trained.values(), prepared[:-1]):
             trained.forward = module
         self.optimizer = prepared[-1]
+        if self.fsdp:
+            self._follow_sharded_params()
         denoiser = self.family.denoiser
         self.denoiser = self.trained[denoiser].forward if denoiser in self.trained else self.parts.denoiser
         # a ControlNet adapts the denoiser's call (Family.control_residuals), trained or frozen
@@ -675,23 +699,49 @@ class Trainer:
         if self.extras.compile is not None:  # in place: the prepared wrapper calls it, checkpoint keys stay the same
             compile_denoiser(self.parts.denoiser, self.extras.compile, self.batch_shapes)
 
+    def _drop_group_params(self) -> None:
+        """Before FSDP2 shards the model: fully_shard moves each whole parameter to the device, then keeps a shard of
+        it; a reference held here would keep the whole tensor there too (accelerate drops the optimizer's likewise)."""
+        for group in self.groups:
+            if isinstance(group, FinetuneGroup):
+                group.named_params = dict.fromkeys(group.named_params)
+            else:
+                group.params.clear()
+
+    def _follow_sharded_params(self) -> None:
+        """FSDP2 replaced the trained model's parameters by sharded ones (accelerate handed those to the optimizer,
+        in the same order): the groups follow, so clipping, parameter counts and checkpoints read what trains."""
+        for group, param_group in zip(self.groups, self.optimizer.param_groups, strict=True):
+            sharded = list(param_group["params"])
+            if isinstance(group, FinetuneGroup):
+                group.named_params = dict(zip(group.named_params, sharded, strict=True))
+            else:
+                group.params[:] = sharded
+
+    def _restore_weights(self, step: int) -> None:
+        """The trained weights of the state's step, into this run's plain (not yet wrapped) models."""
+        for part, trained in self.trained.items():
+            if trained.lora_specs or trained.finetune_groups:
+                self.load_trained_weights(part, self.ckpt_dir / f"{part}-{step}.safetensors")
+        load_embedding_checkpoints(self.embedding_groups, self.ckpt_dir, step)
+
     def _restore(self, state: dict) -> None:
-        """Continue from a saved state: LoRA weights, optimizer, lr schedule, step, data positions, RNG."""
+        """Continue from a saved state (its weights are back already): optimizer, lr schedule, step, data positions,
+        RNG."""
         step = int(state["step"])
         if step >= self.train_steps:  # train_epochs decides the length: known only now that the data is built
             raise ConfigError(f"train.resume: the state is at step {step} and train.train_epochs="
                               f"{self.train_spec.train_epochs} gives {self.train_steps} steps, so there is nothing to "
                               "train; raise train.train_epochs")
-        for part, trained in self.trained.items():
-            if trained.lora_specs or trained.finetune_groups:
-                self.load_trained_weights(part, self.ckpt_dir / f"{part}-{step}.safetensors")
-        load_embedding_checkpoints(self.embedding_groups, self.ckpt_dir, step)
         rng_states = state["rng"]
         if len(rng_states) != self.accelerator.num_processes:
             raise ConfigError(f"train.resume: the state was saved by {len(rng_states)} processes, "
                               f"this run has {self.accelerator.num_processes}")
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            if self.fsdp:
+                load_whole_optimizer_state(self.sharded_model(), self.optimizer.optimizer, state["optimizer"])
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
             for stream, stream_state in zip(self.streams, state["streams"], strict=True):
                 stream.restore(stream_state)
@@ -720,6 +770,12 @@ class Trainer:
         if not self.writes_resume_state:
             logger.info("%s: checkpoints are written, resumable state files are not (sharded optimizer state)",
                         self.accelerator.distributed_type.value)
+        if self.fsdp:
+            (part,) = self.trained
+            params = list(self.sharded_model().parameters())
+            logger.info("FSDP2: the %s's weights, gradients and optimizer state are sharded over %d processes (this "
+                        "one holds %d of its %d parameters)", part, self.accelerator.num_processes,
+                        sum(local_numel(p) for p in params), sum(p.numel() for p in params))
         logger.info("training %d optimizer steps, total batch size %d (batch %d x accumulation %d x processes %d)",
                     self.train_steps, self.total_batch_size, self.batch_size,
                     self.train_spec.gradient_accumulation_steps, self.accelerator.num_processes)
@@ -852,14 +908,21 @@ class Trainer:
         lora, full, _ = load_checkpoint(path)
         trained = self.trained[part]
         if trained.lora_specs:
-            load_lora_into(self.accelerator.unwrap_model(trained.forward), lora)
+            load_lora_into(trained.module, lora)
         load_finetuned(trained.finetune_groups, full, str(path))
 
     def checkpoint_state(self, part: str) -> dict[str, torch.Tensor]:
-        """What a checkpoint of `part` holds: LoRA weights by layer, fine-tuned tensors by parameter name."""
+        """What a checkpoint of `part` holds: LoRA weights by layer, fine-tuned tensors by parameter name. Under FSDP
+        every process calls it (the sharded tensors are gathered) and the main process gets them."""
         trained = self.trained[part]
         state = lora_state_dict(self.accelerator.unwrap_model(trained.forward)) if trained.lora_specs else {}
-        return {**state, **finetuned_state(trained.finetune_groups)}
+        state = {**state, **finetuned_state(trained.finetune_groups)}
+        return gathered_state(state, keep=self.accelerator.is_main_process) if self.fsdp else state
+
+    def sharded_model(self) -> torch.nn.Module:
+        """The one model an FSDP run trains, as accelerate prepared (sharded) it."""
+        (trained,) = self.trained.values()
+        return trained.forward
 
     def stop_requested(self, stop: StopSignals) -> bool:
         """Whether any process got SIGINT / SIGTERM; all processes agree, so they stop at the same step."""
@@ -946,26 +1009,32 @@ class Trainer:
         process, atomic)."""
         self.accelerator.wait_for_everyone()
         written = []
-        # Under ZeRO-3 every process takes part in gathering the trained weights; the main one writes them.
+        # Under ZeRO-3 and FSDP every process takes part in gathering the trained weights; the main one writes them.
+        main = self.accelerator.is_main_process
         with gathered_for_saving(self.trained_params(), self.deepspeed_config):
-            if self.accelerator.is_main_process:
-                for part, trained in self.trained.items():
-                    if not (trained.lora_specs or trained.finetune_groups):  # trains only embeddings' vectors
-                        continue
-                    metadata = lora_metadata(part, str(self.parts.name_or_path), trained.lora_groups,
-                                             self.global_step, family=self.family.name,
-                                             finetune=trained.finetune_groups)
-                    metadata.update(checkpoint_metadata(part, trained.module, getattr(self, "controlnet_base", None)))
-                    if part == self.family.denoiser and self.parts.expert is not None:  # renders route it by this
-                        metadata.update(expert=self.parts.expert.name, expert_folder=self.parts.expert.folder)
-                    path = self.ckpt_dir / f"{part}-{self.global_step}.safetensors"
-                    save_lora(path, self.checkpoint_state(part), metadata)
-                    written.append(path)
-                    if self.ema is not None:  # the averaged weights, in the same format beside the raw ones
-                        ema_path = self.ckpt_dir / f"{part}-ema-{self.global_step}.safetensors"
-                        with self.ema.swapped_in():
-                            save_lora(ema_path, self.checkpoint_state(part), {**metadata, "ema_decay": str(self.ema.decay)})
-                        written.append(ema_path)
+            for part, trained in self.trained.items():
+                if not (trained.lora_specs or trained.finetune_groups):  # trains only embeddings' vectors
+                    continue
+                if not (main or self.fsdp):  # ZeRO-3's gathering is the context's
+                    continue
+                state = self.checkpoint_state(part)
+                if not main:
+                    continue
+                metadata = lora_metadata(part, str(self.parts.name_or_path), trained.lora_groups,
+                                         self.global_step, family=self.family.name,
+                                         finetune=trained.finetune_groups)
+                metadata.update(checkpoint_metadata(part, trained.module, getattr(self, "controlnet_base", None)))
+                if part == self.family.denoiser and self.parts.expert is not None:  # renders route it by this
+                    metadata.update(expert=self.parts.expert.name, expert_folder=self.parts.expert.folder)
+                path = self.ckpt_dir / f"{part}-{self.global_step}.safetensors"
+                save_lora(path, state, metadata)
+                written.append(path)
+                if self.ema is not None:  # the averaged weights, in the same format beside the raw ones
+                    ema_path = self.ckpt_dir / f"{part}-ema-{self.global_step}.safetensors"
+                    with self.ema.swapped_in():
+                        save_lora(ema_path, self.checkpoint_state(part), {**metadata, "ema_decay": str(self.ema.decay)})
+                    written.append(ema_path)
+            if main:
                 written += save_embedding_checkpoints(self.embedding_groups, self.ckpt_dir, self.global_step,
                                                       {"base_model": str(self.parts.name_or_path),
                                                        "family": self.family.name})
@@ -979,11 +1048,13 @@ class Trainer:
         rng_states = [rng_state()]
         if self.accelerator.num_processes > 1:
             rng_states = gather_object(rng_states)
+        optimizer_state = (whole_optimizer_state(self.sharded_model(), self.optimizer.optimizer) if self.fsdp
+                           else None)  # under FSDP every process takes part in gathering it
         if not self.accelerator.is_main_process:
             return
         state = {
             "step": self.global_step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state if self.fsdp else self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "streams": [stream.state() for stream in self.streams],
             "rng": rng_states,

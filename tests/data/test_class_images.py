@@ -87,3 +87,11 @@ def test_config_problems_name_the_key(tmp_path, node, message):
     with pytest.raises(ConfigError) as err:
         plan_class_images({"reg": node})
     assert message in str(err.value)
+
+
+def test_a_run_that_cannot_render_names_the_short_folder(tmp_path):
+    from hcpdiff.train.class_images import generate_class_images
+
+    with pytest.raises(ConfigError, match=r"^data\.reg\.generate: 2 class images to render in .*, which an FSDP run"):
+        generate_class_images({"reg": dataset(tmp_path / "class", num=2)}, None, None,
+                              cannot_render="an FSDP run does not do")

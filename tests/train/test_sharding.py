@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from accelerate.utils import DistributedType
 
 from hcpdiff.errors import ConfigError
-from hcpdiff.train.sharding import align_deepspeed_config, check_sharded_run, zero_stage
+from hcpdiff.train.sharding import (
+    align_deepspeed_config, check_fsdp_taken, check_sharded_run, gathered_state, local_numel, zero_stage,
+)
 
 ZERO2 = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}
 
@@ -21,7 +24,6 @@ def test_zero2_with_one_trained_part_runs():
 
 @pytest.mark.parametrize("kind, config, parts, resume, words", [
     (DistributedType.DEEPSPEED, ZERO2, ["unet", "text_encoder"], None, "unet, text_encoder"),
-    (DistributedType.FSDP, None, ["unet"], None, "FSDP"),
     (DistributedType.DEEPSPEED, ZERO2, ["unet"], "exps/run", "train.resume"),
 ])
 def test_unsupported_sharded_runs_are_one_error(kind, config, parts, resume, words):
@@ -45,3 +47,38 @@ def test_zero3_refuses_ema_and_previews_in_one_line():
         check_sharded_run(DistributedType.DEEPSPEED, ZERO3, ["unet"], None, ema=True)
     with pytest.raises(ConfigError, match=r"^previewer: .*ZeRO-3"):
         check_sharded_run(DistributedType.DEEPSPEED, ZERO3, ["unet"], None, preview=True)
+
+
+def test_fsdp2_runs_lora_full_finetuning_and_resume():
+    check_sharded_run(DistributedType.FSDP, None, ["transformer"], "exps/run", fsdp_version=2,
+                      unsupported_under_fsdp={"model.quantize": False, "train.compile": False})
+
+
+@pytest.mark.parametrize("parts, version, options, unsupported, message", [
+    (["unet"], 1, {}, {}, r"^FSDP version 1 is not supported; use fsdp_version: 2 "),
+    (["unet", "text_encoder"], 2, {}, {}, r"^FSDP shards one trained model per run .* trains unet, text_encoder;"),
+    (["unet"], 2, {"ema": True}, {}, r"^model\.ema: .*FSDP"),
+    (["unet"], 2, {"preview": True}, {}, r"^previewer: .*FSDP"),
+    (["unet"], 2, {}, {"model.blocks_to_swap": True}, r"^model\.blocks_to_swap: not supported with FSDP"),
+    (["unet"], 2, {}, {"model.quantize": False, "train.compile": True}, r"^train\.compile: not supported with FSDP"),
+])
+def test_what_fsdp_cannot_do_is_one_error(parts, version, options, unsupported, message):
+    with pytest.raises(ConfigError, match=message):
+        check_sharded_run(DistributedType.FSDP, None, parts, None, fsdp_version=version,
+                          unsupported_under_fsdp=unsupported, **options)
+
+
+def test_an_fsdp_launch_that_accelerate_turned_into_ddp_is_refused(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="accelerate runs FSDP only on GPUs and set up this run as MULTI_CPU"):
+        check_fsdp_taken(DistributedType.MULTI_CPU)
+    check_fsdp_taken(DistributedType.FSDP)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    check_fsdp_taken(DistributedType.MULTI_CPU)
+
+
+def test_unsharded_tensors_pass_through_gathering():
+    state = {"a.lora_down.weight": torch.ones(2, 3), "a.alpha": torch.tensor(4.0)}
+    assert gathered_state(state, keep=True) == state
+    assert gathered_state(state, keep=False) == {}
+    assert local_numel(torch.nn.Parameter(torch.ones(2, 3))) == 6
