@@ -124,10 +124,11 @@ def test_guide_lora1_with_accelerate_launch(workdir, tiny_model, cli):
     assert "step 2/2" in log and "lr 0.0002" in log
 
 
-def test_guide_advanced_groups_train_unet_and_text_encoder(workdir, tiny_model, cli):
-    """The guide's advanced block: to_k/to_v/ff rank 16 alpha 2, and a text-encoder group with dropout."""
+def test_guide_advanced_groups_train_unet_and_text_encoder(workdir, tiny_model, cli_in_process):
+    """The guide's advanced block: to_k/to_v/ff rank 16 alpha 2, and a text-encoder group with dropout (the entry
+    point in-process: test_guide_lora1_with_accelerate_launch starts the real processes)."""
     data = make_demo_data(workdir / "data", num=2, captions="json")
-    result = cli(["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/lora_unet_te.yaml",
+    result = cli_in_process(["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/lora_unet_te.yaml",
                   f"model.pretrained_model_name_or_path={tiny_model}",
                   f"data.dataset1.source.data_source1.img_root={data}",
                   f"data.dataset1.source.data_source1.caption_file={data / 'captions.json'}",
@@ -164,10 +165,10 @@ def train_losses(train_log: str) -> list[float]:
     return [float(m) for m in re.findall(r"step \d+/\d+ loss ([0-9.]+)", train_log)]
 
 
-def test_loss_falls_when_overfitting_one_image(workdir, tiny_model, cli):
+def test_loss_falls_when_overfitting_one_image(workdir, tiny_model, cli_in_process):
     """One image, one caption, a high lr: the denoising loss must come down (seen: 1.01 -> 0.46)."""
     data = make_demo_data(workdir / "one", num=1)
-    result = cli(["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/demo_tiny.yaml",
+    result = cli_in_process(["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/demo_tiny.yaml",
                   f"model.pretrained_model_name_or_path={tiny_model}",
                   f"data.dataset1.source.data_source1.img_root={data}",
                   f"data.dataset1.source.data_source1.caption_file={data}",

@@ -197,7 +197,8 @@ def assert_same_loras(a: Path, b: Path, atol: float = 0.0) -> None:
 
 
 @pytest.mark.e2e
-def test_two_processes_train_what_one_process_with_the_same_total_batch_trains(workdir, tiny_flux, cli, free_port):
+def test_two_processes_train_what_one_process_with_the_same_total_batch_trains(workdir, tiny_flux, cli, cli_in_process,
+                                                                              free_port):
     """torchrun, 2 processes x batch 1, against 1 process x batch 2, with a CLIP LoRA beside the transformer's (under
     DDP FluxPipeline's encode_prompt reads the wrapped encoder's dtype). Each sample draws its noise and sigma from
     its own seed (dataset index, epoch), so both end with the same LoRAs, to float summation order. Two images: every
@@ -205,7 +206,7 @@ def test_two_processes_train_what_one_process_with_the_same_total_batch_trains(w
     data = make_demo_data(workdir / "data", num=2)
     args = train_args(tiny_flux, data, "mixed_precision=null", "train.train_steps=2", "transformer_lr=1e-3",
                       "lora_text_encoder=[{lr: 1e-3, rank: 4, alpha: 4, layers: ['re:.*self_attn$']}]")
-    one = cli([*args, "data.dataset1.batch_size=2", "exp_dir=exps/one"], cwd=workdir, timeout=300)
+    one = cli_in_process([*args, "data.dataset1.batch_size=2", "exp_dir=exps/one"], cwd=workdir)
     assert one.returncode == 0, one.stderr[-3000:]
     torchrun = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "hcpdiff.train_ac"]
     two = cli([*torchrun, *args[2:], "data.dataset1.batch_size=1", "exp_dir=exps/two"], cwd=workdir, timeout=300)

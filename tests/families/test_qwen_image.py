@@ -296,13 +296,13 @@ STEPS = 12
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_qwen, cli) -> tuple[Path, Path]:
+def trained(tmp_path_factory, tiny_qwen, cli_in_process) -> tuple[Path, Path]:
     """(model, experiment folder) of lora_qwen_image.yaml overfitting one image for STEPS steps on the tiny model,
-    run through the documented command (fp32 on the CPU, rank 4 to keep it quick)."""
+    run through the documented command (its entry point in-process) (fp32 on the CPU, rank 4 to keep it quick)."""
     workdir = tmp_path_factory.mktemp("qwen_run")
     (workdir / "cfgs").symlink_to(REPO_ROOT / "cfgs")
     data = make_demo_data(workdir / "data", num=1)
-    result = cli([
+    result = cli_in_process([
         "-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/lora_qwen_image.yaml",
         f"model.pretrained_model_name_or_path={tiny_qwen}", "mixed_precision=null",
         f"data.dataset1.source.data_source1.img_root={data}", f"data.dataset1.source.data_source1.caption_file={data}",

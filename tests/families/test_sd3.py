@@ -221,13 +221,13 @@ STEPS = 40
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_sd35, cli) -> tuple[Path, Path]:
+def trained(tmp_path_factory, tiny_sd35, cli_in_process) -> tuple[Path, Path]:
     """(model, experiment folder) of lora_sd3.yaml overfitting one image for 40 steps on the tiny SD3.5, without T5,
-    with a CLIP-G LoRA beside the transformer's, run through the documented command."""
+    with a CLIP-G LoRA beside the transformer's, run through the documented command (its entry point in-process)."""
     workdir = tmp_path_factory.mktemp("sd3_run")
     (workdir / "cfgs").symlink_to(REPO_ROOT / "cfgs")
     data = make_demo_data(workdir / "data", num=1)
-    result = cli([
+    result = cli_in_process([
         "-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/lora_sd3.yaml",
         f"model.pretrained_model_name_or_path={tiny_sd35}", "model.drop_t5=true", "mixed_precision=null",
         f"data.dataset1.source.data_source1.img_root={data}", f"data.dataset1.source.data_source1.caption_file={data}",
