@@ -43,13 +43,13 @@ def test_sd2_v_prediction_model_trains(workdir, tmp_path, cli_in_process):
     assert "loss" in (exp / "train.log").read_text()
 
 
-def test_single_file_checkpoint_trains(workdir, tiny_model, cli):
+def test_single_file_checkpoint_trains(workdir, tiny_model, cli_in_process):
     """model.pretrained_model_name_or_path: an a1111-layout .safetensors, its configs from model.single_file_config."""
     from hcpdiff.tools.export_single_file import write_original_checkpoint
 
     single = write_original_checkpoint(tiny_model, workdir / "tiny-a1111.safetensors")
     data = make_demo_data(workdir / "data", num=2)
-    result = cli(train_args(single, data, f"model.single_file_config={tiny_model}"), cwd=workdir)
+    result = cli_in_process(train_args(single, data, f"model.single_file_config={tiny_model}"), cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     exp = only_exp_dir(workdir)
     with safe_open(exp / "ckpts" / "unet-2.safetensors", "pt") as opened:

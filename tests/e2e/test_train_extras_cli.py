@@ -59,12 +59,12 @@ def test_previews_and_ema_leave_training_bit_identical(workdir, tiny_model, cli_
     assert "step 3/3 loss" in log and "(smoothed " in log and "img/s" in log and "peak mem" in log
 
 
-def test_bad_extra_options_are_reported_together(workdir, tiny_model, cli):
+def test_bad_extra_options_are_reported_together(workdir, tiny_model, cli_in_process):
     data = make_demo_data(workdir / "data", num=1)
     args = train_args(tiny_model, data, "exps/bad", "train.loss.prediction_type=x0", "model.ema={decay: 2}",
                       "train.log_with=[tensorboard, wandb]",
                       "train.optimizer={_target_: prodigyopt.Prodigy, _partial_: true}")
-    result = cli(args, cwd=workdir)
+    result = cli_in_process(args, cwd=workdir)
     assert result.returncode == 2
     error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1

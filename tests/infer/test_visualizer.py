@@ -68,7 +68,7 @@ def test_same_seed_same_image_whatever_the_batch(workdir, tiny_model):
     assert not np.array_equal(first[0], first[1])
 
 
-def test_alpha_zero_is_the_base_model_and_alpha_one_matches_diffusers(workdir, tiny_model, unet_lora, cli):
+def test_alpha_zero_is_the_base_model_and_alpha_one_matches_diffusers(workdir, tiny_model, unet_lora, cli_in_process):
     from diffusers import StableDiffusionPipeline
 
     model = f"pretrained_model={tiny_model}"
@@ -78,8 +78,8 @@ def test_alpha_zero_is_the_base_model_and_alpha_one_matches_diffusers(workdir, t
     assert np.array_equal(base, zero)
 
     webui = workdir / "lora.safetensors"
-    assert cli(["-m", "hcpdiff.tools.lora_convert", "--to_webui", "--lora_path", str(unet_lora),
-                "--dump_path", str(webui)], cwd=workdir).returncode == 0
+    assert cli_in_process(["-m", "hcpdiff.tools.lora_convert", "--to_webui", "--lora_path", str(unet_lora),
+                           "--dump_path", str(webui)], cwd=workdir).returncode == 0
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
     pipe.load_lora_weights(str(webui))
     pipe.set_progress_bar_config(disable=True)
