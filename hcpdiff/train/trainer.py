@@ -795,7 +795,8 @@ class Trainer:
         for module in trained_modules:
             module.train()
         batch_iters = [stream.batches() for stream in self.streams]
-        progress = tqdm(total=self.train_steps, initial=self.global_step, desc="train",
+        # redrawn at most twice a second: a redraw per step is a terminal write per step on fast steps
+        progress = tqdm(total=self.train_steps, initial=self.global_step, desc="train", mininterval=0.5,
                         disable=not self.accelerator.is_main_process, dynamic_ncols=True)
         try:
             with StopSignals() as stop:
