@@ -549,6 +549,28 @@ class Flux2DevBareLoop(FlowBareLoop):
         return Flux2Pipeline._unpack_latents_with_ids(pred, image_ids)
 
 
+class Flux2KleinBareLoop(Flux2DevBareLoop):
+    """FLUX.2 [klein] as the [dev] loop (the same VAE latents, empirical shift, packing and ids), its prompts by
+    Flux2KleinPipeline.encode_prompt (Qwen3, hidden states 9, 18, 27 stacked) and no guidance embedding."""
+
+    family = "flux2_klein"
+
+    def text_pipeline(self, parts: Any) -> Any:
+        from diffusers import Flux2KleinPipeline
+
+        return Flux2KleinPipeline(scheduler=None, vae=None, transformer=None, text_encoder=parts.text_encoder,
+                                  tokenizer=parts.tokenizer)
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: dict) -> torch.Tensor:
+        from diffusers import Flux2KleinPipeline
+
+        image_ids = Flux2KleinPipeline._prepare_latent_ids(noisy).to(self.device)
+        pred = self.transformer(hidden_states=Flux2KleinPipeline._pack_latents(noisy).to(self.dtype),
+                                timestep=timesteps.to(self.dtype), guidance=None, img_ids=image_ids,
+                                return_dict=False, **text)[0]
+        return Flux2KleinPipeline._unpack_latents_with_ids(pred, image_ids)
+
+
 class WanA14BBareLoop(WanBareLoop):
     """Wan2.2 A14B's high-noise expert (`transformer`, which lora_wan_a14b.yaml trains; the low-noise one is the same
     architecture) as the Wan loop, loaded alone, its sigmas uniform over the expert's range of the shifted schedule
@@ -567,4 +589,4 @@ class WanA14BBareLoop(WanBareLoop):
 
 BARE_LOOPS = {loop.family: loop for loop in (FluxBareLoop, SD3BareLoop, QwenImageBareLoop, ZImageBareLoop,
                                              Krea2BareLoop, WanBareLoop, WanA14BBareLoop, Ideogram4BareLoop,
-                                             QwenImage21BareLoop, Flux2DevBareLoop)}
+                                             QwenImage21BareLoop, Flux2DevBareLoop, Flux2KleinBareLoop)}

@@ -58,7 +58,7 @@ LAYERS = ["to_q", "to_k", "to_v", "to_out.0"]
 # dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by a substring of torch.cuda.get_device_name(); first match wins
 BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H200", 989.4), ("H100", 989.4), ("A100", 312.0), ("4090", 165.2))
 FLOW_FAMILIES = ("flux", "sd3", "qwen_image", "z_image", "krea2", "ideogram4", "qwen_image_21", "wan",
-                 "wan2.2-a14b", "flux2_dev")  # bench_flow's loops (wan2.2-a14b: the high-noise expert)
+                 "wan2.2-a14b", "flux2_dev", "flux2_klein")  # bench_flow's loops (wan2.2-a14b: the high-noise expert)
 
 
 def default_sequence_length(family: str) -> int:
@@ -70,7 +70,7 @@ def default_sequence_length(family: str) -> int:
             "krea2": krea2.MAX_SEQUENCE_LENGTH, "ideogram4": ideogram4.MAX_SEQUENCE_LENGTH,
             "qwen_image_21": qwen_image.MAX_SEQUENCE_LENGTH,  # 2.1: not cut (the key is ignored)
             "wan": wan.MAX_SEQUENCE_LENGTH, "wan2.2-a14b": wan.MAX_SEQUENCE_LENGTH,
-            "flux2_dev": flux2.MAX_SEQUENCE_LENGTH}[family]
+            "flux2_dev": flux2.MAX_SEQUENCE_LENGTH, "flux2_klein": flux2.MAX_SEQUENCE_LENGTH}[family]
 
 
 def sync(device: torch.device) -> None:

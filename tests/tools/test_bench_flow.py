@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 from bench_flow import BARE_LOOPS, demo_batch, shipped_lora_group  # noqa: E402
 
 
-@pytest.mark.parametrize("family", ["sd3", "qwen_image", "z_image", "krea2", "flux2_dev"])
+@pytest.mark.parametrize("family", ["sd3", "qwen_image", "z_image", "krea2", "flux2_dev", "flux2_klein"])
 def test_bare_loop_steps_on_the_shipped_layers(tmp_path, family):
     model = tiny_variant_family(family).make_tiny(tmp_path / family, seed=0, variant=family)
     batch = demo_batch(make_demo_data(tmp_path / "data", num=2), 32, 2)
