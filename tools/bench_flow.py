@@ -39,13 +39,26 @@ def peft_target_regex(patterns: list[str]) -> str:
 
 
 def demo_batch(data_dir: Path, size: int, batch_size: int) -> dict:
-    """The first `batch_size` demo images at size x size (cover-resized, center-cropped) and their captions."""
+    """The first `batch_size` demo images at size x size (cover-resized, center-cropped) and their captions; an
+    editing dataset's (make_demo_data's `edit` captions: metadata.csv) instructions, and its input images shaped as
+    their targets (`condition_images`: one list of PIL images per sample), as the trainer's data gives them."""
+    import csv
+
     from hcpdiff.data.images import load_for_bucket, to_tensor
 
+    def load(path: Path) -> Any:
+        return load_for_bucket(str(path), (size, size), (255, 255, 255))[0]
+
     paths = sorted(data_dir.glob("*.png"))[:batch_size]
-    pixels = [to_tensor(load_for_bucket(str(path), (size, size), (255, 255, 255))[0]) for path in paths]
-    prompts = [path.with_suffix(".txt").read_text().strip() for path in paths]
-    return {"pixel_values": torch.stack(pixels), "prompts": prompts}
+    batch = {"pixel_values": torch.stack([to_tensor(load(path)) for path in paths])}
+    if (data_dir / "metadata.csv").is_file():  # image,prompt,edit_image rows
+        with open(data_dir / "metadata.csv", newline="", encoding="utf-8") as f:
+            rows = {row["image"]: row for row in csv.DictReader(f)}
+        batch["prompts"] = [rows[path.name]["prompt"] for path in paths]
+        batch["condition_images"] = [[load(data_dir / rows[path.name]["edit_image"])] for path in paths]
+    else:
+        batch["prompts"] = [path.with_suffix(".txt").read_text().strip() for path in paths]
+    return batch
 
 
 def make_full_width_flux(out_dir: Path, seed: int = 0, double: int = 1, single: int = 1) -> Path:
@@ -89,7 +102,7 @@ class FlowBareLoop:
     expert: str | None = None  # a model with denoising experts: the one trained (loaded alone, as the trainer does)
 
     def __init__(self, model_dir: str, batch: dict, device: torch.device, dtype: torch.dtype,
-                 max_sequence_length: int, lr: float = 1e-4):
+                 max_sequence_length: int, lr: float = 1e-4, condition_area: int | None = None):
         from peft import LoraConfig
 
         from hcpdiff.models import load_model_parts
@@ -119,6 +132,8 @@ class FlowBareLoop:
         self.pixel_values = batch["pixel_values"].to(device, dtype)
         self.prompts = batch["prompts"]
         self.vae_factor = parts.vae_scale_factor
+        # an editing family: each sample's input images (PIL, shaped as its target) and the area they are encoded at
+        self.condition_images, self.condition_area = batch.get("condition_images"), condition_area
 
     def adapted_layers(self) -> set[str]:
         """Dotted names of the transformer layers peft put a LoRA on."""
@@ -587,6 +602,142 @@ class WanA14BBareLoop(WanBareLoop):
         return sigmas, sigmas * 1000.0
 
 
+class FluxKontextBareLoop(FluxBareLoop):
+    """FLUX.1 Kontext as diffusers' Kontext LoRA example and FluxKontextPipeline write it: the FLUX.1 loop (latents,
+    FluxPipeline-style encode_prompt, the resolution shift on the noisy latents' sequence, guidance 1), each sample's
+    input image resized to the preferred Kontext resolution nearest its aspect ratio, scaled to `condition_area`, by
+    the pipeline's image processor, encoded and packed by its prepare_latents (the posterior's mode, ids with first
+    coordinate 1), joined after the noisy tokens; the prediction for the input tokens dropped."""
+
+    family = "flux_kontext"
+
+    def text_pipeline(self, parts: Any) -> Any:
+        from diffusers import FluxKontextPipeline
+
+        return FluxKontextPipeline(scheduler=None, vae=parts.vae, transformer=None, text_encoder=parts.text_encoder,
+                                   tokenizer=parts.tokenizer, text_encoder_2=parts.text_encoder_2,
+                                   tokenizer_2=parts.tokenizer_2)
+
+    def encode_text(self) -> dict:
+        import math
+
+        from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+        pipe, images = self.text, [sample[0] for sample in self.condition_images]
+        multiple_of = pipe.vae_scale_factor * 2
+        _, width, height = min((abs(images[0].width / images[0].height - w / h), w, h)
+                               for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
+        scale = math.sqrt(self.condition_area / (width * height))
+        width, height = (max(multiple_of, round(side * scale) // multiple_of * multiple_of) for side in (width, height))
+        pixels = pipe.image_processor.preprocess([pipe.image_processor.resize(image, height, width)
+                                                  for image in images], height, width)
+        _, tokens, _, ids = pipe.prepare_latents(pixels, len(images), pipe.vae.config.latent_channels, height, width,
+                                                 self.dtype, self.device, latents=torch.empty(0))  # no noise drawn
+        return {**super().encode_text(), "condition_latents": tokens, "condition_ids": ids}
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: dict) -> torch.Tensor:
+        from diffusers import FluxKontextPipeline
+
+        batch, channels, height, width = noisy.shape
+        packed = FluxKontextPipeline._pack_latents(noisy, batch, channels, height, width).to(self.dtype)
+        image_ids = FluxKontextPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, self.device,
+                                                                  self.dtype)
+        guidance = torch.full((batch,), 1.0, device=self.device) if self.transformer.config.guidance_embeds else None
+        pred = self.transformer(hidden_states=torch.cat([packed, text["condition_latents"].to(self.dtype)], dim=1),
+                                timestep=timesteps, guidance=guidance, pooled_projections=text["pooled_projections"],
+                                encoder_hidden_states=text["encoder_hidden_states"], txt_ids=text["txt_ids"],
+                                img_ids=torch.cat([image_ids, text["condition_ids"]], dim=0), return_dict=False)[0]
+        return FluxKontextPipeline._unpack_latents(pred[:, : packed.shape[1]], height * self.vae_factor,
+                                                   width * self.vae_factor, self.vae_factor)
+
+
+class QwenImageEditBareLoop(QwenImageBareLoop):
+    """Qwen-Image-Edit as QwenImageEditPipeline computes its inputs (diffusers has no Edit training example), on the
+    Qwen-Image loop: each sample's input image resized to `condition_area` at its aspect ratio (the pipeline's
+    calculate_dimensions, 1024x1024 there) by its image processor, read with the prompt by its encode_prompt
+    (Qwen2.5-VL), encoded by its _encode_vae_image and packed, joined after the noisy tokens with a shape of its own
+    in img_shapes; the prediction for the input tokens dropped. The prompt is not cut (the pipeline does not cut it)."""
+
+    family = "qwen_image_edit"
+
+    def text_pipeline(self, parts: Any) -> Any:
+        from diffusers import QwenImageEditPipeline
+
+        return QwenImageEditPipeline(scheduler=None, vae=parts.vae, text_encoder=parts.text_encoder,
+                                     tokenizer=parts.tokenizer, processor=parts.components["processor"],
+                                     transformer=None)
+
+    def encode_text(self) -> dict:
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
+
+        pipe, images = self.text, [sample[0] for sample in self.condition_images]
+        width, height, _ = calculate_dimensions(self.condition_area, images[0].width / images[0].height)
+        resized = [pipe.image_processor.resize(image, height, width) for image in images]
+        embeds, mask = pipe.encode_prompt(self.prompts, image=resized, device=self.device)
+        pixels = pipe.image_processor.preprocess(resized, height, width).unsqueeze(2)
+        latents = pipe._encode_vae_image(pixels.to(self.device, self.dtype), generator=None)
+        batch, channels, _, latent_height, latent_width = latents.shape
+        return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask,
+                "condition_latents": pipe._pack_latents(latents, batch, channels, latent_height, latent_width),
+                "condition_shapes": [(1, latent_height // 2, latent_width // 2)]}
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: dict) -> torch.Tensor:
+        from diffusers import QwenImagePipeline
+
+        batch, channels, height, width = noisy.shape
+        packed = QwenImagePipeline._pack_latents(noisy.to(self.dtype), batch, channels, height, width)
+        img_shapes = [[(1, height // 2, width // 2), *text["condition_shapes"]]] * batch
+        pred = self.transformer(hidden_states=torch.cat([packed, text["condition_latents"].to(self.dtype)], dim=1),
+                                timestep=timesteps, img_shapes=img_shapes,
+                                encoder_hidden_states=text["encoder_hidden_states"],
+                                encoder_hidden_states_mask=text["encoder_hidden_states_mask"], return_dict=False)[0]
+        return QwenImagePipeline._unpack_latents(pred[:, : packed.shape[1]], height * self.vae_factor,
+                                                 width * self.vae_factor, self.vae_factor).squeeze(2)
+
+
+class QwenImageEditPlusBareLoop(QwenImageEditBareLoop):
+    """Qwen-Image-Edit-2509 / 2511 as QwenImageEditPlusPipeline computes its inputs: per sample (the pipeline gives
+    every prompt all its images, so one call each), its input images resized to the pipeline's CONDITION_IMAGE_SIZE
+    area for its encode_prompt ("Picture 1: ..."), and preprocessed at `condition_area` (the pipeline's
+    VAE_IMAGE_SIZE) for _encode_vae_image, packed and joined in order; the samples' prompt states zero-padded to the
+    longest with their mask, as the pipeline pads a batch."""
+
+    family = "qwen_image_edit_plus"
+
+    def text_pipeline(self, parts: Any) -> Any:
+        from diffusers import QwenImageEditPlusPipeline
+
+        return QwenImageEditPlusPipeline(scheduler=None, vae=parts.vae, text_encoder=parts.text_encoder,
+                                         tokenizer=parts.tokenizer, processor=parts.components["processor"],
+                                         transformer=None)
+
+    def encode_text(self) -> dict:
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import CONDITION_IMAGE_SIZE, calculate_dimensions
+
+        pipe, states, tokens = self.text, [], []
+        for prompt, images in zip(self.prompts, self.condition_images):
+            vl_images, sample_tokens, shapes = [], [], []
+            for image in images:
+                width, height = calculate_dimensions(CONDITION_IMAGE_SIZE, image.width / image.height)
+                vl_images.append(pipe.image_processor.resize(image, height, width))
+                width, height = calculate_dimensions(self.condition_area, image.width / image.height)
+                pixels = pipe.image_processor.preprocess(image, height, width).unsqueeze(2)
+                latents = pipe._encode_vae_image(pixels.to(self.device, self.dtype), generator=None)
+                _, channels, _, latent_height, latent_width = latents.shape
+                sample_tokens.append(pipe._pack_latents(latents, 1, channels, latent_height, latent_width))
+                shapes.append((1, latent_height // 2, latent_width // 2))
+            embeds, _ = pipe.encode_prompt([prompt], image=vl_images, device=self.device)
+            states.append(embeds[0])
+            tokens.append(torch.cat(sample_tokens, dim=1))
+        longest = max(state.shape[0] for state in states)
+        embeds = torch.stack([torch.cat([state, state.new_zeros(longest - state.shape[0], state.shape[1])])
+                              for state in states])
+        mask = torch.stack([torch.arange(longest, device=self.device) < state.shape[0] for state in states]).long()
+        return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask,
+                "condition_latents": torch.cat(tokens), "condition_shapes": shapes}
+
+
 BARE_LOOPS = {loop.family: loop for loop in (FluxBareLoop, SD3BareLoop, QwenImageBareLoop, ZImageBareLoop,
                                              Krea2BareLoop, WanBareLoop, WanA14BBareLoop, Ideogram4BareLoop,
-                                             QwenImage21BareLoop, Flux2DevBareLoop, Flux2KleinBareLoop)}
+                                             QwenImage21BareLoop, Flux2DevBareLoop, Flux2KleinBareLoop,
+                                             FluxKontextBareLoop, QwenImageEditBareLoop, QwenImageEditPlusBareLoop)}

@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from hcpdiff.config import load_config  # noqa: E402
 from hcpdiff.families import tiny_variant_family  # noqa: E402
 from hcpdiff.models import load_model_parts  # noqa: E402
-from hcpdiff.tools.make_demo_data import make_demo_data  # noqa: E402
+from hcpdiff.tools.make_demo_data import family_dataset  # noqa: E402
 from hcpdiff.tools.make_tiny_model import make_tiny_model  # noqa: E402
 from hcpdiff.train.run import quiet_libraries  # noqa: E402
 from hcpdiff.train.trainer import Trainer  # noqa: E402
@@ -58,7 +58,9 @@ LAYERS = ["to_q", "to_k", "to_v", "to_out.0"]
 # dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by a substring of torch.cuda.get_device_name(); first match wins
 BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H200", 989.4), ("H100", 989.4), ("A100", 312.0), ("4090", 165.2))
 FLOW_FAMILIES = ("flux", "sd3", "qwen_image", "z_image", "krea2", "ideogram4", "qwen_image_21", "wan",
-                 "wan2.2-a14b", "flux2_dev", "flux2_klein")  # bench_flow's loops (wan2.2-a14b: the high-noise expert)
+                 "wan2.2-a14b", "flux2_dev", "flux2_klein", "flux_kontext", "qwen_image_edit",
+                 "qwen_image_edit_plus")  # bench_flow's loops (wan2.2-a14b: the high-noise expert)
+CONDITION_AREA = 128 * 128  # an editing family's input-image area (model.condition_area) unless --condition_area
 
 
 def default_sequence_length(family: str) -> int:
@@ -70,7 +72,11 @@ def default_sequence_length(family: str) -> int:
             "krea2": krea2.MAX_SEQUENCE_LENGTH, "ideogram4": ideogram4.MAX_SEQUENCE_LENGTH,
             "qwen_image_21": qwen_image.MAX_SEQUENCE_LENGTH,  # 2.1: not cut (the key is ignored)
             "wan": wan.MAX_SEQUENCE_LENGTH, "wan2.2-a14b": wan.MAX_SEQUENCE_LENGTH,
-            "flux2_dev": flux2.MAX_SEQUENCE_LENGTH, "flux2_klein": flux2.MAX_SEQUENCE_LENGTH}[family]
+            "flux2_dev": flux2.MAX_SEQUENCE_LENGTH, "flux2_klein": flux2.MAX_SEQUENCE_LENGTH,
+            "flux_kontext": flux.DEV_MAX_SEQUENCE_LENGTH,
+            # Qwen-Image-Edit (Plus): not cut (the key is ignored)
+            "qwen_image_edit": qwen_image.MAX_SEQUENCE_LENGTH, "qwen_image_edit_plus": qwen_image.MAX_SEQUENCE_LENGTH,
+            }[family]
 
 
 def sync(device: torch.device) -> None:
@@ -144,14 +150,19 @@ class BenchTrainer(Trainer):
         return []
 
 
-def build_trainer(model_dir: str, data_dir: Path, exp_root: Path, args) -> Trainer:
+def bench_data(folder: Path, args) -> tuple[Path, list[str]]:
+    """(the demo data folder, the overrides that point the trainer at it): captioned images, or for an editing family
+    (input image, instruction, image) rows with the input images at --condition_area (make_demo_data's
+    family_dataset, as the tests that run every family make them)."""
+    return family_dataset(tiny_variant_family(args.family), folder, num=max(4, args.batch * 2), condition_area=args.condition_area)
+
+
+def build_trainer(model_dir: str, data_overrides: list[str], exp_root: Path, args) -> Trainer:
     """hcpdiff's trainer from demo_tiny.yaml (a flow-matching family: its shipped lora_<family>.yaml), pointed at the
-    same model, data, batch and layers."""
+    same model, data (bench_data's overrides), batch and layers."""
     caches = "true" if args.caches else "false"
     overrides = [
-        f"model.pretrained_model_name_or_path={model_dir}",
-        f"data.dataset1.source.data_source1.img_root={data_dir}",
-        f"data.dataset1.source.data_source1.caption_file={data_dir}",
+        f"model.pretrained_model_name_or_path={model_dir}", *data_overrides,
         "data.dataset1.source.data_source1.prompt_template=null",
         # off: both loops encode every step (tools/bench_cache.py measures what the caches save on SD)
         f"data.dataset1.cache_latents={caches}", f"data.dataset1.cache_text_embeds={caches}",
@@ -206,7 +217,8 @@ def bare_loop(model_dir: str, data_dir: Path, device: torch.device, dtype: torch
         from bench_flow import BARE_LOOPS, demo_batch
 
         bare = BARE_LOOPS[args.family](model_dir, demo_batch(data_dir, args.size, args.batch), device, dtype,
-                                       max_sequence_length=args.max_sequence_length)
+                                       max_sequence_length=args.max_sequence_length,
+                                       condition_area=args.condition_area)
         denoiser = bare.transformer
     else:
         bare = BareLoop(model_dir, sd_batch, device, dtype)
@@ -225,9 +237,9 @@ def run_one_loop(args) -> None:
     """`--only trainer|bare`: time one loop in this process and print its result as one JSON line."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        data_dir = make_demo_data(tmp / "data", num=max(4, args.batch * 2))
+        data_dir, data_overrides = bench_data(tmp / "data", args)
         if args.only == "trainer":
-            trainer = build_trainer(args.model, data_dir, tmp, args)
+            trainer = build_trainer(args.model, data_overrides, tmp, args)
             trainer.train()  # warm-up steps
             times = [time_trainer_block(trainer, args.steps) for _ in range(args.blocks)]
         else:
@@ -288,6 +300,9 @@ def main() -> None:
     parser.add_argument("--max_sequence_length", type=int, default=None,
                         help="flow-matching families: prompt tokens (T5's for FLUX / SD3); default the family's own "
                              "(FLUX.1-dev 512, SD3 256, Qwen-Image 512)")
+    parser.add_argument("--condition_area", type=int, default=CONDITION_AREA,
+                        help="editing families (flux_kontext, qwen_image_edit, qwen_image_edit_plus): the input "
+                             "image's area in pixels for both loops (model.condition_area; default 128*128)")
     parser.add_argument("--only", choices=["trainer", "bare"], help=argparse.SUPPRESS)  # a --flux-full-width child
     parser.add_argument("--size", type=int, default=256, help="square image side in pixels")
     parser.add_argument("--batch", type=int, default=2)
@@ -324,8 +339,8 @@ def main() -> None:
             model_dir = str(make_tiny_model(tmp / "tiny", seed=0))
         if args.sd15_unet:
             model_dir = str(make_sd15_shaped_model(tmp / "sd15_unet", Path(model_dir)))
-        data_dir = make_demo_data(tmp / "data", num=max(4, args.batch * 2))
-        trainer = build_trainer(model_dir, data_dir, tmp, args)
+        data_dir, data_overrides = bench_data(tmp / "data", args)
+        trainer = build_trainer(model_dir, data_overrides, tmp, args)
         trainer.train()  # warm-up steps
         device = trainer.accelerator.device
         sd_batch = batch_on_device(next(iter(trainer.streams[0].loader)), device) if args.family == "sd" else None

@@ -12,6 +12,7 @@ import csv
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw
 
@@ -74,6 +75,20 @@ def make_demo_data(out_dir: str | Path, num: int = 8, seed: int = 0, captions: s
     elif captions != "none":
         raise ValueError(f"captions must be txt, json, csv, edit or none, not {captions!r}")
     return out
+
+
+def family_dataset(family: Any, folder: str | Path, num: int, condition_area: int = 64 * 64
+                   ) -> tuple[Path, list[str]]:
+    """(the data folder, the training overrides that read it) for a family's shipped training config: `num` demo
+    images with their captions; an editing family's (`family.condition_images` > 0) rows (`edit` captions:
+    input/<i>.png, "make the circle red") with its input images at `condition_area` pixels (its pipeline's 1024x1024
+    takes the tiny VAE ~2 s an image on a CPU). The tests that run every family and tools/bench_train_step.py use it."""
+    edits = family.condition_images > 0
+    data = make_demo_data(folder, num=num, captions="edit" if edits else "txt")
+    overrides = [f"data.dataset1.source.data_source1.img_root={data}",
+                 f"data.dataset1.source.data_source1.caption_file={data}",
+                 *([f"model.condition_area={condition_area}"] if edits else [])]
+    return data, overrides
 
 
 def main() -> None:

@@ -11,17 +11,20 @@ import torch
 
 from hcpdiff.families import family_named, tiny_variant_family
 from hcpdiff.lora.layer_select import select_layers
-from hcpdiff.tools.make_demo_data import make_demo_data
+from hcpdiff.tools.make_demo_data import family_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 from bench_flow import BARE_LOOPS, demo_batch, shipped_lora_group  # noqa: E402
 
 
-@pytest.mark.parametrize("family", ["sd3", "qwen_image", "z_image", "krea2", "flux2_dev", "flux2_klein"])
+@pytest.mark.parametrize("family", ["sd3", "qwen_image", "z_image", "krea2", "flux2_dev", "flux2_klein",
+                                    "flux_kontext", "qwen_image_edit", "qwen_image_edit_plus"])
 def test_bare_loop_steps_on_the_shipped_layers(tmp_path, family):
     model = tiny_variant_family(family).make_tiny(tmp_path / family, seed=0, variant=family)
-    batch = demo_batch(make_demo_data(tmp_path / "data", num=2), 32, 2)
-    loop = BARE_LOOPS[family](str(model), batch, torch.device("cpu"), torch.float32, max_sequence_length=64)
+    data, _ = family_dataset(tiny_variant_family(family), tmp_path / "data", num=2)  # editing: input images too
+    batch = demo_batch(data, 32, 2)
+    loop = BARE_LOOPS[family](str(model), batch, torch.device("cpu"), torch.float32, max_sequence_length=64,
+                              condition_area=32 * 32)
     before = [param.detach().clone() for param in loop.params]
     loop.step()
     assert any(not torch.equal(old, new) for old, new in zip(before, loop.params))
