@@ -14,6 +14,8 @@ on; the flow-matching families then release their text encoders).
     python tools/bench_train_step.py --family sd3|qwen_image|z_image|krea2|qwen_image_21|wan|flux2_dev [--caches]   # tiny
         # SD3 (with T5) / Qwen-Image / Z-Image / Krea 2 / Qwen-Image 2.1 / Wan (images as 1-frame clips) / FLUX.2 [dev]
     python tools/bench_train_step.py --family wan2.2-a14b     # tiny Wan2.2 A14B: its high-noise expert alone
+    python tools/bench_train_step.py --family flux_kontext|qwen_image_edit|qwen_image_edit_plus [--condition_area 16384]
+        # the editing families on (input image, instruction, image) rows, the input images at that area in both loops
     python tools/bench_train_step.py --family ideogram4 [--max_sequence_length 64]   # tiny Ideogram 4: the bare loop
         # pads text to max_sequence_length (the pipeline's 2048 by default), the trainer to each batch's longest
     python tools/bench_train_step.py --family flux --flux-full-width --size 512 --batch 1 --mixed_precision bf16

@@ -34,3 +34,27 @@ def test_bare_loop_steps_on_the_shipped_layers(tmp_path, family):
     unused = family_named(family).unused_layers("transformer", transformer)
     selected = set(select_layers(transformer, shipped_lora_group(family)["layers"], "layers")) - unused
     assert loop.adapted_layers() == selected
+
+
+@pytest.mark.parametrize("family", ["flux_kontext", "qwen_image_edit", "qwen_image_edit_plus"])
+def test_editing_bare_loop_encodes_what_the_trainer_encodes(tmp_path, family):
+    """The same input images at the same area: the bare loop's input-image tokens and prompt states are those of
+    hcpdiff's conditioner on the trainer's batch (condition_pixels) at model.condition_area."""
+    from hcpdiff.data.images import to_tensor
+    from hcpdiff.models import load_model_parts
+
+    model = tiny_variant_family(family).make_tiny(tmp_path / family, seed=0, variant=family)
+    data, _ = family_dataset(tiny_variant_family(family), tmp_path / "data", num=2)
+    batch = demo_batch(data, 64, 2)
+    loop = BARE_LOOPS[family](str(model), batch, torch.device("cpu"), torch.float32, max_sequence_length=64,
+                              condition_area=32 * 32)
+    with torch.no_grad():
+        bare = loop.encode_text()
+    parts = load_model_parts(str(model))
+    conditioner = parts.family.build_conditioner(parts.components, 1, 0, max_sequence_length=64,
+                                                 condition_area=32 * 32)
+    pixels = torch.stack([torch.stack([to_tensor(image) for image in images]) for images in batch["condition_images"]])
+    with torch.no_grad():
+        ours = conditioner(batch["prompts"], {"condition_pixels": pixels}, torch.device("cpu"))
+    for key in ("condition_latents", "encoder_hidden_states"):
+        torch.testing.assert_close(bare[key].float(), ours[key].float(), rtol=1e-4, atol=1e-4)
