@@ -1,7 +1,8 @@
 """Flow-matching parts of tools/bench_train_step.py: the bare diffusers + peft loops of FLUX, SD3, Qwen-Image, Z-Image,
 Krea 2, Wan (and Wan2.2 A14B's high-noise expert), Ideogram 4, Qwen-Image 2.1, FLUX.2 [dev] / [klein] and the
-editing families FLUX.1 Kontext, Qwen-Image-Edit and Qwen-Image-Edit-2509 (one shared step, with each family's diffusers functions for latents, prompts, sigmas and the transformer call), the
-full-width FLUX builder, and the batch the bare loops train on. Not run on its own."""
+editing families FLUX.1 Kontext, Qwen-Image-Edit and Qwen-Image-Edit-2509 (one shared step, with each family's
+diffusers functions for latents, prompts, sigmas and the transformer call), the full-width FLUX builder, and the
+batch the bare loops train on. Not run on its own."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -712,7 +713,8 @@ class QwenImageEditPlusBareLoop(QwenImageEditBareLoop):
                                          transformer=None)
 
     def encode_text(self) -> dict:
-        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import CONDITION_IMAGE_SIZE, calculate_dimensions
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (CONDITION_IMAGE_SIZE,
+                                                                                calculate_dimensions)
 
         pipe, states, tokens = self.text, [], []
         for prompt, images in zip(self.prompts, self.condition_images):

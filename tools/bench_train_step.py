@@ -156,7 +156,8 @@ def bench_data(folder: Path, args) -> tuple[Path, list[str]]:
     """(the demo data folder, the overrides that point the trainer at it): captioned images, or for an editing family
     (input image, instruction, image) rows with the input images at --condition_area (make_demo_data's
     family_dataset, as the tests that run every family make them)."""
-    return family_dataset(tiny_variant_family(args.family), folder, num=max(4, args.batch * 2), condition_area=args.condition_area)
+    return family_dataset(tiny_variant_family(args.family), folder, num=max(4, args.batch * 2),
+                          condition_area=args.condition_area)
 
 
 def build_trainer(model_dir: str, data_overrides: list[str], exp_root: Path, args) -> Trainer:
