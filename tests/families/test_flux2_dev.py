@@ -17,6 +17,7 @@ from diffusers import Flux2Pipeline
 from PIL import Image
 from safetensors.torch import load_file
 
+from family_data import to_diffusers, train_in, visualizer_render
 from hcpdiff.families import FAMILIES, detect_family, family_named, folder_config_reader
 from hcpdiff.models import load_model_parts
 from hcpdiff.tools.make_demo_data import make_demo_data
@@ -155,17 +156,10 @@ STEPS = 12
 def trained(tmp_path_factory, tiny_dev, cli_in_process) -> tuple[Path, Path, Path]:
     """(model, experiment folder, its LoRA by lora_convert --to_diffusers) of lora_flux2_dev.yaml overfitting one
     image for STEPS steps on the tiny model."""
-    from hcpdiff.tools.lora_convert import main as lora_convert
-
     workdir = tmp_path_factory.mktemp("dev_run")
-    (workdir / "cfgs").symlink_to(REPO_ROOT / "cfgs")
-    data = make_demo_data(workdir / "data", num=1)
-    result = cli_in_process(train_args(tiny_dev, data, STEPS), cwd=workdir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    exp = next((workdir / "exps").iterdir())
-    converted = workdir / "pytorch_lora_weights.safetensors"
-    assert lora_convert(["--to_diffusers", "--lora_path", str(exp / "ckpts" / f"transformer-{STEPS}.safetensors"),
-                         "--dump_path", str(converted)]) == 0
+    exp, _ = train_in(workdir, cli_in_process, lambda data: train_args(tiny_dev, data, STEPS))
+    converted = to_diffusers(exp / "ckpts" / f"transformer-{STEPS}.safetensors",
+                             workdir / "pytorch_lora_weights.safetensors")
     return tiny_dev, exp, converted
 
 
@@ -215,14 +209,7 @@ def test_shipped_config_overfits_one_image_and_renders_as_diffusers_loads_it(tra
     with_lora = render_with_diffusers(pipe)
 
     lora = exp / "ckpts" / f"transformer-{STEPS}.safetensors"
-    (tmp_path / "cfgs").symlink_to(REPO_ROOT / "cfgs")
-    done = cli_in_process(["-m", "hcpdiff.visualizer", "--cfg", "cfgs/infer/text2img_flux2_dev.yaml",
-                           f"pretrained_model={model}", "dtype=fp32", f"lora_path={lora}", "prompt='a red circle'",
-                           f"save.out_dir={tmp_path / 'out'}", "infer_args.width=64", "infer_args.height=64",
-                           "infer_args.num_inference_steps=2"], cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (image_file,) = sorted((tmp_path / "out").glob("*.png"))
-    rendered = np.asarray(Image.open(image_file).convert("RGB"), dtype=np.int16)
+    rendered = visualizer_render(cli_in_process, tmp_path, "cfgs/infer/text2img_flux2_dev.yaml", model, lora)
     assert np.abs(with_lora - base).mean() > 1  # the LoRA changes the image
     assert np.abs(with_lora - rendered).max() <= 2  # hcpdiff's merge renders as diffusers' peft layers
 

@@ -20,11 +20,11 @@ from diffusers.pipelines.ideogram4.pipeline_ideogram4 import _logit_normal_sigma
 from PIL import Image
 from safetensors.torch import load_file
 
+from family_data import to_diffusers, train_in, visualizer_render
 from hcpdiff.errors import ConfigError
 from hcpdiff.families import FAMILIES, detect_family, family_named, folder_config_reader
 from hcpdiff.families.ideogram4 import pack, unpack
 from hcpdiff.models import load_model_parts
-from hcpdiff.tools.make_demo_data import make_demo_data
 from hcpdiff.train.specs import LossSpec
 
 IDEOGRAM = family_named("ideogram4")
@@ -265,17 +265,10 @@ STEPS = 12
 def trained(tmp_path_factory, tiny_ideogram, cli_in_process) -> tuple[Path, Path, Path]:
     """(model, experiment folder, its LoRA by lora_convert --to_diffusers) of lora_ideogram4.yaml overfitting one
     image for STEPS steps on the tiny model."""
-    from hcpdiff.tools.lora_convert import main as lora_convert
-
     workdir = tmp_path_factory.mktemp("ideogram4_run")
-    (workdir / "cfgs").symlink_to(REPO_ROOT / "cfgs")
-    data = make_demo_data(workdir / "data", num=1)
-    result = cli_in_process(train_args(tiny_ideogram, data, STEPS), cwd=workdir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    exp = next((workdir / "exps").iterdir())
-    converted = workdir / "pytorch_lora_weights.safetensors"
-    assert lora_convert(["--to_diffusers", "--lora_path", str(exp / "ckpts" / f"transformer-{STEPS}.safetensors"),
-                         "--dump_path", str(converted)]) == 0
+    exp, _ = train_in(workdir, cli_in_process, lambda data: train_args(tiny_ideogram, data, STEPS))
+    converted = to_diffusers(exp / "ckpts" / f"transformer-{STEPS}.safetensors",
+                             workdir / "pytorch_lora_weights.safetensors")
     return tiny_ideogram, exp, converted
 
 
@@ -326,14 +319,8 @@ def render_with_diffusers(pipe: Ideogram4Pipeline) -> np.ndarray:
 def test_visualizer_and_to_diffusers_render_the_trained_lora_alike(trained, tmp_path, cli_in_process):
     model, exp, converted = trained
     lora = exp / "ckpts" / f"transformer-{STEPS}.safetensors"
-    (tmp_path / "cfgs").symlink_to(REPO_ROOT / "cfgs")
-    done = cli_in_process(["-m", "hcpdiff.visualizer", "--cfg", "cfgs/infer/text2img_ideogram4.yaml",
-                           f"pretrained_model={model}", "dtype=fp32", f"lora_path={lora}", "prompt='a red circle'",
-                           f"save.out_dir={tmp_path / 'out'}", "infer_args.width=64", "infer_args.height=64",
-                           "infer_args.num_inference_steps=2", "infer_args.guidance_scale=2.5"], cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (image_file,) = sorted((tmp_path / "out").glob("*.png"))
-    rendered = np.asarray(Image.open(image_file).convert("RGB"), dtype=np.int16)
+    rendered = visualizer_render(cli_in_process, tmp_path, "cfgs/infer/text2img_ideogram4.yaml",
+                                 model, lora, "infer_args.guidance_scale=2.5")
 
     assert {key.split(".")[0] for key in load_file(converted)} == {"transformer"}
     loaded = Ideogram4Pipeline.from_pretrained(model)

@@ -17,17 +17,16 @@ import pytest
 import torch
 from diffusers import Krea2Pipeline
 from diffusers.pipelines.krea2.pipeline_krea2 import calculate_shift
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from family_data import to_diffusers, train_in, visualizer_render
 from hcpdiff.data.tensor_store import TensorStore
 from hcpdiff.errors import ConfigError
 from hcpdiff.families import FAMILIES, detect_family, family_named, folder_config_reader
 from hcpdiff.infer.pipeline import build_pipeline
 from hcpdiff.models import load_model_parts
 from hcpdiff.objectives.flow_matching import sample_sigmas
-from hcpdiff.tools.make_demo_data import make_demo_data
 from hcpdiff.train.specs import LossSpec
 from hcpdiff.train.text_cache import CachedConditioner, can_cache_text
 
@@ -243,20 +242,16 @@ STEPS = 8
 def trained(tmp_path_factory, tiny_krea2, cli_in_process) -> tuple[Path, Path, str]:
     """(model, experiment folder, stderr) of lora_krea2.yaml overfitting one image for STEPS steps on the tiny model
     (fp32, one 64 px bucket, rank 4, 64 prompt tokens)."""
-    workdir = tmp_path_factory.mktemp("krea2_run")
-    (workdir / "cfgs").symlink_to(REPO_ROOT / "cfgs")
-    data = make_demo_data(workdir / "data", num=1)
-    args = ["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/lora_krea2.yaml",
-            f"model.pretrained_model_name_or_path={tiny_krea2}", "mixed_precision=null",
-            "model.max_sequence_length=64", f"data.dataset1.source.data_source1.img_root={data}",
-            f"data.dataset1.source.data_source1.caption_file={data}", "train.workers=0",
-            "train.scheduler.num_warmup_steps=0", 'data.dataset1.bucket.target_area=${hcp.eval:"64*64"}',
-            "data.dataset1.bucket.num_bucket=1", f"train.train_steps={STEPS}", "train.log_step=1",
-            "train.save_step=1000", "transformer_lr=1e-2", "train.loss.logit_std=0.3", "lora_transformer.0.rank=4",
-            "lora_transformer.0.alpha=4"]
-    result = cli_in_process(args, cwd=workdir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return tiny_krea2, next((workdir / "exps").iterdir()), result.stderr
+    exp, stderr = train_in(tmp_path_factory.mktemp("krea2_run"), cli_in_process, lambda data: [
+        "-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/lora_krea2.yaml",
+        f"model.pretrained_model_name_or_path={tiny_krea2}", "mixed_precision=null",
+        "model.max_sequence_length=64", f"data.dataset1.source.data_source1.img_root={data}",
+        f"data.dataset1.source.data_source1.caption_file={data}", "train.workers=0",
+        "train.scheduler.num_warmup_steps=0", 'data.dataset1.bucket.target_area=${hcp.eval:"64*64"}',
+        "data.dataset1.bucket.num_bucket=1", f"train.train_steps={STEPS}", "train.log_step=1",
+        "train.save_step=1000", "transformer_lr=1e-2", "train.loss.logit_std=0.3", "lora_transformer.0.rank=4",
+        "lora_transformer.0.alpha=4"])
+    return tiny_krea2, exp, stderr
 
 
 @pytest.mark.e2e
@@ -290,21 +285,13 @@ def render_with_diffusers(pipe: Krea2Pipeline) -> np.ndarray:
 
 @pytest.mark.e2e
 def test_visualizer_and_to_diffusers_render_the_trained_lora_alike(trained, tmp_path, cli_in_process):
-    from hcpdiff.tools.lora_convert import main as lora_convert
-
     model, exp, _ = trained
     lora = exp / "ckpts" / f"transformer-{STEPS}.safetensors"
-    (tmp_path / "cfgs").symlink_to(REPO_ROOT / "cfgs")
-    done = cli_in_process(["-m", "hcpdiff.visualizer", "--cfg", "cfgs/infer/text2img_krea2.yaml",
-                           f"pretrained_model={model}", "dtype=fp32", f"lora_path={lora}", "prompt='a red circle'",
-                           f"save.out_dir={tmp_path / 'out'}", "infer_args.width=64", "infer_args.height=64",
-                           "infer_args.num_inference_steps=2", "infer_args.guidance_scale=2.5"], cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (image_file,) = sorted((tmp_path / "out").glob("*.png"))
-    rendered = np.asarray(Image.open(image_file).convert("RGB"), dtype=np.int16)
+    rendered = visualizer_render(cli_in_process, tmp_path, "cfgs/infer/text2img_krea2.yaml",
+                                 model, lora, "infer_args.guidance_scale=2.5")
 
     converted = tmp_path / "pytorch_lora_weights.safetensors"
-    assert lora_convert(["--to_diffusers", "--lora_path", str(lora), "--dump_path", str(converted)]) == 0
+    to_diffusers(lora, converted)
     assert {key.split(".")[0] for key in load_file(converted)} == {"transformer"}
     loaded = Krea2Pipeline.from_pretrained(model)
     loaded.set_progress_bar_config(disable=True)

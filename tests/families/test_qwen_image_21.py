@@ -17,15 +17,14 @@ import pytest
 import torch
 from diffusers import QwenImage21Pipeline
 from diffusers.pipelines.qwenimage21.pipeline_qwenimage21 import calculate_shift
-from PIL import Image
 from safetensors.torch import load_file
 
+from family_data import train_in, visualizer_render
 from hcpdiff.errors import ConfigError
 from hcpdiff.families import detect_family, family_named, folder_config_reader
 from hcpdiff.families.qwen_image_21 import pack_latents, unpack_latents
 from hcpdiff.models import load_model_parts
 from hcpdiff.objectives.flow_matching import sample_sigmas
-from hcpdiff.tools.make_demo_data import make_demo_data
 from hcpdiff.train.specs import LossSpec
 from hcpdiff.train.text_cache import CachedConditioner, can_cache_text
 
@@ -249,19 +248,15 @@ STEPS = 12
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny, cli_in_process) -> tuple[Path, Path]:
     """(model, experiment folder) of lora_qwen_image_21.yaml overfitting one image on the tiny model (fp32, rank 4)."""
-    workdir = tmp_path_factory.mktemp("q21_run")
-    (workdir / "cfgs").symlink_to(REPO_ROOT / "cfgs")
-    data = make_demo_data(workdir / "data", num=1)
-    result = cli_in_process([
+    exp, _ = train_in(tmp_path_factory.mktemp("q21_run"), cli_in_process, lambda data: [
         "-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/lora_qwen_image_21.yaml",
         f"model.pretrained_model_name_or_path={tiny}", "mixed_precision=null",
         f"data.dataset1.source.data_source1.img_root={data}", f"data.dataset1.source.data_source1.caption_file={data}",
         "train.workers=0", "train.scheduler.num_warmup_steps=0", 'data.dataset1.bucket.target_area=${hcp.eval:"64*64"}',
         "data.dataset1.bucket.num_bucket=1", f"train.train_steps={STEPS}", "train.log_step=1", "train.save_step=1000",
         "transformer_lr=1e-1", "train.loss.logit_std=0.3", "lora_transformer.0.rank=4", "lora_transformer.0.alpha=4",
-    ], cwd=workdir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return tiny, next((workdir / "exps").iterdir())
+    ])
+    return tiny, exp
 
 
 @pytest.mark.e2e
@@ -283,14 +278,8 @@ def test_visualizer_and_to_diffusers_render_the_trained_lora_alike(trained, pipe
 
     model, exp = trained
     lora = exp / "ckpts" / f"transformer-{STEPS}.safetensors"
-    (tmp_path / "cfgs").symlink_to(REPO_ROOT / "cfgs")
-    done = cli_in_process(["-m", "hcpdiff.visualizer", "--cfg", "cfgs/infer/text2img_qwen_image_21.yaml",
-                           f"pretrained_model={model}", "dtype=fp32", f"lora_path={lora}", "prompt='a red circle'",
-                           f"save.out_dir={tmp_path / 'out'}", "infer_args.width=64", "infer_args.height=64",
-                           "infer_args.num_inference_steps=2", "infer_args.guidance_scale=2.5"], cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (image_file,) = sorted((tmp_path / "out").glob("*.png"))
-    rendered = np.asarray(Image.open(image_file), dtype=np.int16)
+    rendered = visualizer_render(cli_in_process, tmp_path, "cfgs/infer/text2img_qwen_image_21.yaml",
+                                 model, lora, "infer_args.guidance_scale=2.5")
 
     converted = tmp_path / "pytorch_lora_weights.safetensors"
     assert lora_convert(["--to_diffusers", "--lora_path", str(lora), "--dump_path", str(converted)]) == 0

@@ -16,10 +16,10 @@ import pytest
 import torch
 from diffusers import ZImagePipeline
 from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from family_data import to_diffusers, train_in, visualizer_render
 from hcpdiff.data.tensor_store import TensorStore
 from hcpdiff.errors import ConfigError
 from hcpdiff.families import detect_family, family_named, folder_config_reader
@@ -266,12 +266,9 @@ STEPS = 10
 def trained(tmp_path_factory, tiny_z_image, cli_in_process) -> tuple[Path, Path, str]:
     """(model, experiment folder, stderr) of lora_z_image.yaml overfitting one image for STEPS steps on the tiny
     model."""
-    workdir = tmp_path_factory.mktemp("z_image_run")
-    (workdir / "cfgs").symlink_to(REPO_ROOT / "cfgs")
-    data = make_demo_data(workdir / "data", num=1)
-    result = cli_in_process(train_args(tiny_z_image, data, STEPS), cwd=workdir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return tiny_z_image, next((workdir / "exps").iterdir()), result.stderr
+    exp, stderr = train_in(tmp_path_factory.mktemp("z_image_run"), cli_in_process,
+                           lambda data: train_args(tiny_z_image, data, STEPS))
+    return tiny_z_image, exp, stderr
 
 
 @pytest.mark.e2e
@@ -327,21 +324,13 @@ def render_with_diffusers(pipe: ZImagePipeline) -> np.ndarray:
 
 @pytest.mark.e2e
 def test_visualizer_and_to_diffusers_render_the_trained_lora_alike(trained, tmp_path, cli_in_process):
-    from hcpdiff.tools.lora_convert import main as lora_convert
-
     model, exp, _ = trained
     lora = exp / "ckpts" / f"transformer-{STEPS}.safetensors"
-    (tmp_path / "cfgs").symlink_to(REPO_ROOT / "cfgs")
-    done = cli_in_process(["-m", "hcpdiff.visualizer", "--cfg", "cfgs/infer/text2img_z_image.yaml",
-                           f"pretrained_model={model}", "dtype=fp32", f"lora_path={lora}", "prompt='a red circle'",
-                           f"save.out_dir={tmp_path / 'out'}", "infer_args.width=64", "infer_args.height=64",
-                           "infer_args.num_inference_steps=2", "infer_args.guidance_scale=2.5"], cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (image_file,) = sorted((tmp_path / "out").glob("*.png"))
-    rendered = np.asarray(Image.open(image_file).convert("RGB"), dtype=np.int16)
+    rendered = visualizer_render(cli_in_process, tmp_path, "cfgs/infer/text2img_z_image.yaml",
+                                 model, lora, "infer_args.guidance_scale=2.5")
 
     converted = tmp_path / "pytorch_lora_weights.safetensors"
-    assert lora_convert(["--to_diffusers", "--lora_path", str(lora), "--dump_path", str(converted)]) == 0
+    to_diffusers(lora, converted)
     assert {key.split(".")[0] for key in load_file(converted)} == {"transformer"}
     loaded = ZImagePipeline.from_pretrained(model)
     loaded.set_progress_bar_config(disable=True)
