@@ -3,6 +3,9 @@ and through the latent cache once it is filled (counting the image files opened 
 
     python tools/bench_data.py                        # 64 JPEGs 512-1024 px
     python tools/bench_data.py --sides 2000 4000      # camera-size photos (reduced-scale JPEG decoding)
+    python tools/bench_data.py --transfer             # a worker's batch reaching the training process: the
+        # training process's CPU ms per batch for uint8 pixel batches of 24 KiB to 6 MiB, handed over as torch shares
+        # tensors (shared-memory file + descriptor over a socket) and inline in the batch's message (InlineTensor)
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from hcpdiff.data import build_dataset
 from hcpdiff.data.latent_cache import LatentEncoder
+from hcpdiff.train.streams import INLINE_MAX_BYTES, InlineTensor, received
 
 
 class BarePilDataset(Dataset):
@@ -75,6 +79,47 @@ def pooled_latents(pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return mean, torch.full_like(mean, 0.1)
 
 
+class PixelBatches(Dataset):
+    """Batches of uint8 pixels made in the worker (no decoding: this measures the hand-over alone)."""
+
+    def __init__(self, batch: int, side: int, inline: bool) -> None:
+        self.batch, self.side, self.inline = batch, side, inline
+
+    def __len__(self) -> int:
+        return 1_000_000
+
+    def __getitem__(self, index: int) -> dict:
+        pixels = torch.full((self.batch, 3, self.side, self.side), index % 255, dtype=torch.uint8)
+        return {"pixel_values": InlineTensor(pixels) if self.inline else pixels}
+
+
+def transfer(workers: int = 2, batches: int = 200) -> None:
+    """The training process's CPU time (and wall time) per batch received from `workers` workers, both ways."""
+    print(f"a batch from {workers} workers to the training process, {batches} batches after 20 warm-up "
+          f"(the trainer sends up to {INLINE_MAX_BYTES / 2**20:g} MiB inline):")
+    for batch, side in ((2, 64), (2, 128), (2, 256), (2, 512), (4, 512), (8, 512)):
+        cpu_ms = {}
+        line = f"  {batch} x 3 x {side} x {side} uint8 ({batch * 3 * side * side / 2**10:5.0f} KiB):"
+        for way in ("shared", "inline"):
+            loader = DataLoader(PixelBatches(batch, side, way == "inline"), batch_size=None, num_workers=workers,
+                                collate_fn=_as_is, persistent_workers=True, prefetch_factor=4)
+            it = iter(loader)
+            for _ in range(20):
+                next(it)
+            cpu, wall = time.process_time(), time.perf_counter()
+            for _ in range(batches):
+                received(next(it))["pixel_values"].sum()  # read it: shared memory is mapped in page by page
+            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+            cpu_ms[way] = cpu / batches * 1e3
+            line += f"  {way} {cpu_ms[way]:6.3f} ms CPU ({wall / batches * 1e3:6.3f} wall)"
+            del it, loader
+        print(f"{line}  ratio inline / shared {cpu_ms['inline'] / cpu_ms['shared']:.2f}")
+
+
+def _as_is(item):
+    return item
+
+
 def main() -> None:
     """Generate images, then time both pipelines with each worker count."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -83,8 +128,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--sides", type=int, nargs=2, default=[512, 1024], metavar=("MIN", "MAX"),
                         help="image side range in px (e.g. 2000 4000 for camera photos)")
+    parser.add_argument("--transfer", action="store_true", help="time a worker's batch reaching the training "
+                                                                 "process, shared vs inline")
+    parser.add_argument("--transfer_batches", type=int, default=200, help="--transfer: timed batches per case")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.transfer:
+        return transfer(batches=args.transfer_batches)
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_images(Path(tmp), args.images, sides=tuple(args.sides))
         node = {"batch_size": 4, "source": {"s": {"img_root": tmp}},

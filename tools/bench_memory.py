@@ -91,7 +91,7 @@ def optimizer_state_mib(optimizer: torch.optim.Optimizer) -> float:
 def run_child(args) -> None:
     """`--child SETTING`: train that setting in this process and print one RESULT line."""
     from bench_flow import BARE_LOOPS, demo_batch, shipped_config
-    from bench_train_step import BenchTrainer, time_bare_block, time_trainer_block
+    from bench_train_step import BenchTrainer, time_bare_block, time_trainer_blocks
 
     from hcpdiff.config import load_config
     from hcpdiff.tools.make_demo_data import make_demo_data
@@ -108,7 +108,7 @@ def run_child(args) -> None:
             loop = BARE_LOOPS["flux"](args.model, demo_batch(data_dir, args.size, 1), device, dtype,
                                       max_sequence_length=args.max_sequence_length)
             step = loop.step
-            time_block = lambda: time_bare_block(loop, args.steps)  # noqa: E731
+            time_blocks = lambda: [time_bare_block(loop, args.steps) for _ in range(args.blocks)]  # noqa: E731
             optimizer = loop.optimizer
         else:
             overrides = [
@@ -126,14 +126,14 @@ def run_child(args) -> None:
             trainer = BenchTrainer(load_config(shipped_config("flux"), overrides), single_process=True)
             trainer.setup()
             step = trainer.train
-            time_block = lambda: time_trainer_block(trainer, args.steps)  # noqa: E731
+            time_blocks = lambda: time_trainer_blocks(trainer, args.steps, args.blocks)[0]  # noqa: E731
             optimizer = trainer.optimizer
         after_setup = rss_mib("VmRSS")
         step()  # one warm-up step (the trainer's train_steps=1 run) builds the optimizer state
         reset_peak_rss()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        times = [time_block() for _ in range(args.blocks)]
+        times = time_blocks()
         result = {"setting": args.child, "s_per_step": statistics.median(times), "rss_after_setup_mib": after_setup,
                   "peak_rss_steps_mib": rss_mib("VmHWM"), "optimizer_state_mib": optimizer_state_mib(optimizer),
                   "peak_gpu_mib": torch.cuda.max_memory_allocated() / MIB if torch.cuda.is_available() else None}

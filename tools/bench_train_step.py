@@ -23,8 +23,11 @@ on; the flow-matching families then release their text encoders).
         # process (so each peak is its own); blocks cannot alternate there
     python tools/bench_train_step.py ... --compile     # both denoisers torch.compiled (the trainer: train.compile)
 
-The timed blocks hold optimizer steps only: the trainer's end-of-run checkpoint is not written (BenchTrainer), and its
-data loader runs `--workers` processes (the trainer's default, 2). On a GPU it also prints the model FLOPs of one step
+The timed blocks hold steady-state optimizer steps only: the trainer's blocks are consecutive stretches of one run of
+its loop (the loop's start and its end-of-run log fall in untimed steps around them; the end-of-run checkpoint is not
+written, BenchTrainer), each followed by a bare block, and its data loader runs `--workers` processes (the trainer's
+default, 2). Besides the medians, the ratio of the two fastest blocks: what a step costs when nothing else on the
+machine got in its way. On a GPU it also prints the model FLOPs of one step
 (torch.utils.flop_counter over the bare step: VAE and text encoding, denoiser forward and backward), each loop's MFU
 against the GPU's dense bf16 peak (a table, or --peak-tflops), peak GPU memory, and how many host syncs a block of
 trainer steps makes (torch.cuda.set_sync_debug_mode; the block's last step logs, which is one).
@@ -53,6 +56,7 @@ from hcpdiff.models import load_model_parts  # noqa: E402
 from hcpdiff.tools.make_demo_data import family_dataset  # noqa: E402
 from hcpdiff.tools.make_tiny_model import make_tiny_model  # noqa: E402
 from hcpdiff.train.run import quiet_libraries  # noqa: E402
+from hcpdiff.train.streams import received  # noqa: E402
 from hcpdiff.train.trainer import Trainer  # noqa: E402
 from hcpdiff.train.transfer import batch_on_device  # noqa: E402
 
@@ -145,11 +149,18 @@ class BareLoop:
 
 
 class BenchTrainer(Trainer):
-    """The trainer without the checkpoint it writes when a run ends: each timed block ends the run, and that write
-    (~60 ms on the tiny models) belongs to save_step, not to the step time."""
+    """The trainer without the checkpoint it writes when a run ends (~60 ms on the tiny models: it belongs to
+    save_step, not to the step time), and with a hook called after each optimizer step (`time_trainer_blocks`)."""
+
+    after_step = None
 
     def save_checkpoint(self) -> list[Path]:
         return []
+
+    def stop_requested(self, stop) -> bool:  # the loop asks once per optimizer step, after logging and saving
+        if self.after_step is not None:
+            self.after_step()
+        return super().stop_requested(stop)
 
 
 def bench_data(folder: Path, args) -> tuple[Path, list[str]]:
@@ -192,14 +203,37 @@ def build_trainer(model_dir: str, data_overrides: list[str], exp_root: Path, arg
     return trainer
 
 
-def time_trainer_block(trainer: Trainer, steps: int) -> float:
-    """Seconds per step for `steps` more optimizer steps of the trainer's own loop."""
-    trainer.train_steps = trainer.global_step + steps
-    sync(trainer.accelerator.device)
-    start = time.perf_counter()
-    trainer.train()
-    sync(trainer.accelerator.device)
-    return (time.perf_counter() - start) / steps
+def time_trainer_blocks(trainer: BenchTrainer, steps: int, blocks: int, between=None) -> tuple[list[float], float]:
+    """(seconds per step of each block, process CPU seconds of all blocks): `blocks` blocks of `steps` optimizer
+    steps inside one run of the trainer's own loop, so every block is steady state: the loop's start (data iterators,
+    progress bar) is in the untimed step before the first block, the end-of-run log in the untimed step after the last.
+    `between()` runs after each block, untimed (the bare loop's block, so the two alternate under the same load)."""
+    device = trainer.accelerator.device
+    times, cpu, done = [], 0.0, 0
+    start = cpu_start = 0.0
+
+    def after_step() -> None:
+        nonlocal done, start, cpu_start, cpu
+        done += 1
+        if done > 1 and (done - 1) % steps == 0:  # a block ends
+            sync(device)
+            times.append((time.perf_counter() - start) / steps)
+            cpu += time.process_time() - cpu_start
+            if between is not None and len(times) < blocks:
+                between()
+        if done == 1 or (done - 1) % steps == 0:  # a block starts
+            sync(device)
+            start, cpu_start = time.perf_counter(), time.process_time()
+
+    trainer.after_step = after_step
+    trainer.train_steps = trainer.global_step + blocks * steps + 2
+    try:
+        trainer.train()
+    finally:
+        trainer.after_step = None
+    if between is not None:
+        between()  # the last block's partner
+    return times, cpu
 
 
 def time_bare_block(bare: BareLoop, steps: int) -> float:
@@ -244,7 +278,7 @@ def run_one_loop(args) -> None:
         if args.only == "trainer":
             trainer = build_trainer(args.model, data_overrides, tmp, args)
             trainer.train()  # warm-up steps
-            times = [time_trainer_block(trainer, args.steps) for _ in range(args.blocks)]
+            times, _ = time_trainer_blocks(trainer, args.steps, args.blocks)
         else:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
@@ -346,7 +380,7 @@ def main() -> None:
         trainer = build_trainer(model_dir, data_overrides, tmp, args)
         trainer.train()  # warm-up steps
         device = trainer.accelerator.device
-        sd_batch = batch_on_device(next(iter(trainer.streams[0].loader)), device) if args.family == "sd" else None
+        sd_batch = batch_on_device(received(next(iter(trainer.streams[0].loader))), device) if args.family == "sd" else None
         bare = bare_loop(model_dir, data_dir, device, trainer.weight_dtype, args, sd_batch)
         if args.family in FLOW_FAMILIES:  # the same layers, or the comparison means nothing
             ours = {layer for group in trainer.trained["transformer"].lora_groups for layer in group.layers}
@@ -355,15 +389,10 @@ def main() -> None:
         for _ in range(args.warmup):
             bare.step()
 
-        trainer_times, bare_times = [], []
+        bare_times, peak = [], {}
         cpu = {"trainer": 0.0, "bare": 0.0}  # this process's CPU seconds: on a CPU, what other load does not inflate
-        peak = {}
-        for _ in range(args.blocks):
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-            start = time.process_time()
-            trainer_times.append(time_trainer_block(trainer, args.steps))
-            cpu["trainer"] += time.process_time() - start
+
+        def bare_block() -> None:  # after each trainer block, under the same machine load
             if torch.cuda.is_available():
                 peak["trainer"] = max(peak.get("trainer", 0), torch.cuda.max_memory_allocated())
                 torch.cuda.reset_peak_memory_stats()
@@ -372,6 +401,11 @@ def main() -> None:
             cpu["bare"] += time.process_time() - start
             if torch.cuda.is_available():
                 peak["bare"] = max(peak.get("bare", 0), torch.cuda.max_memory_allocated())
+                torch.cuda.reset_peak_memory_stats()
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        trainer_times, cpu["trainer"] = time_trainer_blocks(trainer, args.steps, args.blocks, between=bare_block)
 
         step_flops = count_step_flops(bare)
         syncs = count_trainer_syncs(trainer, args.steps) if device.type == "cuda" else None
@@ -391,8 +425,11 @@ def main() -> None:
         print(line)
     # each trainer block runs right before its bare block, so their ratio sees nearly the same machine load
     paired = statistics.median(t / b for t, b in zip(trainer_times, bare_times))
-    print(f"ratio trainer / bare: {t_trainer / t_bare:.3f}, median of paired blocks {paired:.3f}  "
-          f"(blocks: trainer {[round(t * 1000) for t in trainer_times]}, bare {[round(t * 1000) for t in bare_times]} ms)")
+    # the fastest block of each: what a step costs when nothing else on the machine got in its way
+    fastest = min(trainer_times) / min(bare_times)
+    print(f"ratio trainer / bare: {t_trainer / t_bare:.3f}, median of paired blocks {paired:.3f}, fastest blocks "
+          f"{fastest:.3f}  (blocks: trainer {[round(t * 1000, 1) for t in trainer_times]}, "
+          f"bare {[round(t * 1000, 1) for t in bare_times]} ms)")
     steps = args.blocks * args.steps
     print(f"process CPU time: trainer {cpu['trainer'] / steps * 1000:.1f}, bare {cpu['bare'] / steps * 1000:.1f} "
           f"ms/step, ratio {cpu['trainer'] / cpu['bare']:.3f}")

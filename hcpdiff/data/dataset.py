@@ -35,10 +35,10 @@ class DataItem:
     clip: ClipSpec | None = None  # a video's: the clip it trains as (None: an image, a 1-frame clip)
 
 
-def noise_seed(seed: int, index: int, draw: int) -> torch.Tensor:
-    """The seed of item `index`'s training noise on its `draw`-th fetch (int64 scalar): the trainer draws the item's
-    noise and timestep from it, so they do not depend on the batch or the process the item lands in."""
-    return torch.tensor(random.Random(f"{seed}:{index}:{draw}:noise").getrandbits(63))
+def noise_seed(seed: int, index: int, draw: int) -> int:
+    """The seed of item `index`'s training noise on its `draw`-th fetch (63 bits): the trainer draws the item's noise
+    and timestep from it, so they do not depend on the batch or the process the item lands in."""
+    return random.Random(f"{seed}:{index}:{draw}:noise").getrandbits(63)
 
 
 class ImageCaptionDataset(Dataset):
@@ -112,10 +112,12 @@ class ImageCaptionDataset(Dataset):
             condition = [image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for image in condition or []] or None
         convert = to_uint8_tensor if self.uint8_pixels else to_tensor
         pixels = torch.stack([convert(frame) for frame in frames], dim=1) if frames is not None else convert(image)
-        # original_size (h, w) and crop_top_left (top, left): SDXL's size and crop conditioning
+        # original_size (h, w) and crop_top_left (top, left): SDXL's size and crop conditioning. Plain ints, as the
+        # noise seed: a loader worker hands each tensor over through its own shared-memory file and socket handshake
+        # (~0.4 ms of the training process's time each), while ints travel in the batch's pickle.
         sample = {"pixel_values": pixels, "prompt": self._prompt(item, index, draw, rng),
-                  "original_size": torch.tensor([original_wh[1], original_wh[0]]),
-                  "crop_top_left": torch.tensor(crop_top_left), "noise_seed": noise_seed(self.seed, index, draw)}
+                  "original_size": (original_wh[1], original_wh[0]), "crop_top_left": tuple(crop_top_left),
+                  "noise_seed": noise_seed(self.seed, index, draw)}
         if condition is not None:  # the images an editing model starts from [K, 3, H, W], shaped as the target
             sample["condition_pixels"] = torch.stack([to_tensor(image) for image in condition])
         return sample

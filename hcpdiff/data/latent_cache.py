@@ -189,7 +189,7 @@ class CachedLatentDataset(Dataset):
         prompt = dataset._prompt(item, index, draw, template_rng)
         # original_size (h, w) and crop_top_left (top, left), as the uncached dataset gives them (SDXL conditioning).
         return {"latents": mean + std * noise, "prompt": prompt,
-                "original_size": torch.tensor(original_hw), "crop_top_left": torch.tensor(crop_top_left),
+                "original_size": tuple(original_hw), "crop_top_left": tuple(crop_top_left),
                 "noise_seed": noise_seed(seed, index, draw)}
 
 

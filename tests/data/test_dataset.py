@@ -124,6 +124,6 @@ def test_samples_carry_original_size_and_crop_for_sdxl(image_folder):
         with PILImage.open(item.path) as img:
             img = ImageOps.exif_transpose(img)
             width, height = img.size
-        assert sample["original_size"].tolist() == [height, width]
-        top, left = sample["crop_top_left"].tolist()
+        assert sample["original_size"] == (height, width)
+        top, left = sample["crop_top_left"]
         assert top >= 0 and left >= 0 and (top == 0 or left == 0)  # a cover-resize leaves spare room on one axis

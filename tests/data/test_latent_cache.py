@@ -70,7 +70,7 @@ def test_memory_cache_serves_latents_and_decodes_nothing_in_epochs(folder, monke
         for index in range(len(built.dataset)):
             sample = built.dataset[(index, epoch)]
             assert sample["latents"].shape == (3, 8, 8) and "pixel_values" not in sample
-            assert sample["original_size"].tolist() == list(built.dataset.geometry[index][0])
+            assert sample["original_size"] == tuple(built.dataset.geometry[index][0])
     assert decoded == [] and vae.images == 3
 
 

@@ -13,10 +13,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("script, args", [
-    ("bench_train_step.py", ["--steps", "1", "--blocks", "1", "--warmup", "1", "--size", "64", "--workers", "0"]),
+    ("bench_train_step.py", ["--steps", "1", "--blocks", "1", "--warmup", "1", "--size", "64", "--workers", "1"]),
     ("bench_train_step.py", ["--family", "flux", "--steps", "1", "--blocks", "1", "--warmup", "1", "--size", "64",
                              "--workers", "0"]),
     ("bench_data.py", ["--images", "4", "--epochs", "1", "--workers", "0"]),
+    ("bench_data.py", ["--transfer", "--transfer_batches", "2"]),
     ("bench_cache.py", ["--steps", "1", "--blocks", "1", "--warmup", "1", "--size", "64", "--images", "2", "--batch", "1"]),
 ])
 def test_benchmark_script_prints_its_ratio(script, args):
