@@ -26,8 +26,8 @@ on; the flow-matching families then release their text encoders).
 The timed blocks hold steady-state optimizer steps only: the trainer's blocks are consecutive stretches of one run of
 its loop (the loop's start and its end-of-run log fall in untimed steps around them; the end-of-run checkpoint is not
 written, BenchTrainer), each followed by a bare block, and its data loader runs `--workers` processes (the trainer's
-default, 2). Besides the medians, the ratio of the two fastest blocks: what a step costs when nothing else on the
-machine got in its way. On a GPU it also prints the model FLOPs of one step
+default, 2). Besides the medians, the fastest trainer block against the fastest bare block: what a step costs when
+nothing else on the machine got in its way. On a GPU it also prints the model FLOPs of one step
 (torch.utils.flop_counter over the bare step: VAE and text encoding, denoiser forward and backward), each loop's MFU
 against the GPU's dense bf16 peak (a table, or --peak-tflops), peak GPU memory, and how many host syncs a block of
 trainer steps makes (torch.cuda.set_sync_debug_mode; the block's last step logs, which is one).
@@ -219,7 +219,7 @@ def time_trainer_blocks(trainer: BenchTrainer, steps: int, blocks: int, between=
             sync(device)
             times.append((time.perf_counter() - start) / steps)
             cpu += time.process_time() - cpu_start
-            if between is not None and len(times) < blocks:
+            if between is not None:
                 between()
         if done == 1 or (done - 1) % steps == 0:  # a block starts
             sync(device)
@@ -231,8 +231,6 @@ def time_trainer_blocks(trainer: BenchTrainer, steps: int, blocks: int, between=
         trainer.train()
     finally:
         trainer.after_step = None
-    if between is not None:
-        between()  # the last block's partner
     return times, cpu
 
 
@@ -380,7 +378,9 @@ def main() -> None:
         trainer = build_trainer(model_dir, data_overrides, tmp, args)
         trainer.train()  # warm-up steps
         device = trainer.accelerator.device
-        sd_batch = batch_on_device(received(next(iter(trainer.streams[0].loader))), device) if args.family == "sd" else None
+        sd_batch = None
+        if args.family == "sd":  # the bare SD loop trains on the trainer's first batch
+            sd_batch = batch_on_device(received(next(iter(trainer.streams[0].loader))), device)
         bare = bare_loop(model_dir, data_dir, device, trainer.weight_dtype, args, sd_batch)
         if args.family in FLOW_FAMILIES:  # the same layers, or the comparison means nothing
             ours = {layer for group in trainer.trained["transformer"].lora_groups for layer in group.layers}
@@ -410,10 +410,16 @@ def main() -> None:
         step_flops = count_step_flops(bare)
         syncs = count_trainer_syncs(trainer, args.steps) if device.type == "cuda" else None
 
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    report(args, trainer_times, bare_times, cpu, peak, step_flops, syncs, device, device_name)
+
+
+def report(args, trainer_times: list[float], bare_times: list[float], cpu: dict, peak: dict, step_flops: int,
+           syncs: int | None, device: torch.device, device_name: str) -> None:
+    """Print both loops' ms/step, their ratios and CPU times, the step's FLOPs and, on a GPU, MFU and syncs."""
     t_trainer, t_bare = statistics.median(trainer_times), statistics.median(bare_times)
     model = "sd15-unet" if args.sd15_unet else (args.model or f"tiny {args.family}")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device {device} ({name})  model {model}  {args.size}px  batch {args.batch}  "
+    print(f"device {device} ({device_name})  model {model}  {args.size}px  batch {args.batch}  "
           f"precision {args.mixed_precision or 'fp32'}  trainer caches {'on' if args.caches else 'off'}  "
           f"compile {'on' if args.compile else 'off'}  workers {args.workers}  {args.blocks} blocks x {args.steps} steps")
     for name, t in (("hcpdiff trainer", t_trainer), ("bare diffusers+peft", t_bare)):
@@ -433,7 +439,7 @@ def main() -> None:
     steps = args.blocks * args.steps
     print(f"process CPU time: trainer {cpu['trainer'] / steps * 1000:.1f}, bare {cpu['bare'] / steps * 1000:.1f} "
           f"ms/step, ratio {cpu['trainer'] / cpu['bare']:.3f}")
-    peak_tflops = args.peak_tflops or (bf16_peak_tflops(name) if device.type == "cuda" else None)
+    peak_tflops = args.peak_tflops or (bf16_peak_tflops(device_name) if device.type == "cuda" else None)
     line = f"model FLOPs per step {step_flops / 1e9:.2f} GFLOP (bare step: VAE + text encode, denoiser fwd + bwd)"
     if peak_tflops:
         mfu = {loop: step_flops / t / (peak_tflops * 1e12) for loop, t in (("trainer", t_trainer), ("bare", t_bare))}

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # The GPU throughput check of issue 16: hcpdiff's trainer against a bare diffusers + peft loop on an SD1.5-shaped U-Net
-# (random weights), 512 px, bf16, batch 1 and 8; per run the ms/step of both loops and their ratio, each loop's MFU,
-# peak GPU memory and the trainer's host syncs per block (see README, "Throughput").
+# (random weights), 512 px, bf16; per run the ms/step of both loops and their ratio, each loop's MFU, peak GPU memory
+# and the trainer's host syncs per block (see README, "Throughput").
 #
-#   bash tools/gpu_throughput.sh [eager|compile|all]     (default all; each half takes a few minutes on an H100)
+#   bash tools/gpu_throughput.sh [eager|compile|flux|all]     (default all = eager + compile)
+#
+#   eager:   batch 1 with the default 2 loader workers and with workers 0 (the host-bound case), batch 8
+#   compile: batch 8 (against eager: the issue's >= 1.3x) and batch 32 (its >= 35% MFU), both denoisers compiled
+#   flux:    FLUX.1's full width (3072) at 1 double + 1 single block, 512 px, batch 1, each loop in its own process
 #
 # Run from anywhere on a CUDA machine where torch, diffusers, transformers, peft, accelerate, omegaconf and
 # hydra-core import (shared/FACTS.md: how the lent GPU got the missing wheels). Figures also go to $OUT (or
@@ -15,14 +19,22 @@ out=${OUT:-bench_out}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONWARNINGS=ignore
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-common=(--sd15-unet --size 512 --mixed_precision bf16 --steps 10 --blocks 5 --warmup 3 --workers 2)
-for mode in eager compile; do
-  [[ $which == all || $which == "$mode" ]] || continue
-  flags=()
-  [[ $mode == compile ]] && flags=(--compile)
-  for batch in 1 8; do
-    echo "== sd15-unet 512 px bf16 batch $batch $mode"
-    python tools/bench_train_step.py "${common[@]}" --batch "$batch" "${flags[@]}" 2>&1 \
-      | grep -v -i "warn" | tee "$out/sd15_b${batch}_${mode}.txt"
-  done
-done
+common=(--size 512 --mixed_precision bf16 --steps 10 --blocks 5 --warmup 3)
+run() {  # run NAME ARGS...: one benchmark, its output also in $out/NAME.txt
+  local name=$1
+  shift
+  echo "== $name: $*"
+  python tools/bench_train_step.py "${common[@]}" "$@" 2>&1 | grep -v -i "warn" | tee "$out/$name.txt"
+}
+if [[ $which == all || $which == eager ]]; then
+  run sd15_b1_eager --sd15-unet --batch 1 --workers 2
+  run sd15_b1_eager_workers0 --sd15-unet --batch 1 --workers 0
+  run sd15_b8_eager --sd15-unet --batch 8 --workers 2
+fi
+if [[ $which == all || $which == compile ]]; then
+  run sd15_b8_compile --sd15-unet --batch 8 --workers 2 --compile
+  run sd15_b32_compile --sd15-unet --batch 32 --workers 2 --compile --blocks 3
+fi
+if [[ $which == flux ]]; then
+  run flux_full_width_b1 --family flux --flux-full-width --batch 1 --steps 5 --blocks 3 --warmup 2
+fi

@@ -58,3 +58,21 @@ def test_editing_bare_loop_encodes_what_the_trainer_encodes(tmp_path, family):
         ours = conditioner(batch["prompts"], {"condition_pixels": pixels}, torch.device("cpu"))
     for key in ("condition_latents", "encoder_hidden_states"):
         torch.testing.assert_close(bare[key].float(), ours[key].float(), rtol=1e-4, atol=1e-4)
+
+
+def test_bench_report_gives_mfu_peak_memory_and_syncs_on_a_gpu(capsys):
+    """The GPU figures are taken on a lent GPU, once: the report's GPU lines are checked here on made-up timings."""
+    import argparse
+
+    from bench_train_step import report
+
+    args = argparse.Namespace(sd15_unet=True, model=None, family="sd", size=512, batch=8, mixed_precision="bf16",
+                              caches=False, compile=False, workers=2, blocks=2, steps=10, peak_tflops=None)
+    report(args, [0.200, 0.210], [0.190, 0.200], {"trainer": 4.1, "bare": 3.9}, {"trainer": 2**31, "bare": 2**30},
+           int(98.94e12), 1, torch.device("cuda"), "NVIDIA H100 80GB HBM3")
+    out = capsys.readouterr().out
+    # 98.94 TFLOP a step in medians of 0.205 and 0.195 s against H100 SXM's 989.4 TFLOP/s
+    assert "MFU vs 989.4 TFLOP/s bf16 peak: trainer 48.8%, bare 51.3%" in out
+    assert "peak GPU 2.00 GiB" in out and "peak GPU 1.00 GiB" in out
+    assert "host syncs in 10 trainer steps, the last one logging (1 sync): 1" in out
+    assert "ratio trainer / bare: 1.051" in out
