@@ -10,7 +10,7 @@
 #   flux:    FLUX.1's full width (3072) at 1 double + 1 single block, 512 px, batch 1, each loop in its own process
 #
 # Run from anywhere on a CUDA machine where torch, diffusers, transformers, peft, accelerate, omegaconf and
-# hydra-core import (shared/FACTS.md: how the lent GPU got the missing wheels). Figures also go to $OUT (or
+# hydra-core import, or where .gpu_wheels/ holds the missing ones (tools/gpu_wheels.sh). Figures also go to $OUT (or
 # bench_out/), one file per run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +18,11 @@ which=${1:-all}
 out=${OUT:-bench_out}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONWARNINGS=ignore
+if ! python -c "import diffusers, omegaconf, hydra" 2>/dev/null; then  # the lent machine: tools/gpu_wheels.sh's
+  [[ -d .gpu_wheels ]] || { echo "diffusers / omegaconf / hydra-core missing: run tools/gpu_wheels.sh and carry .gpu_wheels" >&2; exit 2; }
+  pip install -q --no-index --no-deps --target /tmp/hcp_site .gpu_wheels/*.whl
+  export PYTHONPATH="/tmp/hcp_site:$PYTHONPATH"
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 common=(--size 512 --mixed_precision bf16 --steps 10 --blocks 5 --warmup 3)
 run() {  # run NAME ARGS...: one benchmark, its output also in $out/NAME.txt
