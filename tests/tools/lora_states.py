@@ -29,6 +29,17 @@ def deltas(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for layer, p in layer_states(state).items()}
 
 
+def linear_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """{name: weight} of every Linear in `model`."""
+    return {name: module.weight for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+
+
+def webui_delta(written: dict[str, torch.Tensor], layer: str) -> torch.Tensor:
+    """alpha / rank * up @ down: what `layer` of a webui (kohya-style) LoRA state adds to its weight."""
+    down, up = written[f"{layer}.lora_down.weight"], written[f"{layer}.lora_up.weight"]
+    return float(written[f"{layer}.alpha"]) / down.shape[0] * up @ down
+
+
 def peft_deltas(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """{layer: B @ A} of a diffusers LoRA state (`transformer.<layer>.lora_A/B.weight`, alpha folded in)."""
     return {key.removeprefix("transformer.").removesuffix(".lora_A.weight"):

@@ -17,7 +17,7 @@ from hcpdiff.lora.fused_layout import swap_halves
 from hcpdiff.tools.lora_convert import webui_file_family
 from hcpdiff.tools.tiny_flux2 import build_flux2_transformer
 
-from lora_states import deltas, from_webui_deltas, peft_deltas, random_lora, to_webui
+from lora_states import deltas, from_webui_deltas, linear_weights, peft_deltas, random_lora, to_webui, webui_delta
 
 KLEIN, DEV = family_named("flux2_klein"), family_named("flux2_dev")
 
@@ -31,8 +31,7 @@ def transformer() -> torch.nn.Module:
 def test_bfl_names_are_what_diffusers_single_file_converter_reads(transformer):
     """Every Linear's weight under its BFL name (q, k, v stacked; the final adaLN's halves swapped) converts back, by
     diffusers' convert_flux2_transformer_checkpoint_to_diffusers, to the diffusers module it came from."""
-    weights = {name: module.weight for name, module in transformer.named_modules()
-               if isinstance(module, torch.nn.Linear)}
+    weights = linear_weights(transformer)
     original: dict[str, torch.Tensor] = {}
     for name in weights:
         layer, _ = bfl_layer(name)
@@ -58,11 +57,8 @@ def test_round_trip_through_the_cli_and_diffusers_reads_the_same_weights(transfo
     dev_metadata = {**metadata, "modelspec.architecture": "flux-2-dev/lora"}
     assert webui_file_family(written, dev_metadata) is DEV
     pieces = deltas(native)
-    down, up = written["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"], written[
-        "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"]
-    alpha = float(written["lora_unet_double_blocks_0_img_attn_qkv.alpha"])
     stacked = torch.cat([pieces[f"transformer_blocks.0.attn.{p}"] for p in ("to_q", "to_k", "to_v")])
-    assert torch.allclose(alpha / down.shape[0] * up @ down, stacked, atol=1e-6)
+    assert torch.allclose(webui_delta(written, "lora_unet_double_blocks_0_img_attn_qkv"), stacked, atol=1e-6)
 
     restored = from_webui_deltas(cli_in_process, tmp_path)
     assert restored.keys() == pieces.keys()

@@ -14,7 +14,7 @@ from hcpdiff.families.ideogram4 import original_layer
 from hcpdiff.tools.lora_convert import webui_file_family
 from hcpdiff.tools.tiny_ideogram4 import build_ideogram4_transformer
 
-from lora_states import deltas, from_webui_deltas, peft_deltas, random_lora, to_webui
+from lora_states import deltas, from_webui_deltas, linear_weights, peft_deltas, random_lora, to_webui, webui_delta
 
 IDEOGRAM4 = family_named("ideogram4")
 # the Linear layers of ComfyUI's Ideogram4Transformer2DModel (comfy/ldm/ideogram4/model.py at ComfyUI commit
@@ -32,12 +32,8 @@ def transformer() -> torch.nn.Module:
     return build_ideogram4_transformer()
 
 
-def linear_names(model: torch.nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
-
-
 def test_every_layer_has_its_comfyui_name_and_qkv_stacks_q_k_v(transformer):
-    layers = {name: original_layer(name) for name in linear_names(transformer)}
+    layers = {name: original_layer(name) for name in linear_weights(transformer)}
     blocks = len(transformer.layers)
     assert {layer.name for layer, _ in layers.values()} == {*COMFY_TOP_LINEARS, *(
         f"layers.{i}.{name}" for i in range(blocks) for name in COMFY_BLOCK_LINEARS)}
@@ -59,11 +55,8 @@ def test_round_trip_through_the_cli_and_diffusers_reads_the_same_weights(transfo
     assert metadata["ss_base_model_version"] == "ideogram4" and webui_file_family(written, metadata) is IDEOGRAM4
     assert webui_file_family(written, {}) is IDEOGRAM4  # by its names alone (Z-Image's are alike)
     pieces = deltas(native)
-    down, up = written["diffusion_model.layers.0.attention.qkv.lora_down.weight"], written[
-        "diffusion_model.layers.0.attention.qkv.lora_up.weight"]
-    alpha = float(written["diffusion_model.layers.0.attention.qkv.alpha"])
     stacked = torch.cat([pieces[f"layers.0.attention.{p}"] for p in ("to_q", "to_k", "to_v")])
-    assert torch.allclose(alpha / down.shape[0] * up @ down, stacked, atol=1e-6)
+    assert torch.allclose(webui_delta(written, "diffusion_model.layers.0.attention.qkv"), stacked, atol=1e-6)
 
     restored = from_webui_deltas(cli_in_process, tmp_path)
     assert restored.keys() == pieces.keys()

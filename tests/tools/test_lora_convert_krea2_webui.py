@@ -15,7 +15,7 @@ from hcpdiff.families.krea2 import original_name
 from hcpdiff.tools.lora_convert import webui_file_family
 from hcpdiff.tools.tiny_krea2 import build_krea2_transformer
 
-from lora_states import deltas, from_webui_deltas, random_lora, to_webui
+from lora_states import deltas, from_webui_deltas, linear_weights, random_lora, to_webui
 
 KREA2 = family_named("krea2")
 
@@ -26,15 +26,10 @@ def transformer() -> torch.nn.Module:
     return build_krea2_transformer()
 
 
-def linear_names(model: torch.nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
-
-
 def test_original_names_are_what_diffusers_converters_read(transformer):
     """Every Linear's weight under its original name converts back, by diffusers' single-file converter, to the
     diffusers module it came from; a LoRA under those names is what diffusers' Krea 2 LoRA converter reads."""
-    weights = {name: module.weight for name, module in transformer.named_modules()
-               if isinstance(module, torch.nn.Linear)}
+    weights = linear_weights(transformer)
     original = {f"model.diffusion_model.{original_name(name)}.weight": weight for name, weight in weights.items()}
     converted = convert_krea2_transformer_checkpoint_to_diffusers(dict(original))
     assert converted.keys() == {f"{name}.weight" for name in weights}

@@ -15,7 +15,7 @@ from hcpdiff.families.qwen_image_21 import original_layer
 from hcpdiff.tools.lora_convert import webui_file_family
 from hcpdiff.tools.tiny_qwen_image_21 import build_transformer
 
-from lora_states import deltas, from_webui_deltas, peft_deltas, random_lora, to_webui
+from lora_states import deltas, from_webui_deltas, linear_weights, peft_deltas, random_lora, to_webui, webui_delta
 
 Q21 = family_named("qwen_image_21")
 
@@ -24,10 +24,6 @@ Q21 = family_named("qwen_image_21")
 def transformer() -> torch.nn.Module:
     torch.manual_seed(0)
     return build_transformer()
-
-
-def linear_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: module.weight for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
 
 
 def test_comfyui_names_are_what_diffusers_reads_comfyuis_checkpoint_by(transformer):
@@ -55,11 +51,9 @@ def test_round_trip_through_the_cli_and_diffusers_reads_the_other_layers(transfo
     assert metadata["ss_base_model_version"] == "qwen_image_21" and webui_file_family(written, metadata) is Q21
     assert webui_file_family(written, {}) is Q21  # by its names alone: Qwen-Image (asked after it) has no gate_up
     pieces = deltas(native)
-    gate_up = "diffusion_model.transformer_blocks.0.img_mlp.gate_up"
-    down, up = written[f"{gate_up}.lora_down.weight"], written[f"{gate_up}.lora_up.weight"]
-    alpha = float(written[f"{gate_up}.alpha"])
     stacked = torch.cat([pieces[f"transformer_blocks.0.img_mlp.{piece}"] for piece in ("gate_layer", "proj")])
-    assert torch.allclose(alpha / down.shape[0] * up @ down, stacked, atol=1e-6)
+    assert torch.allclose(webui_delta(written, "diffusion_model.transformer_blocks.0.img_mlp.gate_up"), stacked,
+                          atol=1e-6)
 
     restored = from_webui_deltas(cli_in_process, tmp_path)
     assert restored.keys() == pieces.keys()

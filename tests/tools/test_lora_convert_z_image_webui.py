@@ -12,7 +12,7 @@ from hcpdiff.errors import ModelError
 from hcpdiff.families import family_named
 from hcpdiff.families.z_image import original_layer
 
-from lora_states import deltas, from_webui_deltas, random_lora, to_webui
+from lora_states import deltas, from_webui_deltas, linear_weights, random_lora, to_webui
 
 Z_IMAGE = family_named("z_image")
 
@@ -26,8 +26,7 @@ def transformer(tmp_path_factory) -> ZImageTransformer2DModel:
 def test_original_names_are_what_diffusers_single_file_converter_reads(transformer):
     """Every Linear's weight written under its original-layout name (q, k, v stacked into qkv) converts back, by
     diffusers' convert_z_image_transformer_checkpoint_to_diffusers, to the diffusers module it came from."""
-    weights = {name: module.weight for name, module in transformer.named_modules()
-               if isinstance(module, torch.nn.Linear)}
+    weights = linear_weights(transformer)
     original: dict[str, torch.Tensor] = {}
     for name in weights:
         layer, _ = original_layer(name)
