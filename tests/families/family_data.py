@@ -2,10 +2,11 @@
 
 - `family_dataset`: the dataset a family's shipped training config trains on in the tests that run every registered
   family (the contract, resume): hcpdiff.tools.make_demo_data.family_dataset (shared with tools/bench_train_step.py);
-- `overfit_args`, `train_in`, `logged_losses`: a family's overfit run on one demo image in a fresh folder, and the
-  losses its log records;
+- `overfit_args`, `edit_overfit_args`, `train_in`, `logged_losses`: a family's overfit run on one demo image in a
+  fresh folder, and the losses its log records;
 - `matched_layers`, `checkpoint_layers`: what a run's LoRA groups matched, and what its checkpoint holds;
-- `per_sample_losses`, `batch_and_alone_losses`, `fixed_noise_loss`: flow-matching losses through a family's `denoise`;
+- `per_sample_losses`, `batch_and_alone_losses`, `fixed_noise_loss`, `fixed_noise_losses`: flow-matching losses
+  through a family's `denoise`;
 - `random_lora_ups`: a fresh LoRA made to pass gradients to its lora_A;
 - `transformer_calls`: what a real pipeline call feeds its transformer;
 - `random_image`, `as_pixels`, `batch_and_alone_edits`: input images of the editing families, and a batch of edits;
@@ -26,10 +27,10 @@ from PIL import Image
 from hcpdiff.tools.make_demo_data import family_dataset, make_demo_data
 
 __all__ = ["CPU", "LONG", "REPO_ROOT", "SHORT", "as_pixels", "batch_and_alone_edits", "batch_and_alone_losses",
-           "checkpoint_layers", "diffusers_render", "family_dataset", "fixed_noise_loss", "flag_renders",
-           "logged_losses", "lora_convert_run", "lora_renders", "matched_layers", "overfit_args", "partial_lora",
-           "per_sample_losses", "quiet_pipeline", "random_image", "random_lora_ups", "to_diffusers", "train_in",
-           "transformer_calls", "visualizer_output", "visualizer_render"]
+           "checkpoint_layers", "diffusers_render", "edit_overfit_args", "family_dataset", "fixed_noise_loss",
+           "fixed_noise_losses", "flag_renders", "logged_losses", "lora_convert_run", "lora_renders", "matched_layers",
+           "overfit_args", "partial_lora", "per_sample_losses", "quiet_pipeline", "random_image", "random_lora_ups",
+           "to_diffusers", "train_in", "transformer_calls", "visualizer_output", "visualizer_render"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
@@ -49,6 +50,14 @@ def overfit_args(config: str, model: Path, data: Path, steps: int, *overrides: s
             'data.dataset1.bucket.target_area=${hcp.eval:"64*64"}', "data.dataset1.bucket.num_bucket=1",
             f"train.train_steps={steps}", "train.log_step=1", "train.save_step=1000", f"transformer_lr={lr}",
             "train.loss.logit_std=0.3", "lora_transformer.0.rank=4", "lora_transformer.0.alpha=4", *overrides]
+
+
+def edit_overfit_args(config: str, model: Path, data: Path, steps: int) -> list[str]:
+    """`overfit_args` of an editing family's run on the demo edits in `data` (captions="edit"): input images at a
+    64 x 64 area, one edit preview at the end."""
+    return overfit_args(config, model, data, steps, "model.condition_area=4096",
+                        f"previewer={{step: {steps}, prompts: ['make the circle red'], width: 64, height: 64, "
+                        f"num_inference_steps: 2, condition_images: ['{data}/input/0.png']}}", captions_beside=False)
 
 
 def train_in(workdir: Path, run: Callable, args: Callable[[Path], list[str]], captions: str = "txt"
@@ -152,6 +161,14 @@ def batch_and_alone_edits(family: Any, transformer: torch.nn.Module, conditioner
                                           conditioner(prompts[i:i + 1], {"condition_pixels": pixels[i:i + 1]}, CPU))
                            for i in range(len(prompts))])
     return batched, together, alone
+
+
+def fixed_noise_losses(family: Any, pipe: Any, lora: Path, image: Image.Image, prompt: str,
+                       size: tuple[int, int] = (64, 64), **conditioner_args: Any) -> tuple[float, float]:
+    """`fixed_noise_loss` of `pipe` before and after `pipe.load_lora_weights(lora)`."""
+    before = fixed_noise_loss(family, pipe, image, prompt, size, **conditioner_args)
+    pipe.load_lora_weights(str(lora))
+    return before, fixed_noise_loss(family, pipe, image, prompt, size, **conditioner_args)
 
 
 def transformer_calls(pipe: Any, **call: Any) -> list[dict]:

@@ -18,7 +18,7 @@ from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 from PIL import Image
 from safetensors.torch import load_file
 
-from family_data import (CPU, LONG, REPO_ROOT, SHORT, batch_and_alone_losses, diffusers_render, fixed_noise_loss,
+from family_data import (CPU, LONG, REPO_ROOT, SHORT, batch_and_alone_losses, diffusers_render, fixed_noise_losses,
                          flag_renders, logged_losses, lora_convert_run, lora_renders, overfit_args, partial_lora,
                          quiet_pipeline, random_lora_ups, to_diffusers, train_in, transformer_calls, visualizer_render)
 from hcpdiff.errors import ConfigError
@@ -218,9 +218,7 @@ def test_shipped_config_overfits_one_image(trained):
     data = exp.parents[1] / "data"
     image, prompt = Image.open(data / "0.png"), (data / "0.txt").read_text().strip()
     pipe = Flux2KleinPipeline.from_pretrained(model)
-    before = fixed_noise_loss(KLEIN, pipe, image, prompt, max_sequence_length=64)
-    pipe.load_lora_weights(str(converted))
-    after = fixed_noise_loss(KLEIN, pipe, image, prompt, max_sequence_length=64)
+    before, after = fixed_noise_losses(KLEIN, pipe, converted, image, prompt, max_sequence_length=64)
     assert after < 0.95 * before, (before, after)
 
 

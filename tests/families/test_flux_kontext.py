@@ -15,7 +15,7 @@ from diffusers import FluxKontextPipeline, FluxTransformer2DModel
 from PIL import Image
 from safetensors.torch import load_file
 
-from family_data import (CPU, as_pixels, batch_and_alone_edits, logged_losses, overfit_args, random_image,
+from family_data import (CPU, as_pixels, batch_and_alone_edits, edit_overfit_args, logged_losses, random_image,
                          to_diffusers, train_in, transformer_calls, visualizer_output)
 from hcpdiff.families import detect_family, family_named, folder_config_reader
 from hcpdiff.families.flux import pack_latents, unpack_latents
@@ -99,10 +99,9 @@ def trained(tmp_path_factory, tiny_kontext, cli_in_process) -> tuple[Path, Path,
     """(model, experiment folder, data) of lora_flux_kontext.yaml overfitting one edit for STEPS steps on the tiny
     model (fp32 on the CPU, rank 4, input images at a 64x64 area to keep it quick), with an edit preview."""
     workdir = tmp_path_factory.mktemp("flux_kontext_run")
-    exp, _ = train_in(workdir, cli_in_process, lambda data: overfit_args(
-        "cfgs/train/examples/lora_flux_kontext.yaml", tiny_kontext, data, STEPS, "model.condition_area=4096",
-        f"previewer={{step: {STEPS}, prompts: ['make the circle red'], width: 64, height: 64, "
-        f"num_inference_steps: 2, condition_images: ['{data}/input/0.png']}}", captions_beside=False), captions="edit")
+    config = "cfgs/train/examples/lora_flux_kontext.yaml"
+    exp, _ = train_in(workdir, cli_in_process, lambda data: edit_overfit_args(config, tiny_kontext, data, STEPS),
+                      captions="edit")
     return tiny_kontext, exp, workdir / "data"
 
 

@@ -19,7 +19,7 @@ from diffusers.pipelines.ideogram4.pipeline_ideogram4 import _logit_normal_sigma
 from PIL import Image
 from safetensors.torch import load_file
 
-from family_data import (CPU, LONG, REPO_ROOT, SHORT, batch_and_alone_losses, diffusers_render, fixed_noise_loss,
+from family_data import (CPU, LONG, REPO_ROOT, SHORT, batch_and_alone_losses, diffusers_render, fixed_noise_losses,
                          flag_renders, logged_losses, lora_convert_run, lora_renders, overfit_args, partial_lora,
                          quiet_pipeline, random_lora_ups, to_diffusers, train_in, transformer_calls, visualizer_render)
 from hcpdiff.errors import ConfigError
@@ -240,9 +240,7 @@ def test_shipped_config_overfits_one_image(trained):
     data = exp.parents[1] / "data"
     image, prompt = Image.open(data / "0.png"), (data / "0.txt").read_text().strip()
     pipe = Ideogram4Pipeline.from_pretrained(model)
-    before = fixed_noise_loss(IDEOGRAM, pipe, image, prompt)
-    pipe.load_lora_weights(str(converted))
-    after = fixed_noise_loss(IDEOGRAM, pipe, image, prompt)
+    before, after = fixed_noise_losses(IDEOGRAM, pipe, converted, image, prompt)
     assert after < 0.95 * before, (before, after)
 
 

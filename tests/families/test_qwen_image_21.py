@@ -268,8 +268,8 @@ def test_visualizer_and_to_diffusers_render_the_trained_lora_alike(trained, pipe
 
     converted = to_diffusers(lora, tmp_path / "pytorch_lora_weights.safetensors")
 
-    def render(pipe: QwenImage21Pipeline) -> np.ndarray:
-        return diffusers_render(pipe, prompt="a red circle", negative_prompt=" ", true_cfg_scale=2.5)
+    def render(loaded: QwenImage21Pipeline) -> np.ndarray:
+        return diffusers_render(loaded, prompt="a red circle", negative_prompt=" ", true_cfg_scale=2.5)
 
     base = render(pipe)
     pipe.load_lora_weights(str(converted))

@@ -14,8 +14,8 @@ import torch
 from diffusers import QwenImageEditPipeline
 from PIL import Image
 
-from family_data import (CPU, REPO_ROOT, as_pixels, batch_and_alone_edits, logged_losses, overfit_args, random_image,
-                         to_diffusers, train_in, transformer_calls, visualizer_output)
+from family_data import (CPU, REPO_ROOT, as_pixels, batch_and_alone_edits, edit_overfit_args, logged_losses,
+                         random_image, to_diffusers, train_in, transformer_calls, visualizer_output)
 from hcpdiff.families import detect_family, family_named, folder_config_reader
 from hcpdiff.families.qwen_image import pack_latents, unpack_latents
 from hcpdiff.families.qwen_image_edit import load_vl_processor
@@ -139,10 +139,9 @@ def trained(tmp_path_factory, tiny_edit, cli_in_process) -> tuple[Path, Path, Pa
     """(model, experiment folder, data) of lora_qwen_image_edit.yaml overfitting one edit for STEPS steps on the tiny
     model (fp32 on the CPU, rank 4, input images at a 64x64 area to keep it quick), with an edit preview."""
     workdir = tmp_path_factory.mktemp("qwen_edit_run")
-    exp, _ = train_in(workdir, cli_in_process, lambda data: overfit_args(
-        "cfgs/train/examples/lora_qwen_image_edit.yaml", tiny_edit, data, STEPS, "model.condition_area=4096",
-        f"previewer={{step: {STEPS}, prompts: ['make the circle red'], width: 64, height: 64, "
-        f"num_inference_steps: 2, condition_images: ['{data}/input/0.png']}}", captions_beside=False), captions="edit")
+    config = "cfgs/train/examples/lora_qwen_image_edit.yaml"
+    exp, _ = train_in(workdir, cli_in_process, lambda data: edit_overfit_args(config, tiny_edit, data, STEPS),
+                      captions="edit")
     return tiny_edit, exp, workdir / "data"
 
 
