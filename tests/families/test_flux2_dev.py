@@ -17,16 +17,15 @@ from diffusers import Flux2Pipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-from family_data import to_diffusers, train_in, visualizer_render
+from family_data import (CPU, LONG, REPO_ROOT, SHORT, batch_and_alone_losses, diffusers_render, fixed_noise_loss,
+                         logged_losses, lora_renders, overfit_args, quiet_pipeline, to_diffusers, train_in,
+                         transformer_calls, visualizer_render)
 from hcpdiff.families import FAMILIES, detect_family, family_named, folder_config_reader
 from hcpdiff.models import load_model_parts
 from hcpdiff.tools.make_demo_data import make_demo_data
 
 DEV = family_named("flux2_dev")
 KLEIN = family_named("flux2_klein")
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CPU = torch.device("cpu")
-SHORT, LONG = "a red circle", "a blue square photo of the objects and background, texture and color detailing"
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +35,7 @@ def tiny_dev(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def dev_pipe(tiny_dev) -> Flux2Pipeline:
-    pipe = Flux2Pipeline.from_pretrained(tiny_dev)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet_pipeline(Flux2Pipeline, tiny_dev)
 
 
 def test_dev_and_klein_detect_only_their_own_folders(tiny_dev, tmp_path):
@@ -80,35 +77,13 @@ def test_conditioner_is_the_pipelines_encode_prompt_with_the_guidance(dev_pipe):
     assert cut["encoder_hidden_states"].shape[1] == 64 and torch.equal(cut["guidance"], torch.tensor([1.0]))
 
 
-def record_transformer_call(pipe: Flux2Pipeline, prompt: str, guidance_scale: float) -> dict:
-    """The keyword arguments and output of the transformer's second call in a real pipeline run (64 x 48 px, two
-    steps)."""
-    calls = []
-    forward = pipe.transformer.forward
-
-    def recording(*args, **kwargs):
-        output = forward(*args, **kwargs)
-        calls.append({"kwargs": kwargs, "output": output[0]})
-        return output
-
-    pipe.transformer.forward = recording
-    try:
-        with torch.no_grad():
-            pipe(prompt=prompt, num_inference_steps=2, height=64, width=48, guidance_scale=guidance_scale,
-                 generator=torch.Generator().manual_seed(0), output_type="latent")
-    finally:
-        pipe.transformer.forward = forward
-    assert len(calls) == 2
-    return {**calls[1], "sigma": pipe.scheduler.sigmas[1]}
-
-
 def test_denoise_is_what_the_pipeline_feeds_its_transformer_and_a_batch_trains_as_its_samples(dev_pipe):
-    seen = record_transformer_call(dev_pipe, LONG, guidance_scale=4.0)
+    _, seen = transformer_calls(dev_pipe, prompt=LONG, height=64, width=48, guidance_scale=4.0)
     kwargs = seen["kwargs"]
     conditioning = DEV.build_conditioner(dict(dev_pipe.components), 1, 0, guidance=4.0)([LONG], {}, CPU)
     assert torch.equal(conditioning["encoder_hidden_states"], kwargs["encoder_hidden_states"])
     assert torch.equal(conditioning["guidance"], kwargs["guidance"])
-    assert torch.allclose(kwargs["timestep"], seen["sigma"].expand(1), atol=1e-6)
+    assert torch.allclose(kwargs["timestep"], dev_pipe.scheduler.sigmas[1].expand(1), atol=1e-6)
     ids = kwargs["img_ids"]
     noisy = Flux2Pipeline._unpack_latents_with_ids(kwargs["hidden_states"], ids)  # 64 x 48 px / 16
     with torch.no_grad():
@@ -123,15 +98,8 @@ def test_denoise_is_what_the_pipeline_feeds_its_transformer_and_a_batch_trains_a
     generator = torch.Generator().manual_seed(0)
     latents, noise = torch.randn(2, 2, 128, 2, 3, generator=generator)
     sigmas = torch.tensor([0.4, 0.8])
-
-    def losses(prompts, rows):
-        noisy = (1 - sigmas[rows].view(-1, 1, 1, 1)) * latents[rows] + sigmas[rows].view(-1, 1, 1, 1) * noise[rows]
-        with torch.no_grad():
-            out = DEV.denoise(dev_pipe.transformer, noisy, sigmas[rows], conditioner(prompts, {}, CPU))
-        return (out - (noise[rows] - latents[rows])).square().mean(dim=(1, 2, 3))
-
-    batched = losses([SHORT, LONG], slice(0, 2))
-    alone = torch.cat([losses([SHORT], slice(0, 1)), losses([LONG], slice(1, 2))])
+    batched, alone = batch_and_alone_losses(DEV, dev_pipe.transformer, conditioner, [SHORT, LONG], latents, noise,
+                                            sigmas)
     assert torch.allclose(batched, alone, rtol=1e-5, atol=1e-6), (batched, alone)
 
 
@@ -139,14 +107,9 @@ def train_args(model: Path, data: Path, steps: int) -> list[str]:
     """The documented command on lora_flux2_dev.yaml, fp32 on the CPU without its int8 base and checkpointing, one 64
     px bucket, rank 4, prompts padded to 64 tokens, a LoRA on every Linear of the transformer (as klein's test: a
     blocks-only LoRA on the tiny random model shows no progress in a few steps)."""
-    return ["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/lora_flux2_dev.yaml",
-            f"model.pretrained_model_name_or_path={model}", "mixed_precision=null", "model.quantize={}",
-            "model.gradient_checkpointing=false", f"data.dataset1.source.data_source1.img_root={data}",
-            f"data.dataset1.source.data_source1.caption_file={data}", "train.workers=0",
-            "train.scheduler.num_warmup_steps=0", 'data.dataset1.bucket.target_area=${hcp.eval:"64*64"}',
-            "data.dataset1.bucket.num_bucket=1", f"train.train_steps={steps}", "train.log_step=1",
-            "train.save_step=1000", "transformer_lr=1e-2", "train.loss.logit_std=0.3", "lora_transformer.0.rank=4",
-            "lora_transformer.0.alpha=4", "model.max_sequence_length=64", "lora_transformer.0.layers=['']"]
+    return overfit_args("cfgs/train/examples/lora_flux2_dev.yaml", model, data, steps, "model.quantize={}",
+                        "model.gradient_checkpointing=false", "model.max_sequence_length=64",
+                        "lora_transformer.0.layers=['']")
 
 
 STEPS = 12
@@ -163,50 +126,25 @@ def trained(tmp_path_factory, tiny_dev, cli_in_process) -> tuple[Path, Path, Pat
     return tiny_dev, exp, converted
 
 
-def fixed_noise_loss(pipe: Flux2Pipeline, image: Image.Image, prompt: str) -> float:
-    """The flow-matching loss of one image at 64 px over fixed noise draws and sigmas, guidance 1 as trained."""
-    pixels = torch.from_numpy(np.asarray(image.convert("RGB").resize((64, 64), Image.BICUBIC), dtype=np.float32))
-    pixels = pixels.permute(2, 0, 1)[None] / 127.5 - 1
-    conditioner = DEV.build_conditioner(dict(pipe.components), 1, 0, max_sequence_length=64)
-    with torch.no_grad():
-        latents, _ = DEV.encode_latent_dist(pipe.vae, pixels)
-        conditioning = conditioner([prompt], {}, CPU)
-        generator = torch.Generator().manual_seed(0)
-        losses = []
-        for sigma in (0.3, 0.5, 0.7, 0.9):
-            for _ in range(4):
-                noise = torch.randn(latents.shape, generator=generator)
-                noisy = (1 - sigma) * latents + sigma * noise
-                out = DEV.denoise(pipe.transformer, noisy, torch.tensor([sigma]), conditioning)
-                losses.append((out - (noise - latents)).square().mean())
-    return torch.stack(losses).mean().item()
-
-
 def render_with_diffusers(pipe: Flux2Pipeline) -> np.ndarray:
     """The visualizer's render below, by the pipeline's own prompt encoding: 64 px, 2 steps, guidance 4, seed 42."""
-    with torch.no_grad():
-        image = pipe(prompt="a red circle", guidance_scale=4.0, height=64, width=64, num_inference_steps=2,
-                     generator=torch.Generator("cpu").manual_seed(42), output_type="pil").images[0]
-    return np.asarray(image, dtype=np.int16)
+    return diffusers_render(pipe, prompt="a red circle", guidance_scale=4.0)
 
 
 @pytest.mark.e2e
 def test_shipped_config_overfits_one_image_and_renders_as_diffusers_loads_it(trained, tmp_path, cli_in_process):
     model, exp, converted = trained
-    log = (exp / "train.log").read_text()
-    assert len(re.findall(rf"step \d+/{STEPS} loss ([\d.]+)", log)) == STEPS
+    assert len(logged_losses(exp, STEPS)) == STEPS
     data = exp.parents[1] / "data"
     image, prompt = Image.open(data / "0.png"), (data / "0.txt").read_text().strip()
-    pipe = Flux2Pipeline.from_pretrained(model)
-    pipe.set_progress_bar_config(disable=True)
-    before = fixed_noise_loss(pipe, image, prompt)
-    base = render_with_diffusers(pipe)
-    pipe.load_lora_weights(str(converted))
+    pipe = quiet_pipeline(Flux2Pipeline, model)
+    # the loss of a fixed draw of noise at guidance 1, as trained, before and after the LoRA
+    before = fixed_noise_loss(DEV, pipe, image, prompt, max_sequence_length=64)
+    base, with_lora = lora_renders(pipe, converted, render_with_diffusers)
     assert {key.split(".")[0] for key in load_file(converted)} == {"transformer"}
     assert len(pipe.get_list_adapters()["transformer"]) == 1
-    after = fixed_noise_loss(pipe, image, prompt)
+    after = fixed_noise_loss(DEV, pipe, image, prompt, max_sequence_length=64)
     assert after < 0.95 * before, (before, after)
-    with_lora = render_with_diffusers(pipe)
 
     lora = exp / "ckpts" / f"transformer-{STEPS}.safetensors"
     rendered = visualizer_render(cli_in_process, tmp_path, "cfgs/infer/text2img_flux2_dev.yaml", model, lora)

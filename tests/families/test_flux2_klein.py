@@ -8,7 +8,6 @@ file, but for the layers diffusers' kohya reader leaves out)."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -19,18 +18,16 @@ from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 from PIL import Image
 from safetensors.torch import load_file
 
-from family_data import to_diffusers, train_in, visualizer_render
+from family_data import (CPU, LONG, REPO_ROOT, SHORT, batch_and_alone_losses, diffusers_render, fixed_noise_losses,
+                         flag_renders, logged_losses, lora_convert_run, lora_renders, overfit_args, partial_lora,
+                         quiet_pipeline, random_lora_ups, to_diffusers, train_in, transformer_calls, visualizer_render)
 from hcpdiff.errors import ConfigError
 from hcpdiff.families import detect_family, family_named, folder_config_reader
 from hcpdiff.models import load_model_parts
 from hcpdiff.objectives.flow_matching import sample_sigmas
-from hcpdiff.tools.make_demo_data import make_demo_data
 from hcpdiff.train.specs import LossSpec
 
 KLEIN = family_named("flux2_klein")
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CPU = torch.device("cpu")
-SHORT, LONG = "a red circle", "a blue square photo of the objects and background, texture and color detailing"
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +37,7 @@ def tiny_klein(tiny_models) -> Path:
 
 @pytest.fixture(scope="module")
 def klein_pipe(tiny_klein) -> Flux2KleinPipeline:
-    pipe = Flux2KleinPipeline.from_pretrained(tiny_klein)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet_pipeline(Flux2KleinPipeline, tiny_klein)
 
 
 def test_tiny_models_are_detected_as_klein_and_a_distilled_one_is_warned_about(tiny_klein, klein_pipe, tmp_path):
@@ -94,10 +89,7 @@ def test_text_encoder_lora_trains_through_the_conditioner(tiny_klein):
                            "text_encoder", "lora_text_encoder", KLEIN.unused_layers("text_encoder", encoder))
     assert sorted(int(layer.split(".")[2]) for layer in group.layers) == list(range(27))
     generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # lora_B starts at 0, which blocks lora_A's gradient
-        for name, param in encoder.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    random_lora_ups(encoder, generator)
     conditioner = KLEIN.build_conditioner(parts.components, 1, 0, max_sequence_length=32)
     conditioner.set_text_encoder(encoder)
     conditioning = conditioner([SHORT], {}, CPU)
@@ -127,36 +119,14 @@ def test_latents_are_patchified_and_batch_normed_as_the_pipeline_makes_them(klei
     assert torch.allclose(klein_pipe._unpatchify_latents(std * bn_std), raw.std, atol=1e-5)
 
 
-def record_transformer_call(pipe: Flux2KleinPipeline, prompt: str) -> dict:
-    """The keyword arguments and output of the transformer's second call in a real pipeline run (64 x 48 px, two
-    steps, no guidance)."""
-    calls = []
-    forward = pipe.transformer.forward
-
-    def recording(*args, **kwargs):
-        output = forward(*args, **kwargs)
-        calls.append({"kwargs": kwargs, "output": output[0]})
-        return output
-
-    pipe.transformer.forward = recording
-    try:
-        with torch.no_grad():
-            pipe(prompt=prompt, num_inference_steps=2, height=64, width=48, guidance_scale=1.0,
-                 generator=torch.Generator().manual_seed(0), output_type="latent")
-    finally:
-        pipe.transformer.forward = forward
-    assert len(calls) == 2
-    return {**calls[1], "sigma": pipe.scheduler.sigmas[1]}
-
-
 def test_conditioner_and_denoise_are_what_the_pipeline_feeds_its_transformer(klein_pipe):
-    seen = record_transformer_call(klein_pipe, LONG)
-    kwargs = seen["kwargs"]
+    _, seen = transformer_calls(klein_pipe, prompt=LONG, height=64, width=48, guidance_scale=1.0)  # no guidance
+    kwargs, sigma = seen["kwargs"], klein_pipe.scheduler.sigmas[1]
     conditioning = KLEIN.build_conditioner(dict(klein_pipe.components), 1, 0)([LONG], {}, CPU)
     assert torch.equal(conditioning["encoder_hidden_states"], kwargs["encoder_hidden_states"])
     assert kwargs["guidance"] is None
     # the loop's timestep is t / 1000: the step's sigma (up to the fp32 rounding of t = sigma * 1000)
-    assert torch.allclose(kwargs["timestep"], seen["sigma"].expand(1), atol=1e-6)
+    assert torch.allclose(kwargs["timestep"], sigma.expand(1), atol=1e-6)
     ids = kwargs["img_ids"]
     noisy = Flux2KleinPipeline._unpack_latents_with_ids(kwargs["hidden_states"], ids, 4, 3)  # 64 x 48 px / 16
     with torch.no_grad():
@@ -164,16 +134,6 @@ def test_conditioner_and_denoise_are_what_the_pipeline_feeds_its_transformer(kle
     assert prediction.shape == (1, 128, 4, 3)
     assert torch.equal(Flux2KleinPipeline._pack_latents(prediction), seen["output"])
     assert torch.equal(Flux2KleinPipeline._prepare_latent_ids(noisy), ids)
-
-
-def per_sample_losses(pipe: Flux2KleinPipeline, conditioning: dict, latents: torch.Tensor, noise: torch.Tensor,
-                      sigmas: torch.Tensor) -> torch.Tensor:
-    """The flow-matching loss of each sample [B] for fixed noise and sigmas."""
-    expanded = sigmas.view(-1, 1, 1, 1)
-    noisy = (1 - expanded) * latents + expanded * noise
-    with torch.no_grad():
-        prediction = KLEIN.denoise(pipe.transformer, noisy, sigmas, conditioning)
-    return (prediction - (noise - latents)).square().mean(dim=(1, 2, 3))
 
 
 def test_a_batch_of_prompts_of_different_lengths_trains_as_its_samples_one_by_one(klein_pipe):
@@ -184,9 +144,8 @@ def test_a_batch_of_prompts_of_different_lengths_trains_as_its_samples_one_by_on
     latents = torch.randn(2, 128, 2, 3, generator=generator)
     noise = torch.randn(2, 128, 2, 3, generator=generator)
     sigmas = torch.tensor([0.4, 0.8])
-    batched = per_sample_losses(klein_pipe, conditioner([SHORT, LONG], {}, CPU), latents, noise, sigmas)
-    alone = torch.cat([per_sample_losses(klein_pipe, conditioner([prompt], {}, CPU), latents[i:i + 1],
-                                         noise[i:i + 1], sigmas[i:i + 1]) for i, prompt in enumerate((SHORT, LONG))])
+    batched, alone = batch_and_alone_losses(KLEIN, klein_pipe.transformer, conditioner, [SHORT, LONG], latents, noise,
+                                            sigmas)
     assert torch.allclose(batched, alone, rtol=1e-5, atol=1e-6), (batched, alone)
     assert not torch.allclose(alone[0], alone[1])
 
@@ -233,14 +192,8 @@ def train_args(model: Path, data: Path, steps: int) -> list[str]:
     tokens instead of 512 (CPU time), a LoRA on every Linear of the transformer (`''`): the tiny random model's blocks
     alone cannot move its output in a few steps (the final LayerNorm and the frozen output projection hold its size and
     span), so a blocks-only LoRA would show no progress."""
-    return ["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/lora_flux2_klein.yaml",
-            f"model.pretrained_model_name_or_path={model}", "mixed_precision=null",
-            f"data.dataset1.source.data_source1.img_root={data}",
-            f"data.dataset1.source.data_source1.caption_file={data}", "train.workers=0",
-            "train.scheduler.num_warmup_steps=0", 'data.dataset1.bucket.target_area=${hcp.eval:"64*64"}',
-            "data.dataset1.bucket.num_bucket=1", f"train.train_steps={steps}", "train.log_step=1",
-            "train.save_step=1000", "transformer_lr=1e-2", "train.loss.logit_std=0.3", "lora_transformer.0.rank=4",
-            "lora_transformer.0.alpha=4", "model.max_sequence_length=64", "lora_transformer.0.layers=['']"]
+    return overfit_args("cfgs/train/examples/lora_flux2_klein.yaml", model, data, steps, "model.max_sequence_length=64",
+                        "lora_transformer.0.layers=['']")
 
 
 STEPS = 12
@@ -257,43 +210,22 @@ def trained(tmp_path_factory, tiny_klein, cli_in_process) -> tuple[Path, Path, P
     return tiny_klein, exp, converted
 
 
-def fixed_noise_loss(pipe: Flux2KleinPipeline, image: Image.Image, prompt: str) -> float:
-    """The flow-matching loss of one image at 64 px over fixed noise draws and sigmas (the per-step losses of a run
-    are too noisy to show the tiny model's progress in a few steps)."""
-    pixels = torch.from_numpy(np.asarray(image.convert("RGB").resize((64, 64), Image.BICUBIC), dtype=np.float32))
-    pixels = pixels.permute(2, 0, 1)[None] / 127.5 - 1
-    conditioner = KLEIN.build_conditioner(dict(pipe.components), 1, 0, max_sequence_length=64)
-    with torch.no_grad():
-        latents, _ = KLEIN.encode_latent_dist(pipe.vae, pixels)
-        conditioning = conditioner([prompt], {}, CPU)
-        generator = torch.Generator().manual_seed(0)
-        losses = [per_sample_losses(pipe, conditioning, latents, torch.randn(latents.shape, generator=generator),
-                                    torch.tensor([sigma])) for sigma in (0.3, 0.5, 0.7, 0.9) for _ in range(4)]
-    return torch.cat(losses).mean().item()
-
-
 @pytest.mark.e2e
 def test_shipped_config_overfits_one_image(trained):
     model, exp, converted = trained
-    log = (exp / "train.log").read_text()
-    assert "distilled" not in log
-    assert len(re.findall(rf"step \d+/{STEPS} loss ([\d.]+)", log)) == STEPS
+    assert "distilled" not in (exp / "train.log").read_text()
+    assert len(logged_losses(exp, STEPS)) == STEPS
     data = exp.parents[1] / "data"
     image, prompt = Image.open(data / "0.png"), (data / "0.txt").read_text().strip()
     pipe = Flux2KleinPipeline.from_pretrained(model)
-    before = fixed_noise_loss(pipe, image, prompt)
-    pipe.load_lora_weights(str(converted))
-    after = fixed_noise_loss(pipe, image, prompt)
+    before, after = fixed_noise_losses(KLEIN, pipe, converted, image, prompt, max_sequence_length=64)
     assert after < 0.95 * before, (before, after)
 
 
 def render_with_diffusers(pipe: Flux2KleinPipeline) -> np.ndarray:
     """The visualizer's render below, by the pipeline's own prompt encoding: 64 px, 2 steps, guidance 2.5 against the
     empty prompt, seed 42, pixels 0-255."""
-    with torch.no_grad():
-        image = pipe(prompt="a red circle", guidance_scale=2.5, height=64, width=64, num_inference_steps=2,
-                     generator=torch.Generator("cpu").manual_seed(42), output_type="pil").images[0]
-    return np.asarray(image, dtype=np.int16)
+    return diffusers_render(pipe, prompt="a red circle", guidance_scale=2.5)
 
 
 @pytest.mark.e2e
@@ -304,12 +236,9 @@ def test_visualizer_and_to_diffusers_render_the_trained_lora_alike(trained, tmp_
                                  model, lora, "infer_args.guidance_scale=2.5")
 
     assert {key.split(".")[0] for key in load_file(converted)} == {"transformer"}
-    loaded = Flux2KleinPipeline.from_pretrained(model)
-    loaded.set_progress_bar_config(disable=True)
-    base = render_with_diffusers(loaded)
-    loaded.load_lora_weights(str(converted))
+    loaded = quiet_pipeline(Flux2KleinPipeline, model)
+    base, with_lora = lora_renders(loaded, converted, render_with_diffusers)
     assert len(loaded.get_list_adapters()["transformer"]) == 1
-    with_lora = render_with_diffusers(loaded)
     assert np.abs(with_lora - base).mean() > 1  # the LoRA changes the image
     assert np.abs(with_lora - rendered).max() <= 2  # hcpdiff's merge renders as diffusers' peft layers
 
@@ -319,40 +248,21 @@ def test_to_webui_kohya_file_renders_as_the_to_diffusers_one(trained, tmp_path, 
     """The trained LoRA as a kohya / ComfyUI file (all of it: --from_webui gives it back), and its layers that
     diffusers' kohya FLUX.2 reader takes (all but the global modulation and the final adaLN) render as the
     --to_diffusers file of the same."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     model, exp, _ = trained
     lora = exp / "ckpts" / f"transformer-{STEPS}.safetensors"
-
-    def convert(*args: str) -> str:
-        done = cli_in_process(["-m", "hcpdiff.tools.lora_convert", *args], cwd=tmp_path)
-        assert done.returncode == 0, done.stderr[-2000:]
-        return done.stderr
-
-    note = convert("--to_webui", "--lora_path", str(lora), "--dump_path", str(tmp_path / "webui.safetensors"))
+    webui = tmp_path / "webui.safetensors"
+    note = lora_convert_run(cli_in_process, tmp_path, "--to_webui", "--lora_path", str(lora), "--dump_path", str(webui))
     assert "leaves out double_stream_modulation_img.lin" in note
-    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in load_file(tmp_path / "webui.safetensors")
-    convert("--from_webui", "--lora_path", str(tmp_path / "webui.safetensors"), "--dump_path", str(tmp_path / "back"))
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in load_file(webui)
+    lora_convert_run(cli_in_process, tmp_path, "--from_webui", "--lora_path", str(webui), "--dump_path",
+                     str(tmp_path / "back"))
     (restored,) = (tmp_path / "back").glob("transformer-*.safetensors")
     original, back = load_file(lora), load_file(restored)
     assert back.keys() == original.keys() and all(torch.allclose(back[k], original[k], atol=1e-6) for k in original)
 
-    with safe_open(lora, "pt") as file:
-        metadata = file.metadata()
-    partial = tmp_path / "partial" / "transformer-1.safetensors"
-    partial.parent.mkdir()
-    save_file({key: value for key, value in original.items() if "modulation" not in key and "norm_out" not in key},
-              partial, metadata)
-    loaded = Flux2KleinPipeline.from_pretrained(model)
-    loaded.set_progress_bar_config(disable=True)
-    base, renders = render_with_diffusers(loaded), []
-    for flag in ("--to_diffusers", "--to_webui"):
-        out = tmp_path / f"{partial.parent.name}{flag}.safetensors"
-        convert(flag, "--lora_path", str(partial), "--dump_path", str(out))
-        loaded.load_lora_weights(str(out))
-        renders.append(render_with_diffusers(loaded))
-        loaded.unload_lora_weights()
+    partial = partial_lora(lora, lambda key: "modulation" not in key and "norm_out" not in key, tmp_path / "partial")
+    loaded = quiet_pipeline(Flux2KleinPipeline, model)
+    base, renders = render_with_diffusers(loaded), flag_renders(partial, loaded, render_with_diffusers)
     assert np.abs(renders[0] - base).mean() > 1  # the LoRA changes the image
     assert np.abs(renders[0] - renders[1]).max() <= 1
 
@@ -360,11 +270,8 @@ def test_to_webui_kohya_file_renders_as_the_to_diffusers_one(trained, tmp_path, 
 @pytest.mark.e2e
 def test_a_distilled_run_says_once_at_start_to_train_on_the_base(tmp_path, cli_in_process):
     model = KLEIN.make_tiny(tmp_path / "distilled", variant="flux2_klein-distilled")
-    (tmp_path / "cfgs").symlink_to(REPO_ROOT / "cfgs")
-    data = make_demo_data(tmp_path / "data", num=1)
-    result = cli_in_process(train_args(model, data, 1), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    warnings = [line for line in result.stderr.splitlines() if "step-distilled FLUX.2 [klein]" in line]
-    assert len(warnings) == 1 and "train on the base klein" in warnings[0], result.stderr[-3000:]
-    log = (next((tmp_path / "exps").iterdir()) / "train.log").read_text()
+    exp, stderr = train_in(tmp_path, cli_in_process, lambda data: train_args(model, data, 1))
+    warnings = [line for line in stderr.splitlines() if "step-distilled FLUX.2 [klein]" in line]
+    assert len(warnings) == 1 and "train on the base klein" in warnings[0], stderr[-3000:]
+    log = (exp / "train.log").read_text()
     assert log.count("step-distilled FLUX.2 [klein]") == 1

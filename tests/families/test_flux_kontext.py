@@ -6,7 +6,6 @@ visualizer renders as FluxKontextPipeline.load_lora_weights renders the --to_dif
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -16,16 +15,15 @@ from diffusers import FluxKontextPipeline, FluxTransformer2DModel
 from PIL import Image
 from safetensors.torch import load_file
 
+from family_data import (CPU, as_pixels, batch_and_alone_edits, edit_overfit_args, logged_losses, random_image,
+                         to_diffusers, train_in, transformer_calls, visualizer_output)
 from hcpdiff.families import detect_family, family_named, folder_config_reader
 from hcpdiff.families.flux import pack_latents, unpack_latents
 from hcpdiff.families.flux_kontext import kontext_size
 from hcpdiff.models import load_model_parts
 from hcpdiff.objectives.flow_matching import resolution_mu
-from hcpdiff.tools.make_demo_data import make_demo_data
 
 KONTEXT = family_named("flux_kontext")
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CPU = torch.device("cpu")
 STEPS = 20
 
 
@@ -37,16 +35,6 @@ def tiny_kontext(tiny_models) -> Path:
 @pytest.fixture(scope="module")
 def parts(tiny_kontext):
     return load_model_parts(str(tiny_kontext))
-
-
-def random_image(width: int, height: int, seed: int) -> Image.Image:
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    return Image.fromarray(pixels, "RGB")
-
-
-def as_pixels(image: Image.Image) -> torch.Tensor:
-    """What a dataset gives for an image: [3, H, W] in [-1, 1]."""
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1
 
 
 def test_tiny_model_is_kontext_and_flux_folders_are_told_apart(tiny_kontext, parts):
@@ -61,34 +49,14 @@ def test_tiny_model_is_kontext_and_flux_folders_are_told_apart(tiny_kontext, par
     assert isinstance(KONTEXT.build_pipeline(parts.components, parts.noise_scheduler), FluxKontextPipeline)
 
 
-def record_transformer_calls(pipe: FluxKontextPipeline, image: Image.Image, prompt: str) -> list[dict]:
-    """The keyword arguments and output of each transformer call in a real 2-step pipeline run at 48 x 64."""
-    seen = []
-    forward = pipe.transformer.forward
-
-    def recording(*args, **kwargs):
-        output = forward(*args, **kwargs)
-        seen.append({"kwargs": kwargs, "output": output[0]})
-        return output
-
-    pipe.transformer.forward = recording
-    try:
-        pipe.set_progress_bar_config(disable=True)
-        with torch.no_grad():
-            pipe(image=image, prompt=prompt, num_inference_steps=2, height=64, width=48, max_area=64 * 48,
-                 guidance_scale=2.5, generator=torch.Generator().manual_seed(0), output_type="latent")
-    finally:
-        pipe.transformer.forward = forward
-    return seen
-
-
 def test_conditioner_denoise_and_shift_are_what_the_pipeline_feeds_its_transformer(parts):
     """The input image given as a dataset gives it (cut to its bucket, in [-1, 1]): the conditioner's text states and
     input-image tokens and ids, denoise's prediction, and the objective's shifted sigma equal those of a real
     FluxKontextPipeline call on that image (auto-resized to its preferred 1248 x 832 for 3:2)."""
     pipe = KONTEXT.build_pipeline(parts.components, parts.noise_scheduler)
     image = random_image(48, 32, seed=1)
-    first, second = record_transformer_calls(pipe, image, "make it red")
+    first, second = transformer_calls(pipe, image=image, prompt="make it red", height=64, width=48, max_area=64 * 48,
+                                      guidance_scale=2.5)
     kwargs = first["kwargs"]
     conditioner = KONTEXT.build_conditioner(parts.components, 1, 0, guidance=2.5)
     with torch.no_grad():  # as the pipeline runs (T5 takes another kernel path with autograd on)
@@ -122,14 +90,8 @@ def test_a_batch_of_two_edits_trains_as_its_samples_one_by_one(parts):
     conditioner = KONTEXT.build_conditioner(parts.components, 1, 0, condition_area=64 * 64)
     prompts = ["make it red", "make the circle a blue square photo with the original background"]
     images = torch.stack([as_pixels(random_image(32, 32, seed)) for seed in (2, 3)])[:, None]  # [B, K = 1, 3, H, W]
-    noisy, sigmas = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([0.3, 0.8])
-    with torch.no_grad():
-        together = KONTEXT.denoise(parts.transformer, noisy, sigmas,
-                                   conditioner(prompts, {"condition_pixels": images}, CPU))
-        for i in range(2):
-            alone = conditioner(prompts[i : i + 1], {"condition_pixels": images[i : i + 1]}, CPU)
-            single = KONTEXT.denoise(parts.transformer, noisy[i : i + 1], sigmas[i : i + 1], alone)
-            assert torch.allclose(together[i : i + 1], single, atol=1e-5)
+    _, together, alone = batch_and_alone_edits(KONTEXT, parts.transformer, conditioner, prompts, images)
+    assert torch.allclose(together, alone, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -137,27 +99,16 @@ def trained(tmp_path_factory, tiny_kontext, cli_in_process) -> tuple[Path, Path,
     """(model, experiment folder, data) of lora_flux_kontext.yaml overfitting one edit for STEPS steps on the tiny
     model (fp32 on the CPU, rank 4, input images at a 64x64 area to keep it quick), with an edit preview."""
     workdir = tmp_path_factory.mktemp("flux_kontext_run")
-    (workdir / "cfgs").symlink_to(REPO_ROOT / "cfgs")
-    data = make_demo_data(workdir / "data", num=1, captions="edit")
-    result = cli_in_process([
-        "-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/lora_flux_kontext.yaml",
-        f"model.pretrained_model_name_or_path={tiny_kontext}", "mixed_precision=null", "model.condition_area=4096",
-        f"data.dataset1.source.data_source1.img_root={data}", "train.workers=0", "train.scheduler.num_warmup_steps=0",
-        'data.dataset1.bucket.target_area=${hcp.eval:"64*64"}', "data.dataset1.bucket.num_bucket=1",
-        f"train.train_steps={STEPS}", "train.log_step=1", "train.save_step=1000", "transformer_lr=1e-2",
-        "train.loss.logit_std=0.3", "lora_transformer.0.rank=4", "lora_transformer.0.alpha=4",
-        f"previewer={{step: {STEPS}, prompts: ['make the circle red'], width: 64, height: 64, "
-        f"num_inference_steps: 2, condition_images: ['{data}/input/0.png']}}",
-    ], cwd=workdir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return tiny_kontext, next((workdir / "exps").iterdir()), data
+    config = "cfgs/train/examples/lora_flux_kontext.yaml"
+    exp, _ = train_in(workdir, cli_in_process, lambda data: edit_overfit_args(config, tiny_kontext, data, STEPS),
+                      captions="edit")
+    return tiny_kontext, exp, workdir / "data"
 
 
 @pytest.mark.e2e
 def test_shipped_config_overfits_one_edit_and_previews_it(trained):
     _, exp, _ = trained
-    log = (exp / "train.log").read_text()
-    losses = [float(value) for value in re.findall(rf"step \d+/{STEPS} loss ([\d.]+)", log)]
+    losses = logged_losses(exp, STEPS)
     assert len(losses) == STEPS
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     assert last < 0.95 * first, (first, last)
@@ -166,24 +117,15 @@ def test_shipped_config_overfits_one_edit_and_previews_it(trained):
 
 @pytest.mark.e2e
 def test_visualizer_and_to_diffusers_render_the_trained_lora_alike(trained, tmp_path, cli_in_process):
-    from hcpdiff.tools.lora_convert import main as lora_convert
-
     model, exp, data = trained
     lora = exp / "ckpts" / f"transformer-{STEPS}.safetensors"
-    (tmp_path / "cfgs").symlink_to(REPO_ROOT / "cfgs")
-    done = cli_in_process(["-m", "hcpdiff.visualizer", "--cfg", "cfgs/infer/edit_flux_kontext.yaml",
-                           f"pretrained_model={model}", "dtype=fp32", f"lora_path={lora}",
-                           "prompt='make the circle red'", f"condition_image={data}/input/0.png",
-                           f"save.out_dir={tmp_path / 'out'}", "infer_args.width=64", "infer_args.height=48",
-                           "infer_args.num_inference_steps=2"], cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (image_file,) = sorted((tmp_path / "out").glob("*.png"))
+    image_file = visualizer_output(cli_in_process, tmp_path, "cfgs/infer/edit_flux_kontext.yaml", model, lora,
+                                   f"condition_image={data}/input/0.png", prompt="make the circle red", height=48)
     assert json.loads(Image.open(image_file).info["hcpdiff"])["condition_image"] == f"{data}/input/0.png"
     rendered = np.asarray(Image.open(image_file).convert("RGB"), dtype=np.int16)
     assert rendered.shape == (48, 64, 3)  # the requested size, not the pipeline's default megapixel
 
-    converted = tmp_path / "pytorch_lora_weights.safetensors"
-    assert lora_convert(["--to_diffusers", "--lora_path", str(lora), "--dump_path", str(converted)]) == 0
+    converted = to_diffusers(lora, tmp_path / "pytorch_lora_weights.safetensors")
     pipe = FluxKontextPipeline.from_pretrained(model)
     pipe.load_lora_weights(str(converted))
     pipe.set_progress_bar_config(disable=True)

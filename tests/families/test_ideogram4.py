@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,9 @@ from diffusers.pipelines.ideogram4.pipeline_ideogram4 import _logit_normal_sigma
 from PIL import Image
 from safetensors.torch import load_file
 
-from family_data import to_diffusers, train_in, visualizer_render
+from family_data import (CPU, LONG, REPO_ROOT, SHORT, batch_and_alone_losses, diffusers_render, fixed_noise_losses,
+                         flag_renders, logged_losses, lora_convert_run, lora_renders, overfit_args, partial_lora,
+                         quiet_pipeline, random_lora_ups, to_diffusers, train_in, transformer_calls, visualizer_render)
 from hcpdiff.errors import ConfigError
 from hcpdiff.families import FAMILIES, detect_family, family_named, folder_config_reader
 from hcpdiff.families.ideogram4 import pack, unpack
@@ -28,9 +29,6 @@ from hcpdiff.models import load_model_parts
 from hcpdiff.train.specs import LossSpec
 
 IDEOGRAM = family_named("ideogram4")
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CPU = torch.device("cpu")
-SHORT, LONG = "a red circle", "a blue square photo of the objects and background, texture and color detailing"
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +38,7 @@ def tiny_ideogram(tiny_models) -> Path:
 
 @pytest.fixture(scope="module")
 def ideogram_pipe(tiny_ideogram) -> Ideogram4Pipeline:
-    pipe = Ideogram4Pipeline.from_pretrained(tiny_ideogram)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet_pipeline(Ideogram4Pipeline, tiny_ideogram)
 
 
 def test_tiny_model_is_detected_as_ideogram4_and_no_other_family_takes_it(tiny_ideogram):
@@ -101,10 +97,7 @@ def test_text_encoder_lora_trains_through_the_conditioner(tiny_ideogram):
                            "text_encoder", "lora_text_encoder", IDEOGRAM.unused_layers("text_encoder", encoder))
     assert sorted(int(layer.split(".")[2]) for layer in group.layers) == list(range(36))  # no visual.*.qkv
     generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # lora_B starts at 0, which blocks lora_A's gradient
-        for name, param in encoder.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    random_lora_ups(encoder, generator)
     conditioner = IDEOGRAM.build_conditioner(parts.components, 1, 0)
     plain = conditioner([SHORT], {}, CPU)["llm_features"].detach()
     conditioner.set_text_encoder(encoder)
@@ -142,54 +135,24 @@ def test_latents_decode_through_the_pipeline_into_the_image_they_encode(ideogram
     assert torch.allclose(theirs, expected, atol=1e-5)
 
 
-def record_transformer_call(pipe: Ideogram4Pipeline, prompt: str, text_length: int) -> dict:
-    """The keyword arguments and output of the conditional transformer's second call in a real pipeline run (64 x 48
-    px, two steps, constant guidance, text rows `text_length`)."""
-    calls = []
-    forward = pipe.transformer.forward
-
-    def recording(*args, **kwargs):
-        output = forward(*args, **kwargs)
-        calls.append({"kwargs": kwargs, "output": output[0]})
-        return output
-
-    pipe.transformer.forward = recording
-    try:
-        with torch.no_grad():
-            pipe(prompt=prompt, num_inference_steps=2, height=64, width=48, guidance_scale=2.0, guidance_schedule=None,
-                 max_sequence_length=text_length, generator=torch.Generator().manual_seed(0), output_type="latent")
-    finally:
-        pipe.transformer.forward = forward
-    assert len(calls) == 2
-    return {**calls[1], "sigma": pipe.scheduler.sigmas[1]}
-
-
 def test_conditioner_and_denoise_are_what_the_pipeline_feeds_its_transformer(ideogram_pipe):
     text_length = 100  # the pipeline's padding; ours is the prompt's own length
-    seen = record_transformer_call(ideogram_pipe, LONG, text_length)
-    kwargs = seen["kwargs"]
+    # the conditional transformer's second call (constant guidance: the unconditional one is another module)
+    _, seen = transformer_calls(ideogram_pipe, prompt=LONG, height=64, width=48, guidance_scale=2.0,
+                                guidance_schedule=None, max_sequence_length=text_length)
+    kwargs, sigma = seen["kwargs"], ideogram_pipe.scheduler.sigmas[1]
     conditioning = IDEOGRAM.build_conditioner(dict(ideogram_pipe.components), 1, 0)([LONG], {}, CPU)
     n = int(conditioning["llm_mask"].sum())
     assert torch.allclose(conditioning["llm_features"][0], kwargs["encoder_hidden_states"][0, text_length - n:
                                                                                            text_length], atol=1e-6)
     # the loop's model time is 1 - t / 1000 = 1 - sigma (up to the fp32 rounding of t = sigma * 1000)
-    assert torch.allclose(kwargs["timestep"], 1 - seen["sigma"].expand(1), atol=1e-6)
+    assert torch.allclose(kwargs["timestep"], 1 - sigma.expand(1), atol=1e-6)
     noisy = unpack(kwargs["hidden_states"][:, text_length:], 4, 3)  # 64 x 48 px / 16
     with torch.no_grad():
-        prediction = IDEOGRAM.denoise(ideogram_pipe.transformer, noisy, seen["sigma"].expand(1), conditioning)
+        prediction = IDEOGRAM.denoise(ideogram_pipe.transformer, noisy, sigma.expand(1), conditioning)
     assert prediction.shape == (1, 128, 4, 3)
     # the transformer predicts x0 - noise; the target noise - x0 is its negation
     assert torch.allclose(pack(prediction), -seen["output"][:, text_length:], atol=1e-5)
-
-
-def per_sample_losses(pipe: Ideogram4Pipeline, conditioning: dict, latents: torch.Tensor, noise: torch.Tensor,
-                      sigmas: torch.Tensor) -> torch.Tensor:
-    """The flow-matching loss of each sample [B] for fixed noise and sigmas."""
-    expanded = sigmas.view(-1, 1, 1, 1)
-    noisy = (1 - expanded) * latents + expanded * noise
-    with torch.no_grad():
-        prediction = IDEOGRAM.denoise(pipe.transformer, noisy, sigmas, conditioning)
-    return (prediction - (noise - latents)).square().mean(dim=(1, 2, 3))
 
 
 def test_a_batch_of_prompts_of_different_lengths_trains_as_its_samples_one_by_one(ideogram_pipe):
@@ -198,9 +161,8 @@ def test_a_batch_of_prompts_of_different_lengths_trains_as_its_samples_one_by_on
     latents = torch.randn(2, 128, 2, 3, generator=generator)
     noise = torch.randn(2, 128, 2, 3, generator=generator)
     sigmas = torch.tensor([0.4, 0.8])
-    batched = per_sample_losses(ideogram_pipe, conditioner([SHORT, LONG], {}, CPU), latents, noise, sigmas)
-    alone = torch.cat([per_sample_losses(ideogram_pipe, conditioner([prompt], {}, CPU), latents[i:i + 1],
-                                         noise[i:i + 1], sigmas[i:i + 1]) for i, prompt in enumerate((SHORT, LONG))])
+    batched, alone = batch_and_alone_losses(IDEOGRAM, ideogram_pipe.transformer, conditioner, [SHORT, LONG], latents,
+                                            noise, sigmas)
     assert torch.allclose(batched, alone, rtol=1e-5, atol=1e-6), (batched, alone)
     assert not torch.allclose(alone[0], alone[1])
 
@@ -247,15 +209,9 @@ def train_args(model: Path, data: Path, steps: int) -> list[str]:
     """The documented command on lora_ideogram4.yaml, fp32 on the CPU, one 64 px bucket, rank 4, a LoRA on every
     Linear of the transformer (`''`): the tiny random model's blocks alone move its output too little in a few
     steps (the final layer's frozen projection holds its size and span); one preview at the end."""
-    return ["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/lora_ideogram4.yaml",
-            f"model.pretrained_model_name_or_path={model}", "mixed_precision=null",
-            f"data.dataset1.source.data_source1.img_root={data}",
-            f"data.dataset1.source.data_source1.caption_file={data}", "train.workers=0",
-            "train.scheduler.num_warmup_steps=0", 'data.dataset1.bucket.target_area=${hcp.eval:"64*64"}',
-            "data.dataset1.bucket.num_bucket=1", f"train.train_steps={steps}", "train.log_step=1",
-            "train.save_step=1000", "transformer_lr=1e-2", "train.loss.logit_std=0.3", "lora_transformer.0.rank=4",
-            "lora_transformer.0.alpha=4", "lora_transformer.0.layers=['']",
-            f"previewer={{step: {steps}, prompts: ['a red circle'], width: 64, height: 64, num_inference_steps: 2}}"]
+    return overfit_args("cfgs/train/examples/lora_ideogram4.yaml", model, data, steps, "lora_transformer.0.layers=['']",
+                        f"previewer={{step: {steps}, prompts: ['a red circle'], width: 64, height: 64, "
+                        "num_inference_steps: 2}")
 
 
 STEPS = 12
@@ -272,25 +228,11 @@ def trained(tmp_path_factory, tiny_ideogram, cli_in_process) -> tuple[Path, Path
     return tiny_ideogram, exp, converted
 
 
-def fixed_noise_loss(pipe: Ideogram4Pipeline, image: Image.Image, prompt: str) -> float:
-    """The flow-matching loss of one image at 64 px over fixed noise draws and sigmas."""
-    pixels = torch.from_numpy(np.asarray(image.convert("RGB").resize((64, 64), Image.BICUBIC), dtype=np.float32))
-    pixels = pixels.permute(2, 0, 1)[None] / 127.5 - 1
-    conditioner = IDEOGRAM.build_conditioner(dict(pipe.components), 1, 0)
-    with torch.no_grad():
-        latents, _ = IDEOGRAM.encode_latent_dist(pipe.vae, pixels)
-        conditioning = conditioner([prompt], {}, CPU)
-        generator = torch.Generator().manual_seed(0)
-        losses = [per_sample_losses(pipe, conditioning, latents, torch.randn(latents.shape, generator=generator),
-                                    torch.tensor([sigma])) for sigma in (0.3, 0.5, 0.7, 0.9) for _ in range(4)]
-    return torch.cat(losses).mean().item()
-
-
 @pytest.mark.e2e
 def test_shipped_config_overfits_one_image(trained):
     model, exp, converted = trained
     log = (exp / "train.log").read_text()
-    assert len(re.findall(rf"step \d+/{STEPS} loss ([\d.]+)", log)) == STEPS
+    assert len(logged_losses(exp, STEPS)) == STEPS
     # every caption is text-cached, but the pipeline renders previews from prompt text: the encoder stays
     assert "text embeddings cached in memory" in log and "text encoders kept for the previews" in log
     assert "text encoders released" not in log
@@ -298,9 +240,7 @@ def test_shipped_config_overfits_one_image(trained):
     data = exp.parents[1] / "data"
     image, prompt = Image.open(data / "0.png"), (data / "0.txt").read_text().strip()
     pipe = Ideogram4Pipeline.from_pretrained(model)
-    before = fixed_noise_loss(pipe, image, prompt)
-    pipe.load_lora_weights(str(converted))
-    after = fixed_noise_loss(pipe, image, prompt)
+    before, after = fixed_noise_losses(IDEOGRAM, pipe, converted, image, prompt)
     assert after < 0.95 * before, (before, after)
 
 
@@ -308,11 +248,8 @@ def render_with_diffusers(pipe: Ideogram4Pipeline) -> np.ndarray:
     """The visualizer's render below, by the pipeline's own call with more text padding than the visualizer's (64
     tokens, not the prompt's own 11; the default 2048 costs CPU time): 64 px, 2 steps, constant guidance 2.5, seed 42,
     pixels 0-255."""
-    with torch.no_grad():
-        image = pipe(prompt="a red circle", guidance_scale=2.5, guidance_schedule=None, height=64, width=64,
-                     num_inference_steps=2, max_sequence_length=64, generator=torch.Generator("cpu").manual_seed(42),
-                     output_type="pil").images[0]
-    return np.asarray(image, dtype=np.int16)
+    return diffusers_render(pipe, prompt="a red circle", guidance_scale=2.5, guidance_schedule=None,
+                            max_sequence_length=64)
 
 
 @pytest.mark.e2e
@@ -323,12 +260,9 @@ def test_visualizer_and_to_diffusers_render_the_trained_lora_alike(trained, tmp_
                                  model, lora, "infer_args.guidance_scale=2.5")
 
     assert {key.split(".")[0] for key in load_file(converted)} == {"transformer"}
-    loaded = Ideogram4Pipeline.from_pretrained(model)
-    loaded.set_progress_bar_config(disable=True)
-    base = render_with_diffusers(loaded)
-    loaded.load_lora_weights(str(converted))
+    loaded = quiet_pipeline(Ideogram4Pipeline, model)
+    base, with_lora = lora_renders(loaded, converted, render_with_diffusers)
     assert len(loaded.get_list_adapters()["transformer"]) == 1
-    with_lora = render_with_diffusers(loaded)
     assert np.abs(with_lora - base).mean() > 1  # the LoRA changes the image
     assert np.abs(with_lora - rendered).max() <= 2  # hcpdiff's merge (and its shorter text padding) renders alike
 
@@ -337,37 +271,21 @@ def test_visualizer_and_to_diffusers_render_the_trained_lora_alike(trained, tmp_
 def test_to_webui_file_in_comfyuis_names_renders_as_the_to_diffusers_one(trained, tmp_path, cli_in_process):
     """The trained LoRA in ComfyUI's names (all of it: --from_webui gives it back), and its blocks' layers (what
     Ideogram4Pipeline's loader reads of that layout, converting it itself) render as the --to_diffusers file's."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     model, exp, _ = trained
     lora = exp / "ckpts" / f"transformer-{STEPS}.safetensors"
-
-    def convert(*args: str) -> None:
-        done = cli_in_process(["-m", "hcpdiff.tools.lora_convert", *args], cwd=tmp_path)
-        assert done.returncode == 0, done.stderr[-2000:]
-
-    convert("--to_webui", "--lora_path", str(lora), "--dump_path", str(tmp_path / "webui.safetensors"))
-    assert "diffusion_model.input_proj.alpha" in load_file(tmp_path / "webui.safetensors")
-    convert("--from_webui", "--lora_path", str(tmp_path / "webui.safetensors"), "--dump_path", str(tmp_path / "back"))
+    webui = tmp_path / "webui.safetensors"
+    lora_convert_run(cli_in_process, tmp_path, "--to_webui", "--lora_path", str(lora), "--dump_path", str(webui))
+    assert "diffusion_model.input_proj.alpha" in load_file(webui)
+    lora_convert_run(cli_in_process, tmp_path, "--from_webui", "--lora_path", str(webui), "--dump_path",
+                     str(tmp_path / "back"))
     (restored,) = (tmp_path / "back").glob("transformer-*.safetensors")
     original, back = load_file(lora), load_file(restored)
     assert back.keys() == original.keys() and all(torch.allclose(back[k], original[k]) for k in original)
 
-    with safe_open(lora, "pt") as file:
-        metadata = file.metadata()
-    partial = tmp_path / "partial" / "transformer-1.safetensors"
-    partial.parent.mkdir()
-    save_file({key: value for key, value in original.items() if key.startswith("layers.")}, partial, metadata)
-    loaded = Ideogram4Pipeline.from_pretrained(model)
-    loaded.set_progress_bar_config(disable=True)
-    base, renders = render_with_diffusers(loaded), []
-    for flag in ("--to_diffusers", "--to_webui"):
-        out = tmp_path / f"{partial.parent.name}{flag}.safetensors"
-        convert(flag, "--lora_path", str(partial), "--dump_path", str(out))
-        loaded.load_lora_weights(str(out))
-        renders.append(render_with_diffusers(loaded))
-        loaded.unload_lora_weights()
+    partial = partial_lora(lora, lambda key: key.startswith("layers."), tmp_path / "partial")
+    loaded = quiet_pipeline(Ideogram4Pipeline, model)
+    base, renders = render_with_diffusers(loaded), flag_renders(partial, loaded, render_with_diffusers)
+    out = tmp_path / "partial--to_webui.safetensors"
     assert "diffusion_model.layers.0.attention.qkv.lora_down.weight" in load_file(out)
     assert np.abs(renders[0] - base).mean() > 1  # the blocks' LoRA changes the image
     assert np.abs(renders[0] - renders[1]).max() <= 1

@@ -8,7 +8,6 @@ Krea2Pipeline.load_lora_weights renders the --to_diffusers file."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -17,10 +16,11 @@ import pytest
 import torch
 from diffusers import Krea2Pipeline
 from diffusers.pipelines.krea2.pipeline_krea2 import calculate_shift
-from safetensors import safe_open
 from safetensors.torch import load_file
 
-from family_data import to_diffusers, train_in, visualizer_render
+from family_data import (CPU, LONG, SHORT, batch_and_alone_losses, checkpoint_layers, diffusers_render, logged_losses,
+                         lora_renders, matched_layers, overfit_args, quiet_pipeline, to_diffusers, train_in,
+                         visualizer_render)
 from hcpdiff.data.tensor_store import TensorStore
 from hcpdiff.errors import ConfigError
 from hcpdiff.families import FAMILIES, detect_family, family_named, folder_config_reader
@@ -31,9 +31,6 @@ from hcpdiff.train.specs import LossSpec
 from hcpdiff.train.text_cache import CachedConditioner, can_cache_text
 
 KREA2 = family_named("krea2")
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CPU = torch.device("cpu")
-SHORT, LONG = "a red circle", "a blue square photo of the objects and background, texture and color detailing"
 TOKENS = 32  # prompt tokens in the unit tests (the pipeline's 512 in the runs)
 
 
@@ -44,9 +41,7 @@ def tiny_krea2(tiny_models) -> Path:
 
 @pytest.fixture(scope="module")
 def krea2_pipe(tiny_krea2) -> Krea2Pipeline:
-    pipe = Krea2Pipeline.from_pretrained(tiny_krea2)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet_pipeline(Krea2Pipeline, tiny_krea2)
 
 
 def conditioner(pipe: Krea2Pipeline, tokens: int = TOKENS):
@@ -197,16 +192,7 @@ def test_a_batch_of_two_trains_as_its_samples_one_by_one(krea2_pipe):
     generator = torch.Generator().manual_seed(0)
     latents, noise = torch.randn(2, 16, 4, 6, generator=generator), torch.randn(2, 16, 4, 6, generator=generator)
     sigmas = torch.tensor([0.4, 0.8])
-
-    def losses(prompts: list[str], rows: slice) -> torch.Tensor:
-        expanded = sigmas[rows].view(-1, 1, 1, 1)
-        noisy = (1 - expanded) * latents[rows] + expanded * noise[rows]
-        with torch.no_grad():
-            prediction = KREA2.denoise(krea2_pipe.transformer, noisy, sigmas[rows], cond(prompts, {}, CPU))
-        return (prediction - (noise[rows] - latents[rows])).square().mean(dim=(1, 2, 3))
-
-    batched = losses([SHORT, LONG], slice(0, 2))
-    alone = torch.cat([losses([SHORT], slice(0, 1)), losses([LONG], slice(1, 2))])
+    batched, alone = batch_and_alone_losses(KREA2, krea2_pipe.transformer, cond, [SHORT, LONG], latents, noise, sigmas)
     assert torch.allclose(batched, alone, rtol=1e-5, atol=1e-6), (batched, alone)
 
 
@@ -242,33 +228,23 @@ STEPS = 8
 def trained(tmp_path_factory, tiny_krea2, cli_in_process) -> tuple[Path, Path, str]:
     """(model, experiment folder, stderr) of lora_krea2.yaml overfitting one image for STEPS steps on the tiny model
     (fp32, one 64 px bucket, rank 4, 64 prompt tokens)."""
-    exp, stderr = train_in(tmp_path_factory.mktemp("krea2_run"), cli_in_process, lambda data: [
-        "-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/lora_krea2.yaml",
-        f"model.pretrained_model_name_or_path={tiny_krea2}", "mixed_precision=null",
-        "model.max_sequence_length=64", f"data.dataset1.source.data_source1.img_root={data}",
-        f"data.dataset1.source.data_source1.caption_file={data}", "train.workers=0",
-        "train.scheduler.num_warmup_steps=0", 'data.dataset1.bucket.target_area=${hcp.eval:"64*64"}',
-        "data.dataset1.bucket.num_bucket=1", f"train.train_steps={STEPS}", "train.log_step=1",
-        "train.save_step=1000", "transformer_lr=1e-2", "train.loss.logit_std=0.3", "lora_transformer.0.rank=4",
-        "lora_transformer.0.alpha=4"])
+    exp, stderr = train_in(tmp_path_factory.mktemp("krea2_run"), cli_in_process, lambda data: overfit_args(
+        "cfgs/train/examples/lora_krea2.yaml", tiny_krea2, data, STEPS, "model.max_sequence_length=64"))
     return tiny_krea2, exp, stderr
 
 
 @pytest.mark.e2e
 def test_shipped_config_overfits_one_image_on_the_matched_layers(trained):
     _, exp, stderr = trained
-    log = (exp / "train.log").read_text()
-    losses = [float(value) for value in re.findall(rf"step \d+/{STEPS} loss ([\d.]+)", log)]
+    losses = logged_losses(exp, STEPS)
     assert len(losses) == STEPS
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < 0.95 * first, (first, last)
     assert "distilled" not in stderr
-    with safe_open(exp / "ckpts" / f"transformer-{STEPS}.safetensors", "pt") as file:
-        metadata, keys = file.metadata(), list(file.keys())
+    metadata, layers, _ = checkpoint_layers(exp / "ckpts" / f"transformer-{STEPS}.safetensors")
     assert (metadata["family"], metadata["part"]) == ("krea2", "transformer")
-    matched = {layer for group in json.loads((exp / "lora_layers.json").read_text())["lora_transformer"]
-               for layer in group["layers"]}
-    assert {key.split(".lora_")[0] for key in keys if ".lora_" in key} == matched
+    matched = matched_layers(exp)
+    assert layers == matched
     assert len(matched) == 4 * 8 and {layer.split(".", 2)[2] for layer in matched} == {
         "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_gate", "attn.to_out.0", "ff.gate", "ff.up", "ff.down"}
 
@@ -276,11 +252,7 @@ def test_shipped_config_overfits_one_image_on_the_matched_layers(trained):
 def render_with_diffusers(pipe: Krea2Pipeline) -> np.ndarray:
     """The visualizer's render below, by the pipeline's own prompt encoding: 64 px, 2 steps, its guidance_scale 1.5
     (hcpdiff's 2.5) against the empty negative prompt, seed 42, pixels 0-255."""
-    with torch.no_grad():
-        image = pipe("a red circle", negative_prompt="", guidance_scale=1.5, height=64, width=64,
-                     num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(42),
-                     output_type="pil").images[0]
-    return np.asarray(image, dtype=np.int16)
+    return diffusers_render(pipe, prompt="a red circle", negative_prompt="", guidance_scale=1.5)
 
 
 @pytest.mark.e2e
@@ -293,11 +265,8 @@ def test_visualizer_and_to_diffusers_render_the_trained_lora_alike(trained, tmp_
     converted = tmp_path / "pytorch_lora_weights.safetensors"
     to_diffusers(lora, converted)
     assert {key.split(".")[0] for key in load_file(converted)} == {"transformer"}
-    loaded = Krea2Pipeline.from_pretrained(model)
-    loaded.set_progress_bar_config(disable=True)
-    base = render_with_diffusers(loaded)
-    loaded.load_lora_weights(str(converted))
+    loaded = quiet_pipeline(Krea2Pipeline, model)
+    base, with_lora = lora_renders(loaded, converted, render_with_diffusers)
     assert len(loaded.get_list_adapters()["transformer"]) == 1
-    with_lora = render_with_diffusers(loaded)
     assert np.abs(with_lora - base).mean() > 1  # the LoRA changes the image
     assert np.abs(with_lora - rendered).max() <= 2  # hcpdiff's merge renders as diffusers' peft layers

@@ -7,7 +7,6 @@ QwenImagePipeline.load_lora_weights renders the --to_diffusers file."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -15,24 +14,22 @@ import pytest
 import torch
 from diffusers import QwenImagePipeline
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from family_data import (CPU, LONG, SHORT, checkpoint_layers, diffusers_render, logged_losses, lora_renders,
+                         matched_layers, overfit_args, per_sample_losses, quiet_pipeline, random_lora_ups,
+                         to_diffusers, train_in, visualizer_render)
 from hcpdiff.errors import ConfigError, ModelError
 from hcpdiff.families import detect_family, family_named, folder_config_reader
 from hcpdiff.families.qwen_image import KOHYA_PREFIX, pack_latents, unpack_latents
 from hcpdiff.models import load_model_parts
 from hcpdiff.objectives.flow_matching import sample_sigmas
 from hcpdiff.data.tensor_store import TensorStore
-from hcpdiff.tools.make_demo_data import make_demo_data
 from hcpdiff.train.specs import LossSpec
 from hcpdiff.train.text_cache import CachedConditioner, can_cache_text
 
 QWEN = family_named("qwen_image")
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CPU = torch.device("cpu")
-SHORT, LONG = "a red circle", "a blue square photo of the objects and background, texture and color detailing"
 
 
 @pytest.fixture(scope="module")
@@ -118,10 +115,7 @@ def test_text_encoder_lora_trains_through_the_conditioner(tiny_qwen):
     attach_lora(encoder, [LoraGroupSpec(lr=1e-4, layers=[r"re:.*language_model\.layers\.\d+\.self_attn$"], rank=2)],
                 "text_encoder", "lora_text_encoder")
     generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # lora_B starts at 0, which blocks lora_A's gradient
-        for name, param in encoder.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    random_lora_ups(encoder, generator)
     lora_params = [p for name, p in encoder.named_parameters() if "lora_A" in name]
     conditioner.set_text_encoder(encoder)
     conditioning = conditioner([SHORT, LONG], {}, CPU)
@@ -133,16 +127,6 @@ def test_text_encoder_lora_trains_through_the_conditioner(tiny_qwen):
     assert lora_params and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_params)
 
 
-def per_sample_losses(pipe: QwenImagePipeline, conditioning: dict, latents: torch.Tensor, noise: torch.Tensor,
-                      sigmas: torch.Tensor) -> torch.Tensor:
-    """The flow-matching loss of each sample [B] for fixed noise and sigmas."""
-    expanded = sigmas.view(-1, 1, 1, 1)
-    noisy = (1 - expanded) * latents + expanded * noise
-    with torch.no_grad():
-        prediction = QWEN.denoise(pipe.transformer, noisy, sigmas, conditioning)
-    return (prediction - (noise - latents)).square().mean(dim=(1, 2, 3))
-
-
 def test_a_batch_of_prompts_of_different_lengths_trains_as_its_samples_one_by_one(qwen_pipe):
     conditioner = QWEN.build_conditioner(dict(qwen_pipe.components), 1, 0)
     generator = torch.Generator().manual_seed(0)
@@ -150,14 +134,15 @@ def test_a_batch_of_prompts_of_different_lengths_trains_as_its_samples_one_by_on
     noise = torch.randn(2, 16, 4, 6, generator=generator)
     sigmas = torch.tensor([0.4, 0.8])
     batched_conditioning = conditioner([SHORT, LONG], {}, CPU)
-    batched = per_sample_losses(qwen_pipe, batched_conditioning, latents, noise, sigmas)
-    alone = torch.cat([per_sample_losses(qwen_pipe, conditioner([prompt], {}, CPU), latents[i:i + 1],
-                                         noise[i:i + 1], sigmas[i:i + 1]) for i, prompt in enumerate((SHORT, LONG))])
+    batched = per_sample_losses(QWEN, qwen_pipe.transformer, batched_conditioning, latents, noise, sigmas)
+    alone = torch.cat([per_sample_losses(QWEN, qwen_pipe.transformer, conditioner([prompt], {}, CPU),
+                                         latents[i:i + 1], noise[i:i + 1], sigmas[i:i + 1])
+                       for i, prompt in enumerate((SHORT, LONG))])
     assert torch.allclose(batched, alone, rtol=1e-5, atol=1e-6), (batched, alone)
     # the test can fail: without the mask the short prompt attends to its padding and its loss changes
     unmasked = {**batched_conditioning,
                 "encoder_hidden_states_mask": torch.ones_like(batched_conditioning["encoder_hidden_states_mask"])}
-    unmasked_losses = per_sample_losses(qwen_pipe, unmasked, latents, noise, sigmas)
+    unmasked_losses = per_sample_losses(QWEN, qwen_pipe.transformer, unmasked, latents, noise, sigmas)
     assert not torch.allclose(unmasked_losses[0], alone[0], rtol=1e-4)
     assert torch.allclose(unmasked_losses[1], alone[1], rtol=1e-5, atol=1e-6)
 
@@ -299,26 +284,15 @@ STEPS = 12
 def trained(tmp_path_factory, tiny_qwen, cli_in_process) -> tuple[Path, Path]:
     """(model, experiment folder) of lora_qwen_image.yaml overfitting one image for STEPS steps on the tiny model,
     run through the documented command (its entry point in-process) (fp32 on the CPU, rank 4 to keep it quick)."""
-    workdir = tmp_path_factory.mktemp("qwen_run")
-    (workdir / "cfgs").symlink_to(REPO_ROOT / "cfgs")
-    data = make_demo_data(workdir / "data", num=1)
-    result = cli_in_process([
-        "-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/lora_qwen_image.yaml",
-        f"model.pretrained_model_name_or_path={tiny_qwen}", "mixed_precision=null",
-        f"data.dataset1.source.data_source1.img_root={data}", f"data.dataset1.source.data_source1.caption_file={data}",
-        "train.workers=0", "train.scheduler.num_warmup_steps=0", 'data.dataset1.bucket.target_area=${hcp.eval:"64*64"}',
-        "data.dataset1.bucket.num_bucket=1", f"train.train_steps={STEPS}", "train.log_step=1", "train.save_step=1000",
-        "transformer_lr=1e-2", "train.loss.logit_std=0.3", "lora_transformer.0.rank=4", "lora_transformer.0.alpha=4",
-    ], cwd=workdir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return tiny_qwen, next((workdir / "exps").iterdir())
+    exp, _ = train_in(tmp_path_factory.mktemp("qwen_run"), cli_in_process, lambda data: overfit_args(
+        "cfgs/train/examples/lora_qwen_image.yaml", tiny_qwen, data, STEPS))
+    return tiny_qwen, exp
 
 
 @pytest.mark.e2e
 def test_shipped_config_overfits_one_image(trained):
     _, exp = trained
-    log = (exp / "train.log").read_text()
-    losses = [float(value) for value in re.findall(rf"step \d+/{STEPS} loss ([\d.]+)", log)]
+    losses = logged_losses(exp, STEPS)
     assert len(losses) == STEPS
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     assert last < 0.95 * first, (first, last)
@@ -328,13 +302,10 @@ def test_shipped_config_overfits_one_image(trained):
 def test_checkpoint_holds_the_matched_layers(trained):
     _, exp = trained
     assert sorted(p.name for p in (exp / "ckpts").iterdir()) == [f"transformer-{STEPS}.safetensors"]
-    with safe_open(exp / "ckpts" / f"transformer-{STEPS}.safetensors", "pt") as file:
-        metadata, keys = file.metadata(), list(file.keys())
-        ups = [file.get_tensor(key) for key in keys if ".lora_B." in key]
+    metadata, layers, ups = checkpoint_layers(exp / "ckpts" / f"transformer-{STEPS}.safetensors")
     assert (metadata["family"], metadata["part"]) == ("qwen_image", "transformer")
-    matched = {layer for group in json.loads((exp / "lora_layers.json").read_text())["lora_transformer"]
-               for layer in group["layers"]}
-    assert {key.split(".lora_")[0] for key in keys if ".lora_" in key} == matched
+    matched = matched_layers(exp)
+    assert layers == matched
     assert ups and all(torch.count_nonzero(up) > 0 for up in ups)  # every adapted layer trained
     suffixes = {layer.split(".", 2)[2] for layer in matched}
     assert suffixes == {"attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj",
@@ -348,38 +319,21 @@ def test_checkpoint_holds_the_matched_layers(trained):
 def render_with_diffusers(pipe: QwenImagePipeline) -> np.ndarray:
     """The visualizer's render below, by the pipeline's own prompt encoding: 64 px, 2 steps, true CFG 2.5 against
     the shipped negative prompt, seed 42, pixels 0-255."""
-    pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        image = pipe("a red circle", negative_prompt=" ", true_cfg_scale=2.5, height=64, width=64,
-                     num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(42),
-                     output_type="pil").images[0]
-    return np.asarray(image, dtype=np.int16)
+    return diffusers_render(pipe, prompt="a red circle", negative_prompt=" ", true_cfg_scale=2.5)
 
 
 @pytest.mark.e2e
 def test_visualizer_and_to_diffusers_render_the_trained_lora_alike(trained, tmp_path, cli_in_process):
-    from hcpdiff.tools.lora_convert import main as lora_convert
-
     model, exp = trained
     lora = exp / "ckpts" / f"transformer-{STEPS}.safetensors"
-    (tmp_path / "cfgs").symlink_to(REPO_ROOT / "cfgs")
-    done = cli_in_process(["-m", "hcpdiff.visualizer", "--cfg", "cfgs/infer/text2img_qwen_image.yaml",
-                           f"pretrained_model={model}", "dtype=fp32", f"lora_path={lora}", "prompt='a red circle'",
-                           f"save.out_dir={tmp_path / 'out'}", "infer_args.width=64", "infer_args.height=64",
-                           "infer_args.num_inference_steps=2",
-                           "infer_args.guidance_scale=2.5"], cwd=tmp_path)  # the pipeline's true_cfg_scale (default 4)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (image_file,) = sorted((tmp_path / "out").glob("*.png"))
-    rendered = np.asarray(Image.open(image_file).convert("RGB"), dtype=np.int16)
+    rendered = visualizer_render(cli_in_process, tmp_path, "cfgs/infer/text2img_qwen_image.yaml", model, lora,
+                                 "infer_args.guidance_scale=2.5")  # the pipeline's true_cfg_scale (default 4)
 
-    converted = tmp_path / "pytorch_lora_weights.safetensors"
-    assert lora_convert(["--to_diffusers", "--lora_path", str(lora), "--dump_path", str(converted)]) == 0
+    converted = to_diffusers(lora, tmp_path / "pytorch_lora_weights.safetensors")
     assert {key.split(".")[0] for key in load_file(converted)} == {"transformer"}
-    loaded = QwenImagePipeline.from_pretrained(model)
-    base = render_with_diffusers(loaded)
-    loaded.load_lora_weights(str(converted))
+    loaded = quiet_pipeline(QwenImagePipeline, model)
+    base, with_lora = lora_renders(loaded, converted, render_with_diffusers)
     assert len(loaded.get_list_adapters()["transformer"]) == 1
-    with_lora = render_with_diffusers(loaded)
     assert np.abs(with_lora - base).mean() > 1  # the LoRA changes the image
     assert np.abs(with_lora - rendered).max() <= 2  # hcpdiff's merge renders as diffusers' peft layers
 

@@ -9,7 +9,6 @@ out)."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,8 @@ from diffusers import QwenImage21Pipeline
 from diffusers.pipelines.qwenimage21.pipeline_qwenimage21 import calculate_shift
 from safetensors.torch import load_file
 
-from family_data import train_in, visualizer_render
+from family_data import (CPU, diffusers_render, flag_renders, logged_losses, matched_layers, overfit_args,
+                         partial_lora, random_lora_ups, to_diffusers, train_in, visualizer_render)
 from hcpdiff.errors import ConfigError
 from hcpdiff.families import detect_family, family_named, folder_config_reader
 from hcpdiff.families.qwen_image_21 import pack_latents, unpack_latents
@@ -29,8 +29,6 @@ from hcpdiff.train.specs import LossSpec
 from hcpdiff.train.text_cache import CachedConditioner, can_cache_text
 
 Q21 = family_named("qwen_image_21")
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CPU = torch.device("cpu")
 SHORT, LONG = "a red circle", "a blue square photo of cat, a red circle and more words"
 
 
@@ -136,10 +134,7 @@ def test_text_encoder_lora_trains_through_the_pipelines_pre_norm_states(tiny, pa
     attach_lora(encoder, [LoraGroupSpec(lr=1e-4, layers=[r"re:.*language_model\.layers\.\d+\.self_attn$"], rank=2)],
                 "text_encoder", "lora_text_encoder")
     generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # lora_B starts at 0, which blocks lora_A's gradient
-        for name, param in encoder.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    random_lora_ups(encoder, generator)
     conditioner = Q21.build_conditioner(dict(parts.components), 1, 0)
     plain = conditioner([SHORT, LONG], {}, CPU)
     conditioner.set_text_encoder(encoder)
@@ -248,53 +243,39 @@ STEPS = 12
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny, cli_in_process) -> tuple[Path, Path]:
     """(model, experiment folder) of lora_qwen_image_21.yaml overfitting one image on the tiny model (fp32, rank 4)."""
-    exp, _ = train_in(tmp_path_factory.mktemp("q21_run"), cli_in_process, lambda data: [
-        "-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/lora_qwen_image_21.yaml",
-        f"model.pretrained_model_name_or_path={tiny}", "mixed_precision=null",
-        f"data.dataset1.source.data_source1.img_root={data}", f"data.dataset1.source.data_source1.caption_file={data}",
-        "train.workers=0", "train.scheduler.num_warmup_steps=0", 'data.dataset1.bucket.target_area=${hcp.eval:"64*64"}',
-        "data.dataset1.bucket.num_bucket=1", f"train.train_steps={STEPS}", "train.log_step=1", "train.save_step=1000",
-        "transformer_lr=1e-1", "train.loss.logit_std=0.3", "lora_transformer.0.rank=4", "lora_transformer.0.alpha=4",
-    ])
+    exp, _ = train_in(tmp_path_factory.mktemp("q21_run"), cli_in_process, lambda data: overfit_args(
+        "cfgs/train/examples/lora_qwen_image_21.yaml", tiny, data, STEPS, lr="1e-1"))
     return tiny, exp
 
 
 @pytest.mark.e2e
 def test_shipped_config_overfits_one_image(trained):
     _, exp = trained
-    losses = [float(value) for value in re.findall(rf"step \d+/{STEPS} loss ([\d.]+)", (exp / "train.log").read_text())]
+    losses = logged_losses(exp, STEPS)
     assert len(losses) == STEPS
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     assert last < 0.95 * first, (first, last)
-    matched = {layer for group in json.loads((exp / "lora_layers.json").read_text())["lora_transformer"]
-               for layer in group["layers"]}
-    assert {layer.split(".", 2)[2] for layer in matched} == {
+    assert {layer.split(".", 2)[2] for layer in matched_layers(exp)} == {
         "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "img_mlp.proj", "img_mlp.gate_layer", "img_mlp.out"}
 
 
 @pytest.mark.e2e
 def test_visualizer_and_to_diffusers_render_the_trained_lora_alike(trained, pipe, tmp_path, cli_in_process):
-    from hcpdiff.tools.lora_convert import main as lora_convert
-
     model, exp = trained
     lora = exp / "ckpts" / f"transformer-{STEPS}.safetensors"
     rendered = visualizer_render(cli_in_process, tmp_path, "cfgs/infer/text2img_qwen_image_21.yaml",
                                  model, lora, "infer_args.guidance_scale=2.5")
 
-    converted = tmp_path / "pytorch_lora_weights.safetensors"
-    assert lora_convert(["--to_diffusers", "--lora_path", str(lora), "--dump_path", str(converted)]) == 0
+    converted = to_diffusers(lora, tmp_path / "pytorch_lora_weights.safetensors")
 
-    def render() -> np.ndarray:
-        with torch.no_grad():
-            image = pipe("a red circle", negative_prompt=" ", true_cfg_scale=2.5, height=64, width=64,
-                         num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(42)).images[0]
-        return np.asarray(image, dtype=np.int16)
+    def render(loaded: QwenImage21Pipeline) -> np.ndarray:
+        return diffusers_render(loaded, prompt="a red circle", negative_prompt=" ", true_cfg_scale=2.5)
 
-    base = render()
+    base = render(pipe)
     pipe.load_lora_weights(str(converted))
     try:
         assert len(pipe.get_list_adapters()["transformer"]) == 1
-        with_lora = render()
+        with_lora = render(pipe)
     finally:
         pipe.unload_lora_weights()
     assert rendered.shape == with_lora.shape == (64, 64, 4)  # RGBA, as the VAE decodes
@@ -304,23 +285,9 @@ def test_visualizer_and_to_diffusers_render_the_trained_lora_alike(trained, pipe
 
     # in ComfyUI's names, which QwenImage21Pipeline's loader reads but for the fused gate_up layers (its transformer
     # has none): the LoRA without its MLP gate / up layers renders as the --to_diffusers file of the same
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(lora, "pt") as file:
-        metadata = file.metadata()
-    partial = tmp_path / "partial" / "transformer-1.safetensors"
-    partial.parent.mkdir()
-    save_file({key: value for key, value in load_file(lora).items() if ".gate_layer." not in key
-               and ".img_mlp.proj." not in key}, partial, metadata)
-    renders = []
-    for flag in ("--to_diffusers", "--to_webui"):
-        out = tmp_path / f"partial{flag}.safetensors"
-        assert lora_convert([flag, "--lora_path", str(partial), "--dump_path", str(out)]) == 0
-        pipe.load_lora_weights(str(out))
-        try:
-            renders.append(render())
-        finally:
-            pipe.unload_lora_weights()
+    partial = partial_lora(lora, lambda key: ".gate_layer." not in key and ".img_mlp.proj." not in key,
+                           tmp_path / "partial")
+    renders = flag_renders(partial, pipe, render)
+    out = tmp_path / "partial--to_webui.safetensors"
     assert "diffusion_model.transformer_blocks.0.attn.to_q.lora_down.weight" in load_file(out)
     assert np.abs(renders[0] - base).mean() > 1 and np.abs(renders[0] - renders[1]).max() <= 1

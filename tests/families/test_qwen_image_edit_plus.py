@@ -7,18 +7,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from family_data import CPU, REPO_ROOT, as_pixels, batch_and_alone_edits, random_image, transformer_calls
 from hcpdiff.families import detect_family, family_named, folder_config_reader
 from hcpdiff.families.qwen_image import pack_latents, unpack_latents
 from hcpdiff.models import load_model_parts
 
 PLUS = family_named("qwen_image_edit_plus")
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +29,9 @@ def parts(tiny_plus):
     return load_model_parts(str(tiny_plus))
 
 
-def random_image(width: int, height: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
-
-
-def as_pixels(images: list[Image.Image]) -> torch.Tensor:
+def sample_pixels(images: list[Image.Image]) -> torch.Tensor:
     """A sample's input images as a dataset gives them: [K, 3, H, W] in [-1, 1]."""
-    return torch.stack([torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1 for image in images])
+    return torch.stack([as_pixels(image) for image in images])
 
 
 def test_detected_apart_from_qwen_image_edit(tiny_plus, parts):
@@ -51,22 +45,12 @@ def test_detected_apart_from_qwen_image_edit(tiny_plus, parts):
 def test_conditioner_and_denoise_are_what_the_pipeline_feeds_its_transformer(parts):
     pipe = PLUS.build_pipeline(parts.components, parts.noise_scheduler)
     images = [random_image(48, 32, seed) for seed in (1, 2)]
-    seen, forward = {}, pipe.transformer.forward
-
-    def recording(*args, **kwargs):
-        output = forward(*args, **kwargs)
-        seen.setdefault("kwargs", kwargs)
-        seen.setdefault("output", output[0])
-        return output
-
-    pipe.transformer.forward = recording
-    pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():  # two steps: with one, the scheduler's terminal stretch divides by zero
-        pipe(image=images, prompt="put picture 2 on picture 1", num_inference_steps=2, height=64, width=48,
-             true_cfg_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="latent")
+    # the first call of two steps (with one, the scheduler's terminal stretch divides by zero)
+    seen = transformer_calls(pipe, image=images, prompt="put picture 2 on picture 1", height=64, width=48,
+                             true_cfg_scale=1.0)[0]
     kwargs = seen["kwargs"]
     conditioning = PLUS.build_conditioner(parts.components, 1, 0)(
-        ["put picture 2 on picture 1"], {"condition_pixels": as_pixels(images)[None]}, CPU)
+        ["put picture 2 on picture 1"], {"condition_pixels": sample_pixels(images)[None]}, CPU)
     assert torch.equal(conditioning["encoder_hidden_states"], kwargs["encoder_hidden_states"])
     noisy_tokens = 4 * 3
     assert torch.equal(conditioning["condition_latents"], kwargs["hidden_states"][:, noisy_tokens:].float())
@@ -80,17 +64,11 @@ def test_conditioner_and_denoise_are_what_the_pipeline_feeds_its_transformer(par
 def test_a_batch_of_two_samples_with_two_input_images_trains_as_its_samples(parts):
     conditioner = PLUS.build_conditioner(parts.components, 1, 0, condition_area=64 * 64)
     prompts = ["put picture 2 on picture 1", "make the circle of picture 1 the color of the square in picture 2"]
-    pixels = torch.stack([as_pixels([random_image(32, 32, seed), random_image(32, 32, seed + 10)])
+    pixels = torch.stack([sample_pixels([random_image(32, 32, seed), random_image(32, 32, seed + 10)])
                           for seed in (3, 4)])  # [B, K, 3, H, W]
-    noisy, sigmas = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([0.3, 0.8])
-    with torch.no_grad():
-        batched = conditioner(prompts, {"condition_pixels": pixels}, CPU)
-        assert not batched["encoder_hidden_states_mask"].all()
-        together = PLUS.denoise(parts.transformer, noisy, sigmas, batched)
-        for i in range(2):
-            alone = conditioner(prompts[i : i + 1], {"condition_pixels": pixels[i : i + 1]}, CPU)
-            single = PLUS.denoise(parts.transformer, noisy[i : i + 1], sigmas[i : i + 1], alone)
-            assert torch.allclose(together[i : i + 1], single, atol=1e-5)
+    batched, together, alone = batch_and_alone_edits(PLUS, parts.transformer, conditioner, prompts, pixels)
+    assert not batched["encoder_hidden_states_mask"].all()
+    assert torch.allclose(together, alone, atol=1e-5)
 
 
 def test_visualizer_renders_with_a_list_of_input_images(tiny_plus, tmp_path, cli_in_process, one_error_line):

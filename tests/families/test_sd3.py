@@ -8,26 +8,23 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-from PIL import Image
-from safetensors import safe_open
 from safetensors.torch import load_file
 
+from family_data import (checkpoint_layers, diffusers_render, logged_losses, lora_renders, matched_layers,
+                         quiet_pipeline, train_in, visualizer_render)
 from hcpdiff.errors import ConfigError
 from hcpdiff.families import detect_family, family_named, folder_config_reader
 from hcpdiff.models import load_model_parts
 from hcpdiff.objectives.flow_matching import FlowMatchingObjective, sample_sigmas, static_shift
-from hcpdiff.tools.make_demo_data import make_demo_data
 from hcpdiff.train.specs import LossSpec
 
 SD3 = family_named("sd3")
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -224,10 +221,7 @@ STEPS = 40
 def trained(tmp_path_factory, tiny_sd35, cli_in_process) -> tuple[Path, Path]:
     """(model, experiment folder) of lora_sd3.yaml overfitting one image for 40 steps on the tiny SD3.5, without T5,
     with a CLIP-G LoRA beside the transformer's, run through the documented command (its entry point in-process)."""
-    workdir = tmp_path_factory.mktemp("sd3_run")
-    (workdir / "cfgs").symlink_to(REPO_ROOT / "cfgs")
-    data = make_demo_data(workdir / "data", num=1)
-    result = cli_in_process([
+    exp, _ = train_in(tmp_path_factory.mktemp("sd3_run"), cli_in_process, lambda data: [
         "-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/lora_sd3.yaml",
         f"model.pretrained_model_name_or_path={tiny_sd35}", "model.drop_t5=true", "mixed_precision=null",
         f"data.dataset1.source.data_source1.img_root={data}", f"data.dataset1.source.data_source1.caption_file={data}",
@@ -235,16 +229,14 @@ def trained(tmp_path_factory, tiny_sd35, cli_in_process) -> tuple[Path, Path]:
         "data.dataset1.bucket.num_bucket=1", f"train.train_steps={STEPS}", "train.log_step=1", "train.save_step=1000",
         "transformer_lr=1e-2", "train.loss.logit_std=0.3",
         "lora_text_encoder_2=[{lr: 1e-3, rank: 4, layers: ['re:.*self_attn$']}]",
-    ], cwd=workdir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return tiny_sd35, next((workdir / "exps").iterdir())
+    ])
+    return tiny_sd35, exp
 
 
 @pytest.mark.e2e
 def test_shipped_config_overfits_one_image_without_t5(trained):
     _, exp = trained
-    log = (exp / "train.log").read_text()
-    losses = [float(value) for value in re.findall(rf"step \d+/{STEPS} loss ([\d.]+)", log)]
+    losses = logged_losses(exp, STEPS)
     assert len(losses) == STEPS
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.95 * first, (first, last)
@@ -255,16 +247,12 @@ def test_checkpoints_hold_the_matched_layers(trained):
     _, exp = trained
     assert sorted(p.name for p in (exp / "ckpts").iterdir()) == [f"text_encoder_2-{STEPS}.safetensors",
                                                                   f"transformer-{STEPS}.safetensors"]
-    layer_lists = json.loads((exp / "lora_layers.json").read_text())
     for part in ("transformer", "text_encoder_2"):
-        with safe_open(exp / "ckpts" / f"{part}-{STEPS}.safetensors", "pt") as file:
-            metadata, keys = file.metadata(), list(file.keys())
-            ups = [file.get_tensor(key) for key in keys if ".lora_B." in key]
+        metadata, layers, ups = checkpoint_layers(exp / "ckpts" / f"{part}-{STEPS}.safetensors")
         assert (metadata["family"], metadata["part"]) == ("sd3", part)
-        matched = {layer for group in layer_lists[f"lora_{part}"] for layer in group["layers"]}
-        assert {key.split(".lora_")[0] for key in keys if ".lora_" in key} == matched
+        assert layers == matched_layers(exp, part)
         assert ups and all(torch.count_nonzero(up) > 0 for up in ups)  # every adapted layer trained
-    transformer_layers = {layer for group in layer_lists["lora_transformer"] for layer in group["layers"]}
+    transformer_layers = matched_layers(exp)
     assert "transformer_blocks.0.attn2.to_q" in transformer_layers  # SD3.5's dual attention
     assert "transformer_blocks.1.attn.add_k_proj" in transformer_layers
     assert not any("add_q_proj" in layer for layer in transformer_layers)
@@ -272,11 +260,7 @@ def test_checkpoints_hold_the_matched_layers(trained):
 
 def render_with_diffusers(pipe: StableDiffusion3Pipeline) -> np.ndarray:
     """The visualizer's render below, by the pipeline's own prompt encoding: 64 px, 2 steps, seed 42, pixels 0-255."""
-    pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        image = pipe("a red circle", negative_prompt="", height=64, width=64, num_inference_steps=2,
-                     guidance_scale=7.0, generator=torch.Generator("cpu").manual_seed(42), output_type="pil").images[0]
-    return np.asarray(image, dtype=np.int16)
+    return diffusers_render(pipe, prompt="a red circle", negative_prompt="", guidance_scale=7.0)
 
 
 @pytest.mark.e2e
@@ -286,26 +270,17 @@ def test_visualizer_and_to_diffusers_render_the_trained_lora_alike(trained, tmp_
     model, exp = trained
     transformer_lora, clip_g_lora = (exp / "ckpts" / f"{part}-{STEPS}.safetensors"
                                      for part in ("transformer", "text_encoder_2"))
-    (tmp_path / "cfgs").symlink_to(REPO_ROOT / "cfgs")
-    done = cli_in_process(["-m", "hcpdiff.visualizer", "--cfg", "cfgs/infer/text2img_sd3.yaml",
-                           f"pretrained_model={model}", "drop_t5=true", "dtype=fp32", f"lora_path={transformer_lora}",
-                           f"lora_path_TE2={clip_g_lora}", "prompt='a red circle'", f"save.out_dir={tmp_path / 'out'}",
-                           "infer_args.width=64", "infer_args.height=64", "infer_args.num_inference_steps=2"],
-                          cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (image_file,) = sorted((tmp_path / "out").glob("*.png"))
-    rendered = np.asarray(Image.open(image_file).convert("RGB"), dtype=np.int16)
+    rendered = visualizer_render(cli_in_process, tmp_path, "cfgs/infer/text2img_sd3.yaml", model, transformer_lora,
+                                 "drop_t5=true", f"lora_path_TE2={clip_g_lora}")
 
     converted = tmp_path / "pytorch_lora_weights.safetensors"
     assert lora_convert(["--to_diffusers", "--lora_path", str(transformer_lora), "--lora_path_TE2", str(clip_g_lora),
                          "--dump_path", str(converted)]) == 0
     keys = load_file(converted).keys()
     assert {key.split(".")[0] for key in keys} == {"transformer", "text_encoder_2"}
-    loaded = StableDiffusion3Pipeline.from_pretrained(model, text_encoder_3=None, tokenizer_3=None)
-    base = render_with_diffusers(loaded)
-    loaded.load_lora_weights(str(converted))
+    loaded = quiet_pipeline(StableDiffusion3Pipeline, model, text_encoder_3=None, tokenizer_3=None)
+    base, with_lora = lora_renders(loaded, converted, render_with_diffusers)
     assert len(loaded.get_list_adapters()["transformer"]) == 1 and "text_encoder_2" in loaded.get_list_adapters()
-    with_lora = render_with_diffusers(loaded)
     assert np.abs(with_lora - base).mean() > 1  # the LoRA changes the image
     assert np.abs(with_lora - rendered).max() <= 2  # hcpdiff's merge renders as diffusers' peft layers
 

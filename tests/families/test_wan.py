@@ -18,6 +18,8 @@ import torch
 from diffusers import WanPipeline
 from PIL import Image
 
+from family_data import (CPU, LONG, REPO_ROOT, SHORT, batch_and_alone_losses, fixed_noise_losses, logged_losses,
+                         partial_lora, quiet_pipeline, to_diffusers, transformer_calls, visualizer_output)
 from hcpdiff.errors import ConfigError
 from hcpdiff.families import detect_family, family_named, folder_config_reader
 from hcpdiff.models import load_model_parts
@@ -25,9 +27,6 @@ from hcpdiff.tools.make_demo_data import make_demo_data
 from hcpdiff.train.specs import LossSpec
 
 WAN = family_named("wan")
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CPU = torch.device("cpu")
-SHORT, LONG = "a red circle", "a blue square photo of the objects and background, texture and color detailing"
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +36,12 @@ def tiny_wan(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def wan_pipe(tiny_wan) -> WanPipeline:
-    pipe = WanPipeline.from_pretrained(tiny_wan)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet_pipeline(WanPipeline, tiny_wan)
 
 
 @pytest.fixture(scope="module")
 def ti2v_pipe(tmp_path_factory) -> WanPipeline:
-    pipe = WanPipeline.from_pretrained(WAN.make_tiny(tmp_path_factory.mktemp("ti2v") / "m", variant="wan2.2-ti2v"))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet_pipeline(WanPipeline, WAN.make_tiny(tmp_path_factory.mktemp("ti2v") / "m", variant="wan2.2-ti2v"))
 
 
 def test_tiny_models_are_detected_as_wan(tiny_wan, wan_pipe, ti2v_pipe):
@@ -114,32 +109,11 @@ def test_latents_are_normalised_as_the_pipeline_denormalises_them(wan_pipe):
     assert torch.allclose(std * stats[1], raw.std, atol=1e-5)
 
 
-def record_transformer_call(pipe: WanPipeline, prompt: str) -> dict:
-    """The keyword arguments and output of the transformer's second call in a real pipeline run (5 frames of
-    64 x 48 px, two steps, no guidance)."""
-    calls = []
-    forward = pipe.transformer.forward
-
-    def recording(*args, **kwargs):
-        output = forward(*args, **kwargs)
-        calls.append({"kwargs": kwargs, "output": output[0]})
-        return output
-
-    pipe.transformer.forward = recording
-    try:
-        with torch.no_grad():
-            pipe(prompt=prompt, num_inference_steps=2, height=64, width=48, num_frames=5, guidance_scale=1.0,
-                 generator=torch.Generator().manual_seed(0), output_type="latent")
-    finally:
-        pipe.transformer.forward = forward
-    assert len(calls) == 2
-    return {**calls[1], "sigma": pipe.scheduler.sigmas[1]}
-
-
 @pytest.mark.parametrize("variant", ["wan", "wan2.2-ti2v"])
 def test_conditioner_and_denoise_are_what_the_pipeline_feeds_its_transformer(variant, wan_pipe, ti2v_pipe):
     pipe = wan_pipe if variant == "wan" else ti2v_pipe
-    seen = record_transformer_call(pipe, LONG)
+    # the transformer's second call rendering 5 frames of 64 x 48 px without guidance
+    _, seen = transformer_calls(pipe, prompt=LONG, height=64, width=48, num_frames=5, guidance_scale=1.0)
     kwargs = seen["kwargs"]
     with torch.no_grad():  # as the pipeline runs
         conditioning = WAN.build_conditioner(dict(pipe.components), 1, 0)([LONG], {}, CPU)
@@ -151,7 +125,7 @@ def test_conditioner_and_denoise_are_what_the_pipeline_feeds_its_transformer(var
         assert timestep.shape == (1, 2 * 2 * 1) and torch.all(timestep == timestep[0, 0])
         timestep = timestep[:, 0]
     # UniPC's timesteps are the step's sigma x 1000 rounded to an integer
-    assert torch.allclose(timestep / 1000, seen["sigma"].expand(1), atol=1e-3)
+    assert torch.allclose(timestep / 1000, pipe.scheduler.sigmas[1].expand(1), atol=1e-3)
     with torch.no_grad():
         prediction = WAN.denoise(pipe.transformer, noisy, timestep / 1000, conditioning)
     if variant == "wan":
@@ -160,24 +134,13 @@ def test_conditioner_and_denoise_are_what_the_pipeline_feeds_its_transformer(var
         assert torch.allclose(prediction, seen["output"], atol=1e-5)
 
 
-def per_sample_losses(pipe: WanPipeline, conditioning: dict, latents: torch.Tensor, noise: torch.Tensor,
-                      sigmas: torch.Tensor) -> torch.Tensor:
-    """The flow-matching loss of each sample [B] for fixed noise and sigmas."""
-    expanded = sigmas.view(-1, 1, 1, 1, 1)
-    noisy = (1 - expanded) * latents + expanded * noise
-    with torch.no_grad():
-        prediction = WAN.denoise(pipe.transformer, noisy, sigmas, conditioning)
-    return (prediction - (noise - latents)).square().mean(dim=(1, 2, 3, 4))
-
-
 def test_a_batch_trains_as_its_samples_one_by_one(wan_pipe):
     conditioner = WAN.build_conditioner(dict(wan_pipe.components), 1, 0)
     generator = torch.Generator().manual_seed(0)
     latents, noise = (torch.randn(2, 16, 2, 4, 6, generator=generator) for _ in range(2))
     sigmas = torch.tensor([0.4, 0.8])
-    batched = per_sample_losses(wan_pipe, conditioner([SHORT, LONG], {}, CPU), latents, noise, sigmas)
-    alone = torch.cat([per_sample_losses(wan_pipe, conditioner([prompt], {}, CPU), latents[i:i + 1], noise[i:i + 1],
-                                         sigmas[i:i + 1]) for i, prompt in enumerate((SHORT, LONG))])
+    batched, alone = batch_and_alone_losses(WAN, wan_pipe.transformer, conditioner, [SHORT, LONG], latents, noise,
+                                            sigmas)
     assert torch.allclose(batched, alone, rtol=1e-5, atol=1e-6), (batched, alone)
     assert not torch.allclose(alone[0], alone[1])
 
@@ -215,7 +178,6 @@ def trained(tmp_path_factory, tiny_wan, cli_in_process) -> tuple[Path, Path, Pat
     """(model, experiment folder, its LoRA by lora_convert --to_diffusers) of lora_wan_t2v.yaml for STEPS steps on a
     dataset of one PyAV-written clip and one image."""
     from hcpdiff.infer.video import save_clip
-    from hcpdiff.tools.lora_convert import main as lora_convert
 
     workdir = tmp_path_factory.mktemp("wan_run")
     (workdir / "cfgs").symlink_to(REPO_ROOT / "cfgs")
@@ -228,38 +190,22 @@ def trained(tmp_path_factory, tiny_wan, cli_in_process) -> tuple[Path, Path, Pat
     result = cli_in_process(train_args(tiny_wan, data, STEPS), cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     exp = next((workdir / "exps").iterdir())
-    converted = workdir / "pytorch_lora_weights.safetensors"
-    assert lora_convert(["--to_diffusers", "--lora_path", str(exp / "ckpts" / f"transformer-{STEPS}.safetensors"),
-                         "--dump_path", str(converted)]) == 0
+    converted = to_diffusers(exp / "ckpts" / f"transformer-{STEPS}.safetensors",
+                             workdir / "pytorch_lora_weights.safetensors")
     return tiny_wan, exp, converted
-
-
-def fixed_noise_loss(pipe: WanPipeline, image: Image.Image, prompt: str) -> float:
-    """The flow-matching loss of one image (a 1-frame clip) at 64 x 48 over fixed noise draws and sigmas."""
-    pixels = torch.from_numpy(np.asarray(image.convert("RGB").resize((64, 48), Image.BICUBIC), dtype=np.float32))
-    pixels = pixels.permute(2, 0, 1)[None] / 127.5 - 1
-    conditioner = WAN.build_conditioner(dict(pipe.components), 1, 0, max_sequence_length=64)
-    with torch.no_grad():
-        latents, _ = WAN.encode_latent_dist(pipe.vae, pixels)
-        conditioning = conditioner([prompt], {}, CPU)
-        generator = torch.Generator().manual_seed(0)
-        losses = [per_sample_losses(pipe, conditioning, latents, torch.randn(latents.shape, generator=generator),
-                                    torch.tensor([sigma])) for sigma in (0.3, 0.5, 0.7, 0.9) for _ in range(4)]
-    return torch.cat(losses).mean().item()
 
 
 @pytest.mark.e2e
 def test_shipped_config_trains_a_clip_and_an_image_and_overfits(trained):
     model, exp, converted = trained
     log = (exp / "train.log").read_text()
-    assert len(re.findall(rf"step \d+/{STEPS} loss ([\d.]+)", log)) == STEPS
+    assert len(logged_losses(exp, STEPS)) == STEPS
     assert re.search(r"64 x 48 .*\s5\s+1", log)  # the clip's bucket: 64 x 48, 5 frames, 1 item
     data = exp.parents[1] / "data"
     image, prompt = Image.open(data / "0.png"), (data / "0.txt").read_text()
     pipe = WanPipeline.from_pretrained(model)
-    before = fixed_noise_loss(pipe, image, prompt)
-    pipe.load_lora_weights(str(converted))
-    after = fixed_noise_loss(pipe, image, prompt)
+    # the loss of one image (a 1-frame clip) at 64 x 48 over fixed noise draws, before and after the LoRA
+    before, after = fixed_noise_losses(WAN, pipe, converted, image, prompt, (64, 48), max_sequence_length=64)
     assert after < 0.95 * before, (before, after)
 
 
@@ -271,14 +217,8 @@ def test_visualizer_writes_the_clip_the_pipeline_renders_with_the_lora(trained, 
 
     model, exp, converted = trained
     lora = exp / "ckpts" / f"transformer-{STEPS}.safetensors"
-    (tmp_path / "cfgs").symlink_to(REPO_ROOT / "cfgs")
-    done = cli_in_process(["-m", "hcpdiff.visualizer", "--cfg", WAN.infer_config, f"pretrained_model={model}",
-                           "dtype=fp32", f"lora_path={lora}", "prompt='a red circle'",
-                           f"save.out_dir={tmp_path / 'out'}",
-                           "infer_args.width=64", "infer_args.height=48", "infer_args.num_frames=5",
-                           "infer_args.num_inference_steps=2", "infer_args.guidance_scale=2.5"], cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (clip_file,) = sorted((tmp_path / "out").glob("*.mp4"))
+    clip_file = visualizer_output(cli_in_process, tmp_path, WAN.infer_config, model, lora, "infer_args.num_frames=5",
+                                  "infer_args.guidance_scale=2.5", height=48, suffix=".mp4")
     tags = read_clip_metadata(clip_file)
     assert tags["comment"].startswith("a red circle\nNegative prompt: \nSteps: 2")
     info = json.loads(tags["description"])
@@ -288,8 +228,7 @@ def test_visualizer_writes_the_clip_the_pipeline_renders_with_the_lora(trained, 
     with av.open(str(clip_file)) as container:
         rendered = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]).astype(np.int16)
 
-    loaded = WanPipeline.from_pretrained(model)
-    loaded.set_progress_bar_config(disable=True)
+    loaded = quiet_pipeline(WanPipeline, model)
 
     def render() -> np.ndarray:
         with torch.no_grad():
@@ -307,9 +246,6 @@ def test_visualizer_writes_the_clip_the_pipeline_renders_with_the_lora(trained, 
 
     from hcpdiff.tools.lora_convert import main as lora_convert
 
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     webui, back = tmp_path / "webui.safetensors", tmp_path / "back"
     assert lora_convert(["--to_webui", "--lora_path", str(lora), "--dump_path", str(webui)]) == 0
     keys = load_file(webui)
@@ -323,17 +259,12 @@ def test_visualizer_writes_the_clip_the_pipeline_renders_with_the_lora(trained, 
     assert restored.keys() == original.keys()
     assert all(torch.allclose(restored[key], original[key]) for key in original)
     # diffusers' converter reads the blocks' alphas only: the blocks' LoRA, both ways, renders alike
-    with safe_open(lora, "pt") as file:
-        metadata = file.metadata()
-    blocks = tmp_path / "blocks" / "transformer-1.safetensors"
-    blocks.parent.mkdir()
-    save_file({key: value for key, value in original.items() if key.startswith("blocks.")}, blocks, metadata)
+    blocks = partial_lora(lora, lambda key: key.startswith("blocks."), tmp_path / "blocks")
     renders = []
     for flag in ("--to_diffusers", "--to_webui"):
         out = tmp_path / f"blocks{flag}.safetensors"
         assert lora_convert([flag, "--lora_path", str(blocks), "--dump_path", str(out)]) == 0
-        loaded = WanPipeline.from_pretrained(model)
-        loaded.set_progress_bar_config(disable=True)
+        loaded = quiet_pipeline(WanPipeline, model)
         loaded.load_lora_weights(str(out))
         renders.append(render())
     assert np.abs(renders[0] - renders[1]).max() <= 1 and np.abs(renders[0] - base).mean() > 1

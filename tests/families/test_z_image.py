@@ -8,7 +8,6 @@ ZImagePipeline.load_lora_weights renders the --to_diffusers file."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -16,23 +15,20 @@ import pytest
 import torch
 from diffusers import ZImagePipeline
 from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas
-from safetensors import safe_open
 from safetensors.torch import load_file
 
-from family_data import to_diffusers, train_in, visualizer_render
+from family_data import (CPU, LONG, SHORT, checkpoint_layers, diffusers_render, logged_losses, lora_renders,
+                         matched_layers, overfit_args, per_sample_losses, quiet_pipeline, random_lora_ups,
+                         to_diffusers, train_in, visualizer_render)
 from hcpdiff.data.tensor_store import TensorStore
 from hcpdiff.errors import ConfigError
 from hcpdiff.families import detect_family, family_named, folder_config_reader
 from hcpdiff.models import load_model_parts
 from hcpdiff.objectives.flow_matching import sample_sigmas, static_shift
-from hcpdiff.tools.make_demo_data import make_demo_data
 from hcpdiff.train.specs import LossSpec
 from hcpdiff.train.text_cache import CachedConditioner, can_cache_text
 
 Z_IMAGE = family_named("z_image")
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CPU = torch.device("cpu")
-SHORT, LONG = "a red circle", "a blue square photo of the objects and background, texture and color detailing"
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +38,7 @@ def tiny_z_image(tiny_models) -> Path:
 
 @pytest.fixture(scope="module")
 def z_pipe(tiny_z_image) -> ZImagePipeline:
-    pipe = ZImagePipeline.from_pretrained(tiny_z_image)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet_pipeline(ZImagePipeline, tiny_z_image)
 
 
 def encode_prompt(pipe: ZImagePipeline, prompts: list[str]) -> list[torch.Tensor]:
@@ -110,10 +104,7 @@ def test_text_encoder_lora_trains_through_the_conditioner(tiny_z_image):
     attach_lora(encoder, [LoraGroupSpec(lr=1e-4, layers=[r"re:layers\.[01]\.self_attn$"], rank=2)],
                 "text_encoder", "lora_text_encoder")
     generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # lora_B starts at 0, which blocks lora_A's gradient
-        for name, param in encoder.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    random_lora_ups(encoder, generator)
     lora_params = [p for name, p in encoder.named_parameters() if "lora_A" in name]
     conditioner = Z_IMAGE.build_conditioner(parts.components, 1, 0)
     conditioner.set_text_encoder(encoder)
@@ -126,16 +117,6 @@ def test_text_encoder_lora_trains_through_the_conditioner(tiny_z_image):
     assert lora_params and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_params)
 
 
-def per_sample_losses(pipe: ZImagePipeline, conditioning: dict, latents: torch.Tensor, noise: torch.Tensor,
-                      sigmas: torch.Tensor) -> torch.Tensor:
-    """The flow-matching loss of each sample [B] for fixed noise and sigmas."""
-    expanded = sigmas.view(-1, 1, 1, 1)
-    noisy = (1 - expanded) * latents + expanded * noise
-    with torch.no_grad():
-        prediction = Z_IMAGE.denoise(pipe.transformer, noisy, sigmas, conditioning)
-    return (prediction - (noise - latents)).square().mean(dim=(1, 2, 3))
-
-
 def test_a_batch_of_prompts_of_different_lengths_trains_as_its_samples_one_by_one(z_pipe):
     conditioner = Z_IMAGE.build_conditioner(dict(z_pipe.components), 1, 0)
     generator = torch.Generator().manual_seed(0)
@@ -143,13 +124,14 @@ def test_a_batch_of_prompts_of_different_lengths_trains_as_its_samples_one_by_on
     noise = torch.randn(2, 16, 4, 6, generator=generator)
     sigmas = torch.tensor([0.4, 0.8])
     batched_conditioning = conditioner([SHORT, LONG], {}, CPU)
-    batched = per_sample_losses(z_pipe, batched_conditioning, latents, noise, sigmas)
-    alone = torch.cat([per_sample_losses(z_pipe, conditioner([prompt], {}, CPU), latents[i:i + 1],
-                                         noise[i:i + 1], sigmas[i:i + 1]) for i, prompt in enumerate((SHORT, LONG))])
+    batched = per_sample_losses(Z_IMAGE, z_pipe.transformer, batched_conditioning, latents, noise, sigmas)
+    alone = torch.cat([per_sample_losses(Z_IMAGE, z_pipe.transformer, conditioner([prompt], {}, CPU),
+                                         latents[i:i + 1], noise[i:i + 1], sigmas[i:i + 1])
+                       for i, prompt in enumerate((SHORT, LONG))])
     assert torch.allclose(batched, alone, rtol=1e-5, atol=1e-6), (batched, alone)
     # the test can fail: without the mask the short prompt's caption keeps its padding and its loss changes
     unmasked = {**batched_conditioning, "cap_mask": torch.ones_like(batched_conditioning["cap_mask"])}
-    unmasked_losses = per_sample_losses(z_pipe, unmasked, latents, noise, sigmas)
+    unmasked_losses = per_sample_losses(Z_IMAGE, z_pipe.transformer, unmasked, latents, noise, sigmas)
     assert not torch.allclose(unmasked_losses[0], alone[0], rtol=1e-4)
     assert torch.allclose(unmasked_losses[1], alone[1], rtol=1e-5, atol=1e-6)
 
@@ -249,14 +231,7 @@ def test_fp16_is_refused():
 
 def train_args(model: Path, data: Path, steps: int) -> list[str]:
     """The documented command on lora_z_image.yaml, fp32 on the CPU, one 64 px bucket, rank 4."""
-    return ["-m", "hcpdiff.train_ac_single", "--cfg", "cfgs/train/examples/lora_z_image.yaml",
-            f"model.pretrained_model_name_or_path={model}", "mixed_precision=null",
-            f"data.dataset1.source.data_source1.img_root={data}",
-            f"data.dataset1.source.data_source1.caption_file={data}", "train.workers=0",
-            "train.scheduler.num_warmup_steps=0", 'data.dataset1.bucket.target_area=${hcp.eval:"64*64"}',
-            "data.dataset1.bucket.num_bucket=1", f"train.train_steps={steps}", "train.log_step=1",
-            "train.save_step=1000", "transformer_lr=1e-2", "train.loss.logit_std=0.3", "lora_transformer.0.rank=4",
-            "lora_transformer.0.alpha=4"]
+    return overfit_args("cfgs/train/examples/lora_z_image.yaml", model, data, steps)
 
 
 STEPS = 10
@@ -274,8 +249,7 @@ def trained(tmp_path_factory, tiny_z_image, cli_in_process) -> tuple[Path, Path,
 @pytest.mark.e2e
 def test_shipped_config_overfits_one_image_without_a_distillation_warning(trained):
     _, exp, stderr = trained
-    log = (exp / "train.log").read_text()
-    losses = [float(value) for value in re.findall(rf"step \d+/{STEPS} loss ([\d.]+)", log)]
+    losses = logged_losses(exp, STEPS)
     assert len(losses) == STEPS
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < 0.95 * first, (first, last)
@@ -286,13 +260,10 @@ def test_shipped_config_overfits_one_image_without_a_distillation_warning(traine
 def test_checkpoint_holds_the_matched_layers(trained):
     _, exp, _ = trained
     assert sorted(p.name for p in (exp / "ckpts").iterdir()) == [f"transformer-{STEPS}.safetensors"]
-    with safe_open(exp / "ckpts" / f"transformer-{STEPS}.safetensors", "pt") as file:
-        metadata, keys = file.metadata(), list(file.keys())
-        ups = [file.get_tensor(key) for key in keys if ".lora_B." in key]
+    metadata, layers, ups = checkpoint_layers(exp / "ckpts" / f"transformer-{STEPS}.safetensors")
     assert (metadata["family"], metadata["part"]) == ("z_image", "transformer")
-    matched = {layer for group in json.loads((exp / "lora_layers.json").read_text())["lora_transformer"]
-               for layer in group["layers"]}
-    assert {key.split(".lora_")[0] for key in keys if ".lora_" in key} == matched
+    matched = matched_layers(exp)
+    assert layers == matched
     assert ups and all(torch.count_nonzero(up) > 0 for up in ups)  # every adapted layer trained
     assert len(matched) == 30 * 7 and {layer.split(".", 2)[2] for layer in matched} == {
         "attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0", "feed_forward.w1",
@@ -302,24 +273,17 @@ def test_checkpoint_holds_the_matched_layers(trained):
 @pytest.mark.e2e
 def test_a_turbo_run_says_once_at_start_to_train_on_the_base(tmp_path, cli_in_process):
     model = Z_IMAGE.make_tiny(tmp_path / "turbo", variant="z_image-turbo")
-    (tmp_path / "cfgs").symlink_to(REPO_ROOT / "cfgs")
-    data = make_demo_data(tmp_path / "data", num=1)
-    result = cli_in_process(train_args(model, data, 1), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    warnings = [line for line in result.stderr.splitlines() if "Z-Image-Turbo" in line]
-    assert len(warnings) == 1 and "train on the base Z-Image" in warnings[0], result.stderr[-3000:]
-    log = (next((tmp_path / "exps").iterdir()) / "train.log").read_text()
+    exp, stderr = train_in(tmp_path, cli_in_process, lambda data: train_args(model, data, 1))
+    warnings = [line for line in stderr.splitlines() if "Z-Image-Turbo" in line]
+    assert len(warnings) == 1 and "train on the base Z-Image" in warnings[0], stderr[-3000:]
+    log = (exp / "train.log").read_text()
     assert log.count("this looks like Z-Image-Turbo") == 1  # beside the model line, in the run's own log too
 
 
 def render_with_diffusers(pipe: ZImagePipeline) -> np.ndarray:
     """The visualizer's render below, by the pipeline's own prompt encoding: 64 px, 2 steps, its guidance_scale 1.5
     (hcpdiff's 2.5) against the empty negative prompt, seed 42, pixels 0-255."""
-    with torch.no_grad():
-        image = pipe("a red circle", negative_prompt="", guidance_scale=1.5, height=64, width=64,
-                     num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(42),
-                     output_type="pil").images[0]
-    return np.asarray(image, dtype=np.int16)
+    return diffusers_render(pipe, prompt="a red circle", negative_prompt="", guidance_scale=1.5)
 
 
 @pytest.mark.e2e
@@ -332,11 +296,8 @@ def test_visualizer_and_to_diffusers_render_the_trained_lora_alike(trained, tmp_
     converted = tmp_path / "pytorch_lora_weights.safetensors"
     to_diffusers(lora, converted)
     assert {key.split(".")[0] for key in load_file(converted)} == {"transformer"}
-    loaded = ZImagePipeline.from_pretrained(model)
-    loaded.set_progress_bar_config(disable=True)
-    base = render_with_diffusers(loaded)
-    loaded.load_lora_weights(str(converted))
+    loaded = quiet_pipeline(ZImagePipeline, model)
+    base, with_lora = lora_renders(loaded, converted, render_with_diffusers)
     assert len(loaded.get_list_adapters()["transformer"]) == 1
-    with_lora = render_with_diffusers(loaded)
     assert np.abs(with_lora - base).mean() > 1  # the LoRA changes the image
     assert np.abs(with_lora - rendered).max() <= 2  # hcpdiff's merge renders as diffusers' peft layers

@@ -9,18 +9,15 @@ import pytest
 import torch
 from diffusers import Flux2KleinPipeline
 from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from hcpdiff.errors import ModelError
 from hcpdiff.families import family_named
 from hcpdiff.families.flux2 import bfl_layer
 from hcpdiff.lora.fused_layout import swap_halves
-from hcpdiff.lora.state_io import lora_metadata, save_lora
 from hcpdiff.tools.lora_convert import webui_file_family
 from hcpdiff.tools.tiny_flux2 import build_flux2_transformer
 
-from lora_states import deltas, random_lora
+from lora_states import deltas, from_webui_deltas, linear_weights, peft_deltas, random_lora, to_webui, webui_delta
 
 KLEIN, DEV = family_named("flux2_klein"), family_named("flux2_dev")
 
@@ -31,18 +28,10 @@ def transformer() -> torch.nn.Module:
     return build_flux2_transformer()
 
 
-def peft_deltas(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """{layer: B @ A} of a diffusers LoRA state (`transformer.<layer>.lora_A/B.weight`, alpha folded in)."""
-    return {key.removeprefix("transformer.").removesuffix(".lora_A.weight"):
-            state[key.replace(".lora_A.", ".lora_B.")] @ tensor for key, tensor in state.items()
-            if key.endswith(".lora_A.weight")}
-
-
 def test_bfl_names_are_what_diffusers_single_file_converter_reads(transformer):
     """Every Linear's weight under its BFL name (q, k, v stacked; the final adaLN's halves swapped) converts back, by
     diffusers' convert_flux2_transformer_checkpoint_to_diffusers, to the diffusers module it came from."""
-    weights = {name: module.weight for name, module in transformer.named_modules()
-               if isinstance(module, torch.nn.Linear)}
+    weights = linear_weights(transformer)
     original: dict[str, torch.Tensor] = {}
     for name in weights:
         layer, _ = bfl_layer(name)
@@ -57,16 +46,8 @@ def test_bfl_names_are_what_diffusers_single_file_converter_reads(transformer):
 
 def test_round_trip_through_the_cli_and_diffusers_reads_the_same_weights(transformer, tmp_path, cli_in_process):
     native = random_lora(transformer, lambda name: "transformer_blocks.1." not in name, seed=2)
-    lora = tmp_path / "transformer-10.safetensors"
-    save_lora(lora, native, lora_metadata("transformer", "tiny", [], 10, family="flux2_klein"))
-    webui, back = tmp_path / "webui.safetensors", tmp_path / "back"
-    done = cli_in_process(["-m", "hcpdiff.tools.lora_convert", "--to_webui", "--lora_path", str(lora),
-                           "--dump_path", str(webui)], cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "leaves out double_stream_modulation_img.lin" in done.stderr  # the note on diffusers' reader
-    written = load_file(webui)
-    with safe_open(webui, "pt") as file:
-        metadata = file.metadata()
+    written, metadata, stderr = to_webui(cli_in_process, tmp_path, native, "flux2_klein")
+    assert "leaves out double_stream_modulation_img.lin" in stderr  # the note on diffusers' reader
     layers = {key.rsplit(".lora_", 1)[0].removesuffix(".alpha") for key in written}
     assert {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_txt_mlp_0",
             "lora_unet_single_blocks_3_linear1", "lora_unet_single_stream_modulation_lin",
@@ -76,17 +57,10 @@ def test_round_trip_through_the_cli_and_diffusers_reads_the_same_weights(transfo
     dev_metadata = {**metadata, "modelspec.architecture": "flux-2-dev/lora"}
     assert webui_file_family(written, dev_metadata) is DEV
     pieces = deltas(native)
-    down, up = written["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"], written[
-        "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"]
-    alpha = float(written["lora_unet_double_blocks_0_img_attn_qkv.alpha"])
     stacked = torch.cat([pieces[f"transformer_blocks.0.attn.{p}"] for p in ("to_q", "to_k", "to_v")])
-    assert torch.allclose(alpha / down.shape[0] * up @ down, stacked, atol=1e-6)
+    assert torch.allclose(webui_delta(written, "lora_unet_double_blocks_0_img_attn_qkv"), stacked, atol=1e-6)
 
-    done = cli_in_process(["-m", "hcpdiff.tools.lora_convert", "--from_webui", "--lora_path", str(webui),
-                           "--dump_path", str(back)], cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
-    (restored_file,) = sorted(back.glob("transformer-*.safetensors"))
-    restored = deltas(load_file(restored_file))
+    restored = from_webui_deltas(cli_in_process, tmp_path)
     assert restored.keys() == pieces.keys()
     assert all(torch.allclose(restored[name], delta, atol=1e-6) for name, delta in pieces.items())
     # the same in ComfyUI's dotted names (`diffusion_model.` + the BFL path), which --from_webui reads too

@@ -7,17 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import Ideogram4Pipeline
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from hcpdiff.errors import ModelError
 from hcpdiff.families import family_named
 from hcpdiff.families.ideogram4 import original_layer
-from hcpdiff.lora.state_io import lora_metadata, save_lora
 from hcpdiff.tools.lora_convert import webui_file_family
 from hcpdiff.tools.tiny_ideogram4 import build_ideogram4_transformer
 
-from lora_states import deltas, random_lora
+from lora_states import deltas, from_webui_deltas, linear_weights, peft_deltas, random_lora, to_webui, webui_delta
 
 IDEOGRAM4 = family_named("ideogram4")
 # the Linear layers of ComfyUI's Ideogram4Transformer2DModel (comfy/ldm/ideogram4/model.py at ComfyUI commit
@@ -35,19 +32,8 @@ def transformer() -> torch.nn.Module:
     return build_ideogram4_transformer()
 
 
-def peft_deltas(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """{layer: B @ A} of a diffusers LoRA state (`transformer.<layer>.lora_A/B.weight`, alpha folded in)."""
-    return {key.removeprefix("transformer.").removesuffix(".lora_A.weight"):
-            state[key.replace(".lora_A.", ".lora_B.")] @ tensor for key, tensor in state.items()
-            if key.endswith(".lora_A.weight")}
-
-
-def linear_names(model: torch.nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
-
-
 def test_every_layer_has_its_comfyui_name_and_qkv_stacks_q_k_v(transformer):
-    layers = {name: original_layer(name) for name in linear_names(transformer)}
+    layers = {name: original_layer(name) for name in linear_weights(transformer)}
     blocks = len(transformer.layers)
     assert {layer.name for layer, _ in layers.values()} == {*COMFY_TOP_LINEARS, *(
         f"layers.{i}.{name}" for i in range(blocks) for name in COMFY_BLOCK_LINEARS)}
@@ -60,16 +46,8 @@ def test_every_layer_has_its_comfyui_name_and_qkv_stacks_q_k_v(transformer):
 
 def test_round_trip_through_the_cli_and_diffusers_reads_the_same_weights(transformer, tmp_path, cli_in_process):
     native = random_lora(transformer, lambda name: "layers.1." not in name, seed=2)
-    lora = tmp_path / "transformer-10.safetensors"
-    save_lora(lora, native, lora_metadata("transformer", "tiny", [], 10, family="ideogram4"))
-    webui, back = tmp_path / "webui.safetensors", tmp_path / "back"
-    done = cli_in_process(["-m", "hcpdiff.tools.lora_convert", "--to_webui", "--lora_path", str(lora),
-                           "--dump_path", str(webui)], cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "Ideogram4Pipeline.load_lora_weights refuses" in done.stderr and "input_proj" in done.stderr  # the note
-    written = load_file(webui)
-    with safe_open(webui, "pt") as file:
-        metadata = file.metadata()
+    written, metadata, stderr = to_webui(cli_in_process, tmp_path, native, "ideogram4")
+    assert "Ideogram4Pipeline.load_lora_weights refuses" in stderr and "input_proj" in stderr  # the note
     layers = {key.rsplit(".lora_", 1)[0].removesuffix(".alpha") for key in written}
     assert {"diffusion_model.layers.0.attention.qkv", "diffusion_model.layers.0.attention.o",
             "diffusion_model.layers.0.feed_forward.w3", "diffusion_model.t_embedding.mlp_in"} <= layers
@@ -77,17 +55,10 @@ def test_round_trip_through_the_cli_and_diffusers_reads_the_same_weights(transfo
     assert metadata["ss_base_model_version"] == "ideogram4" and webui_file_family(written, metadata) is IDEOGRAM4
     assert webui_file_family(written, {}) is IDEOGRAM4  # by its names alone (Z-Image's are alike)
     pieces = deltas(native)
-    down, up = written["diffusion_model.layers.0.attention.qkv.lora_down.weight"], written[
-        "diffusion_model.layers.0.attention.qkv.lora_up.weight"]
-    alpha = float(written["diffusion_model.layers.0.attention.qkv.alpha"])
     stacked = torch.cat([pieces[f"layers.0.attention.{p}"] for p in ("to_q", "to_k", "to_v")])
-    assert torch.allclose(alpha / down.shape[0] * up @ down, stacked, atol=1e-6)
+    assert torch.allclose(webui_delta(written, "diffusion_model.layers.0.attention.qkv"), stacked, atol=1e-6)
 
-    done = cli_in_process(["-m", "hcpdiff.tools.lora_convert", "--from_webui", "--lora_path", str(webui),
-                           "--dump_path", str(back)], cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
-    (restored_file,) = sorted(back.glob("transformer-*.safetensors"))
-    restored = deltas(load_file(restored_file))
+    restored = from_webui_deltas(cli_in_process, tmp_path)
     assert restored.keys() == pieces.keys()
     assert all(torch.allclose(restored[name], delta, atol=1e-6) for name, delta in pieces.items())
 

@@ -8,17 +8,14 @@ import pytest
 import torch
 from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_krea2_lora_to_diffusers
 from diffusers.loaders.single_file_utils import convert_krea2_transformer_checkpoint_to_diffusers
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from hcpdiff.errors import ModelError
 from hcpdiff.families import family_named
 from hcpdiff.families.krea2 import original_name
-from hcpdiff.lora.state_io import lora_metadata, save_lora
 from hcpdiff.tools.lora_convert import webui_file_family
 from hcpdiff.tools.tiny_krea2 import build_krea2_transformer
 
-from lora_states import deltas, random_lora
+from lora_states import deltas, from_webui_deltas, linear_weights, random_lora, to_webui
 
 KREA2 = family_named("krea2")
 
@@ -29,15 +26,10 @@ def transformer() -> torch.nn.Module:
     return build_krea2_transformer()
 
 
-def linear_names(model: torch.nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
-
-
 def test_original_names_are_what_diffusers_converters_read(transformer):
     """Every Linear's weight under its original name converts back, by diffusers' single-file converter, to the
     diffusers module it came from; a LoRA under those names is what diffusers' Krea 2 LoRA converter reads."""
-    weights = {name: module.weight for name, module in transformer.named_modules()
-               if isinstance(module, torch.nn.Linear)}
+    weights = linear_weights(transformer)
     original = {f"model.diffusion_model.{original_name(name)}.weight": weight for name, weight in weights.items()}
     converted = convert_krea2_transformer_checkpoint_to_diffusers(dict(original))
     assert converted.keys() == {f"{name}.weight" for name in weights}
@@ -50,26 +42,14 @@ def test_original_names_are_what_diffusers_converters_read(transformer):
 
 def test_lora_convert_round_trip_through_the_cli(transformer, tmp_path, cli_in_process):
     native = random_lora(transformer, lambda name: "transformer_blocks.1." not in name, seed=2)
-    lora = tmp_path / "transformer-10.safetensors"
-    save_lora(lora, native, lora_metadata("transformer", "tiny", [], 10, family="krea2"))
-    webui, back = tmp_path / "webui.safetensors", tmp_path / "back"
-    done = cli_in_process(["-m", "hcpdiff.tools.lora_convert", "--to_webui", "--lora_path", str(lora),
-                           "--dump_path", str(webui)], cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
-    written = load_file(webui)
-    with safe_open(webui, "pt") as file:
-        metadata = file.metadata()
+    written, metadata, _ = to_webui(cli_in_process, tmp_path, native, "krea2")
     layers = {key.rsplit(".lora_", 1)[0].removesuffix(".alpha") for key in written}
     assert layers == {f"diffusion_model.{original_name(name)}" for name in deltas(native)}
     assert {"diffusion_model.blocks.0.attn.wq", "diffusion_model.blocks.0.mlp.gate", "diffusion_model.first",
             "diffusion_model.txtfusion.layerwise_blocks.1.attn.wo", "diffusion_model.txtfusion.projector"} <= layers
     assert metadata["ss_base_model_version"] == "krea2" and webui_file_family(written, metadata) is KREA2
     assert webui_file_family(written, {}) is KREA2  # by its names alone: no other family claims them
-    done = cli_in_process(["-m", "hcpdiff.tools.lora_convert", "--from_webui", "--lora_path", str(webui),
-                           "--dump_path", str(back)], cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
-    (restored_file,) = sorted(back.glob("transformer-*.safetensors"))
-    restored = deltas(load_file(restored_file))
+    restored = from_webui_deltas(cli_in_process, tmp_path)
     assert restored.keys() == deltas(native).keys()
     assert all(torch.allclose(restored[name], delta, atol=1e-6) for name, delta in deltas(native).items())
 

@@ -8,17 +8,14 @@ import pytest
 import torch
 from diffusers import QwenImage21Pipeline
 from diffusers.loaders.single_file_utils import convert_qwen_image21_transformer_checkpoint_to_diffusers
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from hcpdiff.errors import ModelError
 from hcpdiff.families import family_named
 from hcpdiff.families.qwen_image_21 import original_layer
-from hcpdiff.lora.state_io import lora_metadata, save_lora
 from hcpdiff.tools.lora_convert import webui_file_family
 from hcpdiff.tools.tiny_qwen_image_21 import build_transformer
 
-from lora_states import deltas, random_lora
+from lora_states import deltas, from_webui_deltas, linear_weights, peft_deltas, random_lora, to_webui, webui_delta
 
 Q21 = family_named("qwen_image_21")
 
@@ -27,17 +24,6 @@ Q21 = family_named("qwen_image_21")
 def transformer() -> torch.nn.Module:
     torch.manual_seed(0)
     return build_transformer()
-
-
-def linear_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: module.weight for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
-
-
-def peft_deltas(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """{layer: B @ A} of a diffusers LoRA state (`transformer.<layer>.lora_A/B.weight`, alpha folded in)."""
-    return {key.removeprefix("transformer.").removesuffix(".lora_A.weight"):
-            state[key.replace(".lora_A.", ".lora_B.")] @ tensor for key, tensor in state.items()
-            if key.endswith(".lora_A.weight")}
 
 
 def test_comfyui_names_are_what_diffusers_reads_comfyuis_checkpoint_by(transformer):
@@ -57,33 +43,19 @@ def test_comfyui_names_are_what_diffusers_reads_comfyuis_checkpoint_by(transform
 
 def test_round_trip_through_the_cli_and_diffusers_reads_the_other_layers(transformer, tmp_path, cli_in_process):
     native = random_lora(transformer, lambda name: "transformer_blocks.1." not in name, seed=2)
-    lora = tmp_path / "transformer-10.safetensors"
-    save_lora(lora, native, lora_metadata("transformer", "tiny", [], 10, family="qwen_image_21"))
-    webui, back = tmp_path / "webui.safetensors", tmp_path / "back"
-    done = cli_in_process(["-m", "hcpdiff.tools.lora_convert", "--to_webui", "--lora_path", str(lora),
-                           "--dump_path", str(webui)], cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "QwenImage21Pipeline.load_lora_weights leaves out the fused MLP layers" in done.stderr
-    written = load_file(webui)
-    with safe_open(webui, "pt") as file:
-        metadata = file.metadata()
+    written, metadata, stderr = to_webui(cli_in_process, tmp_path, native, "qwen_image_21")
+    assert "QwenImage21Pipeline.load_lora_weights leaves out the fused MLP layers" in stderr
     assert all(key.startswith("diffusion_model.") for key in written)
     assert "diffusion_model.transformer_blocks.0.img_mlp.gate_up.lora_up.weight" in written
     assert not any("gate_layer" in key or "img_mlp.proj" in key for key in written)
     assert metadata["ss_base_model_version"] == "qwen_image_21" and webui_file_family(written, metadata) is Q21
     assert webui_file_family(written, {}) is Q21  # by its names alone: Qwen-Image (asked after it) has no gate_up
     pieces = deltas(native)
-    gate_up = "diffusion_model.transformer_blocks.0.img_mlp.gate_up"
-    down, up = written[f"{gate_up}.lora_down.weight"], written[f"{gate_up}.lora_up.weight"]
-    alpha = float(written[f"{gate_up}.alpha"])
     stacked = torch.cat([pieces[f"transformer_blocks.0.img_mlp.{piece}"] for piece in ("gate_layer", "proj")])
-    assert torch.allclose(alpha / down.shape[0] * up @ down, stacked, atol=1e-6)
+    assert torch.allclose(webui_delta(written, "diffusion_model.transformer_blocks.0.img_mlp.gate_up"), stacked,
+                          atol=1e-6)
 
-    done = cli_in_process(["-m", "hcpdiff.tools.lora_convert", "--from_webui", "--lora_path", str(webui),
-                           "--dump_path", str(back)], cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
-    (restored_file,) = sorted(back.glob("transformer-*.safetensors"))
-    restored = deltas(load_file(restored_file))
+    restored = from_webui_deltas(cli_in_process, tmp_path)
     assert restored.keys() == pieces.keys()
     assert all(torch.allclose(restored[name], delta, atol=1e-6) for name, delta in pieces.items())
 

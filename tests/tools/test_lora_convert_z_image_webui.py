@@ -3,20 +3,16 @@
 the diffusers modules; the fused LoRA adds exactly the pieces' weights, and --from_webui gives them back."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from diffusers import ZImageTransformer2DModel
 from diffusers.loaders.single_file_utils import convert_z_image_transformer_checkpoint_to_diffusers
-from safetensors.torch import load_file
 
 from hcpdiff.errors import ModelError
 from hcpdiff.families import family_named
 from hcpdiff.families.z_image import original_layer
-from hcpdiff.lora.state_io import lora_metadata, save_lora
 
-from lora_states import deltas, random_lora
+from lora_states import deltas, from_webui_deltas, linear_weights, random_lora, to_webui
 
 Z_IMAGE = family_named("z_image")
 
@@ -30,8 +26,7 @@ def transformer(tmp_path_factory) -> ZImageTransformer2DModel:
 def test_original_names_are_what_diffusers_single_file_converter_reads(transformer):
     """Every Linear's weight written under its original-layout name (q, k, v stacked into qkv) converts back, by
     diffusers' convert_z_image_transformer_checkpoint_to_diffusers, to the diffusers module it came from."""
-    weights = {name: module.weight for name, module in transformer.named_modules()
-               if isinstance(module, torch.nn.Linear)}
+    weights = linear_weights(transformer)
     original: dict[str, torch.Tensor] = {}
     for name in weights:
         layer, _ = original_layer(name)
@@ -66,18 +61,9 @@ def original_layer_pieces(webui_name: str) -> tuple[str, ...]:
 
 def test_lora_convert_round_trip_through_the_cli(transformer, tmp_path, cli_in_process):
     native = random_lora(transformer, lambda name: "layers.0." in name, seed=2)
-    lora = tmp_path / "transformer-10.safetensors"
-    save_lora(lora, native, lora_metadata("transformer", "tiny", [], 10, family="z_image"))
-    webui, back = tmp_path / "webui.safetensors", tmp_path / "back"
-    done = cli_in_process(["-m", "hcpdiff.tools.lora_convert", "--to_webui", "--lora_path", str(lora),
-                           "--dump_path", str(webui)], cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert any(key.startswith("diffusion_model.layers.0.attention.qkv.") for key in load_file(webui))
-    done = cli_in_process(["-m", "hcpdiff.tools.lora_convert", "--from_webui", "--lora_path", str(webui),
-                           "--dump_path", str(back)], cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
-    (written,) = sorted(back.glob("transformer-*.safetensors"))
-    restored = deltas(load_file(written))
+    written, _, _ = to_webui(cli_in_process, tmp_path, native, "z_image")
+    assert any(key.startswith("diffusion_model.layers.0.attention.qkv.") for key in written)
+    restored = from_webui_deltas(cli_in_process, tmp_path)
     assert restored.keys() == deltas(native).keys()
     assert all(torch.allclose(restored[name], delta, atol=1e-6) for name, delta in deltas(native).items())
 
