@@ -46,7 +46,8 @@ class ImageCaptionDataset(Dataset):
     H x W being the item's bucket size.
 
     With `uint8_pixels`, "pixel_values" is the image's (or clip's) ByteTensor instead (images.unit_range converts it,
-    on the device, to the same floats): the trainer's loader collates and copies a quarter of the bytes.
+    on the device, to the same floats), and so are an editing row's "condition_pixels": the trainer's loader collates
+    and copies a quarter of the bytes.
     """
 
     def __init__(
@@ -119,7 +120,7 @@ class ImageCaptionDataset(Dataset):
                   "original_size": (original_wh[1], original_wh[0]), "crop_top_left": tuple(crop_top_left),
                   "noise_seed": noise_seed(self.seed, index, draw)}
         if condition is not None:  # the images an editing model starts from [K, 3, H, W], shaped as the target
-            sample["condition_pixels"] = torch.stack([to_tensor(image) for image in condition])
+            sample["condition_pixels"] = torch.stack([convert(image) for image in condition])
         return sample
 
     def sample_prompt(self, index: int, draw: int = 0) -> str:

@@ -264,14 +264,16 @@ class Family:
 
 
 def to_pil(pixels: torch.Tensor) -> Image.Image:
-    """An image tensor [3, H, W] in [-1, 1] as the RGB image it was read from (exact for 8-bit images)."""
-    array = pixels.detach().float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
-    return Image.fromarray(np.ascontiguousarray(array.permute(1, 2, 0).cpu().numpy()), "RGB")
+    """An image tensor [3, H, W], uint8 or float in [-1, 1], as the RGB image it was read from (exact for 8-bit
+    images)."""
+    if pixels.dtype != torch.uint8:
+        pixels = pixels.detach().float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+    return Image.fromarray(np.ascontiguousarray(pixels.permute(1, 2, 0).cpu().numpy()), "RGB")
 
 
 def batch_condition_images(batch: dict[str, Any]) -> list[list[Any]]:
-    """Each sample's input images as PIL images (RGB), from the batch's `condition_pixels` [B, K, 3, H, W]: what an
-    editing family's pipeline is given at render time."""
+    """Each sample's input images as PIL images (RGB), from the batch's `condition_pixels` [B, K, 3, H, W] (uint8,
+    or float in [-1, 1]): what an editing family's pipeline is given at render time."""
     return [[to_pil(pixels) for pixels in sample] for sample in batch["condition_pixels"]]
 
 

@@ -67,7 +67,7 @@ from hcpdiff.train.sharding import (
 from hcpdiff.train.signals import StopSignals, TrainingInterrupted
 from hcpdiff.train.starting_points import fuse_preset_loras, load_initial_loras
 from hcpdiff.train.streams import DataStream, ResumableBatchSampler, collate_batch
-from hcpdiff.train.transfer import batch_on_device
+from hcpdiff.train.transfer import batch_on_device, floats_on_device
 from hcpdiff.train.text_cache import TEXT_CACHE_FOLDER, CachedConditioner, can_cache_text, text_identity
 
 logger = logging.getLogger("hcpdiff.train")
@@ -874,8 +874,9 @@ class Trainer:
             noisy_latents = noised.noisy_latents.to(self.weight_dtype)
             conditioning = cast_floats(conditioning, self.weight_dtype)
             if self.controlnet is not None:
+                control = floats_on_device(batch["condition_pixels"][:, 0], device)  # in [-1, 1]
                 conditioning.update(self.family.control_residuals(
-                    self.controlnet, noisy_latents, noised.timesteps, conditioning, batch["condition_pixels"][:, 0]))
+                    self.controlnet, noisy_latents, noised.timesteps, conditioning, control))
             with activations_offloaded(self.parts.denoiser, device) if offload else nullcontext():
                 prediction = self.family.denoise(self.denoiser, noisy_latents, noised.timesteps, conditioning)
         return self.objective.loss(prediction, noised) * loss_weight

@@ -13,6 +13,7 @@ from hcpdiff.data.images import unit_range
 from hcpdiff.models.transfer import to_device
 
 # batch fields the step reads on the device; the rest (prompts, noise seeds, sizes, condition images) stay on the host
+# (a ControlNet's control image goes with floats_on_device when it is used)
 DEVICE_FIELDS = ("pixel_values", "latents")
 
 
@@ -21,8 +22,12 @@ def batch_on_device(batch: dict[str, Any], device: torch.device) -> dict[str, An
     moved = dict(batch)
     for name in DEVICE_FIELDS:
         value = batch.get(name)
-        if not isinstance(value, torch.Tensor):
-            continue
-        value = to_device(value, device)
-        moved[name] = unit_range(value) if value.dtype == torch.uint8 else value.float()
+        if isinstance(value, torch.Tensor):
+            moved[name] = floats_on_device(value, device)
     return moved
+
+
+def floats_on_device(value: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`value` on `device` in fp32; uint8 pixels become floats in [-1, 1] there."""
+    value = to_device(value, device)
+    return unit_range(value) if value.dtype == torch.uint8 else value.float()

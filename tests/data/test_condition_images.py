@@ -17,9 +17,9 @@ from data_helpers import write_image
 BUCKET = {"_target_": "hcpdiff.data.MaxPixelsBucket", "max_pixels": 32 * 32, "step_size": 16}
 
 
-def build(folder, **source_fields):
+def build(folder, uint8_pixels=False, **source_fields):
     node = {"batch_size": 2, "source": {"s1": {"img_root": str(folder), **source_fields}}, "bucket": BUCKET}
-    return build_dataset(node, "data.dataset1", pixel_step=16, seed=0)
+    return build_dataset(node, "data.dataset1", pixel_step=16, seed=0, uint8_pixels=uint8_pixels)
 
 
 @pytest.fixture
@@ -115,3 +115,20 @@ def test_several_condition_images_per_row_in_json_lists_and_csv_cells(edits):
     (edits / "meta.csv").write_text('image,prompt,edit_image\ntarget0.png,a,"[""input0.png"", ""input1.png""]"\n')
     built = build(edits, caption_file="meta.csv", condition_column="edit_image")
     assert built.dataset.items[0].condition == (str(edits / "input0.png"), str(edits / "input1.png"))
+
+
+def test_the_trainers_uint8_condition_images_are_the_same_pixels_and_pictures(edits):
+    """The trainer's dataset (uint8_pixels) hands input images over as bytes, a quarter of the floats; they convert
+    to the same floats on the device and to the same PIL images an editing conditioner gives its pipeline."""
+    from hcpdiff.data.images import unit_range
+    from hcpdiff.families.base import batch_condition_images
+
+    (edits / "meta.csv").write_text("image,prompt,edit_image\ntarget0.png,a,input0.png\ntarget1.png,b,input1.png\n")
+    floats = build(edits, caption_file="meta.csv", condition_column="edit_image", random_flip=True)
+    uint8 = build(edits, uint8_pixels=True, caption_file="meta.csv", condition_column="edit_image", random_flip=True)
+    for index in range(2):
+        ours, theirs = uint8.dataset[(index, 3)]["condition_pixels"], floats.dataset[(index, 3)]["condition_pixels"]
+        assert ours.dtype == torch.uint8 and torch.equal(unit_range(ours), theirs)
+        pictures = batch_condition_images({"condition_pixels": ours[None]})[0]
+        assert [picture.tobytes() for picture in pictures] == \
+            [picture.tobytes() for picture in batch_condition_images({"condition_pixels": theirs[None]})[0]]
