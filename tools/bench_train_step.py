@@ -215,6 +215,8 @@ def time_trainer_blocks(trainer: BenchTrainer, steps: int, blocks: int, between=
     def after_step() -> None:
         nonlocal done, start, cpu_start, cpu
         done += 1
+        if len(times) == blocks:  # the untimed last step
+            return
         if done > 1 and (done - 1) % steps == 0:  # a block ends
             sync(device)
             times.append((time.perf_counter() - start) / steps)

@@ -25,11 +25,12 @@ if ! python -c "import diffusers, omegaconf, hydra" 2>/dev/null; then  # the len
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 common=(--size 512 --mixed_precision bf16 --steps 10 --blocks 5 --warmup 3)
-run() {  # run NAME ARGS...: one benchmark, its output also in $out/NAME.txt
+run() {  # run NAME ARGS...: one benchmark, its output also in $out/NAME.txt; a failed one does not stop the rest
   local name=$1
   shift
   echo "== $name: $*"
-  python tools/bench_train_step.py "${common[@]}" "$@" 2>&1 | grep -v -i "warn" | tee "$out/$name.txt"
+  python tools/bench_train_step.py "${common[@]}" "$@" > "$out/$name.txt" 2>&1 || echo "== $name failed (status $?)"
+  grep -v -i "warn" "$out/$name.txt" | tail -n 40 || true
 }
 if [[ $which == all || $which == eager ]]; then
   run sd15_b1_eager --sd15-unet --batch 1 --workers 2

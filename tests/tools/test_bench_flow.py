@@ -76,3 +76,29 @@ def test_bench_report_gives_mfu_peak_memory_and_syncs_on_a_gpu(capsys):
     assert "peak GPU 2.00 GiB" in out and "peak GPU 1.00 GiB" in out
     assert "host syncs in 10 trainer steps, the last one logging (1 sync): 1" in out
     assert "ratio trainer / bare: 1.051" in out
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_trainer_blocks_are_whole_stretches_of_one_run(steps):
+    """`blocks` blocks of `steps` steps, each followed by one bare block, inside one run whose first and last steps
+    are untimed (the loop's start, the end-of-run log)."""
+    import types
+
+    from bench_train_step import time_trainer_blocks
+
+    events = []
+
+    class FakeTrainer:
+        accelerator = types.SimpleNamespace(device=torch.device("cpu"))
+        global_step, after_step = 10, None
+
+        def train(self):
+            events.append("run")
+            while self.global_step < self.train_steps:
+                self.global_step += 1
+                events.append("step")
+                self.after_step()
+
+    times, _ = time_trainer_blocks(FakeTrainer(), steps, 2, between=lambda: events.append("bare"))
+    assert len(times) == 2
+    assert events == ["run", "step", *(["step"] * steps + ["bare"]) * 2, "step"]
