@@ -15,6 +15,7 @@ import torch
 
 from hcpdiff.errors import ConfigError, ModelError
 from hcpdiff.families.base import ConfigReader, Family, pipeline_text_encoder
+from hcpdiff.lora.original_layout import BflLayout
 
 PACKING = 2  # 2x2 latent cells form one transformer token
 DEV_MAX_SEQUENCE_LENGTH, SCHNELL_MAX_SEQUENCE_LENGTH = 512, 256  # T5 tokens, as Black Forest Labs trained them
@@ -51,6 +52,7 @@ BFL_TOP_LEVEL = {
 BFL_SWAPPED_HALVES = ("final_layer.adaLN_modulation.1",)
 BFL_BLOCKS = {"double_blocks": ("transformer_blocks", BFL_DOUBLE_BLOCK),
               "single_blocks": ("single_transformer_blocks", BFL_SINGLE_BLOCK)}
+BFL = BflLayout(BFL_TOP_LEVEL, BFL_BLOCKS, BFL_SWAPPED_HALVES)
 KOHYA_TRANSFORMER_PREFIX = "lora_unet_"  # kohya's lora_flux.py (LORA_PREFIX_FLUX), for ComfyUI's sake
 
 
@@ -133,42 +135,15 @@ def encode_weighted_t5(tokenizer: Any, text_encoder: Any, prompts: list[str], ma
     return apply_weights(embeds, torch.tensor(weight_rows))
 
 
-def fused_bfl_layer(name: str, block: tuple[str, str] | None) -> Any:
-    """The FusedLayer of BFL layer `name` (relative to its block) in `block` ((double_blocks | single_blocks, its
-    number), None: top level)."""
-    from hcpdiff.lora.fused_layout import FusedLayer
-
-    table = BFL_TOP_LEVEL if block is None else BFL_BLOCKS[block[0]][1]
-    bfl_prefix = "" if block is None else f"{block[0]}.{block[1]}."
-    diffusers_prefix = "" if block is None else f"{BFL_BLOCKS[block[0]][0]}.{block[1]}."
-    pieces, ratios = table[name]
-    return FusedLayer(bfl_prefix + name, tuple(diffusers_prefix + piece for piece in pieces), ratios,
-                      swap_halves=name in BFL_SWAPPED_HALVES)
-
-
 def bfl_layer(layer: str) -> Any:
     """(the BFL layer holding a diffusers transformer layer: a FusedLayer, the layer's place in it), or None."""
-    table, block, rest = BFL_TOP_LEVEL, None, layer
-    for bfl_block, (diffusers_block, block_table) in BFL_BLOCKS.items():
-        if match := re.fullmatch(rf"{diffusers_block}\.(\d+)\.(.+)", layer):
-            table, block, rest = block_table, (bfl_block, match[1]), match[2]
-            break
-    for name, (pieces, _) in table.items():
-        if rest in pieces:
-            return fused_bfl_layer(name, block), pieces.index(rest)
-    return None
+    return BFL.of_layer(layer)
 
 
 def bfl_layer_of_webui_name(webui_layer: str) -> Any:
     """The BFL layer (a FusedLayer) that a kohya transformer layer name without its prefix
     (`double_blocks_0_img_attn_qkv`) names, or None."""
-    table, block, rest = BFL_TOP_LEVEL, None, webui_layer
-    for bfl_block, (_, block_table) in BFL_BLOCKS.items():
-        if match := re.fullmatch(rf"{bfl_block}_(\d+)_(.+)", webui_layer):
-            table, block, rest = block_table, (bfl_block, match[1]), match[2]
-            break
-    name = next((name for name in table if name.replace(".", "_") == rest), None)
-    return None if name is None else fused_bfl_layer(name, block)
+    return BFL.of_path(webui_layer, "_")
 
 
 def text_encoder_module_names(model_path: str | None) -> dict[str, list[str]]:

@@ -25,6 +25,7 @@ import torch
 
 from hcpdiff.errors import ConfigError, ModelError
 from hcpdiff.families.base import ConfigReader, Family, pipeline_text_encoder, to_module
+from hcpdiff.lora.original_layout import BflLayout
 
 PATCH = 2  # the pipeline patchifies 2x2 VAE cells into one 128-channel latent cell (= one token)
 MAX_SEQUENCE_LENGTH = 512  # chat-templated prompt tokens: Flux2KleinPipeline.__call__'s default
@@ -64,6 +65,7 @@ BFL_TOP_LEVEL = {
 BFL_SWAPPED_HALVES = ("final_layer.adaLN_modulation.1",)
 BFL_BLOCKS = {"double_blocks": ("transformer_blocks", BFL_DOUBLE_BLOCK),
               "single_blocks": ("single_transformer_blocks", BFL_SINGLE_BLOCK)}
+BFL = BflLayout(BFL_TOP_LEVEL, BFL_BLOCKS, BFL_SWAPPED_HALVES)
 KOHYA_PREFIX = "lora_unet_"
 COMFY_PREFIX = "diffusion_model."  # read too: ComfyUI's generic key map takes the dotted path under it
 # the top-level layers diffusers' kohya FLUX.2 reader (0.42) maps; it leaves out the others with a warning
@@ -133,49 +135,23 @@ def empirical_mu(height: int, width: int) -> float:
     return compute_empirical_mu(image_seq_len=height * width, num_steps=MU_STEPS)
 
 
-def fused_bfl_layer(name: str, block: tuple[str, str] | None) -> Any:
-    """The FusedLayer of BFL layer `name` (relative to its block) in `block` ((double_blocks | single_blocks, its
-    number), None: top level)."""
-    from hcpdiff.lora.fused_layout import FusedLayer
-
-    table = BFL_TOP_LEVEL if block is None else BFL_BLOCKS[block[0]][1]
-    bfl_prefix = "" if block is None else f"{block[0]}.{block[1]}."
-    diffusers_prefix = "" if block is None else f"{BFL_BLOCKS[block[0]][0]}.{block[1]}."
-    pieces, ratios = table[name]
-    return FusedLayer(bfl_prefix + name, tuple(diffusers_prefix + piece for piece in pieces), ratios,
-                      swap_halves=name in BFL_SWAPPED_HALVES)
-
-
-def bfl_layer(layer: str) -> tuple[Any, int] | None:
+def bfl_layer(layer: str) -> Any:
     """(the BFL layer holding a diffusers transformer layer: a FusedLayer, the layer's place in it), or None."""
-    table, block, rest = BFL_TOP_LEVEL, None, layer
-    for bfl_block, (diffusers_block, block_table) in BFL_BLOCKS.items():
-        if match := re.fullmatch(rf"{diffusers_block}\.(\d+)\.(.+)", layer):
-            table, block, rest = block_table, (bfl_block, match[1]), match[2]
-            break
-    for name, (pieces, _) in table.items():
-        if rest in pieces:
-            return fused_bfl_layer(name, block), pieces.index(rest)
-    return None
+    return BFL.of_layer(layer)
 
 
 def bfl_layer_of_webui_name(webui_layer: str) -> Any:
     """The BFL layer (a FusedLayer) a kohya (`lora_unet_double_blocks_0_img_attn_qkv`) or ComfyUI
     (`diffusion_model.double_blocks.0.img_attn.qkv`) layer name names; one ModelError naming it when none."""
     dotted = webui_layer.startswith(COMFY_PREFIX)
-    rest = webui_layer.removeprefix(COMFY_PREFIX if dotted else KOHYA_PREFIX)
-    separator = "." if dotted else "_"
-    table, block = BFL_TOP_LEVEL, None
-    for bfl_block, (_, block_table) in BFL_BLOCKS.items():
-        if match := re.fullmatch(rf"{bfl_block}{re.escape(separator)}(\d+){re.escape(separator)}(.+)", rest):
-            table, block, rest = block_table, (bfl_block, match[1]), match[2]
-            break
-    name = next((name for name in table if (name if dotted else name.replace(".", "_")) == rest), None)
-    if name is None or not webui_layer.startswith((COMFY_PREFIX, KOHYA_PREFIX)):
+    layer = None
+    if dotted or webui_layer.startswith(KOHYA_PREFIX):
+        layer = BFL.of_path(webui_layer.removeprefix(COMFY_PREFIX if dotted else KOHYA_PREFIX), "." if dotted else "_")
+    if layer is None:
         raise ModelError(f"webui LoRA layer '{webui_layer}' is no layer of FLUX.2's original (BFL) layout, whose names "
                          "look like lora_unet_double_blocks_0_img_attn_qkv, lora_unet_single_blocks_0_linear1, "
                          "lora_unet_double_stream_modulation_img_lin; nothing was written.")
-    return fused_bfl_layer(name, block)
+    return layer
 
 
 class Flux2Base(Family):

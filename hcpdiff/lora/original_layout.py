@@ -7,6 +7,8 @@ fuse or split exactly, refuse a part the layout has no names for.
 """
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -45,6 +47,56 @@ def original_to_denoiser(family: Any, state: dict[str, torch.Tensor], layer_of: 
     by_original = {layers[webui_layer].name: native_tensors(webui_layer, parts)
                    for webui_layer, parts in by_layer.items()}
     return {family.denoiser: fused_to_native(by_original, layers.values(), family.denoiser)}
+
+
+# {original layer: (the diffusers layers whose outputs it stacks, in row order; each one's output width over the layer's
+# input width)}
+LayerTable = dict[str, tuple[tuple[str, ...], tuple[int, ...]]]
+
+
+@dataclass(frozen=True)
+class BflLayout:
+    """Black Forest Labs' original transformer layout (FLUX.1's and FLUX.2's): its top-level layers, its block lists
+    ({BFL list: (the diffusers list, its layers' table)}), and the layers whose two output halves come in the other
+    order than diffusers' (BFL's final adaLN: shift, scale)."""
+
+    top_level: LayerTable
+    blocks: dict[str, tuple[str, LayerTable]]
+    swapped_halves: tuple[str, ...] = ()
+
+    def fused(self, name: str, block: tuple[str, str] | None) -> FusedLayer:
+        """The FusedLayer of BFL layer `name` (relative to its block) in `block` ((its BFL list, its number), None:
+        top level)."""
+        table = self.top_level if block is None else self.blocks[block[0]][1]
+        bfl_prefix = "" if block is None else f"{block[0]}.{block[1]}."
+        diffusers_prefix = "" if block is None else f"{self.blocks[block[0]][0]}.{block[1]}."
+        pieces, ratios = table[name]
+        return FusedLayer(bfl_prefix + name, tuple(diffusers_prefix + piece for piece in pieces), ratios,
+                          swap_halves=name in self.swapped_halves)
+
+    def of_layer(self, layer: str) -> tuple[FusedLayer, int] | None:
+        """(the BFL layer holding a diffusers transformer layer, the layer's place in it), or None."""
+        table, block, rest = self.top_level, None, layer
+        for bfl_block, (diffusers_block, block_table) in self.blocks.items():
+            if match := re.fullmatch(rf"{diffusers_block}\.(\d+)\.(.+)", layer):
+                table, block, rest = block_table, (bfl_block, match[1]), match[2]
+                break
+        for name, (pieces, _) in table.items():
+            if rest in pieces:
+                return self.fused(name, block), pieces.index(rest)
+        return None
+
+    def of_path(self, path: str, separator: str) -> FusedLayer | None:
+        """The BFL layer a module path names, its parts joined by `separator` (kohya's `_`:
+        `double_blocks_0_img_attn_qkv`; ComfyUI's `.`), or None."""
+        table, block, rest = self.top_level, None, path
+        sep = re.escape(separator)
+        for bfl_block, (_, block_table) in self.blocks.items():
+            if match := re.fullmatch(rf"{bfl_block}{sep}(\d+){sep}(.+)", path):
+                table, block, rest = block_table, (bfl_block, match[1]), match[2]
+                break
+        name = next((name for name in table if name.replace(".", separator) == rest), None)
+        return None if name is None else self.fused(name, block)
 
 
 def version_text(metadata: dict[str, str]) -> str:

@@ -45,16 +45,16 @@ def fuse_preset_loras(parts: Any, entries: list, where: str = "model.preset_lora
 
 
 def load_initial_loras(models: dict[str, Any], init_lora: dict, trained_parts: list[str],
-                       where: str = "model.init_lora", expert: tuple[str, str | None] = ("", None)) -> None:
-    """Start the attached adapters from saved LoRA weights: {part: native LoRA file} (layers must match); `expert`:
-    (the denoiser part, the denoising expert it is, or None), whose file must be that expert's."""
+                       where: str = "model.init_lora", denoiser: str | None = None, expert: str | None = None) -> None:
+    """Start the attached adapters from saved LoRA weights: {part: native LoRA file} (layers must match); the
+    `denoiser` part's file must be of the denoising `expert` it is (None: the model has one denoiser)."""
     for part, path in (init_lora or {}).items():
         if part not in trained_parts:
             raise ConfigError(f"{where}.{part}: no LoRA group trains '{part}'; trained parts: {', '.join(trained_parts)}")
         state, metadata = load_lora(path)
         if metadata.get("part", part) != part:
             raise ConfigError(f"{where}.{part}: '{path}' is a LoRA for '{metadata['part']}', not '{part}'")
-        if part == expert[0]:
-            check_expert(metadata, expert[1], f"{where}.{part}", path)
+        if part == denoiser:
+            check_expert(metadata, expert, f"{where}.{part}", path)
         load_lora_into(models[part], state)
         logger.info("%s adapters start from %s", part, path)

@@ -509,8 +509,9 @@ class Trainer:
             self.groups += self.embedding_groups
             self.group_labels += [group.name for group in self.embedding_groups]
         lora_parts = [part for part, trained in self.trained.items() if trained.lora_specs]
-        load_initial_loras({part: self.trained[part].module for part in lora_parts}, self.model_spec.init_lora, lora_parts,
-                           expert=(self.family.denoiser, self.parts.expert.name if self.parts.expert else None))
+        load_initial_loras({part: self.trained[part].module for part in lora_parts}, self.model_spec.init_lora,
+                           lora_parts, denoiser=self.family.denoiser,
+                           expert=self.parts.expert.name if self.parts.expert else None)
         if self.accelerator.is_main_process:
             (self.exp_dir / "lora_layers.json").write_text(json.dumps(layer_lists, indent=1))
         if self.checkpointed_blocks:  # {blocks: N}: the first N blocks in the order they run
@@ -1015,9 +1016,8 @@ class Trainer:
             for part, trained in self.trained.items():
                 if not (trained.lora_specs or trained.finetune_groups):  # trains only embeddings' vectors
                     continue
-                if not (main or self.fsdp):  # ZeRO-3's gathering is the context's
-                    continue
-                state = self.checkpoint_state(part)
+                # under FSDP every process takes part in gathering the state (ZeRO-3's gathering is the context's)
+                state = self.checkpoint_state(part) if main or self.fsdp else None
                 if not main:
                     continue
                 metadata = lora_metadata(part, str(self.parts.name_or_path), trained.lora_groups,
