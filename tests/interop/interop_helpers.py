@@ -3,10 +3,13 @@ merge of them, local checkouts of other tools, and stand-ins for their heavy imp
 conftest, so `from interop_helpers import ...` cannot pick up another folder's conftest."""
 from __future__ import annotations
 
+import importlib
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 import torch
@@ -127,6 +130,36 @@ def restore_modules(before: dict[str, object]) -> None:
             sys.modules.pop(name, None)
         else:
             sys.modules[name] = module
+
+
+def comfy_model_class(name: str) -> type:
+    """A fresh stand-in for ComfyUI's model class `name` (module attributes such as `__file__` stay missing): the key
+    map asks `isinstance(model, model_base.<class>)` of more classes with every ComfyUI release."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return type(name, (), {})
+
+
+@contextmanager
+def comfy_imported(root: Path) -> Iterator[Any]:
+    """The `comfy` package of the ComfyUI checkout at `root`, importable while the block runs; model_management (its
+    device cast) and model_base (any model class, none of which the stand-in models are) stand in for ComfyUI's heavy
+    modules. Afterwards every comfy module is gone from sys.modules again."""
+    stand_ins = {"comfy.model_management": {"cast_to_device": lambda tensor, device, dtype, copy=False:
+                                            tensor.to(device=device, dtype=dtype, copy=copy)},
+                 "comfy.model_base": {"__getattr__": comfy_model_class}}
+    before = stub_modules(stand_ins)
+    sys.path.insert(0, str(root))
+    try:
+        package = importlib.import_module("comfy")
+        for name in stand_ins:  # a module put into sys.modules is not an attribute of its package by itself
+            setattr(package, name.split(".")[1], sys.modules[name])
+        yield package
+    finally:
+        sys.path.remove(str(root))
+        for name in [n for n in sys.modules if n.split(".")[0] == "comfy" and n not in stand_ins]:
+            sys.modules.pop(name)
+        restore_modules(before)
 
 
 def layer_weight(model: nn.Module, layer: str) -> torch.Tensor:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import importlib
 import logging
-import sys
 
 import pytest
 import torch
 
-from interop_helpers import checkout, layer_weight, restore_modules, stub_modules
+from interop_helpers import checkout, comfy_imported, layer_weight
 
 
 @pytest.fixture(scope="module")
@@ -17,23 +16,8 @@ def comfy():
     """comfy.lora and comfy.utils from the checkout; model_management / model_base (torch-device and model-class
     bookkeeping the key mapping and patching only touch lightly) stand in for ComfyUI's heavy modules."""
     root = checkout("HCP_COMFYUI_DIR", "comfy/lora.py")
-    stand_ins = {
-        "comfy.model_management": {"cast_to_device": lambda tensor, device, dtype, copy=False:
-                                   tensor.to(device=device, dtype=dtype, copy=copy)},
-        "comfy.model_base": {name: type(name, (), {}) for name in ("SD3", "AuraFlow", "HunyuanDiT", "Flux")},
-    }
-    before = stub_modules(stand_ins)
-    sys.path.insert(0, str(root))
-    try:
-        package = importlib.import_module("comfy")
-        for name in stand_ins:  # a module put into sys.modules is not an attribute of its package by itself
-            setattr(package, name.split(".")[1], sys.modules[name])
+    with comfy_imported(root):
         yield {"lora": importlib.import_module("comfy.lora"), "utils": importlib.import_module("comfy.utils")}
-    finally:
-        sys.path.remove(str(root))
-        for name in [n for n in sys.modules if n.split(".")[0] == "comfy" and n not in stand_ins]:
-            sys.modules.pop(name)
-        restore_modules(before)
 
 
 def comfy_unet_config(unet) -> dict:

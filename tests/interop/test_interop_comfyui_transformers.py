@@ -16,17 +16,10 @@ import torch
 from hcpdiff.families import family_named
 from hcpdiff.lora.lycoris_format import webui_tensors
 
-from interop_helpers import checkout, restore_modules, stub_modules
+from interop_helpers import checkout, comfy_imported
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "tools"))
 from lora_states import deltas, random_lora  # noqa: E402
-
-
-def model_class(name: str) -> type:
-    """A fresh stand-in for ComfyUI's model class `name` (module attributes such as `__file__` stay missing)."""
-    if name.startswith("__"):
-        raise AttributeError(name)
-    return type(name, (), {})
 
 
 @pytest.fixture(scope="module")
@@ -34,23 +27,8 @@ def comfy():
     """comfy.lora from the checkout; model_management / model_base stand in for ComfyUI's heavy modules (any model
     class the key map asks about is one this stand-in model is not)."""
     root = checkout("HCP_COMFYUI_DIR", "comfy/lora.py")
-    stand_ins = {
-        "comfy.model_management": {"cast_to_device": lambda tensor, device, dtype, copy=False:
-                                   tensor.to(device=device, dtype=dtype, copy=copy)},
-        "comfy.model_base": {"__getattr__": model_class},
-    }
-    before = stub_modules(stand_ins)
-    sys.path.insert(0, str(root))
-    try:
-        package = importlib.import_module("comfy")
-        for name in stand_ins:
-            setattr(package, name.split(".")[1], sys.modules[name])
+    with comfy_imported(root):
         yield importlib.import_module("comfy.lora")
-    finally:
-        sys.path.remove(str(root))
-        for name in [n for n in sys.modules if n.split(".")[0] == "comfy" and n not in stand_ins]:
-            sys.modules.pop(name)
-        restore_modules(before)
 
 
 class ComfyModel:

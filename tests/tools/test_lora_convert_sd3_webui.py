@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -25,8 +23,11 @@ from hcpdiff.families.sd3_layout import is_pre_only_modulation, mmdit_lookup
 from hcpdiff.lora.fused_layout import swap_halves
 from hcpdiff.lora.state_io import load_lora, lora_metadata, save_lora
 from hcpdiff.tools.lora_convert import main
-from lora_states import deltas, random_lora
 from hcpdiff.tools.tiny_sd3 import build_sd3_transformer
+from lora_states import deltas, random_lora
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "interop"))
+from interop_helpers import checkout, comfy_imported  # noqa: E402  (the ComfyUI checkout, as in tests/interop)
 
 pytestmark = pytest.mark.e2e
 
@@ -205,28 +206,9 @@ def test_kohya_file_with_a_layer_outside_the_layout_is_one_error_line(webui_file
 def comfy():
     """comfy.lora from the ComfyUI checkout named by HCP_COMFYUI_DIR (model_management / model_base stand in for
     ComfyUI's heavy modules, as in tests/interop); skipped without one."""
-    root = Path(os.environ.get("HCP_COMFYUI_DIR", ""))
-    if not os.environ.get("HCP_COMFYUI_DIR") or not (root / "comfy" / "lora.py").is_file():
-        pytest.skip("HCP_COMFYUI_DIR is not set to a ComfyUI checkout (holding comfy/lora.py)")
-    stand_ins = {"comfy.model_management": {"cast_to_device": lambda tensor, device, dtype, copy=False:
-                                            tensor.to(device=device, dtype=dtype, copy=copy)},
-                 "comfy.model_base": {name: type(name, (), {}) for name in ("SD3", "AuraFlow", "HunyuanDiT", "Flux")}}
-    before = {name: sys.modules.get(name) for name in stand_ins}
-    for name, attributes in stand_ins.items():
-        sys.modules[name] = types.ModuleType(name)
-        sys.modules[name].__dict__.update(attributes)
-    sys.path.insert(0, str(root))
-    try:
-        package = importlib.import_module("comfy")
-        for name in stand_ins:
-            setattr(package, name.split(".")[1], sys.modules[name])
+    root = checkout("HCP_COMFYUI_DIR", "comfy/lora.py")
+    with comfy_imported(root):
         yield importlib.import_module("comfy.lora")
-    finally:
-        sys.path.remove(str(root))
-        for name in [n for n in sys.modules if n.split(".")[0] == "comfy" and n not in stand_ins]:
-            sys.modules.pop(name)
-        for name, module in before.items():
-            sys.modules.pop(name, None) if module is None else sys.modules.__setitem__(name, module)
 
 
 class ComfyModel:
